@@ -1,0 +1,34 @@
+# Two commands: `make demo` runs the whole pipeline on the built-in synthetic world; `make test` runs the suite.
+# Both create .venv on first use and reinstall only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test system-packages
+
+demo: $(VENV)/.stamp-install
+	$(BIN)/reid-batch demo
+
+test: $(VENV)/.stamp-test system-packages
+	$(BIN)/python -m pytest -q
+
+$(VENV)/.stamp-install: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.stamp-test: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@ $(VENV)/.stamp-install
+
+# Debian packages the suite needs (listed in tests/system-packages.txt); installed only when run as root.
+system-packages:
+	@pkgs="$$(grep -v '^#' tests/system-packages.txt | xargs)"; \
+	if [ -n "$$pkgs" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		missing=""; for p in $$pkgs; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+		if [ -n "$$missing" ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		fi; \
+	fi

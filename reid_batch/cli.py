@@ -1,0 +1,186 @@
+"""`reid-batch` command line: one entrypoint, one manifest, one subcommand per stage.
+
+Exit codes: 0 ok, 1 anything else, 2 invalid input (manifest, checkpoint, image, CSV: retrying cannot help).
+Heavy libraries (torch, torchvision, accelerate) are imported only inside the stage that needs them, so
+`--help` and `validate` start in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from importlib import resources
+
+from reid_batch import __version__
+from reid_batch.errors import EXIT_FAILURE, EXIT_INVALID_INPUT, EXIT_OK, InputError
+
+# Pipeline order. Each stage names the module and function that implements it and the issue that builds it;
+# a stage whose function does not exist yet is reported as "not built yet" instead of failing obscurely.
+STAGES: dict[str, tuple[str, str, int, str]] = {
+    "make-phantoms": ("reid_batch.pipeline", "make_phantoms", 2, "write the synthetic chest-X-ray world"),
+    "train-prior": ("reid_batch.pipeline", "train_prior", 3, "train the PGGAN prior on the public pool"),
+    "train-target": ("reid_batch.pipeline", "train_target", 3, "train the target model(s)"),
+    "train-demographics": ("reid_batch.pipeline", "train_demographics", 3, "train the age/sex model"),
+    "finetune": ("reid_batch.pipeline", "finetune", 4, "stage 1: fine-tune the generator toward a target"),
+    "sample": ("reid_batch.pipeline", "sample", 5, "sample candidates, score them, write Parquet shards"),
+    "select": ("reid_batch.pipeline", "select", 5, "stage 2: keep candidates low on objective and Mahalanobis"),
+    "score": ("reid_batch.pipeline", "score", 5, "predict age and sex of the selected candidates"),
+    "evaluate": ("reid_batch.pipeline", "evaluate", 6, "metrics: entropy, PCA kurtosis, FID, SSIM, re-id"),
+    "report": ("reid_batch.pipeline", "report", 6, "write the HTML/Markdown/JSON risk report"),
+}
+SHARDED = {"sample", "score"}
+
+
+def demo_manifest_path() -> str:
+    return str(resources.files("reid_batch").joinpath("manifests/demo.yaml"))
+
+
+def stage_function(stage: str):
+    """The callable implementing `stage`, or None if it is not built yet."""
+    import importlib
+
+    module_name, function_name, _, _ = STAGES[stage]
+    module = importlib.import_module(module_name)
+    return getattr(module, function_name, None)
+
+
+def resolve_shard(args: argparse.Namespace, num_shards: int) -> int | None:
+    """The shard index for an array task; None means 'all shards, one after another' (a local run).
+
+    Taken from --shard, else the scheduler: Slurm's SLURM_ARRAY_TASK_ID or Kubernetes'
+    JOB_COMPLETION_INDEX. The shard count always comes from the manifest, because a re-submitted subset of
+    an array (`--array=3,7`) changes SLURM_ARRAY_TASK_COUNT but must not change which ids a shard owns.
+    """
+    if args.num_shards is not None and args.num_shards != num_shards:
+        raise InputError(f"--num-shards {args.num_shards} differs from the manifest's {num_shards}", "--num-shards")
+    shard = args.shard
+    source = "--shard"
+    if shard is None:
+        for variable in ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
+            if os.environ.get(variable, "") != "":
+                source = variable
+                try:
+                    shard = int(os.environ[variable])
+                except ValueError:
+                    raise InputError(f"not an integer: {os.environ[variable]!r}", variable) from None
+                break
+    if shard is not None and not 0 <= shard < num_shards:
+        raise InputError(f"shard {shard} is outside 0..{num_shards - 1}", source)
+    return shard
+
+
+def _load(args: argparse.Namespace):
+    from reid_batch.manifest import load_manifest, parse_manifest
+
+    manifest = load_manifest(args.manifest, schema_only=getattr(args, "schema_only", False))
+    if getattr(args, "output", None):
+        document = manifest.model_dump(mode="json")
+        document["output"]["uri"] = args.output
+        manifest = parse_manifest(document, f"{args.manifest} (with --output)")
+    return manifest
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    manifest = _load(args)
+    kinds = ", ".join(f"{t.name}={t.arch}" for t in manifest.targets)
+    what = "schema" if args.schema_only else "schema and inputs"
+    print(f"{args.manifest}: valid ({what}); run {manifest.run_id}, targets: {kinds}")
+    return EXIT_OK
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    manifest = _load(args)
+    function = stage_function(args.command)
+    if function is None:
+        _, _, issue, _ = STAGES[args.command]
+        print(f"reid-batch {args.command}: not built yet (issue {issue})", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.command in SHARDED:
+        shards = manifest.sampling.num_shards if args.command == "sample" else manifest.demographics.num_shards
+        return function(manifest, target=args.target, shard=resolve_shard(args, shards)) or EXIT_OK
+    return function(manifest, target=getattr(args, "target", None)) or EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from reid_batch import log
+
+    manifest = _load(args)
+    not_built = []
+    for stage in STAGES:
+        function = stage_function(stage)
+        if function is None:
+            not_built.append(f"{stage} (issue {STAGES[stage][2]})")
+            log.event("stage_not_built", stage=stage, issue=STAGES[stage][2])
+            continue
+        log.event("stage_start", stage=stage)
+        kwargs = {"shard": None} if stage in SHARDED else {}
+        code = function(manifest, target=None, **kwargs) or EXIT_OK
+        if code != EXIT_OK:
+            return code
+        log.event("stage_done", stage=stage)
+    if not_built:
+        print("reid-batch run: stages not built yet: " + ", ".join(not_built), file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.manifest = demo_manifest_path()
+    return cmd_run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reid-batch",
+        description="Measure how much a trained medical-imaging classifier leaks about its training patients.",
+    )
+    parser.add_argument("--version", action="version", version=f"reid-batch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_manifest(p: argparse.ArgumentParser) -> None:
+        p.add_argument("manifest", help="job manifest (YAML)")
+        p.add_argument("--output", help="override output.uri (local path or s3://bucket/prefix)")
+
+    p = sub.add_parser("validate", help="validate a manifest (schema and input files) without doing any work")
+    with_manifest(p)
+    p.add_argument("--schema-only", action="store_true", help="check the schema only, not that input files exist")
+    p.set_defaults(handler=cmd_validate)
+
+    for stage, (_, _, _, help_text) in STAGES.items():
+        p = sub.add_parser(stage, help=help_text)
+        with_manifest(p)
+        p.add_argument("--target", help="only this target (default: every target in the manifest)")
+        if stage in SHARDED:
+            p.add_argument("--shard", type=int, help="shard index (default: SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX)")
+            p.add_argument("--num-shards", type=int, help="must equal the manifest's shard count if given")
+        p.set_defaults(handler=cmd_stage)
+
+    p = sub.add_parser("run", help="run every stage in sequence, locally")
+    with_manifest(p)
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("demo", help="run the built-in demo manifest (synthetic world, CPU)")
+    p.add_argument("--output", help="override output.uri")
+    p.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except InputError as e:
+        print(f"reid-batch: invalid input: {e}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: say what broke, exit 1
+        traceback.print_exc(file=sys.stderr)
+        print(f"reid-batch: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""The two kinds of failure a user must tell apart: their input is wrong (exit 2) or something broke (exit 1)."""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_INVALID_INPUT = 2
+
+
+class InputError(Exception):
+    """The user's input (manifest, checkpoint, image, CSV, URI) is invalid; retrying cannot help.
+
+    `where` names the field path or file so the message is actionable on its own.
+    """
+
+    exit_code = EXIT_INVALID_INPUT
+
+    def __init__(self, message: str, where: str | None = None):
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message)

@@ -1,0 +1,659 @@
+"""The job manifest: one YAML document describes a whole reid-batch job.
+
+Validated up front, before any work or write, so that a cluster job fails in its first second with a
+message naming the field rather than after an hour of GPU time. Only pydantic and PyYAML are imported here:
+`reid-batch validate` and `--help` must start fast, without torch.
+
+Relative paths in a manifest resolve against the current working directory, as for any command-line tool.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from reid_batch import MANIFEST_VERSION
+from reid_batch.errors import InputError
+
+Slug = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+Weight = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+Probability = Annotated[float, Field(gt=0.0, le=1.0)]
+ImageSize = Annotated[int, Field(ge=16, le=4096)]
+
+CNN_TERMS = ("bn_stats", "feature_stats", "logits", "tv")
+VIT_TERMS = ("ln_stats", "cls_magnitude", "attn_entropy", "attn_diversity", "logits", "tv")
+DEFAULT_TERMS = {
+    "cnn": {"bn_stats": 1.0, "feature_stats": 1.0, "logits": 1.0, "tv": 1e-5},
+    "vit": {"ln_stats": 1.0, "cls_magnitude": 1.0, "attn_entropy": 1.0, "attn_diversity": 1.0, "logits": 1.0, "tv": 1e-5},
+}
+CNN_ARCH = re.compile(r"^(resnet(18|34|50|101|152)|resnext\d+_\w+|wide_resnet\d+_2|densenet(121|161|169|201))$")
+VIT_ARCH = re.compile(r"^(vit_(b|l)_(16|32)|vit_h_14|vit_custom)$")
+
+
+def arch_family(arch: str) -> str | None:
+    """'cnn' for torchvision ResNet/DenseNet variants, 'vit' for VisionTransformers, None if unknown."""
+    if CNN_ARCH.match(arch):
+        return "cnn"
+    if VIT_ARCH.match(arch):
+        return "vit"
+    return None
+
+
+class Strict(BaseModel):
+    # An unknown key is almost always a typo that would silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _finite_positive(values: list[float], what: str) -> list[float]:
+    if any(not math.isfinite(v) or v <= 0 for v in values):
+        raise ValueError(f"every {what} must be finite and > 0")
+    return values
+
+
+def _check_uri(uri: str) -> str:
+    if not uri or not uri.strip():
+        raise ValueError("must not be empty")
+    if "://" in uri and not uri.startswith(("s3://", "file://")):
+        raise ValueError(f"unsupported scheme in {uri!r}: use a local path or s3://bucket/prefix")
+    if uri.startswith("s3://"):
+        bucket = uri[5:].split("/", 1)[0]
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+            raise ValueError(f"invalid S3 bucket name {bucket!r}")
+    parts = uri.split("://", 1)[-1].split("/")
+    if ".." in parts:
+        raise ValueError("must not contain '..' components")
+    if "$" in uri:
+        raise ValueError("environment variables are not expanded in manifests; write the value")
+    return uri
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+class S3Spec(Strict):
+    endpoint: str | None = Field(None, description="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000")
+    region: str | None = None
+    sse: Literal["AES256", "aws:kms"] | None = Field(None, description="server-side encryption for uploads")
+    allow_bucket_creation: bool = False
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(:\d+)?/?", v):
+            raise ValueError("must be an http(s)://host[:port] URL without credentials or path")
+        return v
+
+
+class OutputSpec(Strict):
+    uri: str = Field(description="local directory or s3://bucket/prefix; the run writes under <uri>/<run_id>/")
+    s3: S3Spec = S3Spec()
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return _check_uri(v)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class SyntheticWorldSpec(Strict):
+    """The built-in synthetic chest-X-ray world (known patients); written once, locally."""
+
+    root: str = Field("runs/world", description="local directory the world is written to")
+    seed: Seed = 0
+    image_size: ImageSize = 128
+    private_patients: PositiveInt = 600
+    public_patients: PositiveInt = 1400
+    control_patients: PositiveInt = 300
+    max_studies_per_patient: Annotated[int, Field(ge=1, le=20)] = 3
+
+    @field_validator("root")
+    @classmethod
+    def _local(cls, v: str) -> str:
+        if v.startswith("s3://"):
+            raise ValueError("the synthetic world is written to a local directory")
+        return _check_uri(v)
+
+
+class SourceSpec(Strict):
+    format: Literal["chexpert", "nih", "folder", "dicom"]
+    root: str
+    csv: str | None = Field(None, description="CSV file name inside root (format default if omitted)")
+    on_error: Literal["raise", "skip"] = Field("raise", description="unreadable image: fail naming it, or skip and count")
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        return _check_uri(v)
+
+
+class DataSpec(Strict):
+    synthetic: SyntheticWorldSpec | None = None
+    private: SourceSpec | None = Field(None, description="the target's training data (CheXpert in the study)")
+    public: SourceSpec | None = Field(None, description="public data of the same modality (NIH in the study)")
+    control: SourceSpec | None = Field(None, description="held-out patients never trained on")
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    split_seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _sources(self) -> "DataSpec":
+        if self.synthetic is None:
+            missing = [n for n in ("private", "public") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"without data.synthetic, data.{' and data.'.join(missing)} must be given")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- targets
+
+
+class InputSpec(Strict):
+    size: ImageSize = 224
+    channels: Literal[1, 3] = 3
+    mean: list[float] = [0.485, 0.456, 0.406]
+    std: list[float] = [0.229, 0.224, 0.225]
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> "InputSpec":
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != self.channels:
+                raise ValueError(f"{name} needs {self.channels} value(s), one per channel")
+        _finite_positive(self.std, "std")
+        if any(not math.isfinite(m) for m in self.mean):
+            raise ValueError("mean must be finite")
+        return self
+
+
+class VitSpec(Strict):
+    """Shape of a custom (small) VisionTransformer; vit_b_16 etc. take torchvision's shapes."""
+
+    patch_size: PositiveInt = 16
+    num_layers: PositiveInt = 12
+    num_heads: PositiveInt = 12
+    hidden_dim: PositiveInt = 768
+    mlp_dim: PositiveInt = 3072
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "VitSpec":
+        if self.hidden_dim % self.num_heads:
+            raise ValueError("hidden_dim must be divisible by num_heads")
+        return self
+
+
+class TargetTrainSpec(Strict):
+    preset: Literal["normal", "overfit"] = "normal"
+    pool: Literal["private", "control"] = Field(
+        "private", description="which patients the target trains on; 'control' makes a control model"
+    )
+    epochs: PositiveInt | None = None
+    batch_size: PositiveInt | None = None
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    weight_decay: Weight | None = None
+    images_per_class: PositiveInt | None = Field(None, description="overfit preset: images per class")
+    freeze_backbone: bool = False
+    max_images: PositiveInt | None = Field(None, description="cap on training images (CPU demos)")
+    seed: Seed = 0
+
+
+class FeatureTargetSpec(Strict):
+    """Statistics the feature-activation term pushes the chosen layer towards (per channel, over N,H,W)."""
+
+    mean: float = Field(0.0, allow_inf_nan=False)
+    std: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+
+
+class ReferenceSpec(Strict):
+    """Where ViT reference statistics come from: a ViT stores no running statistics."""
+
+    source: Literal["prior", "public"] = "prior"
+    num_images: PositiveInt = 256
+
+
+class ObjectiveSpec(Strict):
+    terms: dict[str, Weight] | None = Field(None, description="term name -> weight; defaults per architecture")
+    first_bn_multiplier: Weight = 1.0
+    feature_layer: str = "layer4.1.conv2"
+    feature_target: FeatureTargetSpec = FeatureTargetSpec()
+    layernorm_layers: Literal["all"] | list[str] = "all"
+    attention_blocks: Literal["all"] | list[str] = "all"
+    reference: ReferenceSpec = ReferenceSpec()
+
+
+class TargetSpec(Strict):
+    name: Slug
+    arch: str
+    checkpoint: str | None = Field(None, description="checkpoint path; omit to train it with `train`")
+    train: TargetTrainSpec | None = None
+    input: InputSpec = InputSpec()
+    vit: VitSpec | None = None
+    objective: ObjectiveSpec = ObjectiveSpec()
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        if arch_family(v) is None:
+            raise ValueError(
+                f"unknown architecture {v!r}; known: resnet18/34/50/101/152, densenet121/161/169/201, "
+                "vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14, vit_custom"
+            )
+        return v
+
+    @property
+    def family(self) -> str:
+        return arch_family(self.arch)  # type: ignore[return-value]
+
+    @property
+    def terms(self) -> dict[str, float]:
+        return dict(self.objective.terms) if self.objective.terms is not None else dict(DEFAULT_TERMS[self.family])
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TargetSpec":
+        if self.checkpoint is None and self.train is None:
+            raise ValueError("give a checkpoint, or a train section to train the target")
+        if self.checkpoint is not None and self.train is not None:
+            raise ValueError("give either checkpoint or train, not both")
+        if self.arch == "vit_custom" and self.vit is None:
+            raise ValueError("arch vit_custom needs a vit section (patch_size, num_layers, ...)")
+        if self.vit is not None and self.family != "vit":
+            raise ValueError("a vit section only applies to ViT architectures")
+        if self.vit is not None and self.input.size % self.vit.patch_size:
+            raise ValueError("input.size must be divisible by vit.patch_size")
+        allowed = CNN_TERMS if self.family == "cnn" else VIT_TERMS
+        if self.objective.terms is not None:
+            unknown = sorted(set(self.objective.terms) - set(allowed))
+            if unknown:
+                raise ValueError(f"objective terms {unknown} do not apply to a {self.family}; allowed: {list(allowed)}")
+            if not any(w > 0 for w in self.objective.terms.values()):
+                raise ValueError("at least one objective term needs a positive weight")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- generator
+
+
+class PriorTrainSpec(Strict):
+    """Progressive WGAN-GP training of the prior on the public pool."""
+
+    images_per_phase: PositiveInt = 20000
+    batch_size: PositiveInt = 32
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
+    n_critic: PositiveInt = 1
+    gp_weight: Weight = 10.0
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    checkpoint_every: PositiveInt = 200
+    seed: Seed = 0
+
+
+class GeneratorSpec(Strict):
+    arch: Literal["pggan"] = "pggan"
+    checkpoint: str | None = Field(None, description="prior checkpoint; omit to train one with `train`")
+    format: Literal["auto", "segal", "lightning", "gan_zoo", "reid"] = "auto"
+    latent_dim: PositiveInt = 512
+    depths: list[PositiveInt] = [512, 512, 512, 256, 128, 64, 32, 16]
+    out_channels: Literal[1, 3] = 3
+    output_range: tuple[float, float] = Field((0.0, 1.0), description="declared value range of the raw output")
+    train: PriorTrainSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GeneratorSpec":
+        if self.checkpoint is None and self.train is None:
+            raise ValueError("give a checkpoint, or a train section to train the prior")
+        if self.checkpoint is not None and self.train is not None:
+            raise ValueError("give either checkpoint or train, not both")
+        if self.output_range not in ((0.0, 1.0), (-1.0, 1.0)):
+            raise ValueError("output_range must be [0, 1] or [-1, 1]")
+        return self
+
+    @property
+    def resolution(self) -> int:
+        return 4 * 2 ** (len(self.depths) - 1)
+
+
+# ------------------------------------------------------------------------------------------- the stages
+
+
+class FinetuneSpec(Strict):
+    optimizer: Literal["adam"] = "adam"
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-5
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    steps: PositiveInt = 2500
+    batch_size: PositiveInt = Field(8, description="global batch over all processes")
+    grad_clip: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    checkpoint_every: PositiveInt = 100
+    log_every: PositiveInt = 10
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: Seed = 0
+
+
+class SamplingSpec(Strict):
+    num_candidates: PositiveInt = 1000
+    batch_size: PositiveInt | Literal["auto"] = 64
+    num_shards: PositiveInt = 1
+    chunk_size: PositiveInt = Field(4096, description="candidates per committed chunk (resume granularity)")
+    row_group_size: PositiveInt = 1024
+    seed: Seed = 0
+    save_images: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+    @model_validator(mode="after")
+    def _shards(self) -> "SamplingSpec":
+        if self.num_shards > self.num_candidates:
+            raise ValueError(f"num_shards ({self.num_shards}) exceeds num_candidates ({self.num_candidates})")
+        return self
+
+
+class MahalanobisSpec(Strict):
+    covariance: Literal["diagonal", "ledoit_wolf"] = "diagonal"
+    reference_images: PositiveInt = 512
+    epsilon: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-5
+
+
+class SelectionSpec(Strict):
+    rule: Literal["quantile", "top_k", "absolute"] = "quantile"
+    objective_quantile: Probability = 0.01
+    mahalanobis_quantile: Probability = 0.01
+    top_k: PositiveInt | None = None
+    objective_max: float | None = Field(None, allow_inf_nan=False)
+    mahalanobis_max: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    max_selected: PositiveInt | None = None
+    mahalanobis: MahalanobisSpec = MahalanobisSpec()
+
+    @model_validator(mode="after")
+    def _rule_fields(self) -> "SelectionSpec":
+        if self.rule == "top_k" and self.top_k is None:
+            raise ValueError("rule top_k needs top_k")
+        if self.rule == "absolute" and (self.objective_max is None or self.mahalanobis_max is None):
+            raise ValueError("rule absolute needs objective_max and mahalanobis_max")
+        return self
+
+
+class DemographicsTrainSpec(Strict):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 32
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-4
+    weight_decay: Weight = 1e-4
+    max_images: PositiveInt | None = None
+    seed: Seed = 0
+
+
+class DemographicsSpec(Strict):
+    arch: Literal["densenet121", "densenet_tiny"] = "densenet121"
+    checkpoint: str | None = None
+    image_size: ImageSize = 128
+    train: DemographicsTrainSpec | None = None
+    num_shards: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DemographicsSpec":
+        if self.checkpoint is None and self.train is None:
+            raise ValueError("give a checkpoint, or a train section to train the demographic model")
+        if self.checkpoint is not None and self.train is not None:
+            raise ValueError("give either checkpoint or train, not both")
+        return self
+
+
+class EvaluationSpec(Strict):
+    inception_weights: str | None = Field(None, description="Inception-v3 weights for FID; untrained if omitted")
+    num_images: PositiveInt = 256
+    pca_components: PositiveInt = 50
+    pca_fit_on: Literal["reference", "pooled"] = "reference"
+    bootstrap: NonNegativeInt = 200
+    seed: Seed = 0
+
+
+class ComputeSpec(Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: NonNegativeInt = 0
+
+
+class Manifest(Strict):
+    version: int
+    run_id: Slug
+    output: OutputSpec
+    data: DataSpec
+    targets: Annotated[list[TargetSpec], Field(min_length=1)]
+    generator: GeneratorSpec
+    finetune: FinetuneSpec = FinetuneSpec()
+    sampling: SamplingSpec = SamplingSpec()
+    selection: SelectionSpec = SelectionSpec()
+    demographics: DemographicsSpec
+    evaluation: EvaluationSpec = EvaluationSpec()
+    compute: ComputeSpec = ComputeSpec()
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != MANIFEST_VERSION:
+            raise ValueError(f"unsupported manifest version {v}; this reid-batch reads version {MANIFEST_VERSION}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Manifest":
+        names = [t.name for t in self.targets]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"target names must be unique; repeated: {duplicates}")
+        if self.data.synthetic is None and self.data.control is None:
+            for t in self.targets:
+                if t.train is not None and t.train.pool == "control":
+                    raise ValueError(f"target {t.name!r} trains on the control pool but data.control is not given")
+        return self
+
+    def source(self, pool: str) -> SourceSpec:
+        """The data source for a pool; the synthetic world fills in any pool not given explicitly."""
+        explicit = getattr(self.data, pool)
+        if explicit is not None:
+            return explicit
+        if self.data.synthetic is None:
+            raise InputError(f"no data source for the {pool} pool", f"data.{pool}")
+        fmt = "nih" if pool == "public" else "chexpert"
+        return SourceSpec(format=fmt, root=str(Path(self.data.synthetic.root) / pool))
+
+    def target(self, name: str) -> TargetSpec:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise InputError(f"no target named {name!r}; the manifest has {[t.name for t in self.targets]}", "--target")
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys: PyYAML would silently keep the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _location(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<manifest>"
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid manifest ({error.error_count()} error(s))"]
+    for e in error.errors(include_url=False):
+        # pydantic adds the failing union branch / validator name to loc; they are noise to a user.
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {_location(loc)}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_manifest(document: Any, source: str = "<manifest>") -> Manifest:
+    """Validate an already-parsed YAML document (no file checks)."""
+    if not isinstance(document, dict):
+        raise InputError("a manifest must be a YAML mapping at the top level", source)
+    try:
+        return Manifest.model_validate(document)
+    except ValidationError as e:
+        raise InputError(_format_errors(source, e)) from None
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError("manifest file not found", str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read manifest: {e}", str(path)) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise InputError(f"not valid YAML: {e}", str(path)) from None
+
+
+def missing_files(manifest: Manifest) -> list[str]:
+    """Field paths of every local input file or directory the manifest names that does not exist."""
+    problems: list[str] = []
+
+    def check(value: str | None, loc: str, kind: str = "file") -> None:
+        if value is None or value.startswith("s3://"):
+            return
+        path = Path(value.removeprefix("file://"))
+        ok = path.is_dir() if kind == "dir" else path.is_file()
+        if not ok:
+            problems.append(f"{loc}: {kind} not found: {value}")
+
+    for name in ("private", "public", "control"):
+        source = getattr(manifest.data, name)
+        if source is not None:
+            check(source.root, f"data.{name}.root", "dir")
+    for i, t in enumerate(manifest.targets):
+        check(t.checkpoint, f"targets[{i}].checkpoint")
+    check(manifest.generator.checkpoint, "generator.checkpoint")
+    check(manifest.demographics.checkpoint, "demographics.checkpoint")
+    check(manifest.evaluation.inception_weights, "evaluation.inception_weights")
+    return problems
+
+
+def load_manifest(path: str | os.PathLike, schema_only: bool = False) -> Manifest:
+    """Read, validate and (unless schema_only) check that every named input exists. Raises InputError."""
+    manifest = parse_manifest(read_yaml(path), str(path))
+    if not schema_only:
+        problems = missing_files(manifest)
+        if problems:
+            raise InputError("\n".join([f"{path}: missing input(s)"] + [f"  {p}" for p in problems]))
+    return manifest
+
+
+# Meanings for fields whose name alone does not say enough (the README's reference is generated from these).
+FIELD_NOTES = {
+    "version": f"manifest schema version; this reid-batch reads {MANIFEST_VERSION}",
+    "run_id": "name of the run: letters, digits, '.', '_', '-'; outputs go to <output.uri>/<run_id>/",
+    "output.s3.region": "bucket region (else from AWS_REGION / profile)",
+    "output.s3.allow_bucket_creation": "create the bucket if missing (tests, private stores)",
+    "data.synthetic.seed": "the world is a pure function of this seed and the counts",
+    "data.synthetic.image_size": "side of the square images, in pixels",
+    "data.synthetic.private_patients": "patients whose images train the target (the attack's victims)",
+    "data.synthetic.public_patients": "patients of the public pool (prior and demographic model)",
+    "data.synthetic.control_patients": "held-out patients, never trained on (membership baseline, control model)",
+    "data.val_fraction": "share of patients held out for validation (patient-grouped split)",
+    "data.split_seed": "seed of the patient-grouped train/validation split",
+    "targets[].name": "short name used in output paths and the report",
+    "targets[].arch": "torchvision architecture: resnet18..152, densenet121..201, vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14, vit_custom",
+    "targets[].input.size": "side of the square input the target expects",
+    "targets[].input.mean": "per-channel normalisation mean (images in [0, 1] before it)",
+    "targets[].input.std": "per-channel normalisation std",
+    "targets[].train.preset": "the study's recipes: normal (best validation AUC) or overfit (few images per class, to 100% train accuracy)",
+    "targets[].train.freeze_backbone": "train only the head (the study's overfit ViT); default trains the whole model",
+    "targets[].objective.first_bn_multiplier": "extra weight on the first BatchNorm layer's term",
+    "targets[].objective.feature_layer": "module path whose output the feature term reads (CNN)",
+    "targets[].objective.layernorm_layers": "LayerNorm module paths for the ViT statistics term, or all",
+    "targets[].objective.attention_blocks": "encoder blocks whose attention is recomputed for the attention terms, or all",
+    "generator.depths": "channel depth per scale, from 4x4 up; resolution = 4 * 2^(len-1)",
+    "generator.format": "checkpoint layout: segal (bare state_dict), lightning, gan_zoo, reid (ours), or auto-detect",
+    "generator.train.images_per_phase": "real images shown per fade-in and per stabilise phase of progressive growing",
+    "finetune.checkpoint_every": "steps between atomic checkpoints (resume granularity)",
+    "finetune.seed": "seed of the latent batches (reproducible, resumable)",
+    "sampling.num_candidates": "candidates per target; ids 0..num_candidates-1",
+    "sampling.batch_size": "candidates per forward pass, or auto (largest that fits)",
+    "sampling.num_shards": "array tasks; shard i owns a fixed contiguous id range",
+    "sampling.seed": "candidate k's latent is a pure function of (seed, k)",
+    "sampling.row_group_size": "Parquet row group size",
+    "sampling.save_images": "also store PNGs (images are regenerable from ids anyway)",
+    "selection.rule": "quantile: lowest q on both scores; top_k: best k by combined rank; absolute: fixed bounds",
+    "selection.objective_quantile": "keep candidates whose objective total is in the lowest q",
+    "selection.mahalanobis_quantile": "... and whose Mahalanobis distance is in the lowest q",
+    "selection.mahalanobis.covariance": "diagonal (from running_var) or ledoit_wolf (shrinkage, from a reference set)",
+    "demographics.arch": "densenet121 (the study) or densenet_tiny (tests)",
+    "demographics.num_shards": "array tasks for demographic scoring",
+    "evaluation.pca_fit_on": "the ONE set the common PCA basis is fitted on",
+    "evaluation.bootstrap": "bootstrap resamples for standard errors",
+    "compute.device": "auto picks CUDA when present",
+}
+
+
+def reference_markdown() -> str:
+    """The manifest field reference as a Markdown table, generated from the schema (the README embeds it)."""
+    from pydantic_core import PydanticUndefined
+
+    rows = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def type_name(annotation: Any) -> str:
+        import types
+        import typing
+
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is typing.Annotated:
+            return type_name(args[0])
+        if origin is typing.Literal:
+            return " \\| ".join(f"`{a!r}`" for a in args)
+        if origin in (typing.Union, types.UnionType):
+            return " \\| ".join(type_name(a) for a in args)
+        if origin in (list, tuple, dict):
+            return f"{origin.__name__}[{', '.join(type_name(a) for a in args if a is not Ellipsis)}]"
+        if annotation is type(None):
+            return "null"
+        return getattr(annotation, "__name__", str(annotation))
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            path = f"{prefix}{name}"
+            annotation = field.annotation
+            nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+            is_list = getattr(annotation, "__origin__", None) is list
+            if field.default is PydanticUndefined:
+                default = "**required**"
+            elif isinstance(field.default, BaseModel):
+                default = "(section)"
+            else:
+                default = f"`{field.default!r}`".replace("|", "\\|")
+            note = FIELD_NOTES.get(path) or field.description or (nested[0].__doc__ or "" if nested else "")
+            doc = note.strip().splitlines()
+            kind = "section" if nested and not is_list else "list of sections" if nested else type_name(annotation)
+            rows.append(f"| `{path}` | {kind} | {default} | {doc[0] if doc else ''} |")
+            if nested:
+                walk(nested[0], f"{path}[]." if is_list else f"{path}.")
+
+    walk(Manifest, "")
+    return "\n".join(rows)

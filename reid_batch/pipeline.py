@@ -1,0 +1,30 @@
+"""The thin shell of each stage: read the manifest, resolve inputs and outputs, call the stage's pure core.
+
+A function here exists only once its stage is built; `reid-batch run` reports the others as not built yet.
+"""
+
+from __future__ import annotations
+
+from reid_batch import log
+from reid_batch.manifest import Manifest
+
+
+def make_phantoms(manifest: Manifest, target: str | None = None) -> int:
+    """Write the synthetic world the manifest describes (nothing to do for real data)."""
+    world = manifest.data.synthetic
+    if world is None:
+        log.event("make_phantoms_skipped", reason="the manifest names real data sources")
+        return 0
+    from reid_batch.phantoms import WorldConfig, write_world
+
+    config = WorldConfig(
+        seed=world.seed,
+        image_size=world.image_size,
+        private_patients=world.private_patients,
+        public_patients=world.public_patients,
+        control_patients=world.control_patients,
+        max_studies_per_patient=world.max_studies_per_patient,
+    )
+    summary = write_world(world.root, config)
+    log.event("make_phantoms_done", root=world.root, **{k: v for k, v in summary.items() if not isinstance(v, dict)})
+    return 0
