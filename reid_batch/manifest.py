@@ -297,7 +297,7 @@ class PriorTrainSpec(Strict):
 class GeneratorSpec(Strict):
     arch: Literal["pggan"] = "pggan"
     checkpoint: str | None = Field(None, description="prior checkpoint; omit to train one with `train`")
-    format: Literal["auto", "segal", "lightning", "gan_zoo", "reid"] = "auto"
+    format: Literal["auto", "segal", "segal_lightning", "gan_zoo", "reid"] = "auto"
     latent_dim: PositiveInt = 512
     depths: list[PositiveInt] = [512, 512, 512, 256, 128, 64, 32, 16]
     out_channels: Literal[1, 3] = 3
@@ -591,7 +591,7 @@ FIELD_NOTES = {
     "targets[].objective.layernorm_layers": "LayerNorm module paths for the ViT statistics term, or all",
     "targets[].objective.attention_blocks": "encoder blocks whose attention is recomputed for the attention terms, or all",
     "generator.depths": "channel depth per scale, from 4x4 up; resolution = 4 * 2^(len-1)",
-    "generator.format": "checkpoint layout: segal (bare state_dict), lightning, gan_zoo, reid (ours), or auto-detect",
+    "generator.format": "checkpoint layout: segal (bare state_dict), segal_lightning, gan_zoo (pytorch_GAN_zoo), reid (ours), or auto",
     "generator.train.images_per_phase": "real images shown per fade-in and per stabilise phase of progressive growing",
     "finetune.checkpoint_every": "steps between atomic checkpoints (resume granularity)",
     "finetune.seed": "seed of the latent batches (reproducible, resumable)",

@@ -1,0 +1,520 @@
+"""One storage layer for local paths and ``s3://bucket/prefix`` URIs, built on ``pyarrow.fs``.
+
+Every stage writes through a :class:`Store` so that the same code runs on a laptop and on a cluster
+writing to S3. Keys are always relative to the store root and '/'-separated; a key that tries to
+leave the root (``..``, a leading ``/``) is an :class:`InputError`.
+
+Single objects are written atomically: a reader sees the old object or the new one, never half.
+Locally that is a temporary file in the same directory, fsync, then ``os.replace``. On S3 the data
+goes to a temporary key first and is then copied server-side to its final key, because pyarrow
+cannot abort an upload: closing a stream (even from a destructor after an exception) completes it,
+so writing the final key directly could publish a truncated object. A copied object appears whole.
+
+Multi-file outputs ("a task's output is either complete and visible or absent") use a commit
+marker. S3 has no rename, so files cannot be moved into place all at once; instead a task stages
+its files under ``<prefix>/_tmp-<uuid>/``, moves them to ``<prefix>/`` and writes
+``<prefix>/_COMMITTED`` LAST. The marker is the commit point: readers treat a prefix without it as
+absent, whatever files they find there. A task killed at any moment before the marker is written
+leaves no commit; its ``_tmp-`` leftovers are hidden from :meth:`Store.list` and from parquet
+directory reads, and are removed by the next successful commit of the same prefix, which also
+removes visible files left by a run killed while moving. A run that finds the marker already
+present changes nothing (objects keep their etag/mtime). One writer per prefix is assumed: two
+concurrent commits of the same prefix are not isolated from each other. pyarrow may leave zero-byte
+``dir/`` marker objects on S3 when a directory empties; :meth:`Store.list` reports files only.
+
+Server-side encryption: pyarrow 26's S3FileSystem forwards only ACL, Cache-Control, Content-Type,
+Content-Language and Expires to S3 and silently drops ``x-amz-server-side-encryption``, so
+``S3Settings.sse`` cannot be applied per object. It is accepted, logged as not applied, and the
+bucket's default encryption (on for every AWS bucket since 2023) is what protects the data.
+
+Credentials come only from pyarrow's default AWS chain (environment variables, profile, instance
+metadata). They are never passed, stored, logged or put in messages by this module. Server-side
+copies use S3 CopyObject, which limits a single object to 5 GB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from reid_batch import log
+from reid_batch.errors import InputError
+
+COMMIT_MARKER = "_COMMITTED"
+STAGING_PREFIX = "_tmp-"
+MARKER_FORMAT_VERSION = 1
+
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach S3. Deliberately holds no credentials: those come from the AWS default chain."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    sse: str | None = None
+    allow_bucket_creation: bool = False
+    retry_max_attempts: int = 5
+
+    def __post_init__(self) -> None:
+        if self.endpoint is not None:
+            _split_endpoint(self.endpoint)
+        if self.retry_max_attempts < 1:
+            raise InputError(f"must be at least 1, got {self.retry_max_attempts}", where="s3.retry_max_attempts")
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, str]:
+    """Return (scheme, host:port) for pyarrow; https when the endpoint names no scheme."""
+    text = endpoint if "://" in endpoint else f"https://{endpoint}"
+    parts = urlsplit(text)
+    if parts.username is not None or parts.password is not None:
+        # Echoing the endpoint would leak the password it embeds.
+        raise InputError("must not contain credentials; use the AWS environment variables or profile", where="s3.endpoint")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InputError(f"expected http(s)://host[:port], got {endpoint!r}", where="s3.endpoint")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise InputError(f"expected http(s)://host[:port] without a path, got {endpoint!r}", where="s3.endpoint")
+    return parts.scheme, parts.netloc
+
+
+def _redact_userinfo(uri: str) -> str:
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1***@", uri)
+
+
+def open_store(uri: str, s3: S3Settings | None = None) -> "Store":
+    """Open a local directory (path or file:// URI) or an s3://bucket/prefix location."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise InputError("storage location is empty", where=repr(uri))
+    if "://" not in uri:
+        return _open_local(os.path.abspath(uri))
+    scheme = uri.split("://", 1)[0].lower()
+    if scheme == "file":
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost") or not parts.path:
+            raise InputError("file URIs must be file:///absolute/path", where=uri)
+        return _open_local(os.path.abspath(parts.path))
+    if scheme == "s3":
+        return _open_s3(uri, s3 or S3Settings())
+    raise InputError(f"unsupported storage scheme {scheme!r}; use a local path or s3://bucket/prefix", where=_redact_userinfo(uri))
+
+
+def _open_local(root: str) -> "Store":
+    store = Store(pafs.LocalFileSystem(), root.rstrip("/") or "/", "file")
+    log.event("storage_open", uri=store.uri(), backend="local")
+    return store
+
+
+def _open_s3(uri: str, settings: S3Settings) -> "Store":
+    shown = _redact_userinfo(uri)
+    parts = urlsplit(uri)
+    if "@" in parts.netloc:
+        raise InputError("S3 URIs must not contain credentials; use the AWS environment variables or profile", where=shown)
+    if parts.query or parts.fragment:
+        raise InputError("S3 URIs take no query or fragment; put options in the s3 settings", where=shown)
+    bucket = parts.netloc
+    if not _BUCKET_NAME.match(bucket):
+        raise InputError(f"invalid S3 bucket name {bucket!r}", where=shown)
+    prefix = parts.path.strip("/")
+    if prefix:
+        _check_key(prefix, where=shown)
+
+    filesystem = _s3_filesystem(settings)
+    store = Store(filesystem, f"{bucket}/{prefix}" if prefix else bucket, "s3")
+    log.event("storage_open", uri=store.uri(), backend="s3", endpoint=settings.endpoint, region=settings.region)
+    if settings.sse:
+        log.event("storage_sse_not_applied", uri=store.uri(), sse=settings.sse,
+                  reason="pyarrow S3FileSystem cannot send x-amz-server-side-encryption; bucket default encryption applies")
+    if settings.allow_bucket_creation:
+        with store._named_errors(""):
+            if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
+                filesystem.create_dir(bucket)
+                log.event("storage_bucket_created", bucket=bucket)
+    return store
+
+
+def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
+    options: dict[str, Any] = {
+        "region": settings.region,
+        "allow_bucket_creation": settings.allow_bucket_creation,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=settings.retry_max_attempts),
+    }
+    if settings.endpoint:
+        options["scheme"], options["endpoint_override"] = _split_endpoint(settings.endpoint)
+    return pafs.S3FileSystem(**options)
+
+
+def _check_key(key: str, where: str, allow_empty: bool = False) -> str:
+    """Validate a store-relative key and drop a trailing '/'; keys must never leave the store root."""
+    if not isinstance(key, str):
+        raise InputError(f"storage key must be a string, got {type(key).__name__}", where=where)
+    if key.endswith("/") and key != "/":
+        key = key[:-1]
+    if not key:
+        if allow_empty:
+            return key
+        raise InputError("storage key is empty", where=where)
+    if key.startswith("/") or "\\" in key or "\x00" in key:
+        raise InputError(f"storage key {key!r} must be a relative '/'-separated path", where=where)
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise InputError(f"storage key {key!r} must not contain '.', '..' or empty parts", where=where)
+    return key
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _is_hidden(relative_key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(part.startswith(prefixes) for part in relative_key.split("/"))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """A directory-like location; every key is relative to ``root``. Create with :func:`open_store`."""
+
+    def __init__(self, filesystem: pafs.FileSystem, root: str, scheme: str):
+        self._fs = filesystem
+        self._root = root
+        self._scheme = scheme
+
+    # --- identity -------------------------------------------------------------------------------
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        """The pyarrow filesystem, for stages that use pyarrow.dataset directly with :attr:`root`."""
+        return self._fs
+
+    @property
+    def root(self) -> str:
+        """The root as a path on :attr:`filesystem` ("bucket/prefix" on S3, an absolute path locally)."""
+        return self._root
+
+    @property
+    def is_local(self) -> bool:
+        return self._scheme == "file"
+
+    def path(self, key: str = "") -> str:
+        """The :attr:`filesystem` path of a key."""
+        key = _check_key(key, where=self.uri(), allow_empty=True)
+        return f"{self._root.rstrip('/')}/{key}" if key else self._root
+
+    def uri(self, key: str = "") -> str:
+        """The full location of a key, for messages and for handing to another process."""
+        location = f"{self._root.rstrip('/')}/{key}" if key else self._root
+        return f"s3://{location}" if self._scheme == "s3" else location
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri()!r})"
+
+    __str__ = __repr__
+
+    @contextlib.contextmanager
+    def _named_errors(self, key: str) -> Iterator[None]:
+        # pyarrow's messages name a bucket-relative key at best; every error here names the full URI.
+        try:
+            yield
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(errno.ENOENT, "No such file or object", self.uri(key)) from exc
+        except OSError as exc:
+            raise type(exc)(f"{self.uri(key)}: {exc}") from exc
+
+    def _child(self, key: str) -> "Store":
+        return Store(self._fs, self.path(key), self._scheme)
+
+    # --- single objects -------------------------------------------------------------------------
+
+    def exists(self, key: str) -> bool:
+        """Whether a file (object) exists at key; use :meth:`list` for prefixes."""
+        path = self.path(key)
+        with self._named_errors(key):
+            return self._fs.get_file_info(path).type == pafs.FileType.File
+
+    def read_bytes(self, key: str) -> bytes:
+        path = self.path(_check_key(key, where=self.uri()))
+        with self._named_errors(key):
+            with self._fs.open_input_stream(path) as stream:
+                return stream.read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        key = _check_key(key, where=self.uri())
+        with self._named_errors(key), self._atomic_sink(key) as sink:
+            sink.write(data)
+
+    def read_json(self, key: str) -> Any:
+        raw = self.read_bytes(key)
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"{self.uri(key)}: not valid JSON: {exc}") from exc
+
+    def write_json(self, key: str, obj: Any) -> None:
+        """Stable output: sorted keys, indent 2, trailing newline, so reruns produce identical bytes."""
+        self.write_bytes(key, _json_bytes(obj))
+
+    @contextlib.contextmanager
+    def _atomic_sink(self, key: str) -> Iterator[Any]:
+        """A writable file; its content appears at key only if the block succeeds."""
+        final = self.path(key)
+        parent, name = final.rsplit("/", 1)
+        temporary = f"{parent}/{STAGING_PREFIX}{uuid.uuid4().hex}-{name}"
+        if self.is_local:
+            os.makedirs(parent, exist_ok=True)
+            with open(temporary, "wb") as handle:
+                try:
+                    yield handle
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                except BaseException:
+                    handle.close()
+                    os.unlink(temporary)
+                    raise
+            os.replace(temporary, final)
+            _fsync_dir(parent)
+            return
+        stream = self._fs.open_output_stream(temporary)
+        try:
+            yield stream
+            stream.close()
+            self._fs.move(temporary, final)
+        except BaseException:
+            # Closing completes the upload (pyarrow has no abort), so the object is then deleted.
+            with contextlib.suppress(Exception):
+                stream.close()
+            with contextlib.suppress(Exception):
+                self._fs.delete_file(temporary)
+            raise
+
+    # --- prefixes -------------------------------------------------------------------------------
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Sorted keys of all files under prefix (recursive), hiding ``_tmp-`` staging leftovers."""
+        prefix = _check_key(prefix, where=self.uri(), allow_empty=True)
+        return [key for key in self._list_raw(prefix) if not _is_hidden(key, (STAGING_PREFIX,))]
+
+    def _list_raw(self, prefix: str) -> list[str]:
+        path = self.path(prefix)
+        with self._named_errors(prefix):
+            info = self._fs.get_file_info(path)
+            if info.type == pafs.FileType.File:
+                return [prefix]
+            if info.type != pafs.FileType.Directory:
+                return []
+            selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+            found = self._fs.get_file_info(selector)
+        start = len(self._root.rstrip("/")) + 1
+        return sorted(item.path[start:] for item in found if item.type == pafs.FileType.File)
+
+    def delete(self, prefix: str) -> None:
+        """Delete one file or everything under a prefix; a missing key is not an error."""
+        prefix = _check_key(prefix, where=self.uri())
+        path = self.path(prefix)
+        with self._named_errors(prefix):
+            kind = self._fs.get_file_info(path).type
+            if kind == pafs.FileType.File:
+                self._fs.delete_file(path)
+            elif kind == pafs.FileType.Directory:
+                self._fs.delete_dir(path)
+
+    # --- parquet --------------------------------------------------------------------------------
+
+    def read_parquet(self, key_or_prefix: str = "", columns: list[str] | None = None) -> pa.Table:
+        """Read one parquet file, or every ``*.parquet`` under a prefix (hive dirs like ``shard=3/``
+        become columns). Paths with a part starting with '_' or '.' (markers, staging) are skipped."""
+        key = _check_key(key_or_prefix, where=self.uri(), allow_empty=True)
+        path = self.path(key)
+        with self._named_errors(key):
+            kind = self._fs.get_file_info(path).type
+            if kind == pafs.FileType.File:
+                return pq.read_table(path, filesystem=self._fs, columns=columns)
+            if kind == pafs.FileType.NotFound:
+                raise FileNotFoundError(path)
+            start = len(path.rstrip("/")) + 1
+            files = [
+                item.path
+                for item in self._fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                if item.type == pafs.FileType.File
+                and item.path.endswith(".parquet")
+                and not _is_hidden(item.path[start:], ("_", "."))
+            ]
+            if not files:
+                raise FileNotFoundError(path)
+            dataset = pads.dataset(sorted(files), filesystem=self._fs, format="parquet",
+                                   partitioning="hive", partition_base_dir=path)
+            return dataset.to_table(columns=columns)
+
+    @contextlib.contextmanager
+    def parquet_writer(self, key: str, schema: pa.Schema, row_group_size: int,
+                       **writer_options: Any) -> Iterator["ParquetBatchWriter"]:
+        """Stream batches into one parquet file, published at key only when the block succeeds.
+
+        Batches are regrouped so every row group but the last holds exactly ``row_group_size`` rows,
+        whatever size the caller's batches are. ``writer_options`` go to ``pyarrow.parquet.ParquetWriter``.
+        """
+        if row_group_size < 1:
+            raise ValueError(f"row_group_size must be positive, got {row_group_size}")
+        key = _check_key(key, where=self.uri())
+        with self._named_errors(key), self._atomic_sink(key) as sink:
+            parquet = pq.ParquetWriter(sink, schema, **writer_options)
+            writer = ParquetBatchWriter(parquet, schema, row_group_size)
+            try:
+                yield writer
+            except BaseException:
+                # Closed now so its destructor does not write a footer into a discarded sink later.
+                with contextlib.suppress(Exception):
+                    parquet.close()
+                raise
+            writer.close()
+        log.event("parquet_written", uri=self.uri(key), rows=writer.rows, row_groups=writer.row_groups)
+
+    # --- multi-file commits ---------------------------------------------------------------------
+
+    def commit_marker(self, prefix: str) -> str:
+        """The key whose presence means the output under prefix is complete."""
+        prefix = _check_key(prefix, where=self.uri())
+        return f"{prefix}/{COMMIT_MARKER}"
+
+    def is_committed(self, prefix: str) -> bool:
+        return self.exists(self.commit_marker(prefix))
+
+    def read_commit(self, prefix: str) -> dict:
+        """The marker: {"files": [{"key", "size"}], "created", "metadata", "format"}."""
+        return self.read_json(self.commit_marker(prefix))
+
+    @contextlib.contextmanager
+    def committed(self, prefix: str, metadata: dict | None = None) -> Iterator["Store"]:
+        """Yield a Store to write a task's files into; publish them under prefix only on success.
+
+        If prefix is already committed, the block still runs but what it writes is discarded and
+        nothing under prefix changes; check :meth:`is_committed` first to skip the work itself.
+        """
+        marker_key = self.commit_marker(prefix)
+        prefix = marker_key.rsplit("/", 1)[0]
+        metadata = dict(metadata or {})
+        json.dumps(metadata)  # unserializable metadata fails before the work, not after
+        staging_key = f"{prefix}/{STAGING_PREFIX}{uuid.uuid4().hex}"
+        staging = self._child(staging_key)
+        already_committed = self.is_committed(prefix)
+        try:
+            yield staging
+        except BaseException:
+            self._delete_quietly(staging_key)
+            raise
+        if already_committed:
+            self._delete_quietly(staging_key)
+            log.event("commit_skipped", uri=self.uri(prefix), reason="already committed")
+            return
+        with self._named_errors(prefix):
+            self._publish(prefix, staging, metadata)
+
+    def _publish(self, prefix: str, staging: "Store", metadata: dict) -> None:
+        staged = staging.list()
+        if COMMIT_MARKER in staged:
+            raise ValueError(f"{staging.uri(COMMIT_MARKER)}: {COMMIT_MARKER} is reserved for the commit marker")
+        sizes = {key: self._fs.get_file_info(staging.path(key)).size for key in staged}
+        # Visible files here belong to an earlier run killed before its marker; they are not ours.
+        for stale in self._list_raw(prefix):
+            relative = stale[len(prefix) + 1:]
+            if not relative.startswith(STAGING_PREFIX):
+                self._fs.delete_file(self.path(stale))
+        touched_dirs = set()
+        for key in staged:
+            source, target = staging.path(key), self.path(f"{prefix}/{key}")
+            if self.is_local:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(source, target)
+                touched_dirs.add(os.path.dirname(target))
+            else:
+                self._fs.move(source, target)
+        for directory in touched_dirs:
+            _fsync_dir(directory)  # files must be durable before the marker that vouches for them
+        marker = {
+            "format": MARKER_FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "files": [{"key": key, "size": sizes[key]} for key in staged],
+            "metadata": metadata,
+        }
+        with self._atomic_sink(f"{prefix}/{COMMIT_MARKER}") as sink:
+            sink.write(_json_bytes(marker))
+        self._remove_staging_leftovers(prefix)
+        log.event("commit_published", uri=self.uri(prefix), files=len(staged), bytes=sum(sizes.values()))
+
+    def _remove_staging_leftovers(self, prefix: str) -> None:
+        """Delete this commit's emptied staging area and anything earlier killed runs left there."""
+        for key in self._list_raw(prefix):
+            if _is_hidden(key[len(prefix) + 1:], (STAGING_PREFIX,)):
+                self._fs.delete_file(self.path(key))
+        # What remains are directories (local) or S3 directory-marker objects.
+        for item in self._fs.get_file_info(pafs.FileSelector(self.path(prefix), allow_not_found=True)):
+            if item.type == pafs.FileType.Directory and item.base_name.startswith(STAGING_PREFIX):
+                self._fs.delete_dir(item.path)
+
+    def _delete_quietly(self, key: str) -> None:
+        # Cleanup on a failure path must not mask the original exception.
+        with contextlib.suppress(Exception):
+            self.delete(key)
+
+
+class ParquetBatchWriter:
+    """Regroups incoming batches into row groups of a fixed size. Obtain via :meth:`Store.parquet_writer`."""
+
+    def __init__(self, writer: pq.ParquetWriter, schema: pa.Schema, row_group_size: int):
+        self._writer = writer
+        self._schema = schema
+        self._row_group_size = row_group_size
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self.rows = 0
+        self.row_groups = 0
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        if not batch.schema.equals(self._schema):
+            raise ValueError(f"batch schema {batch.schema} does not match the file schema {self._schema}")
+        if batch.num_rows == 0:
+            return
+        self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        if self._pending_rows >= self._row_group_size:
+            self._flush(final=False)
+
+    def write_table(self, table: pa.Table) -> None:
+        for batch in table.to_batches():
+            self.write_batch(batch)
+
+    def _flush(self, final: bool) -> None:
+        table = pa.Table.from_batches(self._pending, schema=self._schema)
+        offset = 0
+        while table.num_rows - offset >= self._row_group_size or (final and offset < table.num_rows):
+            chunk = table.slice(offset, self._row_group_size)
+            self._writer.write_table(chunk, row_group_size=self._row_group_size)
+            offset += chunk.num_rows
+            self.rows += chunk.num_rows
+            self.row_groups += 1
+        remainder = table.slice(offset)
+        self._pending = remainder.to_batches()
+        self._pending_rows = remainder.num_rows
+
+    def close(self) -> None:
+        if self._pending_rows:
+            self._flush(final=True)
+        self._writer.close()
