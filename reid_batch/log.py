@@ -21,7 +21,7 @@ def _redact(fields: dict) -> dict:
     return {k: ("***" if any(s in k.lower() for s in _SECRET_KEYS) else v) for k, v in fields.items()}
 
 
-def event(name: str, **fields) -> None:
+def event(name: str, /, **fields) -> None:
     """Emit one log record: human-readable on a terminal, JSON on a pipe or file."""
     fields = _redact(fields)
     if _interactive():

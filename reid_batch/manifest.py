@@ -35,6 +35,7 @@ DEFAULT_TERMS = {
     "cnn": {"bn_stats": 1.0, "feature_stats": 1.0, "logits": 1.0, "tv": 1e-5},
     "vit": {"ln_stats": 1.0, "cls_magnitude": 1.0, "attn_entropy": 1.0, "attn_diversity": 1.0, "logits": 1.0, "tv": 1e-5},
 }
+RESERVED_TARGET_NAMES = {"targets", "prior", "demographics", "evaluation", "report", "resume", "world"}
 CNN_ARCH = re.compile(r"^(resnet(18|34|50|101|152)|resnext\d+_\w+|wide_resnet\d+_2|densenet(121|161|169|201))$")
 VIT_ARCH = re.compile(r"^(vit_(b|l)_(16|32)|vit_h_14|vit_custom)$")
 
@@ -237,6 +238,14 @@ class TargetSpec(Strict):
     input: InputSpec = InputSpec()
     vit: VitSpec | None = None
     objective: ObjectiveSpec = ObjectiveSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        # A target's outputs live at <run>/<name>/...: it must not shadow the run's other folders.
+        if v in RESERVED_TARGET_NAMES:
+            raise ValueError(f"{v!r} is reserved; choose another target name")
+        return v
 
     @field_validator("arch")
     @classmethod

@@ -26,5 +26,17 @@ def make_phantoms(manifest: Manifest, target: str | None = None) -> int:
         max_studies_per_patient=world.max_studies_per_patient,
     )
     summary = write_world(world.root, config)
-    log.event("make_phantoms_done", root=world.root, **{k: v for k, v in summary.items() if not isinstance(v, dict)})
+    log.event("make_phantoms_done", **{k: v for k, v in summary.items() if k != "counts"}, counts=summary.get("counts"))
     return 0
+
+
+def train_target(manifest: Manifest, target: str | None = None) -> int:
+    from reid_batch.recipes import train_target as recipe
+
+    return recipe.run(manifest, target)
+
+
+def train_demographics(manifest: Manifest, target: str | None = None) -> int:
+    from reid_batch.recipes import train_demographics as recipe
+
+    return recipe.run(manifest, target)

@@ -1,0 +1,820 @@
+"""The objective of both stages: how far the FROZEN target's reaction to a batch is from its reaction to its training data.
+
+One forward pass through the target collects, with hooks, everything every configured term needs. Each term is
+returned twice: as a scalar batch loss (stage 1 trains the generator on the weighted sum) and per sample, a
+vector of shape (N,) (stage 2 ranks candidates by the weighted sum of all terms but `tv`, as the study did).
+Every term is a loss: non-negative, added with a non-negative weight, smaller is better.
+
+CNN terms (torchvision ResNet / DenseNet)
+-----------------------------------------
+`bn_stats`: for every BatchNorm2d, its INPUT x (not its output, which the layer has already normalised with the
+    running statistics) has per-channel batch mean mu_c and biased variance var_c over (N, H, W). DeepInversion's
+    form, summed over layers, the first BatchNorm2d in registration order (the stem's) times `first_bn_multiplier`:
+        sum_l  m_l * ( ||mu_l - running_mean_l||_2 + ||var_l - running_var_l||_2 )
+    Per sample: the same with sample i's own mean and variance over (H, W). This is a proxy: the running
+    statistics describe the whole training set, and one image's spatial statistics need not match them (a 1x1
+    map has zero spatial variance), but it ranks candidates by how typical their activations are.
+`feature_stats`: the OUTPUT of `feature_layer` (default "layer4.1.conv2") has per-channel mean mu_c and standard
+    deviation sigma_c = sqrt(biased var_c + 1e-8) over (N, H, W), pushed to the manifest's `feature_target`
+    (m, s):  mean_c (mu_c - m)^2 + mean_c (sigma_c - s)^2.  Per sample: over (H, W) only.
+`logits`: class-conditional. The target's head reveals C: C = 1 is binary with one logit (binary cross-entropy
+    with logits toward class 0 or 1); C > 1 is cross-entropy toward the assigned class. `assign_classes`
+    alternates classes (sample i gets class (offset + i) mod K, K = 2 if C == 1 else C), so every run of K
+    consecutive samples holds each class once and equal shards of a batch stay balanced. The batch loss is
+    the mean of the per-sample losses. `classes=None` uses the class the target predicts (logit > 0, or argmax):
+    the per-sample loss then measures how confidently the target classifies the candidate.
+`tv`: anisotropic L1 total variation of the [0, 1] IMAGE (not the normalised target input), per sample
+        mean_{c,h,w} |x[c,h+1,w] - x[c,h,w]| + mean_{c,h,w} |x[c,h,w+1] - x[c,h,w]|
+    (L1 smooths noise but, unlike squared differences, does not penalise a sharp rib or body edge more than a
+    gradual ramp of the same height). The batch loss is the mean over samples.
+
+ViT terms (torchvision VisionTransformer)
+----------------------------------------
+A ViT stores no running statistics, so `ln_stats` and `cls_magnitude` compare with REFERENCE statistics that
+`compute_reference_stats` measures once through the frozen target on whatever reference images the caller
+chooses (public X-rays or the prior generator's samples); the result is a plain dict of tensors to cache.
+`ln_stats`: for each chosen LayerNorm (default all: every block's ln_1 and ln_2 and the final encoder.ln), its
+    INPUT x (N, T, D) -- the pre-normalised residual stream -- has per-channel mean mu_d and biased variance var_d
+    over all tokens of all samples, compared as for BatchNorm and summed over layers:
+        sum_l ||mu_l - ref_mean_l||_2 + ||var_l - ref_var_l||_2
+    The study's "aggregate across tokens" form keeps only the mean over channels of these (two numbers per layer),
+    which cannot tell channels apart; the per-channel form contains it (the token-averaged per-token mean is the
+    channel average of mu_d) and sees the channel-specific scales a transformer's residual stream is known for.
+    Per sample: over that sample's tokens only.
+`cls_magnitude`: the CLS token c (index 0 of the output of `model.encoder`, i.e. after encoder.ln) has
+    rms(c) = sqrt(mean_d c_d^2); per sample (rms(c) / ref_rms - 1)^2, where ref_rms is the mean rms over the
+    reference images; the batch loss is the mean. Its deviation from the reference rather than its raw magnitude:
+    after the final LayerNorm the norm is nearly fixed by the affine weights, so "smaller" has no meaning, while
+    an atypical magnitude marks noise the head was never trained on. Relative, so one weight suits any width.
+`attn_entropy`, `attn_diversity`: torchvision calls attention with need_weights=False, so the probabilities are
+    recomputed from each chosen block's self_attention INPUT (ln_1's output) and the layer's own projection:
+    q, k = x W_q^T + b_q, x W_k^T + b_k split into heads, P = softmax(q k^T / sqrt(head_dim)), (N, heads, T, T),
+    exactly what nn.MultiheadAttention(need_weights=True, average_attn_weights=False) returns; the model's own
+    forward and outputs are untouched.
+    attn_entropy = mean over blocks, heads and query rows of -sum_j P_ij log P_ij (nats, in [0, log T]);
+        minimising it makes each token attend to a few others (focused attention).
+    attn_diversity = mean over blocks and unordered head pairs (h, h') of cos(P_h, P_h') with the maps flattened
+        to T*T; in [0, 1] since probabilities are non-negative; minimising it makes heads look at different things.
+    Per sample: the same means within one sample; the batch loss is the mean over samples. Means (not sums) over
+    blocks keep both in a fixed range whatever the depth.
+`logits` and `tv` as for CNNs (the head is `heads.head`; its outputs are the model's outputs).
+
+Global batch statistics
+-----------------------
+Every batch loss is a function of SUMS over samples: per-channel sums of (x - shift) and (x - shift)^2 with counts
+for the statistics terms (shift = the reference mean, which every process knows, so E[x^2] - E[x]^2 does not
+cancel catastrophically), and sums of per-sample losses with sample counts for the other terms. All of one
+forward's sums are packed into one float32 vector and passed ONCE through `reduce_sum` (identity by default; in
+distributed training a differentiable all-reduce such as torch.distributed.nn.functional.all_reduce), so k
+processes with n images each get exactly the loss of one process with k*n images. Gradients: that all-reduce's
+backward sums the upstream gradient over ranks, so each rank's gradient is world_size times its share, and
+DDP's gradient averaging divides it back: the net is the gradient of the global loss. Per-sample values never
+need a reduction.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reid_batch import log
+from reid_batch.errors import InputError
+from reid_batch.manifest import CNN_TERMS, VIT_TERMS
+from reid_batch.models.targets import family as target_family
+
+# Stage 2 scores candidates by how well they match the target; image smoothness says nothing about that.
+SCORING_EXCLUDES = ("tv",)
+FEATURE_STD_EPS = 1e-8
+
+ReduceSum = Callable[[Tensor], Tensor]
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def assign_classes(n: int, num_classes: int, offset: int = 0, device: torch.device | str | None = None) -> Tensor:
+    """Class of each of n samples: (offset + i) mod K with K = 2 for a one-logit binary target, else num_classes.
+
+    A process holding samples offset .. offset+n-1 of a global batch gets the same classes as the single-process run.
+    """
+    if n < 0 or num_classes < 1:
+        raise ValueError(f"need n >= 0 and num_classes >= 1, got n={n}, num_classes={num_classes}")
+    k = 2 if num_classes == 1 else num_classes
+    return (torch.arange(n, device=device) + offset) % k
+
+
+def predicted_classes(logits: Tensor) -> Tensor:
+    """The class the target predicts: logit > 0 for a one-logit binary target, else the argmax."""
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).long()
+    return logits.argmax(dim=1)
+
+
+def class_losses(logits: Tensor, classes: Tensor) -> Tensor:
+    """Per-sample binary cross-entropy (one logit) or cross-entropy toward `classes`, shape (N,)."""
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits[:, 0], classes.to(logits.dtype), reduction="none")
+    return F.cross_entropy(logits, classes, reduction="none")
+
+
+def total_variation(images01: Tensor) -> Tensor:
+    """Anisotropic L1 total variation of each image, (N,): mean |vertical| + mean |horizontal| neighbour differences."""
+    x = images01.float()
+    dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().flatten(1).mean(1)
+    dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().flatten(1).mean(1)
+    return dh + dw
+
+
+def _projection_weights(mha: nn.MultiheadAttention) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    if mha._qkv_same_embed_dim:
+        w_q, w_k, _ = mha.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k = mha.q_proj_weight, mha.k_proj_weight
+    b_q = b_k = None
+    if mha.in_proj_bias is not None:
+        b_q, b_k, _ = mha.in_proj_bias.chunk(3)
+    return w_q, w_k, b_q, b_k
+
+
+def attention_log_probabilities(mha: nn.MultiheadAttention, x: Tensor) -> Tensor:
+    """log softmax(q k^T / sqrt(head_dim)) of self-attention on x, shape (N, heads, T, T), in float32.
+
+    x is the layer's query (= key) input, (N, T, D) if mha.batch_first else (T, N, D). Log-probabilities keep the
+    entropy finite where a probability underflows to 0.
+    """
+    if mha.bias_k is not None or mha.add_zero_attn:
+        raise ValueError("attention with bias_k/bias_v or add_zero_attn is not supported")
+    if not mha.batch_first:
+        x = x.transpose(0, 1)
+    n, t, d = x.shape
+    heads = mha.num_heads
+    head_dim = d // heads
+    w_q, w_k, b_q, b_k = _projection_weights(mha)
+    q = F.linear(x, w_q, b_q).view(n, t, heads, head_dim).transpose(1, 2)
+    k = F.linear(x, w_k, b_k).view(n, t, heads, head_dim).transpose(1, 2)
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(head_dim)
+    return scores.log_softmax(dim=-1)
+
+
+def attention_probabilities(mha: nn.MultiheadAttention, x: Tensor) -> Tensor:
+    """Per-head self-attention probabilities (N, heads, T, T) that `mha` computes on x, recomputed from its weights."""
+    return attention_log_probabilities(mha, x).exp()
+
+
+def _attention_terms(log_p: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample (entropy, head similarity) of one block's attention, each (N,)."""
+    p = log_p.exp()
+    entropy = -(p * log_p).sum(-1).mean(dim=(1, 2))
+    heads = p.shape[1]
+    if heads < 2:
+        return entropy, torch.zeros_like(entropy)
+    unit = F.normalize(p.flatten(2), dim=-1)
+    gram = unit @ unit.transpose(1, 2)
+    off_diagonal = gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
+    return entropy, off_diagonal / (heads * (heads - 1))
+
+
+def _cls_rms(cls: Tensor) -> Tensor:
+    return cls.float().square().mean(dim=1).add(1e-12).sqrt()
+
+
+def _channels_first(x: Tensor, channel_dim: int) -> Tensor:
+    """(N, C, L) view of an activation with channels at `channel_dim` and every other non-batch dim flattened."""
+    x = x.float()
+    if channel_dim != 1:
+        x = x.movedim(channel_dim, 1)
+    return x.flatten(2) if x.ndim > 2 else x.unsqueeze(2)
+
+
+def _shifted_sums(x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Per-sample per-channel sums of (x - shift) and (x - shift)^2, (N, C) each, and positions per sample."""
+    d = x - shift.view(1, -1, 1)
+    return d.sum(2), d.square().sum(2), x.shape[2]
+
+
+def _option(options, name: str, default):
+    if options is None:
+        return default
+    if isinstance(options, Mapping):
+        return options.get(name, default)
+    return getattr(options, name, default)
+
+
+def _similar(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
+    if close:
+        return "close matches: " + ", ".join(close)
+    if candidates:
+        return "valid names look like: " + ", ".join(candidates[:5])
+    return "the model has no suitable module"
+
+
+def _resolve(
+    model: nn.Module, name: str, where: str, accept: Callable[[nn.Module], bool], kind: str
+) -> nn.Module:
+    modules = dict(model.named_modules())
+    typed = [n for n, m in modules.items() if n and accept(m)]
+    if name not in modules:
+        raise InputError(f"the target has no module '{name}'; {_similar(name, typed or list(modules))}", where=where)
+    module = modules[name]
+    if not accept(module):
+        raise InputError(
+            f"'{name}' is a {type(module).__name__}, not a {kind}; {_similar(name, typed)}", where=where
+        )
+    return module
+
+
+def _is_layernorm(m: nn.Module) -> bool:
+    return isinstance(m, nn.LayerNorm)
+
+
+def _attention_of(m: nn.Module) -> nn.MultiheadAttention | None:
+    if isinstance(m, nn.MultiheadAttention):
+        return m
+    inner = getattr(m, "self_attention", None)
+    return inner if isinstance(inner, nn.MultiheadAttention) else None
+
+
+def _resolve_list(
+    model: nn.Module, names, where: str, accept: Callable[[nn.Module], bool], kind: str
+) -> list[tuple[str, nn.Module]]:
+    if names == "all":
+        found = [(n, m) for n, m in model.named_modules() if n and accept(m)]
+        if not found:
+            raise InputError(f"the target has no {kind} layers", where=where)
+        return found
+    if isinstance(names, str) or not names:
+        raise InputError(f"give 'all' or a non-empty list of module paths, got {names!r}", where=where)
+    seen: set[str] = set()
+    found = []
+    for i, name in enumerate(names):
+        if name in seen:
+            raise InputError(f"'{name}' is listed twice", where=f"{where}[{i}]")
+        seen.add(name)
+        found.append((name, _resolve(model, name, f"{where}[{i}]", accept, kind)))
+    return found
+
+
+class _Recorder:
+    """Forward hooks that store what they see, only while the objective runs its own forward pass.
+
+    Outside `active`, the hooks store nothing, so using the target elsewhere neither leaks memory nor graphs.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, Tensor] = {}
+        self.calls: dict[str, int] = {}
+        self.expected: list[str] = []
+        self.active = False
+        self._handles: list = []
+
+    def _store(self, key: str, value) -> None:
+        if not self.active:
+            return
+        if not isinstance(value, Tensor):
+            raise RuntimeError(f"hook {key} expected a tensor, got {type(value).__name__}")
+        self.calls[key] = self.calls.get(key, 0) + 1
+        self.values[key] = value
+
+    def input_of(self, name: str, module: nn.Module) -> str:
+        key = f"input of {name}"
+
+        def hook(_module, args):
+            self._store(key, args[0])
+
+        self._handles.append(module.register_forward_pre_hook(hook))
+        self.expected.append(key)
+        return key
+
+    def output_of(self, name: str, module: nn.Module) -> str:
+        key = f"output of {name}"
+
+        def hook(_module, _args, output):
+            self._store(key, output)
+
+        self._handles.append(module.register_forward_hook(hook))
+        self.expected.append(key)
+        return key
+
+    def self_attention_input(self, name: str, mha: nn.MultiheadAttention) -> str:
+        key = f"self-attention input of {name}"
+
+        def hook(_module, args, kwargs):
+            if not self.active:
+                return
+            query = args[0] if args else kwargs.get("query")
+            key_input = args[1] if len(args) > 1 else kwargs.get("key")
+            # Recomputing probabilities from one input is only right for unmasked self-attention.
+            if key_input is not None and key_input is not query:
+                raise RuntimeError(f"{name}: key differs from query; only self-attention can be recomputed")
+            if kwargs.get("attn_mask") is not None or kwargs.get("key_padding_mask") is not None:
+                raise RuntimeError(f"{name}: masked attention is not supported")
+            self._store(key, query)
+
+        self._handles.append(mha.register_forward_pre_hook(hook, with_kwargs=True))
+        self.expected.append(key)
+        return key
+
+    def start(self) -> None:
+        self.values.clear()
+        self.calls.clear()
+        self.active = True
+
+    def stop(self) -> None:
+        self.active = False
+
+    def check(self) -> None:
+        missing = [k for k in self.expected if k not in self.calls]
+        if missing:
+            raise RuntimeError(
+                "configured hooks did not fire, so their terms would silently be missing: " + "; ".join(missing)
+            )
+        repeated = [k for k in self.expected if self.calls[k] > 1]
+        if repeated:
+            raise RuntimeError("modules called more than once per forward pass (ambiguous): " + "; ".join(repeated))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.values.clear()
+
+
+@dataclass
+class ObjectiveResult:
+    """One forward pass's objective.
+
+    total: weighted scalar batch loss (all configured terms), reduced over processes.
+    terms: unweighted scalar batch loss per term.
+    per_sample: unweighted per-sample loss per term, (N,) each, from this process's samples only.
+    per_sample_total: weighted sum over terms except `tv`, (N,): stage 2's match score (lower is better).
+    logits: the target's outputs (N, C); classes: the class each sample's `logits` term aimed at, (N,).
+    features: for Mahalanobis distances: CNN, per-channel spatial means of the input of the last BatchNorm2d
+        (N, C_last); ViT, the CLS token after encoder.ln (N, hidden). See TargetObjective.feature_prior.
+    Tensors keep their autograd graph when computed with gradients; detach them before storing.
+    """
+
+    total: Tensor
+    terms: dict[str, Tensor]
+    per_sample: dict[str, Tensor]
+    per_sample_total: Tensor
+    logits: Tensor
+    classes: Tensor
+    features: Tensor | None
+
+
+class TargetObjective:
+    """Hooks on a frozen target that turn one forward pass into every configured term (see the module docstring).
+
+    terms: term name -> weight (>= 0); terms with weight 0 are not computed. options: an ObjectiveSpec or a
+    mapping with first_bn_multiplier, feature_layer, feature_target {mean, std}, layernorm_layers,
+    attention_blocks (defaults as in the manifest). reference_stats: from `compute_reference_stats`, needed by
+    the ViT's ln_stats and cls_magnitude. field_prefix names the manifest section in error messages.
+    Use as a context manager, or call close(), to remove the hooks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        terms: Mapping[str, float],
+        options=None,
+        reference_stats: Mapping[str, Tensor] | None = None,
+        family: str | None = None,
+        field_prefix: str = "targets[0].objective",
+    ) -> None:
+        self.model = model
+        self.family = family or target_family(model)
+        self.field_prefix = field_prefix
+        allowed = CNN_TERMS if self.family == "cnn" else VIT_TERMS
+        unknown = sorted(set(terms) - set(allowed))
+        if unknown:
+            raise InputError(
+                f"terms {unknown} do not apply to a {self.family}; allowed: {list(allowed)}", where=f"{field_prefix}.terms"
+            )
+        bad = {k: w for k, w in terms.items() if not (math.isfinite(float(w)) and float(w) >= 0)}
+        if bad:
+            raise InputError(f"weights must be finite and >= 0, got {bad}", where=f"{field_prefix}.terms")
+        # Canonical order, so totals add up in the same order on every process.
+        self.weights = {t: float(terms[t]) for t in allowed if t in terms and float(terms[t]) > 0}
+        if not self.weights:
+            raise InputError("at least one term needs a positive weight", where=f"{field_prefix}.terms")
+        self.first_bn_multiplier = float(_option(options, "first_bn_multiplier", 1.0))
+        feature_target = _option(options, "feature_target", None)
+        self.feature_target_mean = float(_option(feature_target, "mean", 0.0))
+        self.feature_target_std = float(_option(feature_target, "std", 1.0))
+        self._recorder = _Recorder()
+        self._bn_keys: list[tuple[str, nn.BatchNorm2d]] = []
+        self._last_bn: tuple[str, nn.BatchNorm2d] | None = None
+        self._feature_key: str | None = None
+        self._encoder_key: str | None = None
+        self._reference: dict[str, Tensor] = {}
+        self._ln_keys: list[tuple[str, str]] = []
+        self._attn_keys: list[tuple[str, nn.MultiheadAttention]] = []
+        try:
+            if self.family == "cnn":
+                self._setup_cnn(options)
+            elif self.family == "vit":
+                self._setup_vit(options, reference_stats)
+            else:
+                raise ValueError(f"unknown target family {self.family!r}")
+        except BaseException:
+            self._recorder.remove()
+            raise
+        log.event(
+            "objective_ready",
+            family=self.family,
+            terms=self.weights,
+            hooks=len(self._recorder.expected),
+        )
+
+    # ------------------------------------------------------------------------------------------- setup
+
+    def _setup_cnn(self, options) -> None:
+        bns = [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        for name, bn in bns:
+            if bn.running_mean is None or bn.running_var is None:
+                raise InputError(f"BatchNorm '{name}' tracks no running statistics", where=f"{self.field_prefix}.terms")
+        if "bn_stats" in self.weights and not bns:
+            raise InputError("bn_stats needs BatchNorm2d layers; the target has none", where=f"{self.field_prefix}.terms")
+        if "bn_stats" in self.weights:
+            self._bn_keys = [(self._recorder.input_of(n, m), m) for n, m in bns]
+        if bns:
+            name, bn = bns[-1]
+            key = next((k for k, m in self._bn_keys if m is bn), None) or self._recorder.input_of(name, bn)
+            self._last_bn = (key, bn)
+        if "feature_stats" in self.weights:
+            layer_name = _option(options, "feature_layer", "layer4.1.conv2")
+            layer = _resolve(
+                self.model, layer_name, f"{self.field_prefix}.feature_layer", lambda m: True, "module"
+            )
+            self._feature_key = self._recorder.output_of(layer_name, layer)
+
+    def _setup_vit(self, options, reference_stats) -> None:
+        encoder = getattr(self.model, "encoder", None)
+        if not isinstance(encoder, nn.Module):
+            raise ValueError("a ViT target needs an `encoder` module (torchvision VisionTransformer)")
+        self._encoder_key = self._recorder.output_of("encoder", encoder)
+        if reference_stats is not None and "cls/mean" in reference_stats and "cls/var" in reference_stats:
+            self._check_reference(reference_stats, "cls/mean", (self.model.hidden_dim,))
+            self._check_reference(reference_stats, "cls/var", (self.model.hidden_dim,))
+        if "ln_stats" in self.weights:
+            layers = _resolve_list(
+                self.model,
+                _option(options, "layernorm_layers", "all"),
+                f"{self.field_prefix}.layernorm_layers",
+                _is_layernorm,
+                "LayerNorm",
+            )
+            for name, module in layers:
+                self._check_reference(reference_stats, f"ln/{name}/mean", module.normalized_shape)
+                self._check_reference(reference_stats, f"ln/{name}/var", module.normalized_shape)
+                self._ln_keys.append((self._recorder.input_of(name, module), name))
+        if "cls_magnitude" in self.weights:
+            self._check_reference(reference_stats, "cls/rms", ())
+            if float(reference_stats["cls/rms"]) <= 0:
+                raise InputError("reference CLS rms must be positive", where=f"{self.field_prefix}.reference")
+        if "attn_entropy" in self.weights or "attn_diversity" in self.weights:
+            chosen = _option(options, "attention_blocks", "all")
+            where = f"{self.field_prefix}.attention_blocks"
+            blocks = _resolve_list(
+                self.model, chosen, where, lambda m: _attention_of(m) is not None, "attention block"
+            )
+            seen: dict[int, str] = {}
+            for name, block in blocks:
+                mha = _attention_of(block)
+                # "all" finds each block and, inside it, its attention layer: one attention, counted once.
+                if id(mha) in seen:
+                    if chosen == "all":
+                        continue
+                    raise InputError(f"'{name}' is the same attention as '{seen[id(mha)]}'", where=where)
+                seen[id(mha)] = name
+                if mha.bias_k is not None or mha.add_zero_attn:
+                    raise InputError(
+                        f"'{name}' uses bias_k/add_zero_attn, which the recomputation does not model",
+                        where=f"{self.field_prefix}.attention_blocks",
+                    )
+                if "attn_diversity" in self.weights and mha.num_heads < 2:
+                    raise InputError(
+                        f"attn_diversity compares heads, but '{name}' has {mha.num_heads}",
+                        where=f"{self.field_prefix}.terms",
+                    )
+                self._attn_keys.append((self._recorder.self_attention_input(name, mha), mha))
+
+    def _check_reference(self, reference_stats, key: str, shape) -> None:
+        where = f"{self.field_prefix}.reference"
+        if reference_stats is None:
+            raise ValueError("the ViT's ln_stats and cls_magnitude need reference_stats (see compute_reference_stats)")
+        if key not in reference_stats:
+            raise InputError(
+                f"reference statistics lack '{key}'; recompute them with compute_reference_stats on this target",
+                where=where,
+            )
+        value = torch.as_tensor(reference_stats[key], dtype=torch.float32)
+        if tuple(value.shape) != tuple(shape):
+            raise InputError(
+                f"reference '{key}' has shape {tuple(value.shape)}, the target needs {tuple(shape)}: "
+                "statistics of a different model?",
+                where=where,
+            )
+        self._reference[key] = value
+
+    # ------------------------------------------------------------------------------------------- forward
+
+    def feature_prior(self) -> tuple[Tensor, Tensor] | None:
+        """(mean, variance) per feature channel the target's own statistics imply, for Mahalanobis distances.
+
+        CNN: the last BatchNorm2d's running mean and variance. These describe single positions of its input;
+        `features` are spatial means, whose variance is smaller wherever neighbouring positions decorrelate.
+        ViT: the reference CLS statistics, when the reference includes them. None otherwise.
+        """
+        if self.family == "cnn":
+            if self._last_bn is None:
+                return None
+            bn = self._last_bn[1]
+            return bn.running_mean.detach().clone(), bn.running_var.detach().clone()
+        if "cls/mean" in self._reference and "cls/var" in self._reference:
+            return self._reference["cls/mean"].clone(), self._reference["cls/var"].clone()
+        return None
+
+    def __call__(self, *args, **kwargs) -> ObjectiveResult:
+        return self.forward(*args, **kwargs)
+
+    def forward(
+        self,
+        target_input: Tensor,
+        image01: Tensor | None = None,
+        classes: Tensor | None = None,
+        reduce_sum: ReduceSum | None = None,
+    ) -> ObjectiveResult:
+        """All terms for one batch: target_input is what the target sees (N, C, S, S); image01 the [0, 1] image
+        (only `tv` reads it). classes: per-sample class for `logits`, None for the target's own prediction.
+        reduce_sum is called exactly once, on one float32 vector of this process's sums."""
+        if self.model.training:
+            raise ValueError("the target must be in eval mode: BatchNorm would use and update batch statistics")
+        if "tv" in self.weights and image01 is None:
+            raise ValueError("the tv term needs the [0, 1] image")
+        self._recorder.start()
+        try:
+            logits = self.model(target_input)
+        finally:
+            self._recorder.stop()
+        self._recorder.check()
+        values = self._recorder.values
+        if not isinstance(logits, Tensor) or logits.ndim != 2:
+            raise RuntimeError(f"expected the target to return logits (N, C), got {getattr(logits, 'shape', logits)}")
+        n = logits.shape[0]
+        if classes is None:
+            classes = predicted_classes(logits.detach())
+        else:
+            classes = torch.as_tensor(classes, device=logits.device).long()
+            k = 2 if logits.shape[1] == 1 else logits.shape[1]
+            if classes.shape != (n,) or (n and (int(classes.min()) < 0 or int(classes.max()) >= k)):
+                raise ValueError(f"classes must be ({n},) with values in [0, {k}), got {tuple(classes.shape)}")
+
+        # Each term gives its per-sample values, the sums to reduce, and how to finish the batch loss from them.
+        pending: list[tuple[str, Tensor, list[Tensor], Callable[..., Tensor]]] = []
+        count = torch.tensor(float(n), device=logits.device)
+        for term in self.weights:
+            if term == "bn_stats":
+                pending.append(("bn_stats", *self._bn_term(values)))
+            elif term == "feature_stats":
+                pending.append(("feature_stats", *self._feature_term(values[self._feature_key])))
+            elif term == "ln_stats":
+                pending.append(("ln_stats", *self._ln_term(values)))
+            elif term == "logits":
+                pending.append(("logits", *_mean_term(class_losses(logits, classes), count)))
+            elif term == "tv":
+                pending.append(("tv", *_mean_term(total_variation(image01), count)))
+            elif term == "cls_magnitude":
+                rms = _cls_rms(values[self._encoder_key][:, 0])
+                ratio = rms / self._reference["cls/rms"].to(rms.device)
+                pending.append(("cls_magnitude", *_mean_term((ratio - 1).square(), count)))
+        if self._attn_keys:
+            entropy, diversity = self._attention_per_sample(values)
+            if "attn_entropy" in self.weights:
+                pending.append(("attn_entropy", *_mean_term(entropy, count)))
+            if "attn_diversity" in self.weights:
+                pending.append(("attn_diversity", *_mean_term(diversity, count)))
+
+        sums = [s for _, _, parts, _ in pending for s in parts]
+        reduced = _reduce_all(sums, reduce_sum or _identity)
+        terms: dict[str, Tensor] = {}
+        per_sample: dict[str, Tensor] = {}
+        at = 0
+        for name, values_i, parts, finish in pending:
+            terms[name] = finish(*reduced[at : at + len(parts)])
+            per_sample[name] = values_i
+            at += len(parts)
+        order = [t for t in self.weights if t in terms]
+        total = sum(self.weights[t] * terms[t] for t in order)
+        scored = [t for t in order if t not in SCORING_EXCLUDES]
+        per_sample_total = torch.zeros(n, device=logits.device)
+        for t in scored:
+            per_sample_total = per_sample_total + self.weights[t] * per_sample[t]
+        features = None
+        if self.family == "cnn" and self._last_bn is not None:
+            features = _channels_first(values[self._last_bn[0]], 1).mean(2)
+        elif self.family == "vit":
+            features = values[self._encoder_key][:, 0]
+        result = ObjectiveResult(
+            total=total,
+            terms={t: terms[t] for t in order},
+            per_sample={t: per_sample[t] for t in order},
+            per_sample_total=per_sample_total,
+            logits=logits,
+            classes=classes,
+            features=features,
+        )
+        self._recorder.values.clear()
+        return result
+
+    def _bn_term(self, values) -> tuple[Tensor, list[Tensor], Callable[..., Tensor]]:
+        layers = []
+        for i, (key, bn) in enumerate(self._bn_keys):
+            multiplier = self.first_bn_multiplier if i == 0 else 1.0
+            layers.append((values[key], 1, bn.running_mean.float(), bn.running_var.float(), multiplier))
+        return _moment_matching(layers)
+
+    def _ln_term(self, values) -> tuple[Tensor, list[Tensor], Callable[..., Tensor]]:
+        layers = []
+        for key, name in self._ln_keys:
+            x = values[key]
+            mean = self._reference[f"ln/{name}/mean"].to(x.device)
+            var = self._reference[f"ln/{name}/var"].to(x.device)
+            layers.append((x, x.ndim - 1, mean, var, 1.0))
+        return _moment_matching(layers)
+
+    def _feature_term(self, out: Tensor) -> tuple[Tensor, list[Tensor], Callable[..., Tensor]]:
+        x = _channels_first(out, 1)
+        m, s = self.feature_target_mean, self.feature_target_std
+        s1, s2, positions = _shifted_sums(x, torch.full((x.shape[1],), m, device=x.device))
+
+        def loss(mean_dev: Tensor, var: Tensor) -> Tensor:
+            std = (var.clamp_min(0) + FEATURE_STD_EPS).sqrt()
+            return mean_dev.square().mean(-1) + (std - s).square().mean(-1)
+
+        mean_i = s1 / positions
+        per_sample = loss(mean_i, s2 / positions - mean_i.square())
+        count = torch.tensor(float(x.shape[0] * positions), device=x.device)
+
+        def finish(t1: Tensor, t2: Tensor, c: Tensor) -> Tensor:
+            mean_dev = t1 / c
+            return loss(mean_dev, t2 / c - mean_dev.square())
+
+        return per_sample, [s1.sum(0), s2.sum(0), count], finish
+
+    def _attention_per_sample(self, values) -> tuple[Tensor, Tensor]:
+        entropies, diversities = [], []
+        for key, mha in self._attn_keys:
+            entropy, diversity = _attention_terms(attention_log_probabilities(mha, values[key]))
+            entropies.append(entropy)
+            diversities.append(diversity)
+        return torch.stack(entropies).mean(0), torch.stack(diversities).mean(0)
+
+    # ------------------------------------------------------------------------------------------- lifetime
+
+    def close(self) -> None:
+        self._recorder.remove()
+
+    def __enter__(self) -> "TargetObjective":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _mean_term(per_sample: Tensor, count: Tensor) -> tuple[Tensor, list[Tensor], Callable[..., Tensor]]:
+    return per_sample, [per_sample.sum(), count], lambda total, c: total / c
+
+
+def _moment_matching(layers) -> tuple[Tensor, list[Tensor], Callable[..., Tensor]]:
+    """sum_l m_l (||mu_l - ref_mean_l|| + ||var_l - ref_var_l||) from shifted sums; layers are
+    (activation, channel dim, ref_mean, ref_var, m_l). Shifting by ref_mean gives mu - ref_mean directly."""
+    per_sample = None
+    sums: list[Tensor] = []
+    plan = []
+    for x, channel_dim, ref_mean, ref_var, multiplier in layers:
+        x = _channels_first(x, channel_dim)
+        s1, s2, positions = _shifted_sums(x, ref_mean)
+        mean_i = s1 / positions
+        var_i = s2 / positions - mean_i.square()
+        layer_i = multiplier * (
+            torch.linalg.vector_norm(mean_i, dim=1) + torch.linalg.vector_norm(var_i - ref_var, dim=1)
+        )
+        per_sample = layer_i if per_sample is None else per_sample + layer_i
+        sums += [s1.sum(0), s2.sum(0), torch.tensor(float(x.shape[0] * positions), device=x.device)]
+        plan.append((ref_var, multiplier))
+
+    def finish(*reduced: Tensor) -> Tensor:
+        total = reduced[0].new_zeros(())
+        for i, (ref_var, multiplier) in enumerate(plan):
+            t1, t2, c = reduced[3 * i : 3 * i + 3]
+            mean_dev = t1 / c
+            var = t2 / c - mean_dev.square()
+            total = total + multiplier * (
+                torch.linalg.vector_norm(mean_dev) + torch.linalg.vector_norm(var - ref_var)
+            )
+        return total
+
+    return per_sample, sums, finish
+
+
+def _reduce_all(sums: list[Tensor], reduce_sum: ReduceSum) -> list[Tensor]:
+    """One reduction for all sums of a forward pass: one all-reduce per step, not one per layer."""
+    if not sums:
+        return []
+    flat = torch.cat([s.float().reshape(-1) for s in sums])
+    out = reduce_sum(flat)
+    if out.shape != flat.shape:
+        raise RuntimeError(f"reduce_sum changed the shape {tuple(flat.shape)} to {tuple(out.shape)}")
+    pieces = []
+    at = 0
+    for s in sums:
+        pieces.append(out[at : at + s.numel()].view(s.shape))
+        at += s.numel()
+    return pieces
+
+
+def compute_reference_stats(
+    model: nn.Module,
+    batches: Iterable[Tensor],
+    reduce_sum: ReduceSum | None = None,
+) -> dict[str, Tensor]:
+    """Statistics of a frozen ViT on reference images, for the ln_stats and cls_magnitude terms.
+
+    batches: target-ready inputs (already mapped and normalised). Every LayerNorm is measured, so one cached
+    result serves any `layernorm_layers` choice. Returns float32 tensors:
+      "ln/<path>/mean", "ln/<path>/var": per-channel mean and biased variance of the LayerNorm's INPUT over all
+          tokens of all images, (hidden,);
+      "cls/rms": mean over images of rms(CLS) after encoder.ln, (); "cls/mean", "cls/var": per-channel mean and
+          variance of that CLS token, (hidden,), for Mahalanobis distances;
+      "count": number of images, ().
+    Accumulated in float64. reduce_sum (identity by default) combines the sums of all processes.
+    """
+    if model.training:
+        raise ValueError("the target must be in eval mode")
+    layernorms = [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.LayerNorm)]
+    encoder = getattr(model, "encoder", None)
+    if not layernorms or not isinstance(encoder, nn.Module):
+        raise ValueError("reference statistics are for ViT targets (LayerNorms and an `encoder`)")
+    recorder = _Recorder()
+    try:
+        keys = [(recorder.input_of(n, m), n) for n, m in layernorms]
+        encoder_key = recorder.output_of("encoder", encoder)
+        acc: dict[str, Tensor] = {}
+
+        def add(key: str, value: Tensor) -> None:
+            acc[key] = acc[key] + value if key in acc else value
+
+        with torch.inference_mode():
+            for batch in batches:
+                recorder.start()
+                try:
+                    model(batch)
+                finally:
+                    recorder.stop()
+                recorder.check()
+                for key, name in keys:
+                    x = recorder.values[key].double().flatten(0, -2)
+                    add(f"ln/{name}/s1", x.sum(0))
+                    add(f"ln/{name}/s2", x.square().sum(0))
+                    add(f"ln/{name}/n", torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
+                cls = recorder.values[encoder_key][:, 0].double()
+                add("cls/rms_sum", _cls_rms(cls).double().sum())
+                add("cls/s1", cls.sum(0))
+                add("cls/s2", cls.square().sum(0))
+                add("count", torch.tensor(float(cls.shape[0]), dtype=torch.float64, device=cls.device))
+                recorder.values.clear()
+        if not acc:
+            raise ValueError("no reference batches given")
+        names = list(acc)
+        flat = (reduce_sum or _identity)(torch.cat([acc[k].reshape(-1) for k in names]))
+        at = 0
+        for k in names:
+            acc[k] = flat[at : at + acc[k].numel()].view(acc[k].shape)
+            at += acc[k].numel()
+    finally:
+        recorder.remove()
+
+    stats: dict[str, Tensor] = {}
+    for _, name in keys:
+        c = acc[f"ln/{name}/n"]
+        mean = acc[f"ln/{name}/s1"] / c
+        stats[f"ln/{name}/mean"] = mean.float()
+        stats[f"ln/{name}/var"] = (acc[f"ln/{name}/s2"] / c - mean.square()).clamp_min(0).float()
+    count = acc["count"]
+    cls_mean = acc["cls/s1"] / count
+    stats["cls/rms"] = (acc["cls/rms_sum"] / count).float()
+    stats["cls/mean"] = cls_mean.float()
+    stats["cls/var"] = (acc["cls/s2"] / count - cls_mean.square()).clamp_min(0).float()
+    stats["count"] = count.float()
+    log.event("reference_stats_computed", images=int(count), layernorms=len(keys))
+    return stats

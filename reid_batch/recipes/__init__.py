@@ -1,0 +1,1 @@
+"""Self-contained training recipes, one per job, driven by the manifest."""

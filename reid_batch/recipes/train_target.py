@@ -1,0 +1,257 @@
+"""Recipe: train a target classifier the way the study did (cardiomegaly vs no finding).
+
+Presets (the study's recipes, overridable field by field in `targets[].train`):
+  normal  CNN: Adam lr 1e-3, weight decay 1e-3, batch 32, 10 epochs, keep the best validation AUC.
+          ViT: full fine-tune, Adam lr 1e-4, batch 64, 10 epochs, keep the best validation AUC.
+  overfit 20 (CNN) or 50 (ViT) images per class, batch 1, Adam lr 1e-4, up to 30 epochs, stop as soon as
+          training accuracy is 1.0; the final weights are kept (memorisation is the point). The whole model is
+          trained; `freeze_backbone: true` reproduces the study's head-only overfit ViT.
+
+Outputs under <run>/targets/<name>/: model.safetensors, training.json (accuracy/AUC on train and validation,
+generalisation gap, history), train_images.csv (the exact training list, needed to measure what the attack
+recovered), val_images.csv. Resumes after a kill from the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+
+from reid_batch import log
+from reid_batch.manifest import Manifest, TargetSpec
+from reid_batch.recipes.common import (
+    EpochTimer,
+    binary_metrics,
+    load_state,
+    log_epoch,
+    pick_device,
+    run_store,
+    save_state,
+    seed_everything,
+    state_dict_bytes,
+)
+
+
+RESUME_EVERY_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    images_per_class: int | None
+    stop_at_perfect_train: bool
+    keep: str  # "best_val_auc" or "last"
+
+
+def resolve_recipe(spec: TargetSpec) -> Recipe:
+    train = spec.train
+    assert train is not None
+    vit = spec.family == "vit"
+    if train.preset == "normal":
+        base = Recipe(10, 64 if vit else 32, 1e-4 if vit else 1e-3, 0.0 if vit else 1e-3, None, False, "best_val_auc")
+    else:
+        base = Recipe(30, 1, 1e-4, 0.0, 50 if vit else 20, True, "last")
+    return Recipe(
+        epochs=train.epochs or base.epochs,
+        batch_size=train.batch_size or base.batch_size,
+        lr=train.lr or base.lr,
+        weight_decay=base.weight_decay if train.weight_decay is None else train.weight_decay,
+        images_per_class=train.images_per_class or base.images_per_class,
+        stop_at_perfect_train=base.stop_at_perfect_train,
+        keep=base.keep,
+    )
+
+
+def choose_training_images(frame: pd.DataFrame, recipe: Recipe, max_images: int | None, seed: int) -> pd.DataFrame:
+    """The overfit preset trains on a few images per class; caps keep CPU demos short. Deterministic."""
+    frame = frame.sort_values("path").reset_index(drop=True)
+    if recipe.images_per_class is not None:
+        parts = [
+            group.sample(n=min(recipe.images_per_class, len(group)), random_state=seed)
+            for _, group in frame.groupby("label", sort=True)
+        ]
+        frame = pd.concat(parts).sort_values("path").reset_index(drop=True)
+    if max_images is not None and len(frame) > max_images:
+        frame = frame.sample(n=max_images, random_state=seed).sort_values("path").reset_index(drop=True)
+    return frame
+
+
+def load_tensors(frame: pd.DataFrame, size: int, on_error: str, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of a split as one (N, 1, size, size) tensor in [0, 1], plus float labels (N,)."""
+    from reid_batch.datasets import ImageDataset
+
+    dataset = ImageDataset(frame, size=size, channels=1, on_error=on_error)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=num_workers)
+    images, labels = [], []
+    for batch in loader:
+        images.append(batch["image"])
+        labels.append(torch.as_tensor(batch["label"]).float())
+    return torch.cat(images), torch.cat(labels)
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images01: torch.Tensor, spec, device: torch.device, batch_size: int = 128) -> torch.Tensor:
+    from reid_batch.models.targets import to_target_input
+
+    model.eval()
+    out = []
+    for start in range(0, len(images01), batch_size):
+        x = to_target_input(images01[start : start + batch_size].to(device), spec)
+        out.append(model(x).reshape(-1).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def train_one_epoch(model, optimizer, images01, labels, input_spec, batch_size, generator, device) -> float:
+    from reid_batch.models.targets import to_target_input
+
+    model.train()
+    loss_fn = nn.BCEWithLogitsLoss()
+    order = torch.randperm(len(images01), generator=generator)
+    total = 0.0
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        x = to_target_input(images01[index].to(device), input_spec)
+        y = labels[index].to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x).reshape(-1), y)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(index)
+    return total / max(len(order), 1)
+
+
+def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
+    from reid_batch.datasets import patient_split, read_source
+    from reid_batch.models.targets import TargetInput, build_target
+
+    store = run_store(manifest)
+    prefix = f"targets/{spec.name}"
+    resume_key = f"resume/train-target-{spec.name}.pt"  # outside the prefix: a commit replaces the prefix
+    if store.is_committed(prefix):
+        log.event("train_target_skipped", target=spec.name, reason="already committed")
+        store.delete(resume_key)
+        return store.read_json(f"{prefix}/training.json")
+
+    assert spec.train is not None
+    recipe = resolve_recipe(spec)
+    device = pick_device(manifest)
+    source = manifest.source(spec.train.pool)
+    frame = read_source(source.format, source.root, **({"csv_name": source.csv} if source.csv else {}))
+    frame = frame[frame["label"].notna()].reset_index(drop=True)
+    train_frame, val_frame = patient_split(frame, manifest.data.val_fraction, manifest.data.split_seed)
+    train_frame = choose_training_images(train_frame, recipe, spec.train.max_images, spec.train.seed)
+    log.event("train_target_data", target=spec.name, train_images=len(train_frame), val_images=len(val_frame),
+              train_patients=train_frame["patient_id"].nunique(), recipe=asdict(recipe))
+
+    workers = manifest.compute.num_workers
+    train_x, train_y = load_tensors(train_frame, spec.input.size, source.on_error, workers)
+    val_x, val_y = load_tensors(val_frame, spec.input.size, source.on_error, workers)
+    input_spec = TargetInput(size=spec.input.size, channels=spec.input.channels, mean=tuple(spec.input.mean), std=tuple(spec.input.std))
+
+    seed_everything(spec.train.seed)
+    vit = asdict(spec.vit) if spec.vit is not None else {}
+    model = build_target(spec.arch, num_classes=1, image_size=spec.input.size, **vit).to(device)
+    if spec.train.freeze_backbone:
+        head = _head_parameters(model)
+        for p in model.parameters():
+            p.requires_grad_(any(p is h for h in head))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+    state = load_state(store, resume_key)
+    history: list[dict] = []
+    best = {"auc": -1.0, "epoch": -1, "weights": None}
+    first_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+        best = {"auc": float(state["best_auc"]), "epoch": int(state["best_epoch"]), "weights": state["best_weights"]}
+        first_epoch = int(state["epoch"]) + 1
+        log.event("train_target_resumed", target=spec.name, from_epoch=first_epoch)
+
+    last_saved = time.monotonic()
+    for epoch in range(first_epoch, recipe.epochs):
+        # Seeding from (seed, epoch) makes a resumed run draw exactly the batches an uninterrupted one would.
+        torch.manual_seed(spec.train.seed * 1000 + epoch)
+        order_generator = torch.Generator().manual_seed(spec.train.seed * 1000 + epoch)
+        with EpochTimer() as timer:
+            loss = train_one_epoch(model, optimizer, train_x, train_y, input_spec, recipe.batch_size, order_generator, device)
+        train_metrics = binary_metrics(predict_logits(model, train_x, input_spec, device), train_y)
+        val_metrics = binary_metrics(predict_logits(model, val_x, input_spec, device), val_y)
+        row = {"epoch": epoch, "loss": loss, "seconds": timer.seconds,
+               **{f"train_{k}": v for k, v in train_metrics.items()}, **{f"val_{k}": v for k, v in val_metrics.items()}}
+        history.append(row)
+        log_epoch("train_target", spec.name, **row)
+        if recipe.keep == "best_val_auc" and val_metrics["auc"] > best["auc"]:
+            best = {"auc": val_metrics["auc"], "epoch": epoch,
+                    "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        done = recipe.stop_at_perfect_train and train_metrics["accuracy"] >= 1.0
+        # Resume state is large (weights + Adam moments): write it after the first epoch of this process and
+        # then at most every RESUME_EVERY_SECONDS, so many short epochs (overfit preset) are not I/O bound.
+        if not done and (epoch == first_epoch or time.monotonic() - last_saved >= RESUME_EVERY_SECONDS):
+            save_state(store, resume_key, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "history": history, "best_auc": best["auc"], "best_epoch": best["epoch"],
+                "best_weights": best["weights"],
+            })
+            last_saved = time.monotonic()
+        if done:
+            log.event("train_target_memorised", target=spec.name, epoch=epoch)
+            break
+
+    if recipe.keep == "best_val_auc" and best["weights"] is not None:
+        model.load_state_dict(best["weights"])
+        kept_epoch = best["epoch"]
+    else:
+        kept_epoch = history[-1]["epoch"]
+    train_metrics = binary_metrics(predict_logits(model, train_x, input_spec, device), train_y)
+    val_metrics = binary_metrics(predict_logits(model, val_x, input_spec, device), val_y)
+    record = {
+        "target": spec.name, "arch": spec.arch, "preset": spec.train.preset, "pool": spec.train.pool,
+        "recipe": asdict(recipe), "kept_epoch": kept_epoch, "num_classes": 1,
+        "train": train_metrics, "val": val_metrics,
+        "generalisation_gap": {"accuracy": train_metrics["accuracy"] - val_metrics["accuracy"],
+                               "auc": train_metrics["auc"] - val_metrics["auc"]},
+        "train_images": len(train_frame), "val_images": len(val_frame), "history": history,
+    }
+    with store.committed(prefix, {"stage": "train-target", "target": spec.name}) as out:
+        out.write_bytes("model.safetensors", state_dict_bytes(model.state_dict()))
+        out.write_json("training.json", record)
+        out.write_bytes("train_images.csv", _csv_bytes(train_frame))
+        out.write_bytes("val_images.csv", _csv_bytes(val_frame))
+    store.delete(resume_key)
+    log.event("train_target_done", target=spec.name, train_accuracy=train_metrics["accuracy"],
+              val_accuracy=val_metrics["accuracy"], val_auc=val_metrics["auc"], kept_epoch=kept_epoch)
+    return record
+
+
+def _head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    for name in ("fc", "heads", "classifier"):
+        if hasattr(model, name):
+            return list(getattr(model, name).parameters())
+    raise ValueError("cannot find the classification head to leave trainable")
+
+
+def _csv_bytes(frame: pd.DataFrame) -> bytes:
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False)
+    return buffer.getvalue().encode()
+
+
+def run(manifest: Manifest, target: str | None = None) -> int:
+    specs = [manifest.target(target)] if target else manifest.targets
+    trainable = [s for s in specs if s.train is not None]
+    if not trainable:
+        log.event("train_target_skipped", reason="every target has a checkpoint")
+    for spec in trainable:
+        train_target_spec(manifest, spec)
+    return 0

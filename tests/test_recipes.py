@@ -1,0 +1,173 @@
+"""Training recipes on a tiny synthetic world: outputs, presets, resume after SIGKILL, idempotent re-runs."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from reid_batch.manifest import parse_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory) -> Path:
+    from reid_batch.phantoms import WorldConfig, write_world
+
+    root = tmp_path_factory.mktemp("world") / "world"
+    write_world(str(root), WorldConfig(seed=3, image_size=32, private_patients=40, public_patients=60,
+                                       control_patients=20, max_studies_per_patient=2))
+    return root
+
+
+def tiny_manifest(world: Path, output: Path, **target_train) -> dict:
+    document = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
+    document["output"] = {"uri": str(output)}
+    document["data"]["synthetic"].update(root=str(world), image_size=32, private_patients=40, public_patients=60,
+                                         control_patients=20, max_studies_per_patient=2, seed=3)
+    train = {"preset": "normal", "epochs": 2, "batch_size": 16, **target_train}
+    document["targets"] = [{"name": "cnn", "arch": "resnet18", "train": train, "input": {"size": 32, "channels": 3}}]
+    document["demographics"] = {"arch": "densenet_tiny", "image_size": 32, "train": {"epochs": 2, "batch_size": 16}}
+    return document
+
+
+def _commit_marker(output: Path, prefix: str) -> Path:
+    return output / "demo" / prefix / "_COMMITTED"
+
+
+def test_train_target_normal_writes_record_and_exact_training_list(tiny_world, tmp_path):
+    from reid_batch.datasets import patient_split, read_chexpert
+    from reid_batch.recipes.train_target import run
+
+    manifest = parse_manifest(tiny_manifest(tiny_world, tmp_path))
+    assert run(manifest) == 0
+    out = tmp_path / "demo" / "targets" / "cnn"
+    assert _commit_marker(tmp_path, "targets/cnn").exists()
+    record = yaml.safe_load((out / "training.json").read_text())
+    assert record["recipe"]["lr"] == 1e-3 and record["recipe"]["weight_decay"] == 1e-3
+    assert len(record["history"]) == 2
+    for split in ("train", "val"):
+        assert 0.0 <= record[split]["accuracy"] <= 1.0
+    assert record["generalisation_gap"]["accuracy"] == pytest.approx(record["train"]["accuracy"] - record["val"]["accuracy"])
+    # The training list is exactly the patient-grouped training side of the cohort: needed to score the attack.
+    listed = pd.read_csv(out / "train_images.csv")
+    cohort = read_chexpert(str(tiny_world / "private"))
+    expected, held_out = patient_split(cohort, manifest.data.val_fraction, manifest.data.split_seed)
+    assert sorted(listed["path"]) == sorted(expected["path"])
+    assert not set(listed["patient_id"].astype(str)) & set(held_out["patient_id"].astype(str))
+    assert not (tmp_path / "demo" / "resume").exists() or not any((tmp_path / "demo" / "resume").iterdir())
+
+    # A committed target is not retrained: files untouched.
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert run(manifest) == 0
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+    # The trained checkpoint loads through the safe loader as a binary classifier.
+    from reid_batch.artifacts import load_attack_target
+
+    model, num_classes = load_attack_target(manifest, manifest.targets[0])
+    assert num_classes == 1 and not model.training
+
+
+def test_overfit_preset_memorises_its_few_images(tiny_world, tmp_path):
+    from reid_batch.recipes.train_target import run
+
+    document = tiny_manifest(tiny_world, tmp_path, preset="overfit", images_per_class=3, epochs=30, batch_size=None)
+    # Batch 1 needs BatchNorm maps larger than 1x1 at layer4 (as the study's 224 px): 64 px is the smallest.
+    document["targets"][0]["input"]["size"] = 64
+    manifest = parse_manifest(document)
+    assert run(manifest) == 0
+    record = yaml.safe_load((tmp_path / "demo" / "targets" / "cnn" / "training.json").read_text())
+    assert record["recipe"]["batch_size"] == 1 and record["train_images"] == 6
+    assert record["train"]["accuracy"] == 1.0
+    assert len(record["history"]) < 30 or record["history"][-1]["train_accuracy"] == 1.0
+
+
+def test_train_target_resumes_after_sigkill_to_the_same_weights(tiny_world, tmp_path):
+    from safetensors.torch import load_file
+
+    def manifest_file(output: Path) -> Path:
+        document = tiny_manifest(tiny_world, output, epochs=2, max_images=32)
+        path = output.parent / f"{output.name}.yaml"
+        path.write_text(yaml.safe_dump(document))
+        return path
+
+    clean_out, killed_out = tmp_path / "clean", tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "reid_batch", "train-target"]
+    subprocess.run(command + [str(manifest_file(clean_out))], check=True, env=env, capture_output=True)
+
+    process = subprocess.Popen(command + [str(manifest_file(killed_out))], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume = killed_out / "demo" / "resume" / "train-target-cnn.pt"
+    deadline = time.time() + 120
+    while not resume.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "training finished before it could be killed; make it longer"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not _commit_marker(killed_out, "targets/cnn").exists()
+    subprocess.run(command + [str(manifest_file(killed_out))], check=True, env=env, capture_output=True)
+
+    clean = load_file(str(clean_out / "demo" / "targets" / "cnn" / "model.safetensors"))
+    resumed = load_file(str(killed_out / "demo" / "targets" / "cnn" / "model.safetensors"))
+    assert clean.keys() == resumed.keys()
+    for key in clean:
+        torch.testing.assert_close(resumed[key], clean[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_train_demographics_writes_metrics_and_plots(tiny_world, tmp_path):
+    from reid_batch.recipes.train_demographics import age_bin_weights, run
+
+    manifest = parse_manifest(tiny_manifest(tiny_world, tmp_path))
+    assert run(manifest) == 0
+    out = tmp_path / "demo" / "demographics"
+    metrics = yaml.safe_load((out / "metrics.json").read_text())["val"]
+    assert set(metrics) == {"age_mae", "age_rmse", "age_r2", "sex_accuracy", "sex_auc"}
+    assert metrics["age_rmse"] >= metrics["age_mae"] >= 0
+    for png in ("age_distribution.png", "sex_confusion.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    predictions = pd.read_csv(out / "val_predictions.csv")
+    assert predictions["sex_prob"].between(0, 1).all()
+
+    # Inverse-frequency weights: every age bin gets the same total weight.
+    ages = torch.tensor([25.0, 26, 27, 28, 75, 95]).numpy()
+    weights = age_bin_weights(ages)
+    assert weights[:4].sum() == pytest.approx(weights[4]) == pytest.approx(weights[5])
+
+    from reid_batch.artifacts import load_demographic_model
+
+    model = load_demographic_model(manifest)
+    assert not model.training
+
+
+def test_cli_train_target_with_bad_checkpoint_exits_2(tmp_path):
+    """A manifest naming a checkpoint that would run code on load is refused with exit 2 at load time."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    checkpoint = tmp_path / "evil.pt"
+    checkpoint.write_bytes(pickle.dumps({"state_dict": Payload()}))
+    from reid_batch.artifacts import load_attack_target
+    from reid_batch.errors import InputError
+
+    document = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
+    document["output"] = {"uri": str(tmp_path / "out")}
+    document["targets"] = [{"name": "cnn", "arch": "resnet18", "checkpoint": str(checkpoint), "input": {"size": 32}}]
+    manifest = parse_manifest(copy.deepcopy(document))
+    with pytest.raises(InputError, match="evil.pt"):
+        load_attack_target(manifest, manifest.targets[0])
+    assert not (tmp_path / "pwned").exists()
