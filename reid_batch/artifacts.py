@@ -59,11 +59,9 @@ def require_committed(store, prefix: str, produced_by: str) -> None:
 
 def load_attack_target(manifest: Manifest, spec: TargetSpec):
     """The frozen target (eval mode, no parameter gradients) and its number of outputs."""
-    from dataclasses import asdict
-
     from reid_batch.models.targets import load_target
 
-    vit = {k: v for k, v in asdict(spec.vit).items()} if spec.vit is not None else {}
+    vit = spec.vit.model_dump() if spec.vit is not None else {}
     if spec.checkpoint is not None:
         return load_target(spec.arch, spec.checkpoint, image_size=spec.input.size, **vit)
     store = run_store(manifest)

@@ -30,6 +30,12 @@ def make_phantoms(manifest: Manifest, target: str | None = None) -> int:
     return 0
 
 
+def train_prior(manifest: Manifest, target: str | None = None) -> int:
+    from reid_batch.recipes import train_prior as recipe
+
+    return recipe.run(manifest, target)
+
+
 def train_target(manifest: Manifest, target: str | None = None) -> int:
     from reid_batch.recipes import train_target as recipe
 
@@ -40,3 +46,27 @@ def train_demographics(manifest: Manifest, target: str | None = None) -> int:
     from reid_batch.recipes import train_demographics as recipe
 
     return recipe.run(manifest, target)
+
+
+def finetune(manifest: Manifest, target: str | None = None) -> int:
+    from reid_batch.recipes import finetune as recipe
+
+    return recipe.run(manifest, target)
+
+
+def sample(manifest: Manifest, target: str | None = None, shard: int | None = None) -> int:
+    from reid_batch.stages.sample import sample as stage
+
+    return stage(manifest, target=target, shard=shard) or 0
+
+
+def select(manifest: Manifest, target: str | None = None) -> int:
+    from reid_batch.stages.select import select as stage
+
+    return stage(manifest, target=target) or 0
+
+
+def score(manifest: Manifest, target: str | None = None, shard: int | None = None) -> int:
+    from reid_batch.stages.score import score as stage
+
+    return stage(manifest, target=target, shard=shard) or 0

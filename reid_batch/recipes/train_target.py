@@ -157,7 +157,7 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
     input_spec = TargetInput(size=spec.input.size, channels=spec.input.channels, mean=tuple(spec.input.mean), std=tuple(spec.input.std))
 
     seed_everything(spec.train.seed)
-    vit = asdict(spec.vit) if spec.vit is not None else {}
+    vit = spec.vit.model_dump() if spec.vit is not None else {}
     model = build_target(spec.arch, num_classes=1, image_size=spec.input.size, **vit).to(device)
     if spec.train.freeze_backbone:
         head = _head_parameters(model)

@@ -1,0 +1,570 @@
+"""Stage 1 (`reid-batch finetune`): fine-tune the generator prior so its images make the FROZEN target behave as
+its training data did (the study, section 3.3).
+
+Each step draws the step's global batch of latents, generates images, maps them to [0, 1] and to the target's
+input, and minimises the weighted objective (reid_batch.objectives: BatchNorm or LayerNorm statistics, feature
+or CLS statistics, attention, class-conditional logits, total variation). The target is in eval mode with no
+parameter gradients; gradients flow through it into the generator, which Adam updates.
+
+One code path for 1 CPU process, N CPU processes (gloo) and N GPUs on M nodes, through Accelerate:
+* `finetune.batch_size` is the GLOBAL batch. Step s owns latent ids s*B .. s*B+B-1 (`latents_for_ids`, a pure
+  function of (finetune.seed, id)), and process r takes the contiguous slice r*B/W .. (r+1)*B/W-1, so neither a
+  resume nor a different process count replays or changes any random draw. Classes for the logits term are
+  assigned over the global batch (each process offsets by the start of its slice).
+* The objective's statistics are sums over the global batch: its one `reduce_sum` call is a differentiable
+  all-reduce (torch.distributed.nn.functional.all_reduce), whose backward sums the upstream gradient over
+  processes. Each process's generator gradient is then W times its own samples' share of the global loss's
+  gradient, and DDP's averaging divides by W: the update is the gradient of the global loss, exactly what one
+  process with the whole batch computes (tests/test_finetune.py checks 2 x 8 against 1 x 16). No loss scaling.
+* The generator is DDP-wrapped by `accelerator.prepare`. The toRGB layers of the coarser scales take no part in
+  a full-resolution forward pass; they are frozen (and saved unchanged) so DDP sees no unused parameters.
+
+Resumable: every `checkpoint_every` steps the main process commits <target>/finetune-checkpoints/step-<NNNNNNN>/
+(state.pt: generator, Adam state, step, loss rows, elapsed seconds, a settings fingerprint); only committed
+checkpoints are loaded, the last two are kept, and all are deleted once the output is committed. Because latents
+come from (seed, id) and Adam's state is restored, a run killed and resumed ends with the generator an
+uninterrupted run ends with (bit for bit on CPU).
+
+ViT targets store no running statistics: reference statistics are measured once through the frozen target on the
+prior's own samples (`objective.reference.source: prior`) or on public-pool images (`public`), shared out over the
+processes, and cached at <target>/finetune-reference.safetensors with a fingerprint of the target's and the
+source's weights and settings, so a changed target or prior is never compared with stale statistics.
+
+Outputs, committed together under <target>/finetune/: generator.safetensors (pggan "reid" format),
+losses.parquet (per step: each term's unweighted value, the weighted total, the gradient norm before clipping,
+step seconds, elapsed seconds),
+samples_before.png / samples_after.png (the same fixed latents, 4x4 grids), finetune.json (terms and weights,
+reference source, steps, seconds per step, world size, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from reid_batch import log
+from reid_batch.artifacts import attack_prefix
+from reid_batch.errors import InputError
+from reid_batch.manifest import FinetuneSpec, Manifest, TargetSpec
+from reid_batch.models.pggan import PGGANGenerator, generator_to_unit, latents_for_ids, save_generator
+from reid_batch.models.targets import TargetInput, to_target_input
+from reid_batch.recipes.common import load_state, pick_device, run_store, save_state
+
+OUTPUT_PART = "finetune"
+CHECKPOINT_PART = "finetune-checkpoints"
+REFERENCE_FILE = "finetune-reference.safetensors"
+STATE_FILE = "state.pt"
+GENERATOR_FILE = "generator.safetensors"
+KEEP_CHECKPOINTS = 2
+GRID_SIDE = 4
+REFERENCE_BATCH = 32
+# Latent ids of the sample grids and of the prior-sampled ViT reference: far above any training step's ids
+# (step * batch_size + i), so neither set overlaps the latents the generator was trained on.
+GRID_LATENT_OFFSET = 1 << 60
+REFERENCE_LATENT_OFFSET = 1 << 61
+_CHECKPOINT_DIR = re.compile(r"^step-(\d{7,})$")
+
+ReduceSum = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------------- distribution
+
+
+def make_accelerator(manifest: Manifest):
+    """The Accelerator for this launch; fails loudly when the launcher's world size did not take effect."""
+    from accelerate import Accelerator
+
+    device = pick_device(manifest)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=manifest.finetune.mixed_precision)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        # The silent trap: a launcher started W processes but each runs alone, unsynchronised.
+        raise RuntimeError(
+            f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate runs {accelerator.num_processes}; "
+            "launch with `torchrun --nproc_per_node N` or `accelerate launch --multi_gpu --num_processes N` "
+            "(not `accelerate launch --cpu`, which starts one process)"
+        )
+    return accelerator
+
+
+def differentiable_sum(num_processes: int) -> ReduceSum | None:
+    """The objective's reduce_sum: a SUM all-reduce whose backward sums gradients over processes; None alone."""
+    if num_processes == 1:
+        return None
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_reduce
+
+    return lambda t: all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def _plain_sum(num_processes: int) -> ReduceSum | None:
+    if num_processes == 1:
+        return None
+    import torch.distributed as dist
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    return reduce
+
+
+def check_batch_size(batch_size: int, num_processes: int) -> int:
+    """Samples per process; the global batch must split evenly so every process does the same work."""
+    if batch_size % num_processes:
+        raise InputError(
+            f"the global batch {batch_size} does not divide among {num_processes} processes; "
+            f"use a multiple of {num_processes}",
+            where="finetune.batch_size",
+        )
+    return batch_size // num_processes
+
+
+# ------------------------------------------------------------------------------------------------- the pure core
+
+
+def step_ids(step: int, batch_size: int, rank: int, per_process: int) -> torch.Tensor:
+    """Latent ids of process `rank`'s share of step `step`'s global batch."""
+    start = step * batch_size + rank * per_process
+    return torch.arange(start, start + per_process, dtype=torch.int64)
+
+
+def freeze_unused_layers(generator: PGGANGenerator) -> list[nn.Parameter]:
+    """Freeze what a full-resolution forward pass never uses (the coarser scales' toRGB); return the rest."""
+    for layer in list(generator.toRGB)[:-1]:
+        layer.requires_grad_(False)
+    return [p for p in generator.parameters() if p.requires_grad]
+
+
+@dataclass
+class Finetuner:
+    """One generator update per `step(s)`; the generator and optimizer are already `accelerator.prepare`d."""
+
+    generator: nn.Module
+    optimizer: Any
+    objective: Any
+    accelerator: Any
+    spec: FinetuneSpec
+    input_spec: TargetInput
+    output_range: tuple[float, float]
+    latent_dim: int
+    num_classes: int
+    trainable: list[nn.Parameter]
+    reduce_sum: ReduceSum | None = None
+    per_process: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.per_process = check_batch_size(self.spec.batch_size, self.accelerator.num_processes)
+
+    def step(self, step: int) -> dict[str, float]:
+        """Train on step `step`'s batch; returns the global unweighted terms, the weighted 'total' and the
+        generator's gradient norm before clipping ('grad_norm')."""
+        from reid_batch.objectives import assign_classes
+
+        accelerator = self.accelerator
+        rank = accelerator.process_index
+        ids = step_ids(step, self.spec.batch_size, rank, self.per_process)
+        latents = latents_for_ids(self.spec.seed, ids, self.latent_dim).to(accelerator.device)
+        classes = assign_classes(self.per_process, self.num_classes, offset=rank * self.per_process,
+                                 device=accelerator.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with accelerator.autocast():
+            raw = self.generator(latents)
+            image = generator_to_unit(raw.float(), self.output_range)
+            result = self.objective(to_target_input(image, self.input_spec, check_range=False), image01=image,
+                                    classes=classes, reduce_sum=self.reduce_sum)
+        accelerator.backward(result.total)
+        # Always measured (an infinite bound clips nothing): Adam is blind to a constant factor in the gradient,
+        # so this norm is what shows that N processes compute the one-process gradient.
+        grad_norm = accelerator.clip_grad_norm_(self.trainable, self.spec.grad_clip or float("inf"))
+        self.optimizer.step()
+        names = list(result.terms)
+        values = torch.stack([result.terms[t].detach().float() for t in names]
+                             + [result.total.detach().float(), torch.as_tensor(grad_norm).float().to(result.total.device)])
+        return dict(zip(names + ["total", "grad_norm"], values.cpu().tolist()))
+
+
+# ------------------------------------------------------------------------------------------------- images
+
+
+@torch.inference_mode()
+def generate_unit(generator: PGGANGenerator, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    device = next(generator.parameters()).device
+    out = [generator_to_unit(generator(latents[i:i + batch_size].to(device)).float(), generator.config.output_range)
+           for i in range(0, len(latents), batch_size)]
+    return torch.cat(out).cpu()
+
+
+def grid_latents(seed: int, latent_dim: int, side: int = GRID_SIDE) -> torch.Tensor:
+    return latents_for_ids(seed, GRID_LATENT_OFFSET + torch.arange(side * side), latent_dim)
+
+
+def grid_png(images01: torch.Tensor, side: int = GRID_SIDE) -> bytes:
+    """A side x side grid of [0, 1] images with 2-pixel white gutters, as PNG (grey or RGB as the images)."""
+    from PIL import Image
+
+    n, channels, h, w = images01.shape
+    pad = 2
+    canvas = torch.ones(channels, side * (h + pad) + pad, side * (w + pad) + pad)
+    for i in range(min(n, side * side)):
+        r, c = divmod(i, side)
+        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = images01[i]
+    pixels = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def generator_bytes(generator: PGGANGenerator) -> bytes:
+    """pggan.save_generator's file, via a temporary file (safetensors writes paths), for the store."""
+    import copy
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, GENERATOR_FILE)
+        save_generator(copy.deepcopy(generator).cpu(), path)
+        with open(path, "rb") as handle:
+            return handle.read()
+
+
+# ------------------------------------------------------------------------------------------------- targets
+
+
+def target_input_spec(spec: TargetSpec) -> TargetInput:
+    return TargetInput(size=spec.input.size, channels=spec.input.channels, mean=tuple(spec.input.mean),
+                       std=tuple(spec.input.std))
+
+
+def load_frozen_target(manifest: Manifest, spec: TargetSpec) -> tuple[nn.Module, int]:
+    from reid_batch.artifacts import load_attack_target
+
+    return load_attack_target(manifest, spec)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes, bytes): identifies the exact weights."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------- ViT reference
+
+
+def _shard(count: int, num_processes: int, rank: int) -> range:
+    bounds = np.linspace(0, count, num_processes + 1).round().astype(int)
+    return range(int(bounds[rank]), int(bounds[rank + 1]))
+
+
+def _prior_reference_batches(prior: PGGANGenerator, seed: int, ids: range, input_spec: TargetInput,
+                             device) -> Iterator[torch.Tensor]:
+    for start in range(ids.start, ids.stop, REFERENCE_BATCH):
+        batch_ids = REFERENCE_LATENT_OFFSET + torch.arange(start, min(start + REFERENCE_BATCH, ids.stop))
+        latents = latents_for_ids(seed, batch_ids, prior.config.latent_dim).to(device)
+        with torch.inference_mode():
+            image = generator_to_unit(prior(latents).float(), prior.config.output_range)
+            yield to_target_input(image, input_spec, check_range=False)
+
+
+def _public_reference_frame(manifest: Manifest, num_images: int, seed: int) -> pd.DataFrame:
+    from reid_batch.datasets import read_source
+
+    source = manifest.source("public")
+    frame = read_source(source.format, source.root, **({"csv_name": source.csv} if source.csv else {}))
+    frame = frame.sort_values("path").reset_index(drop=True)
+    if len(frame) > num_images:
+        frame = frame.sample(n=num_images, random_state=seed % 2**32).sort_values("path").reset_index(drop=True)
+    return frame
+
+
+def _public_reference_batches(manifest: Manifest, frame: pd.DataFrame, rows: range, input_spec: TargetInput,
+                              device) -> Iterator[torch.Tensor]:
+    from reid_batch.datasets import ImageDataset
+
+    dataset = ImageDataset(frame.iloc[rows.start:rows.stop], size=input_spec.size, channels=1,
+                           on_error=manifest.source("public").on_error)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=REFERENCE_BATCH,
+                                         num_workers=manifest.compute.num_workers)
+    for batch in loader:
+        yield to_target_input(batch["image"].to(device), input_spec, check_range=False)
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        return {}
+    length = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8:8 + length])
+    except ValueError:
+        return {}
+    return header.get("__metadata__") or {}
+
+
+def reference_stats(manifest: Manifest, spec: TargetSpec, model: nn.Module, prior: PGGANGenerator,
+                    accelerator, store) -> tuple[dict[str, torch.Tensor], dict]:
+    """The ViT's reference statistics, from the cache when it matches this target and source, else measured
+    (each process takes a share of the images; sums are combined) and cached by the main process."""
+    from safetensors.torch import load as load_tensors
+    from safetensors.torch import save as save_tensors
+
+    from reid_batch.objectives import compute_reference_stats
+
+    reference = spec.objective.reference
+    input_spec = target_input_spec(spec)
+    key = f"{spec.name}/{REFERENCE_FILE}"
+    identity = {"source": reference.source, "num_images": reference.num_images, "seed": manifest.finetune.seed,
+                "target": weights_digest(model), "input": spec.input.model_dump(mode="json")}
+    if reference.source == "prior":
+        identity["prior"] = weights_digest(prior)
+    else:
+        source = manifest.source("public")
+        identity["public"] = f"{source.format}:{source.root}:{source.csv}"
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    info = {"source": reference.source, "num_images": reference.num_images, "file": key}
+
+    accelerator.wait_for_everyone()
+    if store.exists(key):
+        data = store.read_bytes(key)
+        if _safetensors_metadata(data).get("fingerprint") == fingerprint:
+            stats = load_tensors(data)
+            info["images"] = int(stats["count"])
+            log.event("finetune_reference_cached", target=spec.name, uri=store.uri(key), source=reference.source)
+            return stats, {**info, "cached": True}
+        log.event("finetune_reference_stale", target=spec.name, uri=store.uri(key),
+                  reason="target, prior or reference settings changed")
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if reference.source == "prior":
+        count = reference.num_images
+        batches = _prior_reference_batches(prior.to(accelerator.device).eval(), manifest.finetune.seed,
+                                           _shard(count, world, rank), input_spec, accelerator.device)
+    else:
+        frame = _public_reference_frame(manifest, reference.num_images, manifest.finetune.seed)
+        count = len(frame)
+        batches = _public_reference_batches(manifest, frame, _shard(count, world, rank), input_spec,
+                                            accelerator.device)
+    if count < world:
+        where = f"targets[{manifest.targets.index(spec)}].objective.reference.num_images"
+        raise InputError(f"{count} reference image(s) cannot be shared by {world} processes", where=where)
+    stats = compute_reference_stats(model, batches, reduce_sum=_plain_sum(world))
+    stats = {k: v.detach().cpu().contiguous() for k, v in stats.items()}
+    if accelerator.is_main_process:
+        store.write_bytes(key, save_tensors(stats, metadata={"fingerprint": fingerprint,
+                                                             "identity": json.dumps(identity, sort_keys=True)}))
+    accelerator.wait_for_everyone()
+    info["images"] = int(stats["count"])
+    return stats, {**info, "cached": False}
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_prefix(target: str, step: int) -> str:
+    return f"{attack_prefix(target, CHECKPOINT_PART)}/step-{step:07d}"
+
+
+def list_checkpoints(store, target: str) -> tuple[list[int], list[int]]:
+    """(committed steps, all steps with visible files), each sorted; staging `_tmp-` leftovers are invisible."""
+    root = attack_prefix(target, CHECKPOINT_PART)
+    committed, seen = set(), set()
+    for key in store.list(root):
+        parts = key[len(root) + 1:].split("/")
+        match = _CHECKPOINT_DIR.match(parts[0])
+        if not match:
+            continue
+        seen.add(int(match.group(1)))
+        if parts[1:] == ["_COMMITTED"]:
+            committed.add(int(match.group(1)))
+    return sorted(committed), sorted(seen)
+
+
+def _delete_checkpoint(store, target: str, step: int) -> None:
+    prefix = checkpoint_prefix(target, step)
+    # Marker first: a deletion cut short must not leave a "committed" checkpoint with files missing.
+    store.delete(store.commit_marker(prefix))
+    store.delete(prefix)
+
+
+def prune_checkpoints(store, target: str, keep: int = KEEP_CHECKPOINTS) -> None:
+    """Keep the newest `keep` committed checkpoints; delete every other one, committed or half-written.
+    keep=0 deletes the whole folder, staging leftovers of killed runs included."""
+    committed, seen = list_checkpoints(store, target)
+    kept = set(committed[-keep:]) if keep else set()
+    for step in seen:
+        if step not in kept:
+            _delete_checkpoint(store, target, step)
+    if not keep:
+        store.delete(attack_prefix(target, CHECKPOINT_PART))
+
+
+def settings_fingerprint(manifest: Manifest, spec: TargetSpec) -> str:
+    """What a checkpoint must agree with to be resumed (not steps or cadences, which may be extended)."""
+    return json.dumps({
+        "finetune": manifest.finetune.model_dump(mode="json", exclude={"steps", "checkpoint_every", "log_every"}),
+        "target": spec.model_dump(mode="json"),
+        "generator": manifest.generator.model_dump(mode="json"),
+    }, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------------- the shell
+
+
+def _parquet_bytes(rows: list[dict]) -> bytes:
+    buffer = io.BytesIO()
+    pd.DataFrame(rows).to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def finetune_target(manifest: Manifest, index: int, accelerator,
+                    on_checkpoint: Callable[[int], None] | None = None) -> dict:
+    """Fine-tune (or resume, or skip if committed) the generator for manifest.targets[index]; returns finetune.json.
+    `on_checkpoint(step)` runs on the main process after each committed checkpoint."""
+    from reid_batch.objectives import TargetObjective
+    from reid_batch.recipes.train_prior import load_prior
+
+    spec = manifest.targets[index]
+    fs = manifest.finetune
+    store = run_store(manifest)
+    output = attack_prefix(spec.name, OUTPUT_PART)
+    if store.is_committed(output):
+        log.event("finetune_skipped", target=spec.name, reason="already committed", uri=store.uri(output))
+        return store.read_json(f"{output}/finetune.json")
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    per_process = check_batch_size(fs.batch_size, world)
+    device = accelerator.device
+
+    prior = load_prior(manifest)
+    model, num_classes = load_frozen_target(manifest, spec)
+    model = model.to(device).eval().requires_grad_(False)
+    latent_dim = prior.config.latent_dim
+    grid = grid_latents(fs.seed, latent_dim)
+    before_png = grid_png(generate_unit(prior.to(device), grid)) if main else b""
+
+    reference, reference_info = None, None
+    if spec.family == "vit":
+        reference, reference_info = reference_stats(manifest, spec, model, prior, accelerator, store)
+    objective = TargetObjective(model, spec.terms, spec.objective, reference,
+                                field_prefix=f"targets[{index}].objective")
+
+    generator = prior.to(device).train()
+    trainable = freeze_unused_layers(generator)
+    optimizer = torch.optim.Adam(trainable, lr=fs.lr, betas=tuple(fs.betas))
+    fingerprint = settings_fingerprint(manifest, spec)
+    rows: list[dict] = []
+    start, seconds_before = 0, 0.0
+    committed, _ = list_checkpoints(store, spec.name)
+    if committed:
+        key = f"{checkpoint_prefix(spec.name, committed[-1])}/{STATE_FILE}"
+        state = load_state(store, key)
+        if state is None or state.get("fingerprint") != fingerprint:
+            raise InputError("this checkpoint was written with different finetune/target/generator settings; "
+                             "restore them, or delete the finetune-checkpoints folder to start over",
+                             where=store.uri(key))
+        if int(state["step"]) > fs.steps:
+            raise InputError(f"the latest checkpoint is at step {state['step']}, beyond the {fs.steps} steps asked "
+                             "for", where="finetune.steps")
+        generator.load_state_dict(state["generator"])
+        optimizer.load_state_dict(state["optimizer"])
+        rows = list(state["losses"])
+        start, seconds_before = int(state["step"]), float(state["seconds"])
+        log.event("finetune_resumed", target=spec.name, step=start, uri=store.uri(key))
+    # No process may see a checkpoint the main process writes during training as its starting point.
+    accelerator.wait_for_everyone()
+
+    prepared_generator, prepared_optimizer = accelerator.prepare(generator, optimizer)
+    trainer = Finetuner(prepared_generator, prepared_optimizer, objective, accelerator, fs, target_input_spec(spec),
+                        tuple(generator.config.output_range), latent_dim, num_classes, trainable,
+                        differentiable_sum(world))
+    log.event("finetune_start", target=spec.name, arch=spec.arch, terms=objective.weights, steps=fs.steps,
+              from_step=start, batch_size=fs.batch_size, per_process=per_process, world_size=world, rank=rank,
+              device=str(device), mixed_precision=fs.mixed_precision)
+    started = time.perf_counter()
+    steps = range(start, fs.steps)
+    for step in (log.progress(steps, desc=f"finetune {spec.name}", total=len(steps)) if main else steps):
+        tic = time.perf_counter()
+        row = trainer.step(step)
+        now = time.perf_counter()
+        row = {"step": step + 1, **row, "seconds": now - tic, "elapsed": seconds_before + now - started}
+        rows.append(row)
+        done = step + 1
+        if main and (done % fs.log_every == 0 or done == fs.steps or done == start + 1):
+            log.event("finetune_step", target=spec.name, step=done,
+                      **{k: round(v, 6) for k, v in row.items() if k not in ("step", "elapsed")})
+        if done % fs.checkpoint_every == 0 and done < fs.steps and main:
+            with store.committed(checkpoint_prefix(spec.name, done),
+                                 {"stage": "finetune-checkpoint", "target": spec.name, "step": done}) as out:
+                save_state(out, STATE_FILE, {
+                    "generator": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()},
+                    "optimizer": prepared_optimizer.state_dict(),
+                    "step": done, "losses": rows, "seconds": row["elapsed"], "fingerprint": fingerprint,
+                })
+            prune_checkpoints(store, spec.name)
+            if on_checkpoint is not None:
+                on_checkpoint(done)
+    accelerator.wait_for_everyone()
+    total_seconds = seconds_before + time.perf_counter() - started
+
+    step_seconds = [r["seconds"] for r in rows]
+    record = {
+        "target": spec.name,
+        "arch": spec.arch,
+        "family": spec.family,
+        "terms": objective.weights,
+        "terms_configured": spec.terms,
+        "num_classes": num_classes,
+        "reference": reference_info,
+        "steps": fs.steps,
+        "batch_size": fs.batch_size,
+        "lr": fs.lr,
+        "betas": list(fs.betas),
+        "grad_clip": fs.grad_clip,
+        "mixed_precision": fs.mixed_precision,
+        "seed": fs.seed,
+        "world_size": world,
+        "device": str(device),
+        "resumed_from_step": start or None,
+        "seconds": round(total_seconds, 3),
+        "seconds_per_step": round(float(np.median(step_seconds)), 5) if step_seconds else None,
+        "first": {k: v for k, v in rows[0].items() if k not in ("seconds", "elapsed")} if rows else None,
+        "last": {k: v for k, v in rows[-1].items() if k not in ("seconds", "elapsed")} if rows else None,
+    }
+    objective.close()
+    if main:
+        with store.committed(output, {"stage": "finetune", "target": spec.name, "steps": fs.steps}) as out:
+            out.write_bytes(GENERATOR_FILE, generator_bytes(generator))
+            out.write_bytes("losses.parquet", _parquet_bytes(rows))
+            out.write_bytes("samples_before.png", before_png)
+            out.write_bytes("samples_after.png", grid_png(generate_unit(generator.eval(), grid)))
+            out.write_json("finetune.json", record)
+        # The output makes the resume state useless; a kill before this line only leaves it behind.
+        prune_checkpoints(store, spec.name, keep=0)
+        log.event("finetune_done", target=spec.name, steps=fs.steps, seconds=record["seconds"],
+                  seconds_per_step=record["seconds_per_step"], world_size=world, last=record["last"])
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    return record
+
+
+def run(manifest: Manifest, target: str | None = None) -> int:
+    names = [target] if target else [t.name for t in manifest.targets]
+    indices = [manifest.targets.index(manifest.target(name)) for name in names]
+    accelerator = make_accelerator(manifest)
+    for index in indices:
+        finetune_target(manifest, index, accelerator)
+    return 0

@@ -1,0 +1,648 @@
+"""Recipe: train the PGGAN prior on the public pool (progressive growing, WGAN-GP, EMA generator).
+
+Karras et al. (2018), "Progressive Growing of GANs": training starts at 4x4 and adds one scale at a time. Each
+new scale is first faded in (alpha 0 -> 1, weight of the newest scale) and then stabilised; the 4x4 scale has only
+a stabilise phase. Every phase shows the critic `images_per_phase` real images, drawn from the public pool
+(NIH in the study, its synthetic stand-in by default), loaded at the generator's resolution and average-pooled to
+the current scale. During a fade the real images are blended the same way as the generator's output
+(alpha * current scale + (1 - alpha) * upsampled half scale, Karras' "lerp" of the training data), so the
+critic never sees a resolution mismatch between real and generated images.
+
+Loss: WGAN-GP, critic loss D(fake) - D(real) + gp_weight * (||grad D(x_hat)|| - 1)^2 + 0.001 * D(real)^2 (the
+drift term keeps the critic's scores near zero), generator loss -D(fake); Adam with betas (0, 0.99) for both,
+whose state is reset when a new scale starts fading in (Karras' reset_opt_for_new_lod). The generator is
+Segal et al.'s architecture (reid_batch.models.pggan) declared in [0, 1] with no output activation, so real
+images enter the critic in the generator's declared range and no tanh is ever added.
+
+EMA: the output prior is an exponential moving average of the generator's weights with decay `ema_decay`, whose
+half-life is additionally capped at 5% of the generator steps done so far (StyleGAN2's ema_rampup): with a
+fixed 0.999 a short run (the demo's 1,125 steps) would average in weights from lower-resolution phases, when the
+last scale's layers had not been trained yet.
+
+Resumable: every `checkpoint_every` generator steps <run>/prior/resume.pt holds G, D, the EMA, both optimisers,
+the step (from which the phase, alpha and images seen follow) and the loss history, written atomically. No RNG
+state is saved because none is carried: every random draw of step s (real-batch indices, latents, interpolation
+weights) comes from a generator seeded by (seed, s), and initial weights from the seed alone, so a resumed run
+draws exactly what an uninterrupted one would and ends equal to it on CPU.
+
+Outputs under <run>/prior/ (committed together): generator.safetensors (the EMA generator, pggan's "reid"
+format), samples_before.png / samples.png (8x8 grids from fixed latents, untrained and trained), metrics.json
+(the distribution distance below, before and after), losses.parquet (one row per generator step).
+
+Distribution distance, "Fréchet-PCA": the Fréchet distance between Gaussians fitted to features of generated and
+real images, where the features are the coordinates in a fixed basis of (up to) 64 principal components fitted
+on real public images at the final resolution. FID's Inception-v3 weights cannot be downloaded here (and an
+untrained Inception measures nothing); the PCA basis is cheap, deterministic and captures the dominant modes
+of chest-X-ray structure (overall exposure, lung fields, heart, mediastinum), and the Fréchet distance compares
+both the mean and the covariance of those modes, so it catches mode collapse as well as wrong image content.
+The same number of images enters each set, and the distance between two disjoint real sets of that size is
+reported as the floor a perfect generator would reach.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reid_batch import log
+from reid_batch.errors import InputError
+from reid_batch.manifest import Manifest, PriorTrainSpec
+from reid_batch.models.pggan import (
+    EqualizedLayer,
+    PGGANConfig,
+    PGGANGenerator,
+    generator_to_unit,
+    latents_for_ids,
+    load_generator,
+    save_generator,
+)
+from reid_batch.recipes.common import load_state, pick_device, run_store, save_state
+
+PREFIX = "prior"
+RESUME_KEY = f"{PREFIX}/resume.pt"
+GENERATOR_FILE = "generator.safetensors"
+
+ADAM_BETAS = (0.0, 0.99)
+DRIFT_WEIGHT = 0.001
+MINIBATCH_STD_GROUP = 4
+EMA_RAMPUP = 0.05
+LEAKINESS = 0.2
+
+GRID_SIDE = 8
+DISTANCE_COMPONENTS = 64
+DISTANCE_IMAGES = 512
+PCA_FIT_IMAGES = 2048
+# Latent ids of the distance's generated set, far from the sample grid's ids 0..63.
+DISTANCE_LATENT_OFFSET = 1_000_000
+# Above this the public pool is read from disk batch by batch instead of being held in memory.
+IN_MEMORY_LIMIT_BYTES = 4 * 2**30
+LOG_EVERY = 50
+
+# Manifest format names that pggan spells differently.
+FORMAT_ALIASES = {"lightning": "segal_lightning"}
+
+
+# ------------------------------------------------------------------------------------------------ discriminator
+
+
+def _conv(in_channels: int, out_channels: int, kernel: int) -> EqualizedLayer:
+    return EqualizedLayer(nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2))
+
+
+def minibatch_stddev(x: torch.Tensor, group_size: int = MINIBATCH_STD_GROUP) -> torch.Tensor:
+    """Append one channel holding the feature standard deviation within each group of samples (Karras et al.).
+
+    Groups are the largest divisor of the batch not above `group_size`, so any batch size works. A collapsed
+    generator produces near-identical samples, whose low spread the critic can then see and punish.
+    """
+    n, c, h, w = x.shape
+    group = max(g for g in range(1, min(group_size, n) + 1) if n % g == 0)
+    y = x.reshape(group, n // group, c, h, w)
+    std = (y - y.mean(dim=0, keepdim=True)).pow(2).mean(dim=0).add(1e-8).sqrt()
+    per_group = std.mean(dim=(1, 2, 3)).reshape(1, n // group, 1, 1, 1)
+    # The reshape put sample i in group i % (n // group); each sample gets its own group's value.
+    feature = per_group.expand(group, -1, 1, h, w).reshape(n, 1, h, w)
+    return torch.cat([x, feature], dim=1)
+
+
+class PGGANDiscriminator(nn.Module):
+    """The generator's mirror: fromRGB (1x1) per scale, per scale two 3x3 convs + LeakyReLU(0.2) then average
+    pooling, and at 4x4 minibatch stddev, a 3x3 conv, a dense layer over the 4x4 map (a 4x4 conv) and a linear
+    score. Equalized learning rate throughout. `depths` are the generator's, from 4x4 up."""
+
+    def __init__(self, depths: tuple[int, ...], in_channels: int, leakiness: float = LEAKINESS):
+        super().__init__()
+        depths = tuple(int(d) for d in depths)
+        self.depths = depths
+        self.leakiness = leakiness
+        self.fromRGB = nn.ModuleList(_conv(in_channels, d, 1) for d in depths)
+        # blocks[i - 1] takes scale i down to scale i - 1.
+        self.blocks = nn.ModuleList(
+            nn.Sequential(_conv(depths[i], depths[i], 3), nn.LeakyReLU(leakiness),
+                          _conv(depths[i], depths[i - 1], 3), nn.LeakyReLU(leakiness), nn.AvgPool2d(2))
+            for i in range(1, len(depths)))
+        first = depths[0]
+        self.final_conv = _conv(first + 1, first, 3)
+        self.final_dense = EqualizedLayer(nn.Linear(16 * first, first))
+        self.decision = EqualizedLayer(nn.Linear(first, 1))
+
+    def _from_rgb(self, images: torch.Tensor, depth: int) -> torch.Tensor:
+        return F.leaky_relu(self.fromRGB[depth](images), self.leakiness)
+
+    def forward(self, images: torch.Tensor, depth: int | None = None, alpha: float = 1.0) -> torch.Tensor:
+        """Scores (N,) of images at scale `depth` (0 = 4x4; None = full resolution); `alpha` as the generator's."""
+        last = len(self.depths) - 1
+        depth = last if depth is None else int(depth)
+        if not 0 <= depth <= last:
+            raise ValueError(f"depth must be in [0, {last}], got {depth}")
+        expected = 4 * 2**depth
+        if tuple(images.shape[-2:]) != (expected, expected):
+            raise ValueError(f"depth {depth} takes {expected}x{expected} images, got {tuple(images.shape)}")
+        x = self._from_rgb(images, depth)
+        if depth > 0:
+            x = self.blocks[depth - 1](x)
+            if float(alpha) < 1.0:
+                older = self._from_rgb(F.avg_pool2d(images, 2), depth - 1)
+                x = alpha * x + (1.0 - alpha) * older
+            for block in reversed(self.blocks[: depth - 1]):
+                x = block(x)
+        x = F.leaky_relu(self.final_conv(minibatch_stddev(x)), self.leakiness)
+        x = F.leaky_relu(self.final_dense(x.flatten(1)), self.leakiness)
+        return self.decision(x).squeeze(1)
+
+
+def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
+                     epsilon: torch.Tensor) -> torch.Tensor:
+    """Mean of (||grad_x critic(x)|| - 1)^2 at x = epsilon * real + (1 - epsilon) * fake (Gulrajani et al.).
+
+    `epsilon` (N, 1, 1, 1) is passed in so the caller's seeded generator decides it. The graph is kept so the
+    penalty trains the critic (double backward).
+    """
+    mixed = (epsilon * real.detach() + (1.0 - epsilon) * fake.detach()).requires_grad_(True)
+    scores = critic(mixed)
+    (gradient,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
+    return (gradient.flatten(1).norm(2, dim=1) - 1.0).pow(2).mean()
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Phase p of a run: p = 0 stabilises 4x4; then for each further scale a fade-in (odd p) and a stabilise phase.
+    Each phase is `steps_per_phase` generator steps; everything is a pure function of the step."""
+
+    num_scales: int
+    steps_per_phase: int
+
+    @classmethod
+    def for_spec(cls, num_scales: int, spec: PriorTrainSpec) -> "Schedule":
+        images_per_step = spec.batch_size * spec.n_critic
+        return cls(num_scales, max(1, math.ceil(spec.images_per_phase / images_per_step)))
+
+    @property
+    def num_phases(self) -> int:
+        return 2 * self.num_scales - 1
+
+    @property
+    def total_steps(self) -> int:
+        return self.num_phases * self.steps_per_phase
+
+    def at(self, step: int) -> tuple[int, int, float]:
+        """(phase, depth, alpha) of generator step `step` (0-based)."""
+        if not 0 <= step < self.total_steps:
+            raise ValueError(f"step must be in [0, {self.total_steps}), got {step}")
+        phase, within = divmod(step, self.steps_per_phase)
+        depth = (phase + 1) // 2
+        alpha = within / self.steps_per_phase if phase % 2 == 1 else 1.0
+        return phase, depth, alpha
+
+    def starts_fade(self, step: int) -> bool:
+        phase, within = divmod(step, self.steps_per_phase)
+        return phase % 2 == 1 and within == 0
+
+
+def real_at_scale(images: torch.Tensor, depth: int, alpha: float) -> torch.Tensor:
+    """Full-resolution images average-pooled to scale `depth`; during a fade blended with the upsampled half
+    scale exactly as the generator's output is."""
+    size = 4 * 2**depth
+    factor = images.shape[-1] // size
+    if factor * size != images.shape[-1]:
+        raise ValueError(f"cannot pool {tuple(images.shape)} images to {size}x{size}")
+    current = F.avg_pool2d(images, factor) if factor > 1 else images
+    if depth > 0 and alpha < 1.0:
+        coarser = F.interpolate(F.avg_pool2d(current, 2), scale_factor=2, mode="nearest")
+        current = alpha * current + (1.0 - alpha) * coarser
+    return current
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The only source of randomness of generator step `step`; independent of everything drawn before it."""
+    state = np.random.SeedSequence([int(seed), int(step), 0x5052494F52]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def ema_beta(ema_decay: float, steps_done: int) -> float:
+    """Per-step EMA decay: `ema_decay`, with the half-life capped at EMA_RAMPUP * steps_done (see module doc)."""
+    ramped = 0.5 ** (1.0 / max(EMA_RAMPUP * steps_done, 1e-8))
+    return min(float(ema_decay), ramped)
+
+
+# ------------------------------------------------------------------------------------------------ real images
+
+
+class RealPool:
+    """The public pool's images at the generator's resolution, in [0, 1]: held in memory when they fit, else
+    loaded from disk for each batch."""
+
+    def __init__(self, frame: pd.DataFrame, size: int, channels: int, on_error: str):
+        from reid_batch.datasets import ImageDataset
+
+        self.dataset = ImageDataset(frame, size=size, channels=channels, on_error=on_error)
+        if len(self.dataset) == 0:
+            raise InputError("the public pool has no readable images to train the prior on", where="data.public")
+        self.cached: torch.Tensor | None = None
+        if len(self.dataset) * channels * size * size * 4 <= IN_MEMORY_LIMIT_BYTES:
+            self.cached = torch.stack([self.dataset[i]["image"] for i in
+                                       log.progress(range(len(self.dataset)), desc="load public images",
+                                                    total=len(self.dataset), every=500)])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.cached is not None:
+            return self.cached[indices]
+        return torch.stack([self.dataset[int(i)]["image"] for i in indices])
+
+
+def unit_to_range(images01: torch.Tensor, output_range: tuple[float, float]) -> torch.Tensor:
+    low, high = output_range
+    return low + images01 * (high - low)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def build_networks(config: PGGANConfig, seed: int) -> tuple[PGGANGenerator, PGGANDiscriminator]:
+    """Initial G and D, a pure function of (config, seed); the caller's global RNG is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = PGGANGenerator(config)
+        discriminator = PGGANDiscriminator(config.depths, config.out_channels, config.leakiness)
+    return generator, discriminator
+
+
+class ProgressiveTrainer:
+    """G, D, the EMA generator and both optimisers; `train_step(s)` runs generator step s of the schedule."""
+
+    LOSS_COLUMNS = ("step", "phase", "depth", "alpha", "d_loss", "g_loss", "gradient_penalty", "wasserstein")
+
+    def __init__(self, config: PGGANConfig, spec: PriorTrainSpec, device: torch.device | str = "cpu"):
+        self.config = config
+        self.spec = spec
+        self.device = torch.device(device)
+        self.schedule = Schedule.for_spec(len(config.depths), spec)
+        generator, discriminator = build_networks(config, spec.seed)
+        self.generator = generator.to(self.device).train()
+        self.discriminator = discriminator.to(self.device).train()
+        self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
+        self.g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=spec.lr, betas=ADAM_BETAS)
+        self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=spec.lr, betas=ADAM_BETAS)
+        self.step = 0
+        self.losses: dict[str, list[float]] = {c: [] for c in self.LOSS_COLUMNS}
+
+    @property
+    def images_seen(self) -> int:
+        return self.step * self.spec.batch_size * self.spec.n_critic
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.schedule.total_steps
+
+    def _real_batch(self, pool, rng: torch.Generator, depth: int, alpha: float) -> torch.Tensor:
+        indices = torch.randint(len(pool), (self.spec.batch_size,), generator=rng)
+        images = unit_to_range(pool.batch(indices), self.config.output_range).to(self.device)
+        return real_at_scale(images, depth, alpha)
+
+    def _latents(self, rng: torch.Generator) -> torch.Tensor:
+        return torch.randn(self.spec.batch_size, self.config.latent_dim, generator=rng).to(self.device)
+
+    def train_step(self, pool) -> dict[str, float]:
+        step = self.step
+        phase, depth, alpha = self.schedule.at(step)
+        if self.schedule.starts_fade(step):
+            self.g_optimizer.state.clear()
+            self.d_optimizer.state.clear()
+        rng = step_generator(self.spec.seed, step)
+        G, D = self.generator, self.discriminator
+
+        D.requires_grad_(True)
+        for _ in range(self.spec.n_critic):
+            real = self._real_batch(pool, rng, depth, alpha)
+            latents = self._latents(rng)
+            epsilon = torch.rand(self.spec.batch_size, 1, 1, 1, generator=rng).to(self.device)
+            with torch.no_grad():
+                fake = G(latents, depth, alpha)
+            real_scores = D(real, depth, alpha)
+            fake_scores = D(fake, depth, alpha)
+            penalty = gradient_penalty(lambda x: D(x, depth, alpha), real, fake, epsilon)
+            wasserstein = real_scores.mean() - fake_scores.mean()
+            d_loss = -wasserstein + self.spec.gp_weight * penalty + DRIFT_WEIGHT * real_scores.pow(2).mean()
+            self.d_optimizer.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.d_optimizer.step()
+
+        D.requires_grad_(False)  # the generator step needs gradients through D, not into it
+        g_loss = -D(G(self._latents(rng), depth, alpha), depth, alpha).mean()
+        self.g_optimizer.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.g_optimizer.step()
+        D.requires_grad_(True)
+
+        self.step += 1
+        self._update_ema(ema_beta(self.spec.ema_decay, self.step))
+        row = {"step": step, "phase": phase, "depth": depth, "alpha": alpha, "d_loss": d_loss.item(),
+               "g_loss": g_loss.item(), "gradient_penalty": penalty.item(), "wasserstein": wasserstein.item()}
+        for name in self.LOSS_COLUMNS:
+            self.losses[name].append(row[name])
+        return row
+
+    @torch.no_grad()
+    def _update_ema(self, beta: float) -> None:
+        for averaged, current in zip(self.ema.parameters(), self.generator.parameters()):
+            averaged.lerp_(current, 1.0 - beta)
+        for averaged, current in zip(self.ema.buffers(), self.generator.buffers()):
+            averaged.copy_(current)
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "phase": self.schedule.at(min(self.step, self.schedule.total_steps - 1))[0],
+            "images_seen": self.images_seen,
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "ema": self.ema.state_dict(),
+            "g_optimizer": self.g_optimizer.state_dict(),
+            "d_optimizer": self.d_optimizer.state_dict(),
+            "losses": {k: list(v) for k, v in self.losses.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.ema.load_state_dict(state["ema"])
+        self.g_optimizer.load_state_dict(state["g_optimizer"])
+        self.d_optimizer.load_state_dict(state["d_optimizer"])
+        self.step = int(state["step"])
+        self.losses = {k: list(state["losses"][k]) for k in self.LOSS_COLUMNS}
+
+
+# ------------------------------------------------------------------------------------------------ distance
+
+
+@dataclass(frozen=True)
+class PCABasis:
+    mean: np.ndarray  # (D,)
+    components: np.ndarray  # (k, D), orthonormal rows
+
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        flat = images.detach().cpu().double().flatten(1).numpy()
+        return (flat - self.mean) @ self.components.T
+
+
+def fit_pca_basis(images: torch.Tensor, components: int = DISTANCE_COMPONENTS) -> PCABasis:
+    """Principal directions of `images` (N, C, H, W); at most N - 1 of them carry variance."""
+    flat = images.detach().cpu().double().flatten(1).numpy()
+    mean = flat.mean(axis=0)
+    _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
+    k = max(1, min(components, flat.shape[0] - 1, flat.shape[1]))
+    return PCABasis(mean=mean, components=vt[:k])
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to rows of a and b."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a = np.atleast_2d(np.cov(a, rowvar=False))
+    cov_b = np.atleast_2d(np.cov(b, rowvar=False))
+    root = linalg.sqrtm(cov_a @ cov_b)
+    if not np.isfinite(root).all():
+        # Near-singular products (few images, collapsed generators): regularise as the reference FID code does.
+        offset = np.eye(len(cov_a)) * 1e-6
+        root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    root = np.real(root)
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(root))
+
+
+@torch.no_grad()
+def generate_unit(generator: PGGANGenerator, latents: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """Full-resolution images in [0, 1] (what later stages see), on CPU."""
+    generator = generator.eval()
+    device = next(generator.parameters()).device
+    out = [generator_to_unit(generator(latents[i:i + batch_size].to(device)), generator.config.output_range).cpu()
+           for i in range(0, len(latents), batch_size)]
+    return torch.cat(out)
+
+
+class DistanceReference:
+    """Fixed real sets and PCA basis for the Fréchet-PCA distance (see module doc)."""
+
+    def __init__(self, pool: RealPool, seed: int, images: int = DISTANCE_IMAGES):
+        order = torch.from_numpy(np.random.default_rng(seed).permutation(len(pool)))
+        self.count = max(2, min(images, len(pool) // 2))
+        self.basis = fit_pca_basis(pool.batch(order[: min(len(pool), PCA_FIT_IMAGES)]))
+        self.reference = self.basis.features(pool.batch(order[: self.count]))
+        self.held_out = self.basis.features(pool.batch(order[self.count: 2 * self.count]))
+        self.seed = seed
+
+    def real_floor(self) -> float:
+        return frechet_distance(self.held_out, self.reference)
+
+    def distance(self, generator: PGGANGenerator) -> float:
+        ids = torch.arange(DISTANCE_LATENT_OFFSET, DISTANCE_LATENT_OFFSET + self.count)
+        latents = latents_for_ids(self.seed, ids, generator.config.latent_dim)
+        return frechet_distance(self.basis.features(generate_unit(generator, latents)), self.reference)
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def sample_grid_png(generator: PGGANGenerator, seed: int, side: int = GRID_SIDE) -> bytes:
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    latents = latents_for_ids(seed, torch.arange(side * side), generator.config.latent_dim)
+    grid = make_grid(generate_unit(generator, latents), nrow=side, padding=2, pad_value=1.0)
+    pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    image = Image.fromarray(pixels[..., 0] if generator.config.out_channels == 1 else pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def generator_bytes(generator: PGGANGenerator) -> bytes:
+    """pggan.save_generator's file ("reid" format) as bytes, so it can go through the store."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, GENERATOR_FILE)
+        save_generator(copy.deepcopy(generator).cpu(), path)
+        with open(path, "rb") as handle:
+            return handle.read()
+
+
+def _parquet_bytes(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ the shell
+
+
+def prior_config(manifest: Manifest) -> PGGANConfig:
+    spec = manifest.generator
+    return PGGANConfig(latent_dim=spec.latent_dim, depths=tuple(spec.depths), out_channels=spec.out_channels,
+                       output_range=tuple(spec.output_range), variant="segal", output_activation="none")
+
+
+def _fingerprint(manifest: Manifest, config: PGGANConfig) -> dict:
+    """What a resume state must match: a changed setting would silently mix two different runs."""
+    source = manifest.source("public")
+    train = manifest.generator.train.model_dump_json(exclude={"checkpoint_every"})  # cadence changes nothing
+    return {"config": config.to_json(), "train": train, "public": f"{source.format}:{source.root}"}
+
+
+def train_prior(manifest: Manifest, on_checkpoint: Callable[[int], None] | None = None) -> dict:
+    """Train, or resume, the prior; commit <run>/prior/. Returns metrics.json's content.
+    `on_checkpoint(step)` runs after each resume state is written (tests kill the process there)."""
+    from reid_batch.datasets import read_source
+
+    store = run_store(manifest)
+    if store.is_committed(PREFIX):
+        log.event("train_prior_skipped", reason="already committed", uri=store.uri(PREFIX))
+        return store.read_json(f"{PREFIX}/metrics.json")
+    spec = manifest.generator.train
+    if spec is None:
+        raise InputError("the manifest gives a generator checkpoint; there is no prior to train",
+                         where="generator.train")
+    config = prior_config(manifest)
+    device = pick_device(manifest)
+    source = manifest.source("public")
+    frame = read_source(source.format, source.root, **({"csv_name": source.csv} if source.csv else {}))
+    pool = RealPool(frame, config.resolution, config.out_channels, source.on_error)
+
+    trainer = ProgressiveTrainer(config, spec, device)
+    fingerprint = _fingerprint(manifest, config)
+    state = load_state(store, RESUME_KEY)
+    seconds = 0.0
+    if state is not None:
+        if state.get("fingerprint") != fingerprint:
+            raise InputError(f"{store.uri(RESUME_KEY)} was written with different generator/training/data "
+                             "settings; restore them, or delete the file to start over", where="generator")
+        trainer.load_state_dict(state)
+        seconds = float(state["seconds"])
+        log.event("train_prior_resumed", step=trainer.step, images_seen=trainer.images_seen)
+    schedule = trainer.schedule
+    log.event("train_prior_start", images=len(pool), resolution=config.resolution, depths=list(config.depths),
+              steps=schedule.total_steps, steps_per_phase=schedule.steps_per_phase, from_step=trainer.step,
+              device=str(device))
+
+    started = time.perf_counter()
+    while not trainer.done:
+        row = trainer.train_step(pool)
+        if trainer.step % LOG_EVERY == 0 or trainer.done or row["step"] % schedule.steps_per_phase == 0:
+            log.event("train_prior_step", **{k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()},
+                      images_seen=trainer.images_seen)
+        if trainer.step % spec.checkpoint_every == 0 and not trainer.done:
+            elapsed = seconds + time.perf_counter() - started
+            save_state(store, RESUME_KEY, {**trainer.state_dict(), "seconds": elapsed, "fingerprint": fingerprint})
+            if on_checkpoint is not None:
+                on_checkpoint(trainer.step)
+    seconds += time.perf_counter() - started
+
+    untrained, _ = build_networks(config, spec.seed)
+    reference = DistanceReference(pool, spec.seed)
+    metrics = {
+        "distance": "frechet_pca",
+        "pca_components": int(reference.basis.components.shape[0]),
+        "images_per_set": reference.count,
+        "resolution": config.resolution,
+        "untrained": reference.distance(untrained),
+        "trained": reference.distance(trainer.ema),
+        "trained_without_ema": reference.distance(trainer.generator),
+        "real_vs_real": reference.real_floor(),
+        "steps": trainer.step,
+        "steps_per_phase": schedule.steps_per_phase,
+        "images_seen": trainer.images_seen,
+        "public_images": len(pool),
+        "train_seconds": round(seconds, 2),
+        "device": str(device),
+    }
+    with store.committed(PREFIX, {"stage": "train-prior"}) as out:
+        out.write_bytes(GENERATOR_FILE, generator_bytes(trainer.ema))
+        out.write_bytes("samples_before.png", sample_grid_png(untrained, spec.seed))
+        out.write_bytes("samples.png", sample_grid_png(trainer.ema, spec.seed))
+        out.write_json("metrics.json", metrics)
+        out.write_bytes("losses.parquet", _parquet_bytes(pd.DataFrame(trainer.losses)))
+    store.delete(RESUME_KEY)
+    log.event("train_prior_done", **{k: metrics[k] for k in ("untrained", "trained", "real_vs_real", "steps",
+                                                              "train_seconds")})
+    return metrics
+
+
+def _given(spec, name: str) -> bool:
+    """Whether the manifest sets `name` to something other than its default. Not model_fields_set: a manifest
+    re-parsed from model_dump() (the CLI's --output) has every field set."""
+    value = getattr(spec, name)
+    default = type(spec).model_fields[name].default
+    return (list(value) if isinstance(value, (list, tuple)) else value) != (
+        list(default) if isinstance(default, (list, tuple)) else default)
+
+
+def load_prior(manifest: Manifest) -> PGGANGenerator:
+    """The prior later stages start from, in eval mode on CPU.
+
+    With `generator.checkpoint`: that file, read by pggan.load_generator in the manifest's format ("lightning"
+    is accepted for pggan's "segal_lightning"); an output_range written in the manifest overrides the format's
+    declared one, the default [0, 1] does not (gan_zoo files are [-1, 1]); latent_dim, depths and out_channels
+    come from the weights and must match the manifest's where it gives non-default values.
+    Otherwise <run>/prior/generator.safetensors.
+    """
+    spec = manifest.generator
+    if spec.checkpoint is not None:
+        fmt = FORMAT_ALIASES.get(spec.format, spec.format)
+        override = tuple(spec.output_range) if _given(spec, "output_range") else None
+        generator, config = _load_checkpoint(manifest, spec.checkpoint, fmt, override)
+        mismatched = [f"{name}: manifest {want}, checkpoint {have}" for name, want, have in (
+            ("latent_dim", spec.latent_dim, config.latent_dim),
+            ("depths", list(spec.depths), list(config.depths)),
+            ("out_channels", spec.out_channels, config.out_channels)) if _given(spec, name) and want != have]
+        if mismatched:
+            raise InputError("the checkpoint's architecture differs from the manifest: " + "; ".join(mismatched),
+                             where="generator.checkpoint")
+        return generator
+    store = run_store(manifest)
+    if not store.is_committed(PREFIX):
+        raise InputError(f"no trained prior at {store.uri(PREFIX)}: run train-prior first", where="generator")
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, GENERATOR_FILE)
+        with open(path, "wb") as handle:
+            handle.write(store.read_bytes(f"{PREFIX}/{GENERATOR_FILE}"))
+        generator, _ = load_generator(path, "reid")
+    return generator
+
+
+def _load_checkpoint(manifest: Manifest, uri: str, fmt: str, output_range) -> tuple[PGGANGenerator, PGGANConfig]:
+    if not uri.startswith("s3://"):
+        return load_generator(uri.removeprefix("file://"), fmt, output_range=output_range)
+    from reid_batch.storage import S3Settings, open_store
+
+    parent, name = uri.rsplit("/", 1)
+    s3 = manifest.output.s3
+    store = open_store(parent, S3Settings(endpoint=s3.endpoint, region=s3.region))
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, name)
+        with open(path, "wb") as handle:
+            handle.write(store.read_bytes(name))
+        return load_generator(path, fmt, output_range=output_range)
+
+
+def run(manifest: Manifest, target: str | None = None) -> int:
+    if manifest.generator.train is None:
+        log.event("train_prior_skipped", reason="the manifest gives a generator checkpoint")
+        return 0
+    train_prior(manifest)
+    return 0

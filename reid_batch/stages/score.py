@@ -1,0 +1,229 @@
+"""Stage 2, demographic scoring: age and sex the demographic model reads from each selected candidate.
+
+Array task over the selected ids: shard i of `demographics.num_shards` takes the i-th contiguous slice
+(numpy.array_split) of the selected ids sorted ascending. Each id's image is regenerated from its id with the
+fine-tuned generator (the latent is a pure function of (sampling.seed, id), so it is the image sampling scored),
+mapped to what the demographic model was trained on (grey (BT.601 luma if RGB), resized to `demographics.image_size` with antialiased
+bilinear interpolation, repeated to 3 channels, ImageNet normalisation: train_demographics.to_model_input), and
+predicted with `model.predict` (the sigmoid applied once).
+
+Outputs, each a committed prefix:
+  <target>/scores/shard=<i>/scores.parquet ... id (int64), age (years), sex_prob (P(sex label 1) = P(male), the
+                                               demographic data's encoding), sex (int8, 1 = M), sex_label ("M"/"F")
+  <target>/scores/shard=<i>/images/<id:09d>.png  the regenerated image at the generator's resolution (8-bit)
+  <target>/scores-reference/scores.parquet ... the same predictions for real images the target was trained on, with
+      their recorded age and sex (shard 0 only): `targets/<name>/train_images.csv` when this run trained the
+      target, otherwise the `data.private` pool (the manifest's "target's training data", or the synthetic world's
+      private pool when it exists on this machine); skipped, and logged, when none is available.
+A committed prefix is left as it is on a re-run.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from reid_batch import log
+from reid_batch.errors import InputError
+from reid_batch.manifest import Manifest, TargetSpec
+
+SCORES_FILE = "scores.parquet"
+SCORE_SCHEMA = pa.schema([
+    pa.field("id", pa.int64()), pa.field("age", pa.float32()), pa.field("sex_prob", pa.float32()),
+    pa.field("sex", pa.int8()), pa.field("sex_label", pa.string()),
+])
+
+
+def scores_prefix(target: str, shard: int) -> str:
+    return f"{target}/scores/shard={shard}"
+
+
+def reference_prefix(target: str) -> str:
+    return f"{target}/scores-reference"
+
+
+def score_image_key(candidate_id: int) -> str:
+    return f"images/{candidate_id:09d}.png"
+
+
+# ------------------------------------------------------------------------------------------------ pure core
+
+
+def demographic_input(images01: torch.Tensor, size: int) -> torch.Tensor:
+    """[0, 1] images (N, 1|3, H, W) -> the demographic model's input (N, 3, size, size)."""
+    from reid_batch.recipes.train_demographics import to_model_input
+
+    x = images01.float()
+    if x.shape[1] == 3:  # BT.601 luma, as datasets.load_image reads RGB files for the model's training
+        x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    return to_model_input(x)
+
+
+def predict_demographics(model, images01: torch.Tensor, size: int) -> dict[str, np.ndarray]:
+    """age, sex_prob, sex for a batch of [0, 1] images (on the model's device)."""
+    out = model.predict(demographic_input(images01, size))
+    return {"age": out["age"].float().cpu().numpy(), "sex_prob": out["sex_prob"].float().cpu().numpy(),
+            "sex": out["sex"].to(torch.int8).cpu().numpy()}
+
+
+def _with_labels(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {**columns, "sex_label": np.where(columns["sex"] == 1, "M", "F")}
+
+
+def shard_of_selected(selected: np.ndarray, num_shards: int, shard: int) -> np.ndarray:
+    """The contiguous slice of the sorted selected ids that a scoring shard owns."""
+    return np.array_split(np.sort(np.asarray(selected, dtype=np.int64)), num_shards)[shard]
+
+
+# ------------------------------------------------------------------------------------------------ the shell
+
+
+def selected_ids(store, target: str) -> np.ndarray:
+    from reid_batch.artifacts import require_committed
+    from reid_batch.stages.select import SELECTION_FILE, selection_prefix
+
+    prefix = selection_prefix(target)
+    require_committed(store, prefix, f"select --target {target}")
+    table = store.read_parquet(f"{prefix}/{SELECTION_FILE}", columns=["id"])
+    return np.sort(table.column("id").to_numpy())
+
+
+def score_shard(manifest: Manifest, spec: TargetSpec, shard: int, selected: np.ndarray, generator, model, device,
+                sizer) -> dict:
+    from reid_batch.artifacts import run_store
+    from reid_batch.stages.sample import png_bytes, regenerate_images
+
+    store = run_store(manifest)
+    prefix = scores_prefix(spec.name, shard)
+    ids = shard_of_selected(selected, manifest.demographics.num_shards, shard)
+    size = manifest.demographics.image_size
+    with store.committed(prefix, {"stage": "score", "target": spec.name, "shard": shard, "ids": len(ids)}) as out:
+
+        def work(batch: np.ndarray) -> dict[str, np.ndarray]:
+            images = regenerate_images(generator, batch, manifest.sampling.seed, device)
+            for candidate, image in zip(batch.tolist(), images):
+                out.write_bytes(score_image_key(candidate), png_bytes(image))
+            return {"id": batch, **predict_demographics(model, images, size)}
+
+        parts = sizer.run(ids, work)
+        columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else \
+            {"id": ids, "age": np.empty(0), "sex_prob": np.empty(0), "sex": np.empty(0, np.int8)}
+        table = pa.Table.from_pydict(_with_labels(columns), schema=SCORE_SCHEMA)
+        with out.parquet_writer(SCORES_FILE, SCORE_SCHEMA, manifest.sampling.row_group_size) as writer:
+            writer.write_table(table)
+    log.event("score_shard_done", target=spec.name, shard=shard, ids=len(ids),
+              mean_age=round(float(columns["age"].mean()), 2) if len(ids) else None,
+              male_fraction=round(float(columns["sex"].mean()), 3) if len(ids) else None)
+    return {"shard": shard, "ids": len(ids)}
+
+
+def reference_images(manifest: Manifest, spec: TargetSpec) -> tuple[pd.DataFrame, str, str] | None:
+    """(table of the target's training images, what it is, on_error) or None if no such images are known."""
+    from reid_batch.artifacts import run_store, target_prefix
+    from reid_batch.datasets import read_source
+
+    if spec.train is not None:
+        store = run_store(manifest)
+        prefix = target_prefix(spec.name)
+        if store.is_committed(prefix) and store.exists(f"{prefix}/train_images.csv"):
+            frame = pd.read_csv(io.BytesIO(store.read_bytes(f"{prefix}/train_images.csv")))
+            return frame, f"{prefix}/train_images.csv", manifest.source(spec.train.pool).on_error
+        return None
+    if manifest.data.private is None:
+        world = manifest.data.synthetic
+        if world is None or not (Path(world.root) / "private").is_dir():
+            return None  # the synthetic world lives on the machine that ran make-phantoms, maybe not this one
+    source = manifest.source("private")
+    frame = read_source(source.format, source.root, **({"csv_name": source.csv} if source.csv else {}))
+    return frame, "data.private", source.on_error
+
+
+def score_reference(manifest: Manifest, spec: TargetSpec, model, device) -> dict | None:
+    from reid_batch.artifacts import run_store
+    from reid_batch.datasets import ImageDataset
+
+    store = run_store(manifest)
+    prefix = reference_prefix(spec.name)
+    found = reference_images(manifest, spec)
+    if found is None:
+        log.event("score_reference_skipped", target=spec.name,
+                  reason="no training images known here (no train_images.csv, data.private, or synthetic world)")
+        return None
+    frame, origin, on_error = found
+    size = manifest.demographics.image_size
+    dataset = ImageDataset(frame, size=size, channels=1, on_error=on_error)
+    batch_size = manifest.sampling.batch_size if manifest.sampling.batch_size != "auto" else 64
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=manifest.compute.num_workers)
+    parts, positions = [], []
+    for batch in log.progress(loader, desc=f"{spec.name} reference images", total=len(loader)):
+        parts.append(predict_demographics(model, batch["image"].to(device), size))
+        positions.append(batch["index"].numpy())
+    kept = dataset.df.iloc[np.concatenate(positions)] if positions else dataset.df.iloc[:0]
+    predicted = _with_labels({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}) if parts else \
+        {"age": [], "sex_prob": [], "sex": [], "sex_label": []}
+    table = pd.DataFrame({
+        "path": kept["path"].astype(str).to_numpy(),
+        "patient_id": kept["patient_id"].astype(str).to_numpy() if "patient_id" in kept else None,
+        "age_true": pd.to_numeric(kept["age"], errors="coerce").to_numpy(dtype=np.float64) if "age" in kept else np.nan,
+        "sex_true": kept["sex"].astype(object).where(kept["sex"].notna(), None).to_numpy() if "sex" in kept else None,
+        **{k: np.asarray(v) for k, v in predicted.items()},
+    })
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    with store.committed(prefix, {"stage": "score", "target": spec.name, "source": origin, "images": len(table),
+                                  "skipped": len(dataset.skipped)}) as out:
+        with out.parquet_writer(SCORES_FILE, arrow.schema, manifest.sampling.row_group_size) as writer:
+            writer.write_table(arrow)
+    log.event("score_reference_done", target=spec.name, source=origin, images=len(table), skipped=len(dataset.skipped))
+    return {"source": origin, "images": len(table)}
+
+
+def score_target(manifest: Manifest, spec: TargetSpec, shards: list[int]) -> None:
+    from reid_batch.artifacts import load_demographic_model, load_finetuned_generator, run_store
+    from reid_batch.recipes.common import pick_device
+    from reid_batch.stages.sample import BatchSizer
+
+    store = run_store(manifest)
+    selected = selected_ids(store, spec.name)
+    todo = []
+    for shard in shards:
+        if store.is_committed(scores_prefix(spec.name, shard)):
+            log.event("score_shard_skipped", target=spec.name, shard=shard, reason="already committed")
+        else:
+            todo.append(shard)
+    reference = 0 in shards and not store.is_committed(reference_prefix(spec.name))
+    if not todo and not reference:
+        return
+    device = pick_device(manifest)
+    model = load_demographic_model(manifest).to(device)
+    if todo:
+        generator = load_finetuned_generator(manifest, spec.name).to(device).eval()
+        sizer = BatchSizer(manifest.sampling.batch_size, device, manifest.sampling.chunk_size)
+        for shard in todo:
+            score_shard(manifest, spec, shard, selected, generator, model, device, sizer)
+    if reference:
+        score_reference(manifest, spec, model, device)
+
+
+def score(manifest: Manifest, target: str | None = None, shard: int | None = None) -> int:
+    """`reid-batch score`: the given shard (None = every shard) of each target (None = all targets)."""
+    from reid_batch.stages.sample import launched_state
+
+    count = manifest.demographics.num_shards
+    if shard is not None and not 0 <= shard < count:
+        raise InputError(f"shard {shard} is outside 0..{count - 1}", where="--shard")
+    shards = [shard] if shard is not None else list(range(count))
+    state = launched_state(manifest)
+    if state is None or state.is_main_process:
+        for spec in [manifest.target(target)] if target else list(manifest.targets):
+            score_target(manifest, spec, shards)
+    if state is not None:
+        state.wait_for_everyone()
+    return 0

@@ -1,0 +1,262 @@
+"""Stage 2, selection: the "likely" candidates, low on BOTH the objective total and the Mahalanobis distance.
+
+Input: every shard of `<target>/candidates/` (see sample.py). Selection refuses to run while any shard lacks its
+`_SHARD.json` marker, naming those shards, and checks that the shards together hold each id
+0..num_candidates-1 exactly once. It reads only three columns (id, objective_total, mahalanobis) of every chunk
+with pyarrow and places each value at its id, so everything below depends on the multiset of (id, scores) only:
+the same candidates give the same selection whatever the number of shards, chunks or processes that made them.
+
+Scores: a candidate with a non-finite score (NaN or infinity) is counted (`non_finite`) and never selected.
+
+Ranks: rank_objective and rank_mahalanobis are 1 for the lowest value, ordinal, ties broken by the lower id;
+rank_combined = rank_objective + rank_mahalanobis. "Best by combined rank" orders by (rank_combined, id).
+
+Rules (`selection.rule`):
+  quantile  low on a score = at or below that score's EXACT q-quantile over all finite candidates, the order
+            statistic x_(k) with k = ceil(q * n) (numpy's `inverted_cdf`: an observed value, no interpolation, no
+            approximate sketch); selected = low on both. With q_o = q_m = q, at most q * n candidates are selected,
+            and only as many as the two scores agree on.
+  top_k     the k best by combined rank among candidates finite on both.
+  absolute  objective_total <= objective_max and mahalanobis <= mahalanobis_max.
+`selection.max_selected` then keeps the best by combined rank. thresholds.json reports, for every rule, the
+thresholds that bound the selection (for top_k: the largest objective and Mahalanobis value among those selected)
+and the counts: candidates, non_finite, low_objective and low_mahalanobis (at or below each threshold), both,
+selected (after the cap).
+
+Output `<target>/selection/` (committed): selected.parquet, the full candidate rows of the selected ids sorted by
+id, plus rank_objective, rank_mahalanobis, rank_combined (int64); thresholds.json. A committed selection is left
+as it is; delete it to select again (e.g. with other rule settings).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from reid_batch import log
+from reid_batch.errors import InputError
+from reid_batch.manifest import Manifest, SelectionSpec, TargetSpec
+
+SELECTION_FILE = "selected.parquet"
+THRESHOLDS_FILE = "thresholds.json"
+QUANTILE_METHOD = "inverted_cdf"
+
+
+def selection_prefix(target: str) -> str:
+    return f"{target}/selection"
+
+
+# ------------------------------------------------------------------------------------------------ pure core
+
+
+def ordinal_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of values (index = id) ascending, ties by lower index; non-finite values rank after all finite."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    keys = np.where(finite, values, np.inf)
+    order = np.lexsort((np.arange(len(values)), ~finite, keys))  # last key sorts first: value, then finiteness
+    ranks = np.empty(len(values), dtype=np.int64)
+    ranks[order] = np.arange(1, len(values) + 1)
+    return ranks
+
+
+def exact_quantile(values: np.ndarray, q: float) -> float | None:
+    """The order statistic x_(ceil(q n)) of the values (None when there are none)."""
+    if len(values) == 0:
+        return None
+    return float(np.quantile(values, q, method=QUANTILE_METHOD))
+
+
+def select_candidates(objective: np.ndarray, distance: np.ndarray, settings: SelectionSpec) -> dict:
+    """Which candidates are likely. objective, distance: (N,) indexed by id.
+
+    Returns {"selected": sorted ids, "ranks": (rank_objective, rank_mahalanobis, rank_combined) arrays indexed by
+    id, "thresholds": {...}, "counts": {...}, "capped": bool}.
+    """
+    objective = np.asarray(objective, dtype=np.float64)
+    distance = np.asarray(distance, dtype=np.float64)
+    n = len(objective)
+    finite_o, finite_m = np.isfinite(objective), np.isfinite(distance)
+    finite = finite_o & finite_m
+    rank_o, rank_m = ordinal_ranks(objective), ordinal_ranks(distance)
+    combined = rank_o + rank_m
+    ids = np.arange(n, dtype=np.int64)
+
+    def best_first(candidates: np.ndarray) -> np.ndarray:
+        return candidates[np.lexsort((candidates, combined[candidates]))]
+
+    if settings.rule == "quantile":
+        t_o = exact_quantile(objective[finite_o], settings.objective_quantile)
+        t_m = exact_quantile(distance[finite_m], settings.mahalanobis_quantile)
+    elif settings.rule == "absolute":
+        t_o, t_m = float(settings.objective_max), float(settings.mahalanobis_max)
+    else:
+        chosen = best_first(ids[finite])[: settings.top_k]
+        t_o = float(objective[chosen].max()) if len(chosen) else None
+        t_m = float(distance[chosen].max()) if len(chosen) else None
+    low_o = finite_o & (objective <= t_o) if t_o is not None else np.zeros(n, bool)
+    low_m = finite_m & (distance <= t_m) if t_m is not None else np.zeros(n, bool)
+    both = low_o & low_m
+    if settings.rule == "top_k":
+        selected = chosen
+    else:
+        selected = ids[both]
+    before_cap = len(selected)
+    capped = settings.max_selected is not None and before_cap > settings.max_selected
+    if capped:
+        selected = best_first(selected)[: settings.max_selected]
+    counts = {
+        "candidates": int(n),
+        "non_finite": int(n - finite.sum()),
+        "low_objective": int(low_o.sum()),
+        "low_mahalanobis": int(low_m.sum()),
+        "both": int(both.sum()),
+        "before_cap": int(before_cap),
+        "selected": int(len(selected)),
+    }
+    return {
+        "selected": np.sort(selected),
+        "ranks": (rank_o, rank_m, combined),
+        "thresholds": {"objective_total": t_o, "mahalanobis": t_m},
+        "counts": counts,
+        "capped": bool(capped),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ reading shards
+
+
+def committed_summaries(store, target: str, num_candidates: int, num_shards: int) -> dict[int, dict]:
+    """Every shard's summary; InputError naming the shards not committed, or outputs of another layout."""
+    from reid_batch.stages.sample import candidates_prefix, read_shard_summaries
+
+    summaries, missing = read_shard_summaries(store, target, num_shards)
+    if missing:
+        shown = ", ".join(map(str, missing[:20])) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise InputError(f"{len(missing)} of {num_shards} shard(s) are not committed: {shown}; run "
+                         f"`reid-batch sample --target {target} --shard <i>` for each", where=store.uri(candidates_prefix(target)))
+    for shard, summary in summaries.items():
+        plan = summary.get("plan", {})
+        if plan.get("num_candidates") != num_candidates or plan.get("num_shards") != num_shards:
+            raise InputError(f"shard {shard} was sampled with num_candidates={plan.get('num_candidates')}, "
+                             f"num_shards={plan.get('num_shards')}; the manifest says {num_candidates}, {num_shards}",
+                             where=store.uri(candidates_prefix(target)))
+    return summaries
+
+
+def read_scores(store, summaries: dict[int, dict], num_candidates: int) -> tuple[np.ndarray, np.ndarray]:
+    """(objective_total, mahalanobis) indexed by id, from a column-only pass over every chunk."""
+    objective = np.full(num_candidates, np.nan)
+    distance = np.full(num_candidates, np.nan)
+    seen = np.zeros(num_candidates, dtype=np.int64)
+    for shard in sorted(summaries):
+        for chunk in summaries[shard]["chunks"]:
+            table = pq.read_table(store.path(chunk["key"]), filesystem=store.filesystem,
+                                  columns=["id", "objective_total", "mahalanobis"])
+            ids = table.column("id").to_numpy()
+            if len(ids) and (ids.min() < 0 or ids.max() >= num_candidates):
+                raise InputError(f"holds ids outside 0..{num_candidates - 1}", where=store.uri(chunk["key"]))
+            objective[ids] = table.column("objective_total").to_numpy(zero_copy_only=False)
+            distance[ids] = table.column("mahalanobis").to_numpy(zero_copy_only=False)
+            np.add.at(seen, ids, 1)
+    if (seen != 1).any():
+        duplicated, absent = np.flatnonzero(seen > 1), np.flatnonzero(seen == 0)
+        raise InputError(f"the shards do not hold every candidate exactly once: {len(duplicated)} id(s) repeated "
+                         f"(e.g. {duplicated[:5].tolist()}), {len(absent)} missing (e.g. {absent[:5].tolist()})",
+                         where="sampling")
+    return objective, distance
+
+
+def read_selected_rows(store, summaries: dict[int, dict], selected: np.ndarray) -> pa.Table:
+    """Full candidate rows of the selected ids, read only from the chunks that hold them, sorted by id."""
+    parts = []
+    wanted = pa.array(selected, type=pa.int64())
+    for shard in sorted(summaries):
+        for chunk in summaries[shard]["chunks"]:
+            lo, hi = np.searchsorted(selected, [chunk["first_id"], chunk["stop_id"]])
+            if hi > lo:
+                table = pq.read_table(store.path(chunk["key"]), filesystem=store.filesystem)
+                parts.append(table.filter(pc.is_in(table.column("id"), value_set=wanted)))
+    if not parts:
+        return None
+    return pa.concat_tables(parts).sort_by("id")
+
+
+def mahalanobis_consistency(summaries: dict[int, dict]) -> dict:
+    fingerprints = sorted({f for s in summaries.values() for f in s.get("mahalanobis_fingerprints", [])})
+    first = summaries[min(summaries)]["mahalanobis"] if summaries else {}
+    return {"consistent": len(fingerprints) <= 1, "fingerprints": fingerprints, "model": first}
+
+
+# ------------------------------------------------------------------------------------------------ the shell
+
+
+def select_target(manifest: Manifest, spec: TargetSpec) -> dict | None:
+    from reid_batch.artifacts import run_store
+
+    store = run_store(manifest)
+    prefix = selection_prefix(spec.name)
+    if store.is_committed(prefix):
+        log.event("select_skipped", target=spec.name, reason="already committed")
+        return store.read_json(f"{prefix}/{THRESHOLDS_FILE}")
+    sampling, settings = manifest.sampling, manifest.selection
+    summaries = committed_summaries(store, spec.name, sampling.num_candidates, sampling.num_shards)
+    objective, distance = read_scores(store, summaries, sampling.num_candidates)
+    chosen = select_candidates(objective, distance, settings)
+    selected = chosen["selected"]
+    consistency = mahalanobis_consistency(summaries)
+    if not consistency["consistent"]:
+        log.event("mahalanobis_reference_inconsistent", target=spec.name, fingerprints=consistency["fingerprints"],
+                  reason="shards scored against different Gaussians; their distances are not exactly comparable")
+    rank_o, rank_m, combined = chosen["ranks"]
+    rows = read_selected_rows(store, summaries, selected)
+    if rows is None:
+        rows = pa.Table.from_batches([], schema=_schema_of(store, summaries))
+    rows = rows.append_column("rank_objective", pa.array(rank_o[selected], pa.int64()))
+    rows = rows.append_column("rank_mahalanobis", pa.array(rank_m[selected], pa.int64()))
+    rows = rows.append_column("rank_combined", pa.array(combined[selected], pa.int64()))
+    record = {
+        "target": spec.name,
+        "rule": settings.rule,
+        "settings": settings.model_dump(mode="json"),
+        "quantile_method": f"exact order statistic x_(ceil(q n)) (numpy {QUANTILE_METHOD})",
+        "thresholds": chosen["thresholds"],
+        "counts": chosen["counts"],
+        "capped": chosen["capped"],
+        "shards": sampling.num_shards,
+        "mahalanobis": consistency,
+    }
+    with store.committed(prefix, {"stage": "select", "target": spec.name, "selected": len(selected)}) as out:
+        with out.parquet_writer(SELECTION_FILE, rows.schema, max(1, sampling.row_group_size)) as writer:
+            writer.write_table(rows)
+        out.write_json(THRESHOLDS_FILE, record)
+    log.event("select_done", target=spec.name, rule=settings.rule, **chosen["counts"],
+              objective_threshold=_rounded(chosen["thresholds"]["objective_total"]),
+              mahalanobis_threshold=_rounded(chosen["thresholds"]["mahalanobis"]))
+    return record
+
+
+def _schema_of(store, summaries: dict[int, dict]) -> pa.Schema:
+    first = summaries[min(summaries)]["chunks"][0]["key"]
+    return pq.read_schema(store.path(first), filesystem=store.filesystem)
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, 6)
+
+
+def select(manifest: Manifest, target: str | None = None) -> int:
+    """`reid-batch select`: stage 2's selection for one target (None = every target)."""
+    from reid_batch.stages.sample import launched_state
+
+    state = launched_state(manifest)
+    if state is None or state.is_main_process:
+        for spec in [manifest.target(target)] if target else list(manifest.targets):
+            select_target(manifest, spec)
+    if state is not None:
+        state.wait_for_everyone()
+    return 0

@@ -1,0 +1,487 @@
+"""Candidate sampling: id layout, resumable chunks on local disk and S3, Mahalanobis, multi-process, flat memory.
+
+The builders at the top are shared with test_select.py and test_score.py (imported from this module).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from reid_batch import mahalanobis
+from reid_batch.errors import InputError
+from reid_batch.manifest import parse_manifest
+from reid_batch.recipes.common import run_store
+from reid_batch.stages import sample as sampling
+
+REPO = Path(__file__).resolve().parents[1]
+LATENT = 16
+DEPTHS = [32, 16, 8]  # 4 -> 16 px
+TARGET_SIZE = 16
+
+
+# ------------------------------------------------------------------------------------------------ builders
+
+
+def _tiny_generator(seed: int):
+    from reid_batch.models.pggan import PGGANConfig, PGGANGenerator
+
+    torch.manual_seed(seed)
+    return PGGANGenerator(PGGANConfig(latent_dim=LATENT, depths=tuple(DEPTHS), out_channels=1))
+
+
+def _generator_bytes(generator, directory: Path, name: str) -> bytes:
+    from reid_batch.models.pggan import save_generator
+
+    path = directory / name
+    save_generator(generator, path)
+    return path.read_bytes()
+
+
+def build_inputs(directory: Path) -> dict[str, Path]:
+    """Random tiny checkpoints: prior and fine-tuned PGGANs, a ResNet18 with non-trivial BatchNorm statistics,
+    a tiny ViT, and a tiny demographic DenseNet."""
+    from reid_batch.checkpoints import save_state_dict
+    from reid_batch.models.targets import build_target
+    from reid_batch.recipes.train_demographics import build_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    _generator_bytes(_tiny_generator(0), directory, "prior.safetensors")
+    _generator_bytes(_tiny_generator(1), directory, "finetuned.safetensors")
+    torch.manual_seed(0)
+    cnn = build_target("resnet18", 1)
+    cnn.train()
+    with torch.no_grad():  # BatchNorm running statistics of some "training data"
+        for _ in range(3):
+            cnn(torch.rand(8, 3, TARGET_SIZE, TARGET_SIZE) * 2 - 1)
+    save_state_dict(cnn.state_dict(), directory / "cnn.safetensors")
+    vit = build_target("vit_custom", 1, image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+    save_state_dict(vit.state_dict(), directory / "vit.safetensors")
+    torch.manual_seed(0)
+    save_state_dict(build_model("densenet_tiny").state_dict(), directory / "demographics.safetensors")
+    return {name: directory / f"{name}.safetensors" for name in ("prior", "finetuned", "cnn", "vit", "demographics")}
+
+
+def make_manifest(inputs: dict[str, Path], output: str, s3_endpoint: str | None = None, target: str = "cnn",
+                  sampling_options: dict | None = None, selection: dict | None = None, demographics: dict | None = None,
+                  data: dict | None = None, target_section: dict | None = None):
+    document = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
+    document["output"] = {"uri": output}
+    if data is not None:
+        document["data"] = data
+    if s3_endpoint:
+        document["output"]["s3"] = {"endpoint": s3_endpoint, "region": "us-east-1"}
+    if target == "cnn":
+        document["targets"] = [{"name": "cnn", "arch": "resnet18", "checkpoint": str(inputs["cnn"]),
+                                "input": {"size": TARGET_SIZE}}]
+    else:
+        document["targets"] = [{"name": "vit", "arch": "vit_custom", "checkpoint": str(inputs["vit"]),
+                                "input": {"size": 16},
+                                "vit": {"patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32},
+                                "objective": {"reference": {"source": "prior", "num_images": 16}}}]
+    if target_section is not None:
+        document["targets"] = [target_section]
+    document["generator"] = {"checkpoint": str(inputs["prior"]), "format": "reid", "latent_dim": LATENT,
+                             "depths": DEPTHS, "out_channels": 1}
+    document["sampling"] = {"num_candidates": 24, "num_shards": 2, "chunk_size": 5, "batch_size": 4,
+                            "row_group_size": 3, "seed": 7, **(sampling_options or {})}
+    document["selection"] = selection or {"rule": "quantile", "objective_quantile": 0.5, "mahalanobis_quantile": 0.5}
+    document["demographics"] = {"arch": "densenet_tiny", "checkpoint": str(inputs["demographics"]), "image_size": 32,
+                                **(demographics or {})}
+    document["compute"] = {"device": "cpu"}
+    return parse_manifest(document)
+
+
+def commit_finetuned(manifest, inputs: dict[str, Path]) -> None:
+    """Stand-in for stage 1's committed result: the fine-tuned generator of every target."""
+    store = run_store(manifest)
+    for spec in manifest.targets:
+        with store.committed(f"{spec.name}/finetune", {"stage": "finetune"}) as out:
+            out.write_bytes("generator.safetensors", inputs["finetuned"].read_bytes())
+
+
+def all_rows(manifest, target: str = "cnn"):
+    """Every committed candidate row of a target, sorted by id (pandas)."""
+    store = run_store(manifest)
+    summaries, missing = sampling.read_shard_summaries(store, target, manifest.sampling.num_shards)
+    assert not missing
+    tables = [pq.read_table(store.path(c["key"]), filesystem=store.filesystem).to_pandas()
+              for s in summaries.values() for c in s["chunks"]]
+    import pandas as pd
+
+    return pd.concat(tables).sort_values("id").reset_index(drop=True)
+
+
+def output_location(kind: str, tmp_path: Path, request) -> tuple[str, str | None]:
+    if kind == "local":
+        return str(tmp_path / "out"), None
+    uri, settings = request.getfixturevalue("s3_bucket")
+    return uri, settings.endpoint
+
+
+def object_versions(manifest, s3_client=None) -> dict[str, tuple]:
+    """key -> (etag, last modified) on S3, or (size, mtime_ns) locally, for every object under the run."""
+    store = run_store(manifest)
+    if store.is_local:
+        root = Path(store.root)
+        return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+    bucket, prefix = store.root.split("/", 1)
+    found = {}
+    for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            found[item["Key"]] = (item["ETag"], item["LastModified"])
+    return found
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    return build_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+# ------------------------------------------------------------------------------------------------ pure pieces
+
+
+@pytest.mark.parametrize("num_candidates", [1, 7, 24, 1000, 1001])
+def test_shards_partition_ids_like_array_split(num_candidates):
+    for num_shards in {1, 2, 3, 7, min(num_candidates, 13)}:
+        if num_shards > num_candidates:
+            continue
+        expected = np.array_split(np.arange(num_candidates), num_shards)
+        bounds = [sampling.shard_bounds(num_candidates, num_shards, i) for i in range(num_shards)]
+        assert [list(range(a, b)) for a, b in bounds] == [e.tolist() for e in expected]
+    with pytest.raises(ValueError):
+        sampling.shard_bounds(10, 3, 3)
+
+
+def test_chunks_cover_a_shard_in_order():
+    chunks = sampling.chunk_bounds(10, 23, 5)
+    assert chunks == [(0, 10, 15), (1, 15, 20), (2, 20, 23)]
+    assert sampling.chunk_bounds(4, 4, 5) == []
+
+
+def test_pixel_entropy_matches_skimage_on_8bit_images():
+    from skimage.measure import shannon_entropy
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.random((5, 1, 17, 13), dtype=np.float32))
+    images[1] = 0.5  # one grey level: 0 bits
+    images[2, 0, :8] = 0.0  # two-level image
+    images[2, 0, 8:] = 1.0
+    ours = sampling.pixel_entropy(images).numpy()
+    reference = [shannon_entropy((images[i, 0].numpy() * 255).round().astype(np.uint8), base=2) for i in range(5)]
+    np.testing.assert_allclose(ours, reference, atol=1e-9)
+    assert ours[1] == 0.0 and ours[0] > 7.0
+    stats = sampling.image_statistics(images)
+    np.testing.assert_allclose(stats["image_std"].numpy(), images.flatten(1).numpy().std(1), rtol=1e-5)
+
+
+def test_candidate_regenerated_alone_equals_it_within_its_batch(inputs):
+    from reid_batch.models.pggan import load_generator
+
+    generator, _ = load_generator(inputs["finetuned"], format="reid")
+    batch = sampling.regenerate_images(generator, np.arange(100, 164), seed=7, device=torch.device("cpu"))
+    for k in (100, 131, 163):
+        alone = sampling.regenerate_images(generator, [k], seed=7, device=torch.device("cpu"))
+        torch.testing.assert_close(alone[0], batch[k - 100], atol=1e-5, rtol=1e-5)
+    other_seed = sampling.regenerate_images(generator, [100], seed=8, device=torch.device("cpu"))
+    assert not torch.allclose(other_seed[0], batch[0], atol=1e-3)
+
+
+def test_auto_batch_size_halves_on_cuda_out_of_memory_and_keeps_every_item():
+    sizer = sampling.BatchSizer("auto", torch.device("cuda"), largest_useful=100)
+    assert sizer.size == 128  # the power of two that covers a process's share of a chunk
+    seen = []
+
+    def work(batch):  # stands in for a GPU whose memory holds at most 24 candidates
+        if len(batch) > 24:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        seen.append(batch.tolist())
+        return len(batch)
+
+    assert sum(sizer.run(np.arange(100), work)) == 100
+    assert sizer.size == 16 and [i for b in seen for i in b] == list(range(100))
+    assert sampling.BatchSizer("auto", torch.device("cpu"), 5000).size == 256
+    fixed = sampling.BatchSizer(32, torch.device("cuda"), 100)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        fixed.run(np.arange(100), work)  # an explicit batch size is the user's choice: never changed
+
+
+# ------------------------------------------------------------------------------------------------ Mahalanobis
+
+
+def _spd(d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(d, d))
+    return a @ a.T + 0.5 * np.eye(d)
+
+
+def test_mahalanobis_full_and_diagonal_match_scipy():
+    from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+
+    rng = np.random.default_rng(1)
+    d = 6
+    mean, cov = rng.normal(size=d), _spd(d, 2)
+    x = rng.normal(size=(9, d)) * 3
+    model = mahalanobis.from_gaussian(torch.from_numpy(mean), torch.from_numpy(cov), epsilon=1e-9)
+    expected = [scipy_mahalanobis(row, mean, np.linalg.inv(cov)) for row in x]
+    np.testing.assert_allclose(model.distances(torch.from_numpy(x)).numpy(), expected, rtol=1e-10)
+    assert model.regularisation["applied"] is False and not model.diagonal
+
+    var = rng.uniform(0.1, 4.0, size=d)
+    diagonal = mahalanobis.from_gaussian(torch.from_numpy(mean), torch.from_numpy(var), epsilon=1e-9)
+    expected = [scipy_mahalanobis(row, mean, np.diag(1 / var)) for row in x]
+    np.testing.assert_allclose(diagonal.distances(torch.from_numpy(x).float()).numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(mahalanobis.mahalanobis(torch.from_numpy(x), torch.from_numpy(mean), torch.from_numpy(cov)),
+                               model.distances(torch.from_numpy(x)))
+
+
+def test_singular_covariance_is_regularised_and_reported():
+    from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+
+    rng = np.random.default_rng(3)
+    basis = rng.normal(size=(5, 2))
+    cov = basis @ basis.T  # rank 2 of 5: singular
+    mean = rng.normal(size=5)
+    model = mahalanobis.from_gaussian(torch.from_numpy(mean), torch.from_numpy(cov), epsilon=1e-3, source="test")
+    record = model.regularisation
+    ridge = 1e-3 * np.trace(cov) / 5
+    assert record["applied"] is True and record["ridge"] == pytest.approx(ridge)
+    assert record["condition_number"] is None or record["condition_number"] > 1e6
+    assert record["condition_number_used"] < 1e5
+    x = rng.normal(size=(4, 5))
+    expected = [scipy_mahalanobis(row, mean, np.linalg.inv(cov + ridge * np.eye(5))) for row in x]
+    np.testing.assert_allclose(model.distances(torch.from_numpy(x)).numpy(), expected, rtol=1e-8)
+    assert model.summary()["regularisation"]["applied"] is True
+
+    dead_channel = mahalanobis.from_gaussian(torch.zeros(3), torch.tensor([1.0, 0.0, 2.0]), epsilon=1e-4)
+    assert dead_channel.regularisation["applied"] and torch.isfinite(dead_channel.distances(torch.ones(2, 3))).all()
+    with pytest.raises(ValueError, match="non-finite"):
+        mahalanobis.from_gaussian(torch.zeros(2), torch.tensor([1.0, float("nan")]))
+
+
+def test_ledoit_wolf_model_equals_sklearn_estimate():
+    from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(4)
+    reference = rng.normal(size=(12, 20)) @ rng.normal(size=(20, 20))  # fewer samples than dimensions
+    model = mahalanobis.fit_ledoit_wolf(reference, epsilon=1e-12)
+    estimate = LedoitWolf().fit(reference)
+    x = rng.normal(size=(3, 20))
+    expected = [scipy_mahalanobis(row, estimate.location_, np.linalg.inv(estimate.covariance_)) for row in x]
+    np.testing.assert_allclose(model.distances(torch.from_numpy(x)).numpy(), expected, rtol=1e-6)
+    assert model.details["reference_count"] == 12 and 0 < model.details["shrinkage"] <= 1
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_every_id_once_and_finished_shards_untouched(kind, inputs, tmp_path, request):
+    output, endpoint = output_location(kind, tmp_path, request)
+    manifest = make_manifest(inputs, output, endpoint, sampling_options={"num_shards": 3, "num_candidates": 3 * 7})
+    commit_finetuned(manifest, inputs)
+    assert sampling.sample(manifest) == 0
+
+    rows = all_rows(manifest)
+    assert rows["id"].tolist() == list(range(21))
+    assert rows.groupby("shard")["id"].agg(list).tolist() == [list(range(0, 7)), list(range(7, 14)), list(range(14, 21))]
+    expected_columns = ["id", "shard", "class", "logit", "probability", "term_bn_stats", "term_feature_stats",
+                        "term_logits", "objective_total", "mahalanobis", "image_mean", "image_std", "pixel_entropy"]
+    assert list(rows.columns) == expected_columns  # tv is excluded, as in the study
+    weights = manifest.targets[0].terms
+    recomputed = sum(weights[t] * rows[f"term_{t}"] for t in ("bn_stats", "feature_stats", "logits"))
+    np.testing.assert_allclose(rows["objective_total"], recomputed, rtol=1e-5)
+    assert np.isfinite(rows.drop(columns=["id", "shard", "class"]).to_numpy()).all()
+    np.testing.assert_allclose(rows["probability"], 1 / (1 + np.exp(-rows["logit"])), rtol=1e-5)
+    assert ((rows["logit"] > 0).astype(int) == rows["class"]).all()
+
+    store = run_store(manifest)
+    summary = store.read_json("cnn/candidates/shard=1/_SHARD.json")
+    assert summary["rows"] == 7 and [c["rows"] for c in summary["chunks"]] == [5, 2]
+    assert summary["mahalanobis"]["source"].startswith("last BatchNorm2d")
+    assert "regularisation" in summary["mahalanobis"]
+    first_chunk = pq.ParquetFile(store.path(summary["chunks"][0]["key"]), filesystem=store.filesystem)
+    assert [first_chunk.metadata.row_group(i).num_rows for i in range(first_chunk.num_row_groups)] == [3, 2]
+
+    before = object_versions(manifest, request.getfixturevalue("s3_client") if kind == "s3" else None)
+    time.sleep(1.1)  # S3 LastModified has one-second resolution
+    assert sampling.sample(manifest) == 0
+    assert object_versions(manifest, request.getfixturevalue("s3_client") if kind == "s3" else None) == before
+
+
+_KILLABLE = """
+import json, sys
+from reid_batch.manifest import parse_manifest
+from reid_batch.stages.sample import sample
+sample(parse_manifest(json.load(open(sys.argv[1]))), shard=0)
+"""
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_shard_killed_mid_way_resumes_to_the_clean_result(kind, inputs, tmp_path, request):
+    options = {"num_shards": 2, "num_candidates": 24, "chunk_size": 2, "batch_size": 2}
+    output, endpoint = output_location(kind, tmp_path, request)
+    manifest = make_manifest(inputs, output, endpoint, sampling_options=options)
+    commit_finetuned(manifest, inputs)
+    store = run_store(manifest)
+    manifest_file = tmp_path / "manifest.json"
+    manifest_file.write_text(json.dumps(manifest.model_dump(mode="json")))
+    process = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(manifest_file)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not store.is_committed("cnn/candidates/shard=0/chunk=0") and time.time() < deadline:
+            assert process.poll() is None, "the sampler ended before its first chunk was committed"
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not store.exists("cnn/candidates/shard=0/_SHARD.json"), "killed too late to test a resume"
+    committed_before = [k for k in store.list("cnn/candidates/shard=0") if k.endswith("_COMMITTED")]
+    assert 1 <= len(committed_before) < 6
+
+    assert sampling.sample(manifest, shard=0) == 0
+    sampling.sample(manifest, shard=1)
+    resumed = all_rows(manifest)
+
+    clean = make_manifest(inputs, str(tmp_path / "clean"), sampling_options=options)
+    commit_finetuned(clean, inputs)
+    sampling.sample(clean)
+    expected = all_rows(clean)
+    assert resumed["id"].tolist() == list(range(24))
+    assert resumed.columns.tolist() == expected.columns.tolist()
+    np.testing.assert_allclose(resumed.to_numpy(dtype=np.float64), expected.to_numpy(dtype=np.float64), rtol=1e-4, atol=1e-5)
+    chunk_files = [k for k in store.list("cnn/candidates/shard=0") if k.endswith(".parquet")]
+    assert len(chunk_files) == 6  # no leftover file from the killed run
+
+
+def test_changed_plan_is_refused(inputs, tmp_path):
+    manifest = make_manifest(inputs, str(tmp_path / "out"), sampling_options={"num_candidates": 6, "num_shards": 1})
+    commit_finetuned(manifest, inputs)
+    sampling.sample(manifest)
+    changed = make_manifest(inputs, str(tmp_path / "out"), sampling_options={"num_candidates": 6, "num_shards": 1, "seed": 8})
+    with pytest.raises(InputError, match="different plan.*seed"):
+        sampling.sample(changed)
+    with pytest.raises(InputError, match="outside"):
+        sampling.sample(manifest, shard=1)
+
+
+def test_saved_images_are_the_regenerated_candidates_and_rows_match_a_lone_rescore(inputs, tmp_path):
+    from PIL import Image
+
+    from reid_batch.models.pggan import load_generator
+
+    manifest = make_manifest(inputs, str(tmp_path / "out"),
+                             sampling_options={"num_candidates": 10, "num_shards": 2, "save_images": True})
+    commit_finetuned(manifest, inputs)
+    sampling.sample(manifest)
+    store = run_store(manifest)
+    generator, _ = load_generator(inputs["finetuned"], format="reid")
+    rows = all_rows(manifest)
+    for k, shard in ((0, 0), (7, 1)):
+        png = Image.open(store.path(sampling.image_key("cnn", shard, k)))
+        image = sampling.regenerate_images(generator, [k], seed=7, device=torch.device("cpu"))[0, 0]
+        np.testing.assert_array_equal(np.asarray(png), (image.numpy() * 255).round().astype(np.uint8))
+    assert len(store.list("cnn/candidates-images")) == 10
+
+    # Candidate 7 scored alone gives the row it got inside its batch.
+    from reid_batch.artifacts import load_attack_target
+    from reid_batch.objectives import TargetObjective
+
+    spec = manifest.targets[0]
+    model, classes = load_attack_target(manifest, spec)
+    with TargetObjective(model, spec.terms, spec.objective) as objective:
+        gaussian = sampling.feature_gaussian(manifest, spec, objective, None, None)
+        scorer = sampling.CandidateScorer(generator, objective, sampling.target_input_spec(spec), gaussian, classes,
+                                          7, torch.device("cpu"))
+        alone, _ = scorer.score(np.array([7]), shard=1)
+    row = rows[rows["id"] == 7].iloc[0]
+    for column in ("objective_total", "mahalanobis", "logit", "pixel_entropy", "image_mean"):
+        assert alone[column][0] == pytest.approx(row[column], rel=1e-4, abs=1e-6), column
+
+
+def test_vit_target_with_ledoit_wolf_gaussian(inputs, tmp_path):
+    selection = {"rule": "quantile", "mahalanobis": {"covariance": "ledoit_wolf", "reference_images": 12}}
+    manifest = make_manifest(inputs, str(tmp_path / "out"), target="vit", selection=selection,
+                             sampling_options={"num_candidates": 9, "num_shards": 1})
+    commit_finetuned(manifest, inputs)
+    sampling.sample(manifest)
+    rows = all_rows(manifest, "vit")
+    assert rows["id"].tolist() == list(range(9))
+    assert {"term_ln_stats", "term_cls_magnitude", "term_attn_entropy", "term_attn_diversity"} <= set(rows.columns)
+    assert "term_tv" not in rows.columns
+    assert np.isfinite(rows["mahalanobis"]).all() and (rows["mahalanobis"] > 0).all()
+    summary = run_store(manifest).read_json("vit/candidates/shard=0/_SHARD.json")
+    assert summary["mahalanobis"]["covariance"] == "full"
+    assert summary["mahalanobis"]["reference_count"] == 12
+
+
+_TWO_PROCESSES = """
+import json, sys
+from accelerate import PartialState
+from reid_batch.manifest import parse_manifest
+from reid_batch.stages.sample import sample
+sample(parse_manifest(json.load(open(sys.argv[1]))))
+assert PartialState().num_processes == 2, PartialState()
+"""
+
+
+def test_two_processes_write_the_rows_of_one(inputs, tmp_path):
+    options = {"num_candidates": 11, "num_shards": 1, "chunk_size": 5}
+    manifest = make_manifest(inputs, str(tmp_path / "two"), sampling_options=options)
+    commit_finetuned(manifest, inputs)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest.model_dump(mode="json")))
+    (tmp_path / "two_processes.py").write_text(_TWO_PROCESSES)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "two_processes.py"), str(tmp_path / "manifest.json")],
+                            cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "true"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = run_store(manifest).read_json("cnn/candidates/shard=0/_SHARD.json")
+    assert summary["last_run"]["processes"] == 2
+    single = make_manifest(inputs, str(tmp_path / "one"), sampling_options=options)
+    commit_finetuned(single, inputs)
+    sampling.sample(single)
+    two, one = all_rows(manifest), all_rows(single)
+    assert two["id"].tolist() == list(range(11))
+    np.testing.assert_allclose(two.to_numpy(dtype=np.float64), one.to_numpy(dtype=np.float64), rtol=1e-4, atol=1e-5)
+
+
+_PEAK_RSS = """
+import json, resource, sys
+from reid_batch.manifest import parse_manifest
+from reid_batch.stages.sample import sample
+sample(parse_manifest(json.load(open(sys.argv[1]))))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_candidates(inputs, tmp_path):
+    peaks = {}
+    for count in (40, 400):
+        manifest = make_manifest(inputs, str(tmp_path / f"n{count}"), target="vit",
+                                 sampling_options={"num_candidates": count, "num_shards": 1, "chunk_size": 20,
+                                                   "batch_size": 20, "row_group_size": 20})
+        commit_finetuned(manifest, inputs)
+        (tmp_path / f"n{count}.json").write_text(json.dumps(manifest.model_dump(mode="json")))
+        result = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(tmp_path / f"n{count}.json")], cwd=REPO,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        peaks[count] = int(result.stdout.split()[-1])
+        assert len(all_rows(manifest, "vit")) == count
+    print(f"peak RSS (KiB) by number of candidates: {peaks}")
+    assert peaks[400] < 1.10 * peaks[40], peaks
