@@ -184,11 +184,12 @@ def test_gradient_penalty_matches_an_independent_computation():
 
 def test_ema_beta_ramps_up_to_the_configured_decay():
     assert tp.ema_beta(0.999, 1) < 1e-5  # the first step copies the generator
-    assert tp.ema_beta(0.999, 100) == pytest.approx(0.5 ** (1 / 5))  # half-life 5% of 100 steps
+    assert tp.ema_beta(0.999, 500) == pytest.approx(0.5 ** (1 / 5))  # half-life 1% of 500 steps
     assert tp.ema_beta(0.999, 10**6) == 0.999
 
 
-def test_trainer_steps_update_ema_as_a_moving_average():
+def test_trainer_steps_update_ema_as_a_moving_average(monkeypatch):
+    monkeypatch.setattr(tp, "EMA_RAMPUP", 1.0)  # a memory of several steps already at step 6
     config = PGGANConfig(latent_dim=LATENT, depths=tuple(DEPTHS), out_channels=1)
     spec = PriorTrainSpec(images_per_phase=32, batch_size=8, lr=0.002, ema_decay=0.9)
     trainer = tp.ProgressiveTrainer(config, spec)
@@ -214,10 +215,11 @@ def test_frechet_distance_closed_forms():
     a = rng.normal(size=(400, 5)) @ rng.normal(size=(5, 5))
     a -= a.mean(axis=0)
     shift = np.array([1.0, -2.0, 0.5, 0.0, 3.0])
-    assert tp.frechet_distance(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-6)
+    # Score arrays are used as they are (already projected), so the basis plays no part here.
+    assert tp.pca_frechet_distance(None, a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-6)
     # Doubling: Tr(S + 4S - 2 * 2S) = Tr(S).
-    assert tp.frechet_distance(a, 2 * a) == pytest.approx(np.trace(np.cov(a, rowvar=False)), rel=1e-6)
-    assert tp.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert tp.pca_frechet_distance(None, a, 2 * a) == pytest.approx(np.trace(np.cov(a, rowvar=False)), rel=1e-6)
+    assert tp.pca_frechet_distance(None, a, a) == pytest.approx(0.0, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------- the recipe

@@ -675,12 +675,17 @@ def export_state_dict(generator: PGGANGenerator, format: str, *, ema: PGGANGener
     return checkpoint
 
 
+def generator_bytes(generator: PGGANGenerator) -> bytes:
+    """The "reid" format as bytes (what save_generator writes), so it can go through any store."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in _weights(generator).items()}
+    return save(tensors, metadata={_REID_METADATA_KEY: generator.config.to_json()})
+
+
 def save_generator(generator: PGGANGenerator, path: str | Path) -> None:
     """Write the "reid" format: safetensors weights with the config as JSON in the file's metadata."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.contiguous() for k, v in _weights(generator).items()}
-    save_file(tensors, str(path), metadata={_REID_METADATA_KEY: generator.config.to_json()})
+    Path(path).write_bytes(generator_bytes(generator))
 
 
 def write_checkpoint(generator: PGGANGenerator, path: str | Path, format: str, *,

@@ -44,7 +44,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ from reid_batch import log
 from reid_batch.artifacts import attack_prefix
 from reid_batch.errors import InputError
 from reid_batch.manifest import FinetuneSpec, Manifest, TargetSpec
-from reid_batch.models.pggan import PGGANGenerator, generator_to_unit, latents_for_ids, save_generator
+from reid_batch.models.pggan import PGGANGenerator, generator_bytes, generator_to_unit, latents_for_ids
 from reid_batch.models.targets import TargetInput, to_target_input
 from reid_batch.recipes.common import load_state, pick_device, run_store, save_state
 
@@ -227,17 +226,6 @@ def grid_png(images01: torch.Tensor, side: int = GRID_SIDE) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def generator_bytes(generator: PGGANGenerator) -> bytes:
-    """pggan.save_generator's file, via a temporary file (safetensors writes paths), for the store."""
-    import copy
-
-    with tempfile.TemporaryDirectory() as directory:
-        path = os.path.join(directory, GENERATOR_FILE)
-        save_generator(copy.deepcopy(generator).cpu(), path)
-        with open(path, "rb") as handle:
-            return handle.read()
 
 
 # ------------------------------------------------------------------------------------------------- targets
