@@ -413,6 +413,10 @@ class DemographicsSpec(Strict):
 
 class EvaluationSpec(Strict):
     inception_weights: str | None = Field(None, description="Inception-v3 weights for FID; untrained if omitted")
+    fid: bool = Field(True, description="compute FID (each needs a 2048 x 2048 matrix square root: slow on a CPU)")
+    inception_image_size: Annotated[int, Field(ge=75, le=299)] = Field(
+        299, description="side images are resized to for Inception-v3 (299 is standard FID; smaller is faster, CPU demos)"
+    )
     num_images: PositiveInt = 256
     pca_components: PositiveInt = 50
     pca_fit_on: Literal["reference", "pooled"] = "reference"

@@ -70,3 +70,15 @@ def score(manifest: Manifest, target: str | None = None, shard: int | None = Non
     from reid_batch.stages.score import score as stage
 
     return stage(manifest, target=target, shard=shard) or 0
+
+
+def evaluate(manifest: Manifest, target: str | None = None) -> int:
+    from reid_batch.stages.evaluate import evaluate as stage
+
+    return stage(manifest, target=target) or 0
+
+
+def report(manifest: Manifest, target: str | None = None) -> int:
+    from reid_batch.stages.report import report as stage
+
+    return stage(manifest, target=target) or 0

@@ -197,7 +197,7 @@ def test_cli_subprocess_exit_codes_and_no_torch_import(tmp_path):
     ok = subprocess.run([sys.executable, "-c", probe, "validate", str(DEMO)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     bad = tmp_path / "bad.yaml"
-    bad.write_text(DEMO.read_text().replace("steps: 60", "steps: -1"))
+    bad.write_text(DEMO.read_text().replace("steps: 40", "steps: -1"))
     result = subprocess.run([sys.executable, "-m", "reid_batch", "validate", str(bad)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "finetune.steps" in result.stderr

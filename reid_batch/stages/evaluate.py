@@ -1,0 +1,932 @@
+"""`reid-batch evaluate`: what the attack recovered, per target, measured against the data it was run on.
+
+Everything here but the stage 1 generator metrics is VALIDATION ONLY: it uses the target's training images (and, on
+the synthetic world, who the patients are), which an attacker holding only the parameters would not have. These
+numbers measure the leak; they are not something the attack itself produces.
+
+Stage 1, distribution level (the study's Figure 4). Three image sets of `evaluation.num_images` images each:
+  prior      the original generator at latent ids 2**40 + k (k < num_images; far above every candidate id, so no
+             candidate is among them), seeded with `evaluation.seed`;
+  finetuned  the fine-tuned generator at the SAME latents (a paired comparison);
+  reference  a deterministic sample (`evaluation.seed`) of the target's training images, loaded at the generator's
+             resolution.
+All sets are grey (colour generators are averaged over channels). Per set: mean per-image Shannon pixel entropy
+(with its standard error); PCA kurtosis, the per-component excess kurtosis averaged over components with a
+bootstrap standard error, in ONE basis fitted on `evaluation.pca_fit_on` (the reference set, or the three sets
+pooled; the pooled generated sets when no training images are known); FID between every two sets from the 2048-d
+pool features of ONE Inception-v3 (`evaluation.inception_weights`, else seeded untrained weights: then FID is only a
+relative measure and metrics.json says so), with a warning when a set has fewer images than feature dimensions.
+
+Stage 2, sample level (Figures 6-7). Each likely (selected) sample is regenerated from its id and matched to its
+nearest training image by Euclidean distance in `metrics.pixel_features` space (grey, area-averaged to 32 x 32);
+SSIM is computed between the sample and that neighbour at the generator's resolution.
+
+Demographics (Figures 8-9). Per likely sample: the demographic model's predicted age/sex of the reconstruction
+(`<target>/scores`) and of its nearest neighbour (`<target>/scores-reference`, matched by path), the neighbour's
+ground truth (the synthetic world's ground_truth.csv, else the training list's age/sex columns), absolute age
+errors and sex correctness; summarised with intervals by `metrics.demographic_errors`.
+
+Re-identification (when the held-out pool's images are available; patient truth and devices on the synthetic world).
+Roles follow each target's `train.pool` (a checkpoint target is taken as trained on the private pool): the
+training set is the target's training list, the held-out set an equally large deterministic sample of the other
+pool's labelled cohort (if that pool is smaller, the training set is subsampled to its size instead), because
+`metrics.reidentification` is only at chance 0.5 for equal sizes. A sample re-identifies when its nearest training
+image is closer than its nearest held-out image; the rate has a Wilson interval and a one-sided binomial p-value
+against 0.5. Membership AUC: `metrics.membership_auc` of the likely samples' distances to the training set against
+their distances to the held-out set. The report compares each target's rate with a control model's (a target with
+`train.pool: control`), for which the pools swap roles.
+
+Devices (synthetic world). A deliberately simple pacemaker detector: the fraction of pixels in the upper chest on the
+image's right (the patient's left, where the world places the generator box) brighter than the 99.9th percentile
+of that region in device-free images; the score threshold maximises Youden's J on the training and held-out images with
+their ground truth. It is used only when it separates those images well (AUC >= 0.75, >= 10 images with and without
+a pacemaker). On world images with known devices (120 patients) its AUC was 0.98 at 64 px and 0.99 at 128 px, but
+0.57 at 32 px, where a pacemaker is a few blurred pixels: there it reports itself unreliable instead of guessing. A
+device is reproduced when the matched training patient has a pacemaker AND the detector fires on the reconstruction.
+
+Output, committed: <target>/evaluation/ metrics.json, evaluation.parquet (one row per likely sample, columns in
+TABLE_SCHEMA), figures/{kurtosis,losses,stage1_examples,likely_samples}.png and pairs/<id:09d>.png (reconstruction |
+nearest training image). A committed evaluation is left as it is; delete it to evaluate again.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from reid_batch import log
+from reid_batch.errors import InputError
+from reid_batch.manifest import Manifest, TargetSpec
+
+if TYPE_CHECKING:
+    import torch
+
+EVALUATION_PART = "evaluation"
+METRICS_FILE = "metrics.json"
+TABLE_FILE = "evaluation.parquet"
+FIGURES = {
+    "kurtosis": "figures/kurtosis.png",
+    "losses": "figures/losses.png",
+    "stage1_examples": "figures/stage1_examples.png",
+    "likely_samples": "figures/likely_samples.png",
+}
+STAGE1_LATENT_OFFSET = 2**40
+NN_FEATURE_SIZE = 32
+CONFIDENCE = 0.95
+GENERATION_BATCH = 64
+LOADER_BATCH = 64
+GRID_MAX_PAIRS = 24
+# Pacemaker detector region as fractions of the image: rows top..bottom, columns left..right.
+DEVICE_REGION = (0.15, 0.45, 0.55, 0.90)
+DEVICE_LEVEL_PERCENTILE = 99.9
+DETECTOR_MIN_AUC = 0.75
+DETECTOR_MIN_IMAGES = 10
+OTHER_POOL = {"private": "control", "control": "private"}
+
+THREAT_MODEL = (
+    "The attacker holds only the trained target's parameters (a frozen checkpoint) and knows the imaging modality and "
+    "body region (frontal chest X-rays). They have public images of the same kind (for the generator prior and the "
+    "age/sex model) but no image, label or record of the target's training patients."
+)
+VALIDATION_NOTE = (
+    "Validation only: nearest neighbours, SSIM, demographic ground truth and re-identification use the target's "
+    "training images (and, on the synthetic world, who each patient is), which an attacker would not have."
+)
+
+TABLE_SCHEMA = pa.schema([
+    pa.field("id", pa.int64()),
+    pa.field("rank_combined", pa.int64()),
+    pa.field("objective_total", pa.float64()),
+    pa.field("mahalanobis", pa.float64()),
+    pa.field("nn_index", pa.int64()),
+    pa.field("nn_path", pa.string()),
+    pa.field("nn_patient", pa.string()),
+    pa.field("nn_distance", pa.float64()),
+    pa.field("ssim", pa.float64()),
+    pa.field("recon_pred_age", pa.float64()),
+    pa.field("recon_pred_sex_prob", pa.float64()),
+    pa.field("recon_pred_sex", pa.string()),
+    pa.field("nn_pred_age", pa.float64()),
+    pa.field("nn_pred_sex_prob", pa.float64()),
+    pa.field("nn_pred_sex", pa.string()),
+    pa.field("true_age", pa.float64()),
+    pa.field("true_sex", pa.string()),
+    pa.field("recon_age_abs_error", pa.float64()),
+    pa.field("nn_age_abs_error", pa.float64()),
+    pa.field("recon_sex_correct", pa.bool_()),
+    pa.field("nn_sex_correct", pa.bool_()),
+    pa.field("reid_train_patient", pa.string()),
+    pa.field("reid_train_distance", pa.float64()),
+    pa.field("reid_heldout_patient", pa.string()),
+    pa.field("reid_heldout_distance", pa.float64()),
+    pa.field("member_closer", pa.bool_()),
+    pa.field("reidentified", pa.bool_()),
+    pa.field("truth_pacemaker", pa.bool_()),
+    pa.field("recon_device_score", pa.float64()),
+    pa.field("recon_pacemaker_detected", pa.bool_()),
+    pa.field("device_reproduced", pa.bool_()),
+])
+
+
+def evaluation_prefix(target: str) -> str:
+    return f"{target}/{EVALUATION_PART}"
+
+
+def pair_key(candidate_id: int) -> str:
+    return f"pairs/{candidate_id:09d}.png"
+
+
+# ------------------------------------------------------------------------------------------------ pure core
+
+
+def to_grey(images01: torch.Tensor) -> torch.Tensor:
+    return images01.mean(dim=1, keepdim=True) if images01.shape[1] > 1 else images01
+
+
+def entropy_summary(images01: torch.Tensor) -> dict:
+    from reid_batch.metrics import pixel_entropy
+
+    values = pixel_entropy(images01)
+    n = int(values.size)
+    return {"mean": float(values.mean()) if n else None,
+            "se": float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else None, "n": n}
+
+
+def distribution_metrics(sets: dict[str, torch.Tensor], fit_on: str, components: int, bootstrap: int, seed: int,
+                         features: dict[str, np.ndarray] | None = None) -> tuple[dict, bytes]:
+    """Stage 1's table for image sets (name -> (N, 1, H, W) in [0, 1], all the same size) and the kurtosis plot.
+
+    The PCA basis is fitted on sets["reference"] when fit_on == "reference" and that set exists, else on all sets
+    pooled. `features` (name -> (N, 2048) Inception features) adds FID between every two sets.
+    """
+    import torch
+
+    from reid_batch.metrics import fid, fit_pca, kurtosis_curve_png, pca_kurtosis
+
+    notes = []
+    if fit_on == "reference" and "reference" in sets:
+        basis_images, fitted_on = sets["reference"], "reference"
+    else:
+        basis_images, fitted_on = torch.cat(list(sets.values())), "pooled (" + " + ".join(sets) + ")"
+        if fit_on == "reference":
+            notes.append("no training images known: the PCA basis is fitted on the generated sets pooled")
+    basis = fit_pca(basis_images, components, fitted_on=fitted_on, seed=seed)
+    result = {"sets": {}, "pca": {"fitted_on": fitted_on, "fit_images": basis.num_fit_images,
+                                  "components": basis.num_components,
+                                  "explained_variance": float(basis.explained_variance_ratio.sum())},
+              "fid": [], "notes": notes}
+    curves, errors = {}, {}
+    for name, images in sets.items():
+        row = {"images": int(images.shape[0]), "entropy": entropy_summary(images), "kurtosis": None}
+        if images.shape[0] >= 4:
+            kurtosis = pca_kurtosis(images, basis, bootstrap=bootstrap, seed=seed)
+            row["kurtosis"] = {"mean": kurtosis.mean, "se": kurtosis.bootstrap_se,
+                               "per_component": kurtosis.per_component.tolist(),
+                               "per_component_se": kurtosis.per_component_se.tolist()}
+            curves[name], errors[name] = kurtosis.per_component, kurtosis.per_component_se
+        else:
+            notes.append(f"{name}: kurtosis needs at least 4 images, has {images.shape[0]}")
+        result["sets"][name] = row
+    if features is not None:
+        names = [n for n in sets if n in features]
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if min(len(features[a]), len(features[b])) < 2:
+                    notes.append(f"FID {a} vs {b}: needs at least 2 images per set")
+                    continue
+                value = fid(features[a], features[b])
+                result["fid"].append({"a": a, "b": b, "value": value.value, "num_a": value.num_a,
+                                      "num_b": value.num_b, "dims": value.dims,
+                                      "underdetermined": value.underdetermined})
+        if any(r["underdetermined"] for r in result["fid"]):
+            notes.append("FID: fewer images than the 2048 feature dimensions; the covariances are singular and FID "
+                         "is biased upwards, comparable only between sets of equal size")
+    png = kurtosis_curve_png(curves, standard_errors=errors,
+                             title=f"Excess kurtosis per principal component (basis: {fitted_on})")
+    return result, png
+
+
+def nearest_training_images(samples01: torch.Tensor, train_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distance, index) of each sample's nearest training image in pixel_features space."""
+    from reid_batch.metrics import nearest_neighbours, pixel_features
+
+    if samples01.shape[0] == 0 or len(train_features) == 0:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    distances, indices = nearest_neighbours(pixel_features(samples01, NN_FEATURE_SIZE), train_features, k=1)
+    return distances[:, 0], indices[:, 0]
+
+
+def device_region(images01: torch.Tensor) -> np.ndarray:
+    """(N, h, w) uint8 grey levels of the detector's region of each image."""
+    grey = to_grey(images01)
+    h, w = grey.shape[-2:]
+    top, bottom, left, right = DEVICE_REGION
+    crop = grey[:, 0, int(top * h):max(int(top * h) + 1, int(bottom * h)),
+                int(left * w):max(int(left * w) + 1, int(right * w))]
+    return (crop.clamp(0, 1) * 255).round().byte().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class DeviceDetector:
+    """score = fraction of region pixels above `level`; a pacemaker is detected when score >= threshold."""
+
+    level: float
+    threshold: float
+    auc: float
+    sensitivity: float
+    specificity: float
+    with_device: int
+    without_device: int
+    reliable: bool
+
+    def scores(self, regions: np.ndarray) -> np.ndarray:
+        if len(regions) == 0:
+            return np.zeros(0)
+        return (regions.reshape(len(regions), -1).astype(np.float64) / 255.0 > self.level).mean(axis=1)
+
+    def detect(self, regions: np.ndarray) -> np.ndarray:
+        return self.scores(regions) >= self.threshold
+
+
+def calibrate_device_detector(regions: np.ndarray, has_device: np.ndarray) -> DeviceDetector | None:
+    """Fit the detector's level and threshold on images with known devices; None without both kinds."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    has_device = np.asarray(has_device, dtype=bool)
+    positives, negatives = int(has_device.sum()), int((~has_device).sum())
+    if positives == 0 or negatives == 0:
+        return None
+    flat = regions.reshape(len(regions), -1).astype(np.float64) / 255.0
+    level = float(np.percentile(flat[~has_device], DEVICE_LEVEL_PERCENTILE))
+    scores = (flat > level).mean(axis=1)
+    auc = float(roc_auc_score(has_device, scores))
+    fpr, tpr, thresholds = roc_curve(has_device, scores)
+    finite = np.isfinite(thresholds)
+    best = np.flatnonzero(finite)[np.argmax((tpr - fpr)[finite])]
+    # At least one pixel must be above the level: a zero threshold would flag every image.
+    threshold = max(float(thresholds[best]), 1.0 / flat.shape[1])
+    detected = scores >= threshold
+    return DeviceDetector(
+        level=level, threshold=threshold, auc=auc,
+        sensitivity=float(detected[has_device].mean()), specificity=float((~detected[~has_device]).mean()),
+        with_device=positives, without_device=negatives,
+        reliable=auc >= DETECTOR_MIN_AUC and min(positives, negatives) >= DETECTOR_MIN_IMAGES,
+    )
+
+
+def patient_number(patient_id) -> int | None:
+    """The number in a patient id ("patient00012" -> 12, "100001" -> 100001), to join with ground_truth.csv."""
+    digits = re.sub(r"\D", "", str(patient_id))
+    return int(digits) if digits else None
+
+
+def sex_code(values) -> np.ndarray:
+    """1.0 = M, 0.0 = F, NaN unknown, from "M"/"F" (or Male/Female) strings."""
+    mapping = {"M": 1.0, "MALE": 1.0, "F": 0.0, "FEMALE": 0.0}
+    return np.array([mapping.get(str(v).strip().upper(), np.nan) if v is not None else np.nan for v in values],
+                    dtype=np.float64)
+
+
+def clean_json(value):
+    """JSON-safe copy: NaN/inf -> None, numpy scalars -> Python, tuples -> lists (strict JSON readers)."""
+    if isinstance(value, dict):
+        return {str(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return clean_json(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _grey_uint8(image01: torch.Tensor) -> np.ndarray:
+    return (to_grey(image01.unsqueeze(0))[0, 0].clamp(0, 1) * 255).round().byte().cpu().numpy()
+
+
+def pair_png(reconstruction01: torch.Tensor, neighbour01: torch.Tensor, gap: int = 2) -> bytes:
+    """Reconstruction | nearest training image, side by side (grey, 8-bit), white gap between."""
+    from PIL import Image
+
+    left, right = _grey_uint8(reconstruction01), _grey_uint8(neighbour01)
+    canvas = np.full((left.shape[0], left.shape[1] + gap + right.shape[1]), 255, dtype=np.uint8)
+    canvas[:, :left.shape[1]] = left
+    canvas[:, left.shape[1] + gap:] = right
+    buffer = io.BytesIO()
+    Image.fromarray(canvas, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def likely_grid_png(reconstructions: torch.Tensor, neighbours: torch.Tensor | None, captions: list[str],
+                    title: str) -> bytes:
+    """Up to GRID_MAX_PAIRS reconstructions, each beside its nearest training image when known."""
+    from matplotlib.figure import Figure
+
+    count = min(len(captions), GRID_MAX_PAIRS)
+    columns = 4
+    rows = max(1, math.ceil(count / columns))
+    figure = Figure(figsize=(2.6 * columns, 1.55 * rows + 0.6), dpi=100)
+    figure.suptitle(title, fontsize=10)
+    for i in range(rows * columns):
+        axes = figure.add_subplot(rows, columns, i + 1)
+        axes.axis("off")
+        if i < count:
+            pair = _grey_uint8(reconstructions[i])
+            if neighbours is not None:
+                pair = np.concatenate([pair, np.full((pair.shape[0], 2), 255, np.uint8), _grey_uint8(neighbours[i])],
+                                      axis=1)
+            axes.imshow(pair, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            axes.set_title(captions[i], fontsize=7)
+    if count == 0:
+        figure.text(0.5, 0.5, "no likely samples", ha="center", va="center")
+    figure.tight_layout()
+    return _png(figure)
+
+
+def stage1_examples_png(sets: dict[str, torch.Tensor], per_row: int = 8) -> bytes:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(1.1 * per_row + 1.2, 1.2 * len(sets) + 0.3), dpi=100)
+    for r, (name, images) in enumerate(sets.items()):
+        for c in range(per_row):
+            axes = figure.add_subplot(len(sets), per_row, r * per_row + c + 1)
+            axes.set_xticks([])
+            axes.set_yticks([])
+            if c < len(images):
+                axes.imshow(_grey_uint8(images[c]), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            if c == 0:
+                axes.set_ylabel(name, fontsize=8)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def losses_png(losses: pd.DataFrame, title: str) -> bytes:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 3.6), dpi=100)
+    total_axes, term_axes = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    terms = [c for c in losses.columns if c not in ("step", "total", "grad_norm", "seconds", "elapsed")]
+    if len(losses):
+        total_axes.plot(losses["step"], losses["total"], color="black")
+        for term in terms:
+            term_axes.plot(losses["step"], losses[term], label=term)
+        if terms and (losses[terms].to_numpy() > 0).all():
+            term_axes.set_yscale("log")
+        if terms:
+            term_axes.legend(fontsize=7)
+    total_axes.set(xlabel="step", ylabel="weighted total", title="objective (weighted total)")
+    term_axes.set(xlabel="step", ylabel="unweighted value", title="terms (unweighted)")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _png(figure)
+
+
+# ------------------------------------------------------------------------------------------------ image sets
+
+
+@dataclass
+class LoadedImages:
+    """One pass over a table of real images: what evaluation needs from each, never all images at once."""
+
+    frame: pd.DataFrame  # the rows that loaded, in order (positions index everything below)
+    features: np.ndarray  # (N, 32*32) pixel features
+    regions: np.ndarray  # (N, h, w) uint8 detector regions
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> (1, R, R) image, for `keep` positions
+
+
+def load_images(frame: pd.DataFrame, size: int, on_error: str, num_workers: int, keep: set[int], desc: str
+                ) -> LoadedImages:
+    import torch
+
+    from reid_batch.datasets import ImageDataset
+    from reid_batch.metrics import pixel_features
+
+    dataset = ImageDataset(frame.reset_index(drop=True), size=size, channels=1, on_error=on_error)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=LOADER_BATCH, num_workers=num_workers)
+    features, regions, positions, kept = [], [], [], {}
+    for batch in log.progress(loader, desc=desc, total=len(loader)):
+        images = batch["image"]
+        features.append(pixel_features(images, NN_FEATURE_SIZE))
+        regions.append(device_region(images))
+        for row, position in enumerate(batch["index"].tolist()):
+            if position in keep:
+                kept[position] = images[row].clone()
+        positions.append(batch["index"].numpy())
+    order = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
+    # Positions in the loaded table (skipped rows drop out); `kept` is re-keyed to match.
+    remap = {int(p): i for i, p in enumerate(order)}
+    empty_regions = np.zeros((0, 1, 1), dtype=np.uint8)
+    return LoadedImages(
+        frame=dataset.df.iloc[order].reset_index(drop=True),
+        features=np.concatenate(features) if features else np.zeros((0, NN_FEATURE_SIZE ** 2), np.float32),
+        regions=np.concatenate(regions) if regions else empty_regions,
+        kept={remap[p]: image for p, image in kept.items()},
+    )
+
+
+def load_rows(frame: pd.DataFrame, positions: np.ndarray, size: int, on_error: str) -> torch.Tensor:
+    """(len(positions), 1, size, size) images of the given rows, in that order (repeats allowed)."""
+    import torch
+
+    from reid_batch.datasets import ImageDataset
+
+    unique = np.unique(positions)
+    if len(unique) == 0:
+        return torch.zeros(0, 1, size, size)
+    dataset = ImageDataset(frame.iloc[unique].reset_index(drop=True), size=size, channels=1, on_error=on_error)
+    loaded = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    where = {int(p): i for i, p in enumerate(unique)}
+    return loaded[[where[int(p)] for p in positions]]
+
+
+def sample_positions(count: int, wanted: int, seed: int) -> np.ndarray:
+    """A deterministic sorted subset of min(count, wanted) positions out of range(count)."""
+    if wanted >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=wanted, replace=False))
+
+
+def generate(generator, ids: np.ndarray, seed: int, device: torch.device) -> torch.Tensor:
+    """[0, 1] grey CPU images of latent ids, batch by batch."""
+    import torch
+
+    from reid_batch.stages.sample import regenerate_images
+
+    parts = [to_grey(regenerate_images(generator, ids[i:i + GENERATION_BATCH], seed, device)).cpu()
+             for i in range(0, len(ids), GENERATION_BATCH)]
+    size = generator.config.resolution
+    return torch.cat(parts) if parts else torch.zeros(0, 1, size, size)
+
+
+# ------------------------------------------------------------------------------------------------ data roles
+
+
+def train_pool(spec: TargetSpec) -> str:
+    return spec.train.pool if spec.train is not None else "private"
+
+
+def pool_frame(manifest: Manifest, pool: str) -> tuple[pd.DataFrame, str] | None:
+    """(labelled rows of a pool, on_error), or None when its images are not on this machine."""
+    from reid_batch.datasets import read_source
+
+    if getattr(manifest.data, pool) is None:
+        world = manifest.data.synthetic
+        if world is None or not (Path(world.root) / pool).is_dir():
+            return None
+    source = manifest.source(pool)
+    frame = read_source(source.format, source.root, **({"csv_name": source.csv} if source.csv else {}))
+    frame = frame[frame["label"].notna()].sort_values("path").reset_index(drop=True)
+    return frame, source.on_error
+
+
+def world_truth(manifest: Manifest, pool: str) -> pd.DataFrame | None:
+    """Per-patient ground truth of a synthetic-world pool (index: patient number), or None for real data."""
+    world = manifest.data.synthetic
+    if world is None or getattr(manifest.data, pool) is not None:
+        return None
+    path = Path(world.root) / pool / "ground_truth.csv"
+    if not path.is_file():
+        return None
+    truth = pd.read_csv(path, usecols=["patient_id", "age", "sex", "pacemaker", "sternal_wires"])
+    return truth.drop_duplicates("patient_id").set_index("patient_id")
+
+
+def truth_for(patients: pd.Series, frame_rows: pd.DataFrame, truth: pd.DataFrame | None) -> pd.DataFrame:
+    """age, sex, pacemaker per row: from the world's ground truth when given, else the table's age/sex columns."""
+    if truth is not None:
+        numbers = [patient_number(p) for p in patients]
+        found = truth.reindex(numbers)
+        return pd.DataFrame({"age": found["age"].to_numpy(dtype=np.float64),
+                             "sex": found["sex"].astype(object).where(found["sex"].notna(), None).to_numpy(),
+                             "pacemaker": found["pacemaker"].to_numpy(dtype=np.float64)})
+    age = pd.to_numeric(frame_rows["age"], errors="coerce").to_numpy(dtype=np.float64) \
+        if "age" in frame_rows else np.full(len(frame_rows), np.nan)
+    sex = frame_rows["sex"].astype(object).where(frame_rows["sex"].notna(), None).to_numpy() \
+        if "sex" in frame_rows else np.full(len(frame_rows), None, dtype=object)
+    return pd.DataFrame({"age": age, "sex": sex, "pacemaker": np.full(len(frame_rows), np.nan)})
+
+
+# ------------------------------------------------------------------------------------------------ the shell
+
+
+@dataclass
+class Shared:
+    """What every target of one `evaluate` call shares: the Inception network and the prior's image set."""
+
+    inception: object | None = None
+    prior_images: torch.Tensor | None = None
+    prior_features: np.ndarray | None = None
+
+
+def _require_inputs(store, manifest: Manifest, spec: TargetSpec) -> None:
+    from reid_batch.artifacts import attack_prefix, require_committed
+    from reid_batch.stages.score import scores_prefix
+    from reid_batch.stages.select import selection_prefix
+
+    require_committed(store, attack_prefix(spec.name, "finetune"), f"finetune --target {spec.name}")
+    require_committed(store, selection_prefix(spec.name), f"select --target {spec.name}")
+    missing = [i for i in range(manifest.demographics.num_shards)
+               if not store.is_committed(scores_prefix(spec.name, i))]
+    if missing:
+        raise InputError(f"score shard(s) {missing} are not committed; run `reid-batch score --target {spec.name}`",
+                         where=store.uri(f"{spec.name}/scores"))
+
+
+def _read_predictions(store, manifest: Manifest, spec: TargetSpec) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    from reid_batch.stages.score import SCORES_FILE, reference_prefix, scores_prefix
+
+    shards = [store.read_parquet(f"{scores_prefix(spec.name, i)}/{SCORES_FILE}").to_pandas()
+              for i in range(manifest.demographics.num_shards)]
+    scores = pd.concat(shards).set_index("id") if shards else pd.DataFrame()
+    reference = None
+    if store.is_committed(reference_prefix(spec.name)):
+        reference = store.read_parquet(f"{reference_prefix(spec.name)}/{SCORES_FILE}").to_pandas()
+        reference = reference.drop_duplicates("path").set_index("path")
+    return scores, reference
+
+
+def _inception(manifest: Manifest, shared: Shared, device: torch.device):
+    from reid_batch.artifacts import local_file
+    from reid_batch.metrics import InceptionFeatures
+
+    if shared.inception is None:
+        weights = manifest.evaluation.inception_weights
+        if weights is not None and weights.startswith("s3://"):
+            from reid_batch.storage import S3Settings, open_store
+
+            parent, name = weights.rsplit("/", 1)
+            s3 = manifest.output.s3
+            weights = str(local_file(open_store(parent, S3Settings(endpoint=s3.endpoint, region=s3.region)), name,
+                                     Path(name).suffix))
+        shared.inception = InceptionFeatures(weights.removeprefix("file://") if weights else None,
+                                             image_size=manifest.evaluation.inception_image_size, device=device,
+                                             seed=manifest.evaluation.seed)
+    return shared.inception
+
+
+def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dict | None:
+    import torch
+
+    from reid_batch.artifacts import attack_prefix, load_finetuned_generator, run_store, target_prefix
+    from reid_batch.metrics import demographic_errors, ssim
+    from reid_batch.recipes.common import pick_device
+    from reid_batch.recipes.train_prior import load_prior
+    from reid_batch.stages.report import software_versions
+    from reid_batch.stages.score import reference_images
+    from reid_batch.stages.select import SELECTION_FILE, THRESHOLDS_FILE, selection_prefix
+
+    store = run_store(manifest)
+    prefix = evaluation_prefix(spec.name)
+    if store.is_committed(prefix):
+        log.event("evaluate_skipped", target=spec.name, reason="already committed")
+        return store.read_json(f"{prefix}/{METRICS_FILE}")
+    _require_inputs(store, manifest, spec)
+    settings = manifest.evaluation
+    device = pick_device(manifest)
+    notes: list[str] = []
+
+    finetuned = load_finetuned_generator(manifest, spec.name).to(device).eval()
+    resolution = finetuned.config.resolution
+    stage1_ids = STAGE1_LATENT_OFFSET + np.arange(settings.num_images, dtype=np.int64)
+    if shared.prior_images is None:
+        prior = load_prior(manifest).to(device).eval()
+        shared.prior_images = generate(prior, stage1_ids, settings.seed, device)
+        del prior
+    sets = {"prior": shared.prior_images, "finetuned": generate(finetuned, stage1_ids, settings.seed, device)}
+
+    # The target's training images: the nearest-neighbour pool, and a sample of them is stage 1's reference set.
+    found = reference_images(manifest, spec)
+    training = None
+    if found is not None:
+        frame, origin, on_error = found
+        frame = frame.reset_index(drop=True)
+        keep = set(sample_positions(len(frame), settings.num_images, settings.seed).tolist())
+        training = load_images(frame, resolution, on_error, manifest.compute.num_workers, keep,
+                               f"{spec.name} training images")
+        if training.kept:
+            sets["reference"] = torch.stack([training.kept[p] for p in sorted(training.kept)])
+    else:
+        origin, on_error = None, "raise"
+        notes.append("the target's training images are not available here: no reference set, nearest neighbours, "
+                     "demographic ground truth or re-identification")
+    for name, images in sets.items():
+        if 0 < len(images) < 2048:
+            log.event("evaluate_small_set", target=spec.name, set=name, images=len(images), feature_dims=2048)
+
+    features = None
+    if settings.fid:
+        inception = _inception(manifest, shared, device)
+        if shared.prior_features is None:
+            shared.prior_features = inception(sets["prior"])
+        features = {"prior": shared.prior_features, **{n: inception(sets[n]) for n in sets if n != "prior"}}
+    stage1, kurtosis_png = distribution_metrics(sets, settings.pca_fit_on, settings.pca_components,
+                                                settings.bootstrap, settings.seed, features)
+    stage1["num_images"] = settings.num_images
+    stage1["latent_ids"] = f"{STAGE1_LATENT_OFFSET} + k, k < {settings.num_images} (seed {settings.seed})"
+    if settings.fid:
+        stage1["inception"] = {"trained": inception.trained, "weights": settings.inception_weights,
+                               "image_size": settings.inception_image_size}
+        if not inception.trained:
+            stage1["notes"].append("FID from UNTRAINED (seeded random) Inception-v3 weights: a relative measure "
+                                   "between these sets only, not comparable with published FIDs")
+    else:
+        stage1["inception"] = None
+        stage1["notes"].append("FID not computed (evaluation.fid: false)")
+
+    # Likely samples.
+    selection = store.read_parquet(f"{selection_prefix(spec.name)}/{SELECTION_FILE}").to_pandas().sort_values("id")
+    thresholds = store.read_json(f"{selection_prefix(spec.name)}/{THRESHOLDS_FILE}")
+    ids = selection["id"].to_numpy(dtype=np.int64)
+    count = len(ids)
+    reconstructions = generate(finetuned, ids, manifest.sampling.seed, device)
+    scores, reference_scores = _read_predictions(store, manifest, spec)
+    missing_scores = sorted(set(ids.tolist()) - set(scores.index.tolist()))
+    if missing_scores:
+        raise InputError(f"{len(missing_scores)} selected id(s) have no score (e.g. {missing_scores[:5]}); the scores "
+                         "were made from another selection: delete them and run score again",
+                         where=store.uri(f"{spec.name}/scores"))
+    predicted = scores.reindex(ids)
+    table = pd.DataFrame({
+        "id": ids, "rank_combined": selection["rank_combined"].to_numpy(dtype=np.int64),
+        "objective_total": selection["objective_total"].to_numpy(dtype=np.float64),
+        "mahalanobis": selection["mahalanobis"].to_numpy(dtype=np.float64),
+        "recon_pred_age": predicted["age"].to_numpy(dtype=np.float64),
+        "recon_pred_sex_prob": predicted["sex_prob"].to_numpy(dtype=np.float64),
+        "recon_pred_sex": predicted["sex_label"].astype(object).to_numpy(),
+    })
+
+    # Nearest training image, SSIM, demographics of the neighbour.
+    pool = train_pool(spec)
+    heldout_pool = OTHER_POOL[pool]
+    train_truth = world_truth(manifest, pool)
+    neighbours = torch.zeros(0, 1, resolution, resolution)
+    demographics: dict = {"available": False}
+    stage2: dict = {"likely": count, "candidates": thresholds.get("counts", {}).get("candidates"),
+                    "feature_space": f"grey pixels area-averaged to {NN_FEATURE_SIZE}x{NN_FEATURE_SIZE}, Euclidean",
+                    "training_images": 0 if training is None else len(training.frame), "reference_source": origin}
+    if training is not None and len(training.frame):
+        distance, index = nearest_training_images(reconstructions, training.features)
+        neighbours = load_rows(training.frame, index, resolution, on_error)
+        rows = training.frame.iloc[index]
+        table["nn_index"] = index
+        table["nn_path"] = rows["path"].astype(str).to_numpy()
+        table["nn_patient"] = rows["patient_id"].astype(str).to_numpy()
+        table["nn_distance"] = distance
+        table["ssim"] = ssim(reconstructions, neighbours) if count else np.zeros(0)
+        if reference_scores is not None:
+            matched = reference_scores.reindex(table["nn_path"])
+            table["nn_pred_age"] = matched["age"].to_numpy(dtype=np.float64)
+            table["nn_pred_sex_prob"] = matched["sex_prob"].to_numpy(dtype=np.float64)
+            labels = matched["sex_label"].astype(object)
+            table["nn_pred_sex"] = labels.where(labels.notna(), None).to_numpy()
+        else:
+            notes.append("no scores-reference: the neighbours' predicted demographics are missing")
+        truth = truth_for(table["nn_patient"], rows, train_truth)
+        table["true_age"] = truth["age"].to_numpy()
+        table["true_sex"] = truth["sex"].to_numpy()
+        true_sex = sex_code(table["true_sex"])
+        table["recon_age_abs_error"] = np.abs(table["recon_pred_age"] - table["true_age"])
+        table["recon_sex_correct"] = _flags((table["recon_pred_sex_prob"].to_numpy() >= 0.5) == (true_sex >= 0.5),
+                                            np.isnan(true_sex))
+        if "nn_pred_age" in table:
+            table["nn_age_abs_error"] = np.abs(table["nn_pred_age"] - table["true_age"])
+            nn_prob = table["nn_pred_sex_prob"].to_numpy(dtype=np.float64)
+            table["nn_sex_correct"] = _flags((nn_prob >= 0.5) == (true_sex >= 0.5),
+                                             np.isnan(true_sex) | np.isnan(nn_prob))
+        stage2.update({
+            "ssim_mean": _mean(table["ssim"]), "ssim_median": _median(table["ssim"]),
+            "nn_distance_mean": _mean(table["nn_distance"]),
+            "distinct_neighbours": int(table["nn_path"].nunique()),
+            "distinct_neighbour_patients": int(table["nn_patient"].nunique()),
+        })
+        demographics = {
+            "available": True,
+            "ground_truth": "synthetic world ground_truth.csv" if train_truth is not None else
+            "age/sex columns of the training list",
+            "reconstruction": demographic_errors(table["recon_pred_age"], table["recon_pred_sex_prob"],
+                                                 table["true_age"], true_sex, CONFIDENCE),
+        }
+        if "nn_pred_age" in table:
+            # The demographic model's own error on real training images: the floor the reconstructions compare with.
+            scored = table["nn_pred_sex_prob"].notna().to_numpy()
+            demographics["neighbour"] = demographic_errors(
+                table["nn_pred_age"][scored], table["nn_pred_sex_prob"][scored], table["true_age"][scored],
+                true_sex[scored], CONFIDENCE)
+
+    reid = _reidentify(manifest, spec, training, heldout_pool, reconstructions, table, notes, resolution)
+
+    # Figures and the committed output.
+    losses = store.read_parquet(f"{attack_prefix(spec.name, 'finetune')}/losses.parquet").to_pandas()
+    ssims = table["ssim"] if "ssim" in table else pd.Series(np.nan, index=table.index)
+    captions = [f"id {i} | SSIM {s:.3f}" for i, s in zip(table["id"], ssims)]
+    order = np.argsort(table["rank_combined"].to_numpy(), kind="stable")
+    shown = order[:GRID_MAX_PAIRS]
+    grid = likely_grid_png(reconstructions[shown], neighbours[shown] if len(neighbours) else None,
+                           [captions[i] for i in shown],
+                           f"{spec.name}: likely samples (left) beside their nearest training image (right)"
+                           if len(neighbours) else f"{spec.name}: likely samples")
+    training_record = None
+    if spec.train is not None and store.is_committed(target_prefix(spec.name)):
+        record = store.read_json(f"{target_prefix(spec.name)}/training.json")
+        training_record = {k: record.get(k) for k in ("preset", "pool", "train", "val", "generalisation_gap",
+                                                        "train_images", "val_images", "kept_epoch")}
+    metrics = {
+        "target": spec.name, "arch": spec.arch, "family": spec.family,
+        "preset": spec.train.preset if spec.train is not None else None,
+        "train_pool": pool, "heldout_pool": heldout_pool,
+        "role": "control model" if pool == "control" else "target",
+        "checkpoint": spec.checkpoint, "target_training": training_record,
+        "threat_model": THREAT_MODEL, "validation_note": VALIDATION_NOTE,
+        "selection": {"rule": thresholds.get("rule"), "thresholds": thresholds.get("thresholds"),
+                      "counts": thresholds.get("counts")},
+        "finetune": {"steps": int(len(losses)),
+                     "first_total": float(losses["total"].iloc[0]) if len(losses) else None,
+                     "last_total": float(losses["total"].iloc[-1]) if len(losses) else None},
+        "stage1": stage1, "stage2": stage2, "demographics": demographics, "reidentification": reid,
+        "notes": notes, "figures": dict(FIGURES), "table": TABLE_FILE, "pairs": "pairs/<id:09d>.png",
+        "evaluation": settings.model_dump(mode="json"), "software": software_versions(),
+        "resolution": resolution,
+    }
+    metrics = clean_json(metrics)
+    arrow = _to_arrow(table)
+    with store.committed(prefix, {"stage": "evaluate", "target": spec.name, "likely": count}) as out:
+        with out.parquet_writer(TABLE_FILE, TABLE_SCHEMA, max(1, manifest.sampling.row_group_size)) as writer:
+            writer.write_table(arrow)
+        out.write_json(METRICS_FILE, metrics)
+        out.write_bytes(FIGURES["kurtosis"], kurtosis_png)
+        out.write_bytes(FIGURES["losses"], losses_png(losses, f"{spec.name}: stage 1 fine-tuning"))
+        out.write_bytes(FIGURES["stage1_examples"], stage1_examples_png(sets))
+        out.write_bytes(FIGURES["likely_samples"], grid)
+        if len(neighbours):
+            for row, candidate in enumerate(ids.tolist()):
+                out.write_bytes(pair_key(candidate), pair_png(reconstructions[row], neighbours[row]))
+    log.event("evaluate_done", target=spec.name, likely=count, ssim_mean=stage2.get("ssim_mean"),
+              reid_rate=reid.get("rate"), membership_auc=reid.get("membership_auc"))
+    return metrics
+
+
+def _reidentify(manifest: Manifest, spec: TargetSpec, training: LoadedImages | None, heldout_pool: str,
+                reconstructions: torch.Tensor, table: pd.DataFrame, notes: list[str], resolution: int) -> dict:
+    """Fill the table's re-identification and device columns; return the summary."""
+    from reid_batch.metrics import membership_auc, reidentification
+
+    settings = manifest.evaluation
+    pool = train_pool(spec)
+    if training is None or not len(training.frame):
+        return {"available": False, "reason": "the target's training images are not available here"}
+    heldout_found = pool_frame(manifest, heldout_pool)
+    if heldout_found is None:
+        return {"available": False, "reason": f"the held-out ({heldout_pool}) pool's images are not available here"}
+    heldout_frame, heldout_on_error = heldout_found
+    # Patients the target trained on must not sit in its held-out set (possible with real data sources).
+    heldout_frame = heldout_frame[~heldout_frame["patient_id"].astype(str).isin(
+        set(training.frame["patient_id"].astype(str)))].reset_index(drop=True)
+    size = min(len(training.frame), len(heldout_frame))
+    if size == 0:
+        return {"available": False, "reason": f"the held-out ({heldout_pool}) pool has no labelled images"}
+    train_positions = sample_positions(len(training.frame), size, settings.seed)
+    if size < len(training.frame):
+        notes.append(f"the held-out pool has only {size} images: the training set is subsampled to {size} for "
+                     "re-identification (equal sizes keep chance at 0.5)")
+    heldout_positions = sample_positions(len(heldout_frame), size, settings.seed + 1)
+    heldout = load_images(heldout_frame.iloc[heldout_positions].reset_index(drop=True), resolution, heldout_on_error,
+                          manifest.compute.num_workers, set(), f"{spec.name} held-out images ({heldout_pool})")
+    train_features = training.features[train_positions]
+    train_patients = training.frame["patient_id"].astype(str).to_numpy()[train_positions]
+    result = reidentification(
+        _features(reconstructions), train_features, train_patients, heldout.features,
+        heldout.frame["patient_id"].astype(str).to_numpy(), confidence=CONFIDENCE,
+    )
+    reid_table = result.table
+    table["reid_train_patient"] = reid_table["train_patient"].astype(str).to_numpy()
+    table["reid_train_distance"] = reid_table["train_distance"].to_numpy()
+    table["reid_heldout_patient"] = reid_table["control_patient"].astype(str).to_numpy()
+    table["reid_heldout_distance"] = reid_table["control_distance"].to_numpy()
+    table["member_closer"] = reid_table["member_closer"].to_numpy(dtype=bool)
+    table["reidentified"] = reid_table["reidentified"].to_numpy(dtype=bool)
+    summary = {"available": True, **result.summary, "train_pool": pool, "heldout_pool": heldout_pool,
+               "heldout_images": len(heldout.frame), "chance_rate": 0.5,
+               "feature_space": f"grey pixels area-averaged to {NN_FEATURE_SIZE}x{NN_FEATURE_SIZE}, Euclidean",
+               "membership_auc": membership_auc(table["reid_train_distance"], table["reid_heldout_distance"])
+               if len(table) else None}
+    summary["devices"] = _devices(manifest, training, heldout, pool, heldout_pool, reconstructions, table)
+    return summary
+
+
+def _features(images01: torch.Tensor) -> np.ndarray:
+    from reid_batch.metrics import pixel_features
+
+    return pixel_features(images01, NN_FEATURE_SIZE) if len(images01) else np.zeros((0, NN_FEATURE_SIZE ** 2))
+
+
+def _devices(manifest, training: LoadedImages, heldout: LoadedImages, pool: str, heldout_pool: str,
+             reconstructions: torch.Tensor, table: pd.DataFrame) -> dict:
+    train_truth, heldout_truth = world_truth(manifest, pool), world_truth(manifest, heldout_pool)
+    if train_truth is None or heldout_truth is None:
+        return {"available": False, "reason": "device ground truth exists only on the synthetic world"}
+    has_device = np.concatenate([
+        truth_for(training.frame["patient_id"], training.frame, train_truth)["pacemaker"].to_numpy(),
+        truth_for(heldout.frame["patient_id"], heldout.frame, heldout_truth)["pacemaker"].to_numpy(),
+    ])
+    regions = np.concatenate([training.regions, heldout.regions])
+    known = ~np.isnan(has_device)
+    detector = calibrate_device_detector(regions[known], has_device[known] > 0.5)
+    truth = truth_for(table["reid_train_patient"], table, train_truth)["pacemaker"].to_numpy()
+    table["truth_pacemaker"] = _flags(truth > 0.5, np.isnan(truth))
+    summary = {"available": detector is not None and detector.reliable,
+               "detector": None if detector is None else asdict(detector),
+               "method": "fraction of pixels in the upper chest on the image's right (rows "
+                         f"{DEVICE_REGION[0]:.2f}-{DEVICE_REGION[1]:.2f}, columns {DEVICE_REGION[2]:.2f}-"
+                         f"{DEVICE_REGION[3]:.2f} of the image) brighter than the {DEVICE_LEVEL_PERCENTILE:g}th "
+                         "percentile of device-free images there; threshold by Youden's J on the training and "
+                         "held-out images",
+               "matched_with_pacemaker": int(np.nansum(truth > 0.5))}
+    if detector is None:
+        summary["reason"] = "the calibration images lack either images with or without a pacemaker"
+        return summary
+    if not detector.reliable:
+        summary["reason"] = (f"the detector cannot be trusted here: AUC {detector.auc:.2f} on {detector.with_device} "
+                             f"images with and {detector.without_device} without a pacemaker (needs AUC >= "
+                             f"{DETECTOR_MIN_AUC} and >= {DETECTOR_MIN_IMAGES} images of each kind; below about 64 px "
+                             "a pacemaker is a few blurred pixels)")
+        return summary
+    recon_regions = device_region(reconstructions) if len(reconstructions) else np.zeros((0, 1, 1), np.uint8)
+    scores = detector.scores(recon_regions)
+    detected = scores >= detector.threshold
+    table["recon_device_score"] = scores
+    table["recon_pacemaker_detected"] = detected
+    reproduced = (truth > 0.5) & detected
+    table["device_reproduced"] = _flags(reproduced, np.isnan(truth))
+    # Detections on reconstructions whose matched patient has no pacemaker: the detector's false alarms on generated
+    # images, which can be far more frequent than on real ones (1 - specificity) when the images are artefact-ridden.
+    without = truth <= 0.5
+    summary.update({"reconstructions_detected": int(detected.sum()), "reproduced": int(reproduced.sum()),
+                    "reproduced_rate": float(reproduced.mean()) if len(reproduced) else None,
+                    "matched_without_pacemaker": int(without.sum()),
+                    "detected_without_pacemaker": int((detected & without).sum())})
+    false_alarms = (detected & without).sum() / without.sum() if without.sum() else None
+    summary["interpretable"] = bool(false_alarms is None
+                                    or false_alarms <= max(0.25, 3 * (1 - detector.specificity)))
+    return summary
+
+
+def _flags(values: np.ndarray, unknown: np.ndarray) -> pd.Series:
+    """Nullable booleans: None where unknown."""
+    return pd.Series([None if u else bool(v) for v, u in zip(values, unknown)], dtype=object)
+
+
+def _mean(values: pd.Series) -> float | None:
+    values = pd.to_numeric(values, errors="coerce")
+    return float(values.mean()) if values.notna().any() else None
+
+
+def _median(values: pd.Series) -> float | None:
+    values = pd.to_numeric(values, errors="coerce")
+    return float(values.median()) if values.notna().any() else None
+
+
+def _to_arrow(table: pd.DataFrame) -> pa.Table:
+    columns = {}
+    for column in TABLE_SCHEMA:
+        if column.name in table:
+            values = table[column.name].tolist()
+            values = [None if (isinstance(v, float) and math.isnan(v)) or v is pd.NA else v for v in values]
+        else:
+            values = [None] * len(table)
+        columns[column.name] = pa.array(values, type=column.type)
+    return pa.Table.from_pydict(columns, schema=TABLE_SCHEMA)
+
+
+def evaluate(manifest: Manifest, target: str | None = None) -> int:
+    """`reid-batch evaluate`: metrics for one target (None = every target); see the module docstring."""
+    from reid_batch.stages.sample import launched_state
+
+    state = launched_state(manifest)
+    if state is None or state.is_main_process:
+        shared = Shared()
+        for spec in [manifest.target(target)] if target else list(manifest.targets):
+            evaluate_target(manifest, spec, shared)
+    if state is not None:
+        state.wait_for_everyone()
+    return 0

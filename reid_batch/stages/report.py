@@ -1,0 +1,662 @@
+"""`reid-batch report`: render the evaluation outputs as one risk report (HTML, Markdown, JSON).
+
+Reads only what `evaluate` committed (`<target>/evaluation/`: metrics.json, evaluation.parquet, figures, pairs) and,
+when present, the demographic model's `demographics/metrics.json`; it computes nothing heavy and imports no torch.
+Output, committed: `<run>/report/` (every target of the manifest) or `<run>/report-<target>/` (one target):
+  report.html  self-contained (figures embedded as base64 PNG): threat model, risk summary first, the side-by-side
+               comparison, then per target: stage 1 table and figures, likely samples beside their nearest training
+               image with SSIM, demographic and re-identification tables, loss curves; what each number does and does
+               not show; the resolved manifest and software versions.
+  report.md    the summary in Markdown (no images).
+  report.json  everything machine-readable, including every likely sample's row.
+A committed report is re-rendered only when an evaluation it was made from has changed since (commit markers).
+
+The leak of a target is its re-identification rate minus a control model's (a target with `train.pool: control`,
+whose roles of training and held-out pool are swapped), preferring a control of the same architecture family; the
+interval is Newcombe's hybrid score interval for a difference of independent proportions, from each rate's Wilson
+interval. Reconstructions are sensitive data: everything is written only under the run's output URI.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+import re
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from reid_batch import log
+from reid_batch.errors import InputError
+from reid_batch.manifest import Manifest
+
+HTML_FILE = "report.html"
+MARKDOWN_FILE = "report.md"
+JSON_FILE = "report.json"
+HTML_MAX_SAMPLES = 50
+
+_SECRET_KEY = re.compile(r"secret|password|passwd|token|access_key|credential|session", re.IGNORECASE)
+_AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
+_URI_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]+@")
+
+MEANINGS = [
+    ("Likely samples",
+     "How many of the candidates passed both selection thresholds (objective and Mahalanobis distance).",
+     "With the quantile rule the count is bounded by the quantiles by design: it shows how far the two scores agree, "
+     "not by itself that anything leaked."),
+    ("Pixel entropy, PCA kurtosis, FID (stage 1)",
+     "Whether fine-tuning moved the generator's image distribution, and whether towards the target's training "
+     "images (compare prior vs reference with fine-tuned vs reference). Kurtosis curves share one PCA basis.",
+     "Nothing about any individual patient. FID from untrained Inception weights is only a relative measure; with "
+     "fewer images than 2048 it is biased upwards and comparable only between sets of equal size."),
+    ("Nearest neighbour and SSIM (validation only)",
+     "How close each likely sample is to the nearest real training image in a coarse pixel space (32 x 32 grey), "
+     "and their structural similarity.",
+     "Identity: a close neighbour can be a generic chest X-ray; low SSIM is usual even for genuine matches."),
+    ("Demographic accuracy (validation only)",
+     "Age error and sex accuracy of the age/sex model on the reconstructions, against the nearest neighbour's true "
+     "age and sex; the same model on the real neighbour image is the floor.",
+     "That the reconstruction shows that person: a population-typical image can get age and sex right by chance. "
+     "Few likely samples give wide intervals."),
+    ("Re-identification rate (synthetic ground truth)",
+     "The share of likely samples whose nearest image, among equally many training and held-out images, is a "
+     "training image. Chance is 0.5; the leak is the difference from the control model's rate.",
+     "That a person could be named from a reconstruction in practice; samples collapsing onto a few patients make the "
+     "evidence weaker than the count suggests (see distinct patients)."),
+    ("Membership AUC",
+     "Whether likely samples sit nearer the training images than the held-out images: 0.5 none, 1 always.",
+     "Membership of any particular patient."),
+    ("Device reproduction (synthetic world)",
+     "Whether a pacemaker of the matched training patient reappears in the reconstruction, by a simple calibrated "
+     "brightness detector.",
+     "Anything when the detector is reported unreliable at this resolution."),
+]
+
+
+# ------------------------------------------------------------------------------------------------ pure core
+
+
+def newcombe_difference(p1: float, ci1, p2: float, ci2) -> tuple[float, float, float]:
+    """(p1 - p2, lower, upper): Newcombe's hybrid score interval from two Wilson intervals."""
+    (l1, u1), (l2, u2) = ci1, ci2
+    difference = p1 - p2
+    lower = difference - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    upper = difference + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return difference, max(-1.0, lower), min(1.0, upper)
+
+
+def safe_manifest(document: Any) -> Any:
+    """The manifest dump with anything credential-like replaced by "***" (the schema holds none; this checks)."""
+    secrets = {os.environ.get(name) for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")}
+    secrets.discard(None)
+    secrets.discard("")
+
+    def clean(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v, str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v, key) for v in value]
+        if isinstance(value, str):
+            if _SECRET_KEY.search(key) or any(s in value for s in secrets):
+                return "***"
+            return _URI_USERINFO.sub(r"\1***@", _AWS_KEY_ID.sub("***", value))
+        return value
+
+    return clean(document)
+
+
+def software_versions() -> dict:
+    """Versions of what computed and rendered the numbers (importlib.metadata: nothing heavy is imported)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from reid_batch import __version__
+
+    found = {"python": platform.python_version(), "reid-batch": __version__}
+    for package in ("torch", "torchvision", "pyarrow", "numpy", "pandas", "scikit-learn", "accelerate"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def _get(mapping: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+def _choose_control(metrics: dict, controls: dict[str, dict]) -> str | None:
+    usable = [name for name, m in controls.items() if _get(m, "reidentification", "available")]
+    same_family = [name for name in usable if controls[name].get("family") == metrics.get("family")]
+    return (same_family or usable or [None])[0]
+
+
+def _plain(value: Any) -> Any:
+    if value is None or value is pd.NA:
+        return None
+    if hasattr(value, "item"):  # numpy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _sample_records(table: pd.DataFrame) -> list[dict]:
+    """Every likely sample's row, exactly as in evaluation.parquet (full float precision), by id."""
+    return [{k: _plain(v) for k, v in row.items()} for row in table.sort_values("id").to_dict(orient="records")]
+
+
+def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd.DataFrame],
+                 manifest_document: dict, demographic_model: dict | None = None) -> dict:
+    """The machine-readable report: per target its metrics, risk summary and samples, plus the comparison."""
+    controls = {n: m for n, m in evaluations.items() if m.get("train_pool") == "control"}
+    targets = {}
+    for name, metrics in evaluations.items():
+        table = tables[name]
+        reid = metrics.get("reidentification") or {}
+        demographics = metrics.get("demographics") or {}
+        risk = {
+            "likely_samples": int(len(table)),
+            "candidates": _get(metrics, "stage2", "candidates"),
+            "age_mae": _get(demographics, "reconstruction", "age_mae"),
+            "age_mae_ci": _get(demographics, "reconstruction", "age_mae_ci"),
+            "sex_accuracy": _get(demographics, "reconstruction", "sex_accuracy"),
+            "sex_accuracy_ci": _get(demographics, "reconstruction", "sex_accuracy_ci"),
+            "neighbour_age_mae": _get(demographics, "neighbour", "age_mae"),
+            "neighbour_sex_accuracy": _get(demographics, "neighbour", "sex_accuracy"),
+            "reidentification_rate": reid.get("rate") if reid.get("available") else None,
+            "reidentification_ci": reid.get("rate_ci") if reid.get("available") else None,
+            "reidentification_p": reid.get("p_value") if reid.get("available") else None,
+            "distinct_patients": reid.get("distinct_train_patients") if reid.get("available") else None,
+            "membership_auc": reid.get("membership_auc") if reid.get("available") else None,
+            "ssim_mean": _get(metrics, "stage2", "ssim_mean"),
+            "devices_reproduced": _get(reid, "devices", "reproduced")
+            if _get(reid, "devices", "available") and _get(reid, "devices", "interpretable") else None,
+            "leak": None,
+        }
+        if metrics.get("train_pool") == "control":
+            risk["leak"] = {"note": "this is a control model (trained on the control pool)"}
+        elif risk["reidentification_rate"] is not None and reid.get("num_samples"):
+            control = _choose_control(metrics, controls)
+            control_reid = _get(controls.get(control), "reidentification") or {}
+            if control is None or not control_reid.get("num_samples"):
+                risk["leak"] = {"note": "no control model with likely samples to compare with; add a target with "
+                                        "train.pool: control"}
+            else:
+                difference, lower, upper = newcombe_difference(reid["rate"], reid["rate_ci"], control_reid["rate"],
+                                                               control_reid["rate_ci"])
+                risk["leak"] = {"control": control, "control_rate": control_reid["rate"],
+                                "control_ci": control_reid["rate_ci"], "difference": difference,
+                                "ci": [lower, upper], "method": "Newcombe hybrid score interval, 95%"}
+        targets[name] = {"metrics": metrics, "risk": risk, "samples": _sample_records(table)}
+    return _finite({
+        "run_id": run_id,
+        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "threat_model": next(iter(evaluations.values()))["threat_model"] if evaluations else None,
+        "validation_note": next(iter(evaluations.values()))["validation_note"] if evaluations else None,
+        "targets": targets,
+        "demographic_model": demographic_model,
+        "meanings": [{"metric": m, "shows": s, "does_not_show": d} for m, s, d in MEANINGS],
+        "manifest": safe_manifest(manifest_document),
+        "software": {"report": software_versions(),
+                     "evaluation": {n: m.get("software") for n, m in evaluations.items()}},
+    })
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+
+
+def number(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def significant(value: Any, digits: int = 4) -> str:
+    """4 significant digits: FIDs range from ~1e-13 (untrained features) to hundreds."""
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def p_value(value: Any) -> str:
+    return "n/a" if value is None else "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def percent(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def interval(values: Any, as_percent: bool = False, digits: int = 2) -> str:
+    if not values or any(v is None for v in values):
+        return ""
+    low, high = values
+    return f" [{percent(low)}, {percent(high)}]" if as_percent else f" [{number(low, digits)}, {number(high, digits)}]"
+
+
+def inception_text(inception: dict | None) -> str:
+    if not inception:
+        return "FID not computed (evaluation.fid: false)."
+    if not inception.get("trained"):
+        return (f"FID features from UNTRAINED (seeded random) Inception-v3 weights at {inception.get('image_size')} "
+                "px: a relative measure between these sets only, not comparable with published FIDs.")
+    return f"FID features from Inception-v3 weights {inception.get('weights')} at {inception.get('image_size')} px."
+
+
+def leak_text(leak: dict | None) -> str:
+    if not leak:
+        return "n/a"
+    if "difference" not in leak:
+        return leak.get("note", "n/a")
+    low, high = leak["ci"]
+    return (f"{100 * leak['difference']:+.0f} points [{100 * low:+.0f}, {100 * high:+.0f}] vs "
+            f"{leak['control']} ({percent(leak['control_rate'])})")
+
+
+def risk_rows(document: dict) -> list[dict[str, str]]:
+    """One row of display strings per target: the risk summary."""
+    rows = []
+    for name, entry in document["targets"].items():
+        metrics, risk = entry["metrics"], entry["risk"]
+        trained = metrics.get("target_training") or {}
+        rows.append({
+            "Target": name,
+            "Model": f"{metrics.get('arch')} ({metrics.get('preset') or 'checkpoint'}), trained on "
+                     f"{metrics.get('train_pool')} pool",
+            "Train / val accuracy": f"{number(_get(trained, 'train', 'accuracy'), 2)} / "
+                                    f"{number(_get(trained, 'val', 'accuracy'), 2)}" if trained else "n/a",
+            "Likely samples": f"{risk['likely_samples']} of {risk['candidates']}",
+            "Age MAE (years)": number(risk["age_mae"], 1) + interval(risk["age_mae_ci"], digits=1),
+            "Sex accuracy": percent(risk["sex_accuracy"]) + interval(risk["sex_accuracy_ci"], as_percent=True),
+            "Re-identification rate": (percent(risk["reidentification_rate"])
+                                       + interval(risk["reidentification_ci"], as_percent=True)
+                                       + (f", p {p_value(risk['reidentification_p'])}"
+                                          if risk["reidentification_p"] is not None else ""))
+            if risk["reidentification_rate"] is not None else "n/a",
+            "Leak vs control": leak_text(risk["leak"]),
+            "Membership AUC": number(risk["membership_auc"], 2),
+            "Mean SSIM": number(risk["ssim_mean"], 3),
+        })
+    return rows
+
+
+def stage1_rows(document: dict) -> tuple[list[str], list[list[str]]]:
+    """The study's Figure 4: per target 'prior -> fine-tuned' and 'reference' columns."""
+    header = ["Metric"]
+    for name in document["targets"]:
+        header += [f"{name}: prior → fine-tuned", f"{name}: reference"]
+
+    def pair(entry: dict, metric: str) -> list[str]:
+        sets = _get(entry, "metrics", "stage1", "sets") or {}
+
+        def value(name: str) -> str:
+            block = _get(sets, name, metric)
+            if not block:
+                return "n/a"
+            spread = f" ± {number(block.get('se'), 3)}" if block.get("se") is not None else ""
+            return number(block.get("mean"), 3) + spread
+
+        return [f"{value('prior')} → {value('finetuned')}", value("reference")]
+
+    def fid_cell(entry: dict, a: str, b: str) -> str:
+        for row in _get(entry, "metrics", "stage1", "fid") or []:
+            if {row["a"], row["b"]} == {a, b}:
+                return significant(row["value"]) + (" *" if row.get("underdetermined") else "")
+        return "n/a"
+
+    rows = [["Pixel entropy (bits)"], ["PCA kurtosis (mean excess)"], ["FID prior ↔ fine-tuned"],
+            ["FID fine-tuned ↔ reference"], ["FID prior ↔ reference"]]
+    for entry in document["targets"].values():
+        rows[0] += pair(entry, "entropy")
+        rows[1] += pair(entry, "kurtosis")
+        rows[2] += [fid_cell(entry, "prior", "finetuned"), ""]
+        rows[3] += ["", fid_cell(entry, "finetuned", "reference")]
+        rows[4] += ["", fid_cell(entry, "prior", "reference")]
+    return header, rows
+
+
+def demographic_rows(samples: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["id", "PredAge_Recon", "PredAge_NN", "Age_GT", "AbsErr_Recon", "AbsErr_NN", "PredSex_Recon",
+              "PredSex_NN", "Sex_GT", "Correct_Recon", "Correct_NN"]
+    rows = [[str(s["id"]), number(s.get("recon_pred_age"), 1), number(s.get("nn_pred_age"), 1),
+             number(s.get("true_age"), 0), number(s.get("recon_age_abs_error"), 1),
+             number(s.get("nn_age_abs_error"), 1),
+             s.get("recon_pred_sex") or "n/a", s.get("nn_pred_sex") or "n/a", s.get("true_sex") or "n/a",
+             number(s.get("recon_sex_correct")), number(s.get("nn_sex_correct"))] for s in samples]
+    return header, rows
+
+
+def reid_rows(samples: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["id", "Nearest training patient", "Distance", "Nearest held-out patient", "Distance",
+              "Training closer", "Re-identified", "Patient has pacemaker", "Pacemaker detected", "Device reproduced"]
+    rows = [[str(s["id"]), s.get("reid_train_patient") or "n/a", number(s.get("reid_train_distance"), 3),
+             s.get("reid_heldout_patient") or "n/a", number(s.get("reid_heldout_distance"), 3),
+             number(s.get("member_closer")), number(s.get("reidentified")), number(s.get("truth_pacemaker")),
+             number(s.get("recon_pacemaker_detected")), number(s.get("device_reproduced"))] for s in samples]
+    return header, rows
+
+
+def interpretation(name: str, entry: dict) -> str:
+    """One cautious plain-language sentence per target for the top of the report."""
+    risk, metrics = entry["risk"], entry["metrics"]
+    parts = [f"{risk['likely_samples']} likely sample(s) of {risk['candidates']} candidates"]
+    rate = risk["reidentification_rate"]
+    if rate is not None:
+        low, high = risk["reidentification_ci"]
+        verdict = ("above chance" if low > 0.5 else "below chance" if high < 0.5 else "not distinguishable from chance")
+        parts.append(f"{percent(rate)} nearer a training image than a held-out one (chance 50%; 95% CI "
+                     f"{percent(low)}-{percent(high)}: {verdict}); the re-identified ones point at "
+                     f"{risk['distinct_patients']} distinct training patient(s)")
+    leak = risk["leak"] or {}
+    if "difference" in leak:
+        low, high = leak["ci"]
+        parts.append(f"leak vs control model {leak['control']}: {100 * leak['difference']:+.0f} points "
+                     f"({'excludes' if low > 0 or high < 0 else 'includes'} 0)")
+    if risk["sex_accuracy"] is not None:
+        parts.append(f"sex read correctly from {percent(risk['sex_accuracy'])} of reconstructions, age within "
+                     f"{number(risk['age_mae'], 1)} years on average")
+    if risk["devices_reproduced"] is not None:
+        parts.append(f"{risk['devices_reproduced']} reconstruction(s) show the matched patient's pacemaker")
+    if metrics.get("train_pool") == "control":
+        parts.append("control model: its numbers are the no-leak baseline")
+    return f"{name}: " + "; ".join(parts) + "."
+
+
+# ------------------------------------------------------------------------------------------------ HTML
+
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;color:#222;
+line-height:1.45;padding:0 1em}
+h1{font-size:1.6em;border-bottom:2px solid #333;padding-bottom:.2em}
+h2{font-size:1.3em;margin-top:2em;border-bottom:1px solid #aaa}
+h3{font-size:1.1em;margin-top:1.5em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.88em}
+th,td{border:1px solid #bbb;padding:.25em .5em;text-align:left;vertical-align:middle}
+th{background:#eef1f5}
+tr:nth-child(even) td{background:#fafafa}
+.box{border:1px solid #c9a227;background:#fff8e1;padding:.6em 1em;margin:1em 0}
+.note{color:#555;font-size:.9em}
+img.pair{image-rendering:pixelated;height:96px}
+img.figure{max-width:100%;border:1px solid #ddd;margin:.4em 0}
+pre{background:#f6f6f6;border:1px solid #ddd;padding:.8em;overflow-x:auto;font-size:.8em}
+"""
+
+
+def _table_html(header: list[str], rows: list[list[str]], raw_columns: set[int] = frozenset()) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell if i in raw_columns else html.escape(str(cell))}</td>"
+                                    for i, cell in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _image_html(png: bytes | None, alt: str, css_class: str = "figure") -> str:
+    if not png:
+        return f"<p class='note'>({html.escape(alt)}: not available)</p>"
+    data = base64.b64encode(png).decode("ascii")
+    return f"<img class='{css_class}' alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
+
+
+def render_html(document: dict, figures: dict[str, dict[str, bytes]], pairs: dict[str, dict[int, bytes]]) -> str:
+    esc = html.escape
+    out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+           f"<title>Re-identification risk report: {esc(document['run_id'])}</title><style>{CSS}</style></head><body>"]
+    out.append(f"<h1>Re-identification risk report: run {esc(document['run_id'])}</h1>")
+    out.append(f"<p class='note'>Generated {esc(document['generated'])} by reid-batch "
+               f"{esc(str(document['software']['report'].get('reid-batch')))}. Targets: "
+               f"{esc(', '.join(document['targets']))}.</p>")
+    out.append(f"<div class='box'><b>Threat model.</b> {esc(document['threat_model'] or '')}<br><b>Validation.</b> "
+               f"{esc(document['validation_note'] or '')}<br><b>Sensitive content.</b> This report shows reconstructed "
+               "and real patient images; keep it where the run's output is kept.</div>")
+
+    out.append("<h2>1. Risk summary</h2>")
+    rows = risk_rows(document)
+    if rows:
+        out.append(_table_html(list(rows[0]), [list(r.values()) for r in rows]))
+    out.append("<ul>" + "".join(f"<li>{esc(interpretation(n, e))}</li>" for n, e in document["targets"].items())
+               + "</ul>")
+    out.append("<p class='note'>Intervals are 95%: Wilson for proportions, Student t for the age error, Newcombe for "
+               "the difference from the control model. Age and sex are judged against the nearest training image's "
+               "patient.</p>")
+    if document.get("demographic_model"):
+        model = document["demographic_model"]
+        out.append(f"<p class='note'>The age/sex model's own validation (public pool): age MAE "
+                   f"{esc(number(_get(model, 'age', 'mae') or model.get('age_mae'), 2))}, sex accuracy "
+                   f"{esc(number(_get(model, 'sex', 'accuracy') or model.get('sex_accuracy'), 3))}.</p>")
+
+    out.append("<h2>2. Side-by-side comparison (stage 1, distribution level)</h2>")
+    header, rows = stage1_rows(document)
+    out.append(_table_html(header, rows))
+    out.append("<p class='note'>Mean ± standard error (entropy: over images; kurtosis: bootstrap). * FID with fewer "
+               "images than feature dimensions (biased upwards; compare only between equal-size sets). "
+               + esc(" ".join(sorted({inception_text(_get(e, "metrics", "stage1", "inception"))
+                                      for e in document["targets"].values()}))) + "</p>")
+
+    for index, (name, entry) in enumerate(document["targets"].items(), start=1):
+        metrics, samples = entry["metrics"], entry["samples"]
+        stage1, stage2, reid = metrics["stage1"], metrics["stage2"], metrics["reidentification"]
+        out.append(f"<h2>3.{index} Target {esc(name)}</h2>")
+        out.append(f"<p>{esc(interpretation(name, entry))}</p>")
+        out.append("<h3>Stage 1: distribution of generated images</h3>")
+        set_rows = []
+        for set_name, block in stage1["sets"].items():
+            set_rows.append([set_name, str(block["images"]),
+                             number(_get(block, "entropy", "mean")) + " ± " + number(_get(block, "entropy", "se")),
+                             number(_get(block, "kurtosis", "mean")) + " ± " + number(_get(block, "kurtosis", "se"))])
+        out.append(_table_html(["Set", "Images", "Pixel entropy (bits)", "PCA kurtosis"], set_rows))
+        fid_rows = [[f"{r['a']} ↔ {r['b']}", significant(r["value"]), f"{r['num_a']} / {r['num_b']}",
+                     number(r["underdetermined"])] for r in stage1.get("fid") or []]
+        if fid_rows:
+            out.append(_table_html(["FID", "Value", "Images", "Fewer images than dims"], fid_rows))
+        pca = stage1["pca"]
+        out.append(f"<p class='note'>PCA basis: {pca['components']} components fitted on {esc(str(pca['fitted_on']))} "
+                   f"({pca['fit_images']} images, {percent(pca['explained_variance'])} of variance). "
+                   f"{esc(inception_text(stage1.get('inception')))}</p>")
+        for note in stage1.get("notes") or []:
+            out.append(f"<p class='note'>Note: {esc(note)}</p>")
+        out.append(_image_html(figures[name].get("kurtosis"), "kurtosis curves"))
+        out.append(_image_html(figures[name].get("stage1_examples"), "example images per set"))
+
+        out.append("<h3>Stage 2: likely samples beside their nearest training image (validation only)</h3>")
+        out.append(f"<p class='note'>Nearest neighbour among {stage2.get('training_images')} training images in "
+                   f"{esc(str(stage2.get('feature_space')))}; SSIM at the generator's resolution "
+                   f"({metrics.get('resolution')} px). Mean SSIM {number(stage2.get('ssim_mean'))}, "
+                   f"{stage2.get('distinct_neighbours', 'n/a')} distinct neighbours of "
+                   f"{stage2.get('distinct_neighbour_patients', 'n/a')} patients.</p>")
+        ordered = sorted(samples, key=lambda s: (s.get("rank_combined") or 0, s["id"]))
+        sample_rows = [[str(s["id"]), _image_html(pairs[name].get(s["id"]), f"sample {s['id']} and neighbour", "pair"),
+                        number(s.get("ssim")), number(s.get("nn_distance")), esc(s.get("nn_patient") or "n/a"),
+                        str(s.get("rank_combined"))] for s in ordered[:HTML_MAX_SAMPLES]]
+        out.append(_table_html(["id", "Reconstruction | nearest training image", "SSIM", "Distance", "Patient",
+                                "Combined rank"], sample_rows, raw_columns={1}))
+        if len(samples) > HTML_MAX_SAMPLES:
+            out.append(f"<p class='note'>First {HTML_MAX_SAMPLES} of {len(samples)} by combined rank; all are in "
+                       "report.json and evaluation.parquet.</p>")
+
+        out.append("<h3>Demographics of reconstructions and their nearest neighbours</h3>")
+        demographics = metrics.get("demographics") or {}
+        if demographics.get("available"):
+            rec, nn = demographics.get("reconstruction") or {}, demographics.get("neighbour") or {}
+            out.append(_table_html(["Images", "Age MAE (years)", "Sex accuracy", "n"], [
+                ["reconstructions", number(rec.get("age_mae"), 1) + interval(rec.get("age_mae_ci"), digits=1),
+                 percent(rec.get("sex_accuracy")) + interval(rec.get("sex_accuracy_ci"), as_percent=True),
+                 str(rec.get("n"))],
+                ["nearest neighbours (real)", number(nn.get("age_mae"), 1) + interval(nn.get("age_mae_ci"), digits=1),
+                 percent(nn.get("sex_accuracy")) + interval(nn.get("sex_accuracy_ci"), as_percent=True),
+                 str(nn.get("n", "n/a"))]]))
+            out.append(f"<p class='note'>Ground truth: {esc(str(demographics.get('ground_truth')))}.</p>")
+            header, rows = demographic_rows(ordered[:HTML_MAX_SAMPLES])
+            out.append(_table_html(header, rows))
+        else:
+            out.append("<p class='note'>Not available: the target's training images are not known here.</p>")
+
+        out.append("<h3>Re-identification (synthetic ground truth, validation only)</h3>")
+        if reid.get("available"):
+            out.append(f"<p>{reid['reidentified']} of {reid['num_samples']} likely samples are nearer a training image "
+                       f"({reid['train_pool']} pool, {reid['num_train']} images) than a held-out image "
+                       f"({reid['heldout_pool']} pool, {reid['num_control']} images): rate "
+                       f"{percent(reid['rate'])}{interval(reid['rate_ci'], as_percent=True)}, one-sided p "
+                       f"{p_value(reid['p_value'])} against chance 0.5; they point at "
+                       f"{reid['distinct_train_patients']} "
+                       f"distinct training patient(s). Membership AUC {number(reid.get('membership_auc'), 2)}.</p>")
+            devices = reid.get("devices") or {}
+            detector = devices.get("detector") or {}
+            if devices.get("available"):
+                out.append(f"<p>Devices: {devices.get('reproduced')} reconstruction(s) reproduce the matched patient's "
+                           f"pacemaker ({devices.get('matched_with_pacemaker')} matched patients have one). "
+                           "Detector on "
+                           f"real images: sensitivity {number(detector.get('sensitivity'), 2)}, specificity "
+                           f"{number(detector.get('specificity'), 2)}, AUC {number(detector.get('auc'), 2)}. It also "
+                           f"fires on {devices.get('detected_without_pacemaker')} of "
+                           f"{devices.get('matched_without_pacemaker')} reconstructions whose matched patient has no "
+                           "pacemaker; where that share is far above 1 - specificity, the detector is reacting to "
+                           "artefacts of the generated images and the reproduction count means little.</p>")
+            else:
+                out.append(f"<p class='note'>Devices: not assessed. {esc(str(devices.get('reason', '')))}</p>")
+            header, rows = reid_rows(ordered[:HTML_MAX_SAMPLES])
+            out.append(_table_html(header, rows))
+        else:
+            out.append(f"<p class='note'>Not available: {esc(str(reid.get('reason')))}.</p>")
+
+        out.append("<h3>Stage 1 fine-tuning losses</h3>")
+        out.append(_image_html(figures[name].get("losses"), "loss curves"))
+        selection = metrics.get("selection") or {}
+        thresholds, counts = selection.get("thresholds") or {}, selection.get("counts") or {}
+        out.append(f"<p class='note'>Selection: rule {esc(str(selection.get('rule')))}; objective total ≤ "
+                   f"{significant(thresholds.get('objective_total'))} ({counts.get('low_objective')} candidates), "
+                   f"Mahalanobis ≤ {significant(thresholds.get('mahalanobis'))} ({counts.get('low_mahalanobis')}); "
+                   f"{counts.get('selected')} selected of {counts.get('candidates')} "
+                   f"({counts.get('non_finite')} with non-finite scores).</p>")
+        for note in metrics.get("notes") or []:
+            out.append(f"<p class='note'>Note: {esc(note)}</p>")
+
+    out.append("<h2>4. What these numbers show and do not show</h2>")
+    out.append(_table_html(["Number", "Shows", "Does not show"],
+                           [[m["metric"], m["shows"], m["does_not_show"]] for m in document["meanings"]]))
+
+    out.append("<h2>5. Reproducibility</h2>")
+    versions = document["software"]
+    first = next(iter(versions["evaluation"].values()), None) or {}
+    out.append(_table_html(["Package", "Evaluation", "Report"],
+                           [[k, str(first.get(k)), str(versions["report"].get(k))]
+                            for k in sorted(set(first) | set(versions["report"]))]))
+    out.append("<h3>Manifest (resolved)</h3><pre>" + esc(yaml.safe_dump(document["manifest"], sort_keys=False))
+               + "</pre>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------ Markdown
+
+
+def _table_markdown(header: list[str], rows: list[list[str]]) -> str:
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(document: dict) -> str:
+    lines = [f"# Re-identification risk report: run {document['run_id']}", "",
+             f"Generated {document['generated']}. Full report with images: `{HTML_FILE}`; all numbers: `{JSON_FILE}`.",
+             "", f"**Threat model.** {document['threat_model']}", "", f"**Validation.** {document['validation_note']}",
+             "", "## Risk summary", ""]
+    rows = risk_rows(document)
+    if rows:
+        lines.append(_table_markdown(list(rows[0]), [list(r.values()) for r in rows]))
+    lines += [""] + [f"- {interpretation(n, e)}" for n, e in document["targets"].items()]
+    lines += ["", "## Stage 1 comparison", ""]
+    header, rows = stage1_rows(document)
+    lines.append(_table_markdown(header, rows))
+    for name, entry in document["targets"].items():
+        lines += ["", f"## {name}: demographics of likely samples", ""]
+        header, rows = demographic_rows(sorted(entry["samples"], key=lambda s: s["id"])[:HTML_MAX_SAMPLES])
+        lines.append(_table_markdown(header, rows) if rows else "No likely samples.")
+        notes = (entry["metrics"].get("notes") or []) + (_get(entry, "metrics", "stage1", "notes") or [])
+        lines += [""] + [f"- Note: {n}" for n in notes]
+    lines += ["", "## What these numbers show and do not show", ""]
+    lines.append(_table_markdown(["Number", "Shows", "Does not show"],
+                                 [[m["metric"], m["shows"], m["does_not_show"]] for m in document["meanings"]]))
+    lines += ["", "## Software", ""]
+    lines.append(_table_markdown(["Package", "Version (report)"], [[k, str(v)] for k, v in
+                                                                    document["software"]["report"].items()]))
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ the shell
+
+
+def _run_store(manifest: Manifest):
+    # recipes.common.run_store would import torch; the report needs none.
+    from reid_batch.storage import S3Settings, open_store
+
+    s3 = manifest.output.s3
+    return open_store(f"{manifest.output.uri.rstrip('/')}/{manifest.run_id}",
+                      S3Settings(endpoint=s3.endpoint, region=s3.region, sse=s3.sse,
+                                 allow_bucket_creation=s3.allow_bucket_creation))
+
+
+def report_prefix(target: str | None = None) -> str:
+    return "report" if target is None else f"report-{target}"
+
+
+def report(manifest: Manifest, target: str | None = None) -> int:
+    """`reid-batch report`: render every target's evaluation (or one target's) into one report."""
+    from reid_batch.stages.evaluate import FIGURES, METRICS_FILE, TABLE_FILE, evaluation_prefix, pair_key
+
+    store = _run_store(manifest)
+    names = [manifest.target(target).name] if target else [t.name for t in manifest.targets]
+    missing = [n for n in names if not store.is_committed(evaluation_prefix(n))]
+    if missing:
+        raise InputError(f"no committed evaluation for target(s) {missing}; run `reid-batch evaluate` "
+                         + " ".join(f"--target {n}" for n in missing[:1]) + " first",
+                         where=store.uri(evaluation_prefix(missing[0])))
+    inputs = {n: store.read_commit(evaluation_prefix(n))["created"] for n in names}
+    prefix = report_prefix(target)
+    if store.is_committed(prefix):
+        if store.read_commit(prefix).get("metadata", {}).get("inputs") == inputs:
+            log.event("report_skipped", uri=store.uri(prefix), reason="already committed from these evaluations")
+            return 0
+        store.delete(store.commit_marker(prefix))
+        store.delete(prefix)
+    evaluations, tables, figures, pairs = {}, {}, {}, {}
+    for name in names:
+        base = evaluation_prefix(name)
+        evaluations[name] = store.read_json(f"{base}/{METRICS_FILE}")
+        tables[name] = store.read_parquet(f"{base}/{TABLE_FILE}").to_pandas()
+        figures[name] = {key: store.read_bytes(f"{base}/{path}") for key, path in FIGURES.items()
+                         if store.exists(f"{base}/{path}")}
+        pairs[name] = {int(i): store.read_bytes(f"{base}/{pair_key(int(i))}") for i in tables[name]["id"]
+                       if store.exists(f"{base}/{pair_key(int(i))}")}
+    demographic_model = store.read_json("demographics/metrics.json") \
+        if store.is_committed("demographics") and store.exists("demographics/metrics.json") else None
+    document = build_report(manifest.run_id, evaluations, tables, manifest.model_dump(mode="json"), demographic_model)
+    page = render_html(document, figures, pairs)
+    with store.committed(prefix, {"stage": "report", "targets": names, "inputs": inputs}) as out:
+        out.write_bytes(HTML_FILE, page.encode("utf-8"))
+        out.write_bytes(MARKDOWN_FILE, render_markdown(document).encode("utf-8"))
+        out.write_json(JSON_FILE, document)
+    log.event("report_done", uri=store.uri(prefix), targets=names, html_bytes=len(page))
+    return 0

@@ -1,0 +1,343 @@
+"""`evaluate` and `report` on a tiny but complete pipeline: a 32 px synthetic world, a target and a control model
+trained for one epoch by the recipe, stage 1 for 2 steps, 64 candidates, selection, scoring, evaluation, report.
+
+The metric functions themselves are checked against their references in test_metrics.py; here the point is that
+the stage wires them to the right data and that the report says what the Parquet outputs say.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from reid_batch.errors import InputError
+from reid_batch.manifest import parse_manifest
+from reid_batch.recipes.common import run_store
+
+REPO = Path(__file__).resolve().parents[1]
+LATENT = 16
+DEPTHS = [32, 16, 8, 8]  # 4 -> 32 px
+SIZE = 32
+WORLD = {"seed": 0, "image_size": SIZE, "private_patients": 14, "public_patients": 1, "control_patients": 10,
+         "max_studies_per_patient": 2}
+TARGETS = ("cnn", "cnn-control")
+
+
+def _inputs(directory: Path) -> dict[str, Path]:
+    from reid_batch.checkpoints import save_state_dict
+    from reid_batch.models.pggan import PGGANConfig, PGGANGenerator, save_generator
+    from reid_batch.recipes.train_demographics import build_model
+
+    torch.manual_seed(0)
+    save_generator(PGGANGenerator(PGGANConfig(latent_dim=LATENT, depths=tuple(DEPTHS), out_channels=1)),
+                   directory / "prior.safetensors")
+    torch.manual_seed(0)
+    save_state_dict(build_model("densenet_tiny").state_dict(), directory / "demographics.safetensors")
+    return {"prior": directory / "prior.safetensors", "demographics": directory / "demographics.safetensors"}
+
+
+def make_manifest(root: Path, inputs: dict[str, Path], output: str, s3_endpoint: str | None = None):
+    document = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
+    document["output"] = {"uri": output}
+    if s3_endpoint:
+        document["output"]["s3"] = {"endpoint": s3_endpoint, "region": "us-east-1"}
+    document["data"] = {"synthetic": {"root": str(root / "world"), **WORLD}, "val_fraction": 0.2, "split_seed": 0}
+    train = {"preset": "normal", "epochs": 1, "batch_size": 8}
+    document["targets"] = [
+        {"name": "cnn", "arch": "resnet18", "train": train, "input": {"size": SIZE}},
+        {"name": "cnn-control", "arch": "resnet18", "train": {**train, "pool": "control"}, "input": {"size": SIZE}},
+    ]
+    document["generator"] = {"checkpoint": str(inputs["prior"]), "format": "reid", "latent_dim": LATENT,
+                             "depths": DEPTHS, "out_channels": 1}
+    document["finetune"] = {"steps": 2, "batch_size": 4, "lr": 1e-4, "checkpoint_every": 100, "log_every": 1}
+    document["sampling"] = {"num_candidates": 64, "batch_size": 32, "num_shards": 1, "chunk_size": 64,
+                            "row_group_size": 64, "seed": 3}
+    document["selection"] = {"rule": "top_k", "top_k": 7}
+    document["demographics"] = {"arch": "densenet_tiny", "checkpoint": str(inputs["demographics"]),
+                                "image_size": SIZE, "num_shards": 2}
+    # FID is off here: each FID needs a 2048 x 2048 matrix square root, about a minute on a loaded 2-core machine.
+    # distribution_metrics' FID wiring is tested below on small features; the metric itself in test_metrics.py.
+    document["evaluation"] = {"num_images": 12, "pca_components": 5, "bootstrap": 20, "fid": False}
+    document["compute"] = {"device": "cpu"}
+    return parse_manifest(document)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """The whole pipeline run once, each stage called directly: (manifest, root)."""
+    from reid_batch.phantoms import WorldConfig, write_world
+    from reid_batch.recipes import finetune, train_target
+    from reid_batch.stages import evaluate, report, sample, score, select
+
+    root = tmp_path_factory.mktemp("evaluate")
+    manifest = make_manifest(root, _inputs(root), str(root / "out"))
+    write_world(manifest.data.synthetic.root, WorldConfig(**WORLD, device_rate=0.3, workers=1))
+    train_target.run(manifest)
+    finetune.run(manifest)
+    sample.sample(manifest)
+    select.select(manifest)
+    # A missing input is the user's to fix: the messages name the stage to run.
+    with pytest.raises(InputError, match="score"):
+        evaluate.evaluate(manifest, target="cnn")
+    with pytest.raises(InputError, match="evaluate"):
+        report.report(manifest)
+    score.score(manifest)
+    assert evaluate.evaluate(manifest) == 0
+    assert report.report(manifest) == 0
+    return manifest, root
+
+
+def _outputs(manifest, name: str):
+    from reid_batch.stages import evaluate
+
+    store = run_store(manifest)
+    prefix = evaluate.evaluation_prefix(name)
+    assert store.is_committed(prefix)
+    metrics = store.read_json(f"{prefix}/{evaluate.METRICS_FILE}")
+    table = store.read_parquet(f"{prefix}/{evaluate.TABLE_FILE}").to_pandas()
+    return store, metrics, table
+
+
+def _truth(root: Path, pool: str) -> pd.DataFrame:
+    return pd.read_csv(root / "world" / pool / "ground_truth.csv").drop_duplicates("patient_id").set_index("patient_id")
+
+
+def _number(patient: str) -> int:
+    return int(re.sub(r"\D", "", patient))
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_likely_samples_matched_to_the_targets_own_training_images(pipeline, name):
+    from reid_batch.datasets import load_image
+    from reid_batch.metrics import ssim
+    from reid_batch.models.pggan import load_generator
+    from reid_batch.stages.sample import regenerate_images
+
+    manifest, root = pipeline
+    store, metrics, table = _outputs(manifest, name)
+    selected = store.read_parquet(f"{name}/selection/selected.parquet").to_pandas()
+    assert table["id"].tolist() == sorted(selected["id"].tolist()) and len(table) == 7
+    assert metrics["stage2"]["likely"] == len(table)
+
+    training = pd.read_csv(io.BytesIO(store.read_bytes(f"targets/{name}/train_images.csv")))
+    assert table["nn_path"].tolist() == training["path"].iloc[table["nn_index"]].tolist()
+    assert table["nn_patient"].tolist() == training["patient_id"].iloc[table["nn_index"]].tolist()
+
+    # SSIM is between the candidate regenerated from its id and the real training image it was matched to.
+    generator, _ = load_generator(store.path(f"{name}/finetune/generator.safetensors"), format="reid")
+    images = regenerate_images(generator, table["id"].to_numpy(), manifest.sampling.seed, torch.device("cpu"))
+    neighbours = torch.stack([load_image(p, SIZE, 1) for p in table["nn_path"]])
+    np.testing.assert_allclose(table["ssim"], ssim(images, neighbours), atol=1e-6)
+    # ...and no training image is nearer in the stated feature space than the one reported.
+    from reid_batch.metrics import pixel_features
+
+    everything = torch.stack([load_image(p, SIZE, 1) for p in training["path"]])
+    distances = np.linalg.norm(pixel_features(images)[:, None] - pixel_features(everything)[None], axis=2)
+    np.testing.assert_allclose(table["nn_distance"], distances.min(axis=1), rtol=1e-5)
+
+    # Demographics: the reconstruction's prediction is the score stage's, the truth is the neighbour's patient's.
+    scores = pd.concat([store.read_parquet(f"{name}/scores/shard={i}/scores.parquet").to_pandas()
+                        for i in range(2)]).set_index("id")
+    np.testing.assert_allclose(table["recon_pred_age"], scores.loc[table["id"], "age"], rtol=1e-6)
+    pool = "control" if name == "cnn-control" else "private"
+    truth = _truth(root, pool)
+    expected_age = [truth.loc[_number(p), "age"] for p in table["nn_patient"]]
+    assert table["true_age"].tolist() == expected_age
+    assert table["true_sex"].tolist() == [truth.loc[_number(p), "sex"] for p in table["nn_patient"]]
+    np.testing.assert_allclose(table["recon_age_abs_error"], np.abs(table["recon_pred_age"] - table["true_age"]))
+    reference = store.read_parquet(f"{name}/scores-reference/scores.parquet").to_pandas().set_index("path")
+    np.testing.assert_allclose(table["nn_pred_age"], reference.loc[table["nn_path"], "age"], rtol=1e-6)
+    expected_correct = (table["recon_pred_sex_prob"] >= 0.5) == (table["true_sex"] == "M")
+    assert table["recon_sex_correct"].tolist() == expected_correct.tolist()
+    assert metrics["demographics"]["reconstruction"]["sex_accuracy"] == pytest.approx(expected_correct.mean())
+    assert metrics["demographics"]["reconstruction"]["age_mae"] == pytest.approx(table["recon_age_abs_error"].mean())
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_reidentification_roles_follow_the_training_pool(pipeline, name):
+    from reid_batch.metrics import membership_auc
+
+    manifest, root = pipeline
+    _, metrics, table = _outputs(manifest, name)
+    reid = metrics["reidentification"]
+    trained_on, held_out = ("control", "private") if name == "cnn-control" else ("private", "control")
+    assert (metrics["train_pool"], metrics["heldout_pool"]) == (trained_on, held_out)
+    train_patients = set(pd.read_csv(io.BytesIO(run_store(manifest).read_bytes(f"targets/{name}/train_images.csv")))
+                         ["patient_id"])
+    assert set(table["reid_train_patient"]) <= train_patients
+    heldout_ids = set(_truth(root, held_out).index)
+    assert {_number(p) for p in table["reid_heldout_patient"]} <= heldout_ids
+    assert reid["num_train"] == reid["num_control"]  # equal sizes: chance is 0.5
+    assert reid["rate"] == pytest.approx(table["reidentified"].mean())
+    assert (table["reidentified"] == (table["reid_train_distance"] < table["reid_heldout_distance"])).all()
+    assert reid["membership_auc"] == pytest.approx(membership_auc(table["reid_train_distance"],
+                                                                  table["reid_heldout_distance"]))
+    # Calibrated on ~20 images of 32 px (a pacemaker is a few blurred pixels): it must say it cannot tell, not guess.
+    devices = reid["devices"]
+    assert devices["detector"] is not None and not devices["detector"]["reliable"] and not devices["available"]
+    assert "cannot be trusted" in devices["reason"]
+    assert table["device_reproduced"].isna().all()
+    truth = _truth(root, trained_on)
+    assert table["truth_pacemaker"].tolist() == [bool(truth.loc[_number(p), "pacemaker"])
+                                                  for p in table["reid_train_patient"]]
+
+
+def test_stage1_sets_and_shared_prior(pipeline):
+    manifest, _ = pipeline
+    stage1 = {name: _outputs(manifest, name)[1]["stage1"] for name in TARGETS}
+    for name, block in stage1.items():
+        assert set(block["sets"]) == {"prior", "finetuned", "reference"}
+        assert block["sets"]["prior"]["images"] == block["sets"]["finetuned"]["images"] == 12
+        assert block["pca"]["fitted_on"] == "reference"
+        kurtosis = block["sets"]["finetuned"]["kurtosis"]
+        assert kurtosis["mean"] == pytest.approx(np.mean(kurtosis["per_component"]))
+        assert len(kurtosis["per_component"]) == block["pca"]["components"] == 5
+        assert block["fid"] == [] and any("FID not computed" in n for n in block["notes"])
+    # The prior's images are the same for every target (fixed latent ids); the bases differ per reference.
+    assert stage1["cnn"]["sets"]["prior"]["entropy"] == stage1["cnn-control"]["sets"]["prior"]["entropy"]
+
+
+def test_report_agrees_with_the_parquet_outputs(pipeline):
+    from reid_batch.stages import report
+
+    manifest, _ = pipeline
+    store = run_store(manifest)
+    assert store.is_committed("report")
+    document = store.read_json("report/report.json")
+    page = store.read_bytes("report/report.html").decode("utf-8")
+    markdown = store.read_bytes("report/report.md").decode("utf-8")
+    for name in TARGETS:
+        _, metrics, table = _outputs(manifest, name)
+        entry = document["targets"][name]
+        selected = store.read_parquet(f"{name}/selection/selected.parquet")
+        assert entry["risk"]["likely_samples"] == selected.num_rows == len(entry["samples"])
+        assert entry["risk"]["reidentification_rate"] == pytest.approx(table["reidentified"].mean())
+        assert [s["ssim"] for s in entry["samples"]] == table.sort_values("id")["ssim"].tolist()
+        assert [s["id"] for s in entry["samples"]] == table.sort_values("id")["id"].tolist()
+        for value in table["ssim"]:
+            assert f"<td>{value:.3f}</td>" in page
+        summary = f"{entry['risk']['likely_samples']} of 64"
+        assert summary in page and summary in markdown
+    # The leak: the target's rate minus the control model's, with Newcombe's interval.
+    cnn, control = (document["targets"][n]["metrics"]["reidentification"] for n in TARGETS)
+    leak = document["targets"]["cnn"]["risk"]["leak"]
+    expected = report.newcombe_difference(cnn["rate"], cnn["rate_ci"], control["rate"], control["rate_ci"])
+    assert leak["control"] == "cnn-control" and [leak["difference"], *leak["ci"]] == pytest.approx(list(expected))
+    assert "control model" in document["targets"]["cnn-control"]["risk"]["leak"]["note"]
+    # Risk summary first, then the comparison, the per-target sections, the meanings, and the manifest.
+    headings = ["Threat model", "1. Risk summary", "2. Side-by-side comparison", "3.1 Target cnn",
+                "3.2 Target cnn-control", "4. What these numbers show", "5. Reproducibility", "Manifest (resolved)"]
+    positions = [page.index(h) for h in headings]
+    assert positions == sorted(positions)
+    assert document["manifest"] == manifest.model_dump(mode="json")
+    assert set(document["software"]["report"]) >= {"python", "torch", "torchvision", "reid-batch", "pyarrow", "numpy"}
+    # Self-contained: every image is an embedded PNG; nothing is fetched from elsewhere.
+    images = re.findall(r"<img [^>]*src='([^']*)'", page)
+    assert len(images) >= 2 * (4 + 7) - 2 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert all(base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n" for src in images)
+    assert "http://" not in page and "https://" not in page
+    marker = store.read_commit("report")
+    assert report.report(manifest) == 0  # unchanged evaluations: nothing is rewritten
+    assert store.read_commit("report") == marker
+    assert report.report(manifest, target="cnn") == 0  # one target: its own prefix, beside the run's report
+    assert list(store.read_json("report-cnn/report.json")["targets"]) == ["cnn"]
+    assert store.read_commit("report") == marker
+
+
+def test_report_reads_and_writes_s3_and_needs_no_torch(pipeline, s3_bucket):
+    """The rendered report on S3 from the same evaluation outputs, in a process that never imports torch."""
+    from reid_batch.storage import open_store
+
+    from conftest import FAKE_AWS_ENV
+
+    manifest, root = pipeline
+    local = run_store(manifest)
+    uri, settings = s3_bucket
+    remote = open_store(f"{uri}/{manifest.run_id}", settings)
+    for name in TARGETS:
+        for key in local.list(f"{name}/evaluation"):
+            remote.write_bytes(key, local.read_bytes(key))
+    document = manifest.model_dump(mode="json")
+    document["output"] = {"uri": uri, "s3": {"endpoint": settings.endpoint, "region": "us-east-1"}}
+    (root / "s3.json").write_text(json.dumps(document))
+    script = (
+        "import json, sys\n"
+        "from reid_batch.manifest import parse_manifest\n"
+        "from reid_batch.stages.report import report\n"
+        f"report(parse_manifest(json.load(open({str(root / 's3.json')!r}))))\n"
+        "assert 'torch' not in sys.modules, 'the report imported torch'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert remote.is_committed("report")
+    files = {key: remote.read_bytes(f"report/{key}") for key in ("report.html", "report.md", "report.json")}
+    assert files["report.html"].startswith(b"<!DOCTYPE html>")
+    for secret in (FAKE_AWS_ENV["AWS_SECRET_ACCESS_KEY"], FAKE_AWS_ENV["AWS_ACCESS_KEY_ID"]):
+        assert all(secret.encode() not in data for data in files.values())
+
+
+# ------------------------------------------------------------------------------------------------ pure pieces
+
+
+def test_distribution_metrics_fid_pairs_and_basis():
+    from reid_batch.metrics import fid, fit_pca, pca_kurtosis
+    from reid_batch.stages.evaluate import distribution_metrics
+
+    generator = torch.Generator().manual_seed(0)
+    sets = {"prior": torch.rand(10, 1, 16, 16, generator=generator),
+            "finetuned": torch.rand(10, 1, 16, 16, generator=generator) ** 2,
+            "reference": torch.rand(9, 1, 16, 16, generator=generator) ** 0.5}
+    rng = np.random.default_rng(0)
+    features = {name: rng.normal(size=(len(images), 6)) + i for i, (name, images) in enumerate(sets.items())}
+    result, png = distribution_metrics(sets, "reference", 4, 30, 1, features)
+    assert png[:4] == b"\x89PNG"
+    assert [(r["a"], r["b"]) for r in result["fid"]] == [("prior", "finetuned"), ("prior", "reference"),
+                                                         ("finetuned", "reference")]
+    assert result["fid"][2]["value"] == pytest.approx(fid(features["finetuned"], features["reference"]).value)
+    basis = fit_pca(sets["reference"], 4, seed=1)
+    assert result["sets"]["prior"]["kurtosis"]["mean"] == pytest.approx(
+        pca_kurtosis(sets["prior"], basis, bootstrap=30, seed=1).mean)
+    pooled, _ = distribution_metrics({k: v for k, v in sets.items() if k != "reference"}, "reference", 4, 0, 1)
+    assert pooled["pca"]["fitted_on"].startswith("pooled") and pooled["pca"]["fit_images"] == 20
+    assert pooled["fid"] == [] and pooled["notes"]
+
+
+def test_device_detector_calibration():
+    from reid_batch.stages.evaluate import calibrate_device_detector
+
+    rng = np.random.default_rng(0)
+    regions = rng.integers(40, 150, size=(40, 12, 14)).astype(np.uint8)
+    has_device = np.arange(40) % 4 == 0
+    regions[has_device, 3:6, 5:9] = 250  # a small bright box
+    detector = calibrate_device_detector(regions, has_device)
+    assert detector.reliable and detector.auc == 1.0
+    assert detector.detect(regions).tolist() == has_device.tolist()
+    assert (detector.with_device, detector.without_device) == (10, 30)
+    noise = calibrate_device_detector(rng.integers(0, 256, size=(40, 12, 14)).astype(np.uint8), has_device)
+    assert not noise.reliable
+    assert calibrate_device_detector(regions, np.zeros(40, bool)) is None
+
+
+def test_newcombe_interval_and_manifest_redaction(monkeypatch):
+    from reid_batch.metrics import wilson_interval
+    from reid_batch.stages.report import newcombe_difference, safe_manifest
+
+    # Newcombe (1998), method 10, example (56/70 vs 48/80): 0.2 [0.0524, 0.3339].
+    difference, low, high = newcombe_difference(56 / 70, wilson_interval(56, 70), 48 / 80, wilson_interval(48, 80))
+    assert (difference, low, high) == pytest.approx((0.2, 0.0524, 0.3339), abs=1e-4)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value-123")
+    cleaned = safe_manifest({"output": {"uri": "s3://user:pw@bucket/x", "note": "key AKIAABCDEFGHIJKLMNOP"},
+                             "secret_key": "abc", "other": ["x very-secret-value-123 y", 3]})
+    assert cleaned == {"output": {"uri": "s3://***@bucket/x", "note": "key ***"}, "secret_key": "***",
+                       "other": ["***", 3]}
