@@ -130,6 +130,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_run(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from reid_batch import deploy
+
+    manifest = _load(args)
+    stages = args.stages.split(",") if args.stages else None
+    jobs = deploy.plan(manifest, stages, args.start)
+    if args.format == "shell":
+        print(deploy.shell_summary(manifest), end="")
+    else:
+        print(deploy.plan_text(manifest, args.manifest, args.scheduler, jobs), end="")
+    return EXIT_OK
+
+
+def cmd_k8s(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from reid_batch import deploy
+
+    manifest = _load(args)
+    text = Path(args.manifest).read_text(encoding="utf-8")  # embedded as written: comments and all
+    options = deploy.KubernetesOptions(
+        image=args.image, namespace=args.namespace, secret=args.secret, gpus=args.gpus,
+        finetune_gpus=args.finetune_gpus, cpu=args.cpu,
+        memory=args.memory, parallelism=args.parallelism, backoff_limit=args.backoff_limit,
+        work_claim=args.work_claim, mounts=tuple(deploy.Mount.parse(m) for m in args.mount),
+    )
+    stages = args.stages.split(",") if args.stages else None
+    objects = deploy.render_kubernetes(manifest, text, options, deploy.plan(manifest, stages, args.start))
+    warning = deploy.local_output_warning(manifest, options)
+    if warning:
+        print(f"reid-batch k8s: warning: {warning}", file=sys.stderr)
+    if args.out is None:
+        print(deploy.to_yaml([obj for _, obj in objects]), end="")
+        return EXIT_OK
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("[0-9][0-9]-*.yaml"):
+        stale.unlink()
+    for name, obj in objects:
+        (out / name).write_text(deploy.to_yaml([obj]), encoding="utf-8")
+    print(f"wrote {len(objects)} file(s) to {out}; run them in order with: k8s/apply.sh {out}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reid-batch",
@@ -159,6 +203,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run every stage in sequence, locally")
     with_manifest(p)
     p.set_defaults(handler=cmd_run)
+
+    def with_selection(p: argparse.ArgumentParser) -> None:
+        p.add_argument("manifest", help="job manifest (YAML); only its schema is checked (inputs may live on the cluster)")
+        p.add_argument("--stages", help="comma-separated stages to include (default: all)")
+        p.add_argument("--from", dest="start", help="start at this job: prepare, finetune, sample, select, score, report")
+        p.set_defaults(schema_only=True)
+
+    p = sub.add_parser("plan", help="print the jobs, shard counts and the commands that would run them")
+    with_selection(p)
+    p.add_argument("--scheduler", choices=["slurm", "k8s", "local"], default="slurm")
+    p.add_argument("--format", choices=["text", "shell"], default="text",
+                   help="shell: key=value lines for scripts (slurm/submit.sh reads them)")
+    p.set_defaults(handler=cmd_plan)
+
+    p = sub.add_parser("k8s", help="render Kubernetes manifests (ConfigMap + Jobs, arrays as Indexed Jobs)")
+    with_selection(p)
+    p.add_argument("--image", default=f"reid-batch:{__version__}", help="container image (default: %(default)s)")
+    p.add_argument("--namespace", help="namespace of every object (default: kubectl's current one)")
+    p.add_argument("--secret", default="reid-batch-s3", help="Secret with AWS_* variables for S3 (default: %(default)s)")
+    p.add_argument("--gpus", type=int, help="GPUs per pod of a GPU stage (default: 0 for compute.device cpu, else 1)")
+    p.add_argument("--finetune-gpus", type=int, help="GPUs of the finetune pod, one process each (default: --gpus)")
+    p.add_argument("--cpu", default="4", help="CPU request per pod (default: %(default)s)")
+    p.add_argument("--memory", default="16Gi", help="memory request and limit per pod (default: %(default)s)")
+    p.add_argument("--parallelism", type=int, default=16, help="shards running at once (default: %(default)s)")
+    p.add_argument("--backoff-limit", type=int, default=3, help="retries per shard / per job (default: %(default)s)")
+    p.add_argument("--work-claim", help="ReadWriteMany PVC for the working directory (default: an emptyDir)")
+    p.add_argument("--mount", action="append", default=[], metavar="CLAIM:/PATH[:ro|rw]",
+                   help="mount a PVC in every pod (data, checkpoints); repeatable")
+    p.add_argument("--out", help="write one file per object into this directory (default: all to stdout)")
+    p.set_defaults(handler=cmd_k8s)
 
     p = sub.add_parser("demo", help="run the built-in demo manifest (synthetic world, CPU)")
     p.add_argument("--output", help="override output.uri")

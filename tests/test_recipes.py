@@ -171,3 +171,36 @@ def test_cli_train_target_with_bad_checkpoint_exits_2(tmp_path):
     with pytest.raises(InputError, match="evil.pt"):
         load_attack_target(manifest, manifest.targets[0])
     assert not (tmp_path / "pwned").exists()
+
+
+def test_train_demographics_resumes_after_sigkill_to_the_same_weights(tiny_world, tmp_path):
+    from safetensors.torch import load_file
+
+    def manifest_file(output: Path) -> Path:
+        document = tiny_manifest(tiny_world, output)
+        document["demographics"]["train"] = {"epochs": 2, "batch_size": 16, "max_images": 48}
+        path = output.parent / f"{output.name}.yaml"
+        path.write_text(yaml.safe_dump(document))
+        return path
+
+    clean_out, killed_out = tmp_path / "clean", tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "reid_batch", "train-demographics"]
+    subprocess.run(command + [str(manifest_file(clean_out))], check=True, env=env, capture_output=True)
+
+    process = subprocess.Popen(command + [str(manifest_file(killed_out))], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume = killed_out / "demo" / "resume" / "train-demographics.pt"
+    deadline = time.time() + 120
+    while not resume.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "training finished before it could be killed; make it longer"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not _commit_marker(killed_out, "demographics").exists()
+    subprocess.run(command + [str(manifest_file(killed_out))], check=True, env=env, capture_output=True)
+
+    clean = load_file(str(clean_out / "demo" / "demographics" / "model.safetensors"))
+    resumed = load_file(str(killed_out / "demo" / "demographics" / "model.safetensors"))
+    for key in clean:
+        torch.testing.assert_close(resumed[key], clean[key], rtol=0, atol=1e-6, msg=key)

@@ -1,0 +1,403 @@
+"""How the pipeline runs on a cluster: one job plan, its Slurm commands, its Kubernetes manifests.
+
+The plan groups the stages into scheduler jobs, each run after the one before it succeeded:
+
+    prepare    make-phantoms, train-prior, train-target, train-demographics   one job, stages in sequence
+    finetune   stage 1                                                       one job, multi-process/-node
+    sample     an array over sampling.num_shards                             shard = task id / completion index
+    select     stage 2's global thresholds                                   one job, no GPU
+    score      an array over demographics.num_shards
+    report     evaluate, report                                              one job, stages in sequence
+
+Slurm runs it through `slurm/submit.sh` (which asks `reid-batch plan --format shell` for the shard counts);
+Kubernetes through the manifests `render_kubernetes` writes (`reid-batch k8s`). Only the manifest module is
+imported here: planning and rendering happen on a login node or a laptop, without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+from dataclasses import dataclass, replace
+from typing import Any
+
+from reid_batch import __version__
+from reid_batch.errors import InputError
+from reid_batch.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class JobGroup:
+    """One scheduler job: its stages run in sequence; `shards` > 1 makes it an array."""
+
+    name: str
+    stages: tuple[str, ...]
+    shards: int = 1
+    array: bool = False
+    distributed: bool = False
+    uses_gpu: bool = True
+
+
+JOB_GROUPS: tuple[JobGroup, ...] = (
+    JobGroup("prepare", ("make-phantoms", "train-prior", "train-target", "train-demographics")),
+    JobGroup("finetune", ("finetune",), distributed=True),
+    JobGroup("sample", ("sample",), array=True),
+    JobGroup("select", ("select",), uses_gpu=False),
+    JobGroup("score", ("score",), array=True),
+    JobGroup("report", ("evaluate", "report")),
+)
+GROUP_NAMES = tuple(g.name for g in JOB_GROUPS)
+
+
+def all_stages() -> tuple[str, ...]:
+    return tuple(stage for group in JOB_GROUPS for stage in group.stages)
+
+
+def shard_count(manifest: Manifest, group: str) -> int:
+    if group == "sample":
+        return manifest.sampling.num_shards
+    if group == "score":
+        return manifest.demographics.num_shards
+    return 1
+
+
+def plan(manifest: Manifest, stages: list[str] | None = None, start: str | None = None) -> list[JobGroup]:
+    """The jobs that run `stages` (default: all) from group `start` on, with the manifest's shard counts."""
+    known = all_stages()
+    wanted = set(known if stages is None else stages)
+    unknown = sorted(wanted - set(known))
+    if unknown:
+        raise InputError(f"unknown stage(s) {unknown}; stages: {', '.join(known)}", "--stages")
+    if start is not None and start not in GROUP_NAMES:
+        raise InputError(f"unknown job {start!r}; jobs: {', '.join(GROUP_NAMES)}", "--from")
+    first = GROUP_NAMES.index(start) if start else 0
+    jobs = []
+    for group in JOB_GROUPS[first:]:
+        chosen = tuple(s for s in group.stages if s in wanted)
+        if chosen:
+            jobs.append(replace(group, stages=chosen, shards=shard_count(manifest, group.name)))
+    return jobs
+
+
+def default_gpus(manifest: Manifest) -> int:
+    """GPUs a GPU stage asks for when not told: none for a CPU manifest, one otherwise."""
+    return 0 if manifest.compute.device == "cpu" else 1
+
+
+def shell_summary(manifest: Manifest) -> str:
+    """`key=value` lines (shell-quoted) for slurm/submit.sh: everything it needs from the manifest."""
+    values = {
+        "run_id": manifest.run_id,
+        "device": manifest.compute.device,
+        "gpus": default_gpus(manifest),
+        "sample_shards": manifest.sampling.num_shards,
+        "score_shards": manifest.demographics.num_shards,
+        "finetune_mixed_precision": manifest.finetune.mixed_precision,
+        "output_uri": manifest.output.uri,
+    }
+    return "".join(f"{key}={shlex.quote(str(value))}\n" for key, value in values.items())
+
+
+# ------------------------------------------------------------------------------------------------ plan text
+
+
+def array_spec(shards: int, parallel: int | None) -> str:
+    spec = "0" if shards == 1 else f"0-{shards - 1}"
+    return f"{spec}%{parallel}" if parallel else spec
+
+
+def stage_command(stage: str, manifest_path: str, shard: str | None = None) -> str:
+    command = f"reid-batch {stage} {shlex.quote(manifest_path)}"
+    return f"{command} --shard {shard}" if shard is not None else command
+
+
+def plan_text(manifest: Manifest, manifest_path: str, scheduler: str, jobs: list[JobGroup],
+              parallel: int = 16, k8s_out: str = "k8s-rendered") -> str:
+    """What would run, and how: one block per job, for `local`, `slurm` or `k8s`."""
+    lines = [f"run {manifest.run_id}: {len(jobs)} job(s), outputs under {manifest.output.uri.rstrip('/')}/{manifest.run_id}/"]
+    gpus = default_gpus(manifest)
+    if scheduler == "slurm":
+        lines.append(f"submit: slurm/submit.sh {shlex.quote(manifest_path)}   (options: slurm/submit.sh --help)")
+    elif scheduler == "k8s":
+        lines.append(f"render: reid-batch k8s {shlex.quote(manifest_path)} --image IMAGE --out {k8s_out}")
+        if manifest.output.uri.startswith("s3://"):
+            lines.append("secret: kubectl create secret generic reid-batch-s3 "
+                         "--from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=...")
+        lines.append(f"run:    k8s/apply.sh {k8s_out}   (applies each Job in order, waiting for the one before)")
+    previous = None
+    for job in jobs:
+        what = f"array of {job.shards}" if job.array else "1 task"
+        lines.append("")
+        lines.append(f"[{job.name}] {', '.join(job.stages)}: {what}"
+                     + (f", after {previous}" if previous else ""))
+        if scheduler == "local":
+            for stage in job.stages:
+                if job.array:
+                    lines.extend(f"  {stage_command(stage, manifest_path, str(i))}" for i in range(job.shards))
+                else:
+                    lines.append(f"  {stage_command(stage, manifest_path)}")
+        elif scheduler == "slurm":
+            flags = [f"--job-name=reid-{manifest.run_id}-{job.name}"]
+            if job.array:
+                flags.append(f"--array={array_spec(job.shards, parallel)}")
+            if job.uses_gpu and gpus:
+                flags.append(f"--gpus-per-node={gpus}" if job.distributed else f"--gpus-per-task={gpus}")
+            if previous:
+                flags.append(f"--dependency=afterok:<{previous}> --kill-on-invalid-dep=yes")
+            lines.append(f"  sbatch {' '.join(flags)}")
+            for stage in job.stages:
+                if job.distributed:
+                    lines.append(f"    srun accelerate launch --num_machines $SLURM_NNODES --machine_rank $SLURM_NODEID "
+                                 f"... -m reid_batch {stage} {shlex.quote(manifest_path)}")
+                else:
+                    suffix = "   # shard = SLURM_ARRAY_TASK_ID" if job.array else ""
+                    lines.append(f"    {stage_command(stage, manifest_path)}{suffix}")
+        else:
+            kind = f"Indexed Job, completions {job.shards}, shard = JOB_COMPLETION_INDEX" if job.array else "Job"
+            lines.append(f"  job/{kubernetes_name(manifest.run_id, job.name)}: {kind}")
+            for stage in job.stages:
+                lines.append(f"    {stage_command(stage, CONFIGMAP_MOUNT + '/' + CONFIGMAP_KEY)}")
+        previous = job.name
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ Kubernetes
+
+CONFIGMAP_MOUNT = "/etc/reid-batch"
+CONFIGMAP_KEY = "job.yaml"
+WORKDIR = "/work"
+CONTAINER_UID = 10001
+GPU_RESOURCE = "nvidia.com/gpu"
+EXIT_INVALID_INPUT = 2
+# The ConfigMap limit is 1 MiB for the whole object.
+MAX_MANIFEST_BYTES = 900 * 1024
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A PersistentVolumeClaim mounted into every pod (data, checkpoints)."""
+
+    claim: str
+    path: str
+    read_only: bool = True
+
+    @classmethod
+    def parse(cls, text: str) -> "Mount":
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or not parts[1].startswith("/") or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+            raise InputError(f"expected CLAIM:/path[:ro|rw], got {text!r}", "--mount")
+        if not _DNS_LABEL.match(parts[0]):
+            raise InputError(f"not a valid claim name: {parts[0]!r}", "--mount")
+        return cls(parts[0], parts[1], len(parts) == 2 or parts[2] == "ro")
+
+
+@dataclass(frozen=True)
+class KubernetesOptions:
+    image: str = f"reid-batch:{__version__}"
+    namespace: str | None = None
+    secret: str = "reid-batch-s3"
+    gpus: int | None = None
+    finetune_gpus: int | None = None
+    cpu: str = "4"
+    memory: str = "16Gi"
+    parallelism: int = 16
+    backoff_limit: int = 3
+    work_claim: str | None = None
+    scratch_size: str = "50Gi"
+    mounts: tuple[Mount, ...] = ()
+    pull_policy: str = "IfNotPresent"
+    service_account: str | None = None
+    ttl_seconds: int = 7 * 24 * 3600
+
+
+def kubernetes_name(run_id: str, suffix: str) -> str:
+    """A DNS-1123 label `reid-<run>-<suffix>` of at most 52 characters (Indexed Job pod names add the index)."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-") or "run"
+    name = f"reid-{slug}-{suffix}"
+    if len(name) > 52:
+        digest = hashlib.sha256(run_id.encode()).hexdigest()[:6]
+        name = f"reid-{slug[: 52 - len(suffix) - 13].rstrip('-')}-{digest}-{suffix}"
+    return name
+
+
+def _labels(manifest: Manifest, component: str) -> dict[str, str]:
+    instance = re.sub(r"[^A-Za-z0-9_.-]", "-", manifest.run_id)[:63]
+    return {
+        "app.kubernetes.io/name": "reid-batch",
+        "app.kubernetes.io/instance": instance,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/version": __version__,
+    }
+
+
+def _container(manifest: Manifest, options: KubernetesOptions, name: str, command: list[str], gpus: int) -> dict:
+    uses_s3 = manifest.output.uri.startswith("s3://")
+    resources: dict[str, Any] = {
+        "requests": {"cpu": options.cpu, "memory": options.memory},
+        "limits": {"memory": options.memory},
+    }
+    if gpus:
+        resources["limits"][GPU_RESOURCE] = gpus
+    mounts = [
+        {"name": "manifest", "mountPath": CONFIGMAP_MOUNT, "readOnly": True},
+        {"name": "work", "mountPath": WORKDIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    mounts += [{"name": f"data-{i}", "mountPath": m.path, "readOnly": m.read_only} for i, m in enumerate(options.mounts)]
+    container: dict[str, Any] = {
+        "name": name,
+        "image": options.image,
+        "imagePullPolicy": options.pull_policy,
+        "command": command,
+        "workingDir": WORKDIR,
+        # The root filesystem is read-only: every cache a library might write goes to the scratch volumes.
+        "env": [
+            {"name": "HOME", "value": "/tmp/home"},
+            {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"},
+            {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
+            {"name": "TORCH_HOME", "value": "/tmp/torch"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+        ],
+        "resources": resources,
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if uses_s3:
+        container["envFrom"] = [{"secretRef": {"name": options.secret}}]
+    return container
+
+
+def _stage_command(manifest: Manifest, stage: str, processes: int) -> list[str]:
+    path = f"{CONFIGMAP_MOUNT}/{CONFIGMAP_KEY}"
+    if stage == "finetune" and processes > 1:
+        return ["accelerate", "launch", "--multi_gpu", "--num_machines", "1", "--num_processes", str(processes),
+                "--mixed_precision", manifest.finetune.mixed_precision, "--dynamo_backend", "no",
+                "-m", "reid_batch", stage, path]
+    return ["reid-batch", stage, path]
+
+
+def job_gpus(manifest: Manifest, options: KubernetesOptions, job: JobGroup) -> int:
+    """GPUs of one pod: finetune may take several (one process each); every other GPU stage takes one."""
+    if not job.uses_gpu:
+        return 0
+    per_pod = options.gpus if options.gpus is not None else default_gpus(manifest)
+    if job.distributed and options.finetune_gpus is not None:
+        return options.finetune_gpus
+    return per_pod
+
+
+def _pod_failure_policy(indexed: bool) -> dict:
+    """Exit code 2 is invalid input (retrying cannot help); a pre-empted or evicted pod is not a failure."""
+    return {
+        "rules": [
+            {"action": "FailIndex" if indexed else "FailJob",
+             "onExitCodes": {"operator": "In", "values": [EXIT_INVALID_INPUT]}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
+
+
+def _job(manifest: Manifest, options: KubernetesOptions, job: JobGroup, configmap: str) -> dict:
+    gpus = job_gpus(manifest, options, job)
+    commands = [(stage, _stage_command(manifest, stage, gpus)) for stage in job.stages]
+    # Stages of one job run in sequence as init containers (no shell needed), the last as the main container.
+    containers = [_container(manifest, options, stage, command, gpus) for stage, command in commands]
+    labels = _labels(manifest, job.name)
+    volumes: list[dict[str, Any]] = [
+        {"name": "manifest", "configMap": {"name": configmap}},
+        {"name": "work", "persistentVolumeClaim": {"claimName": options.work_claim}} if options.work_claim
+        else {"name": "work", "emptyDir": {"sizeLimit": options.scratch_size}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+    ]
+    volumes += [{"name": f"data-{i}", "persistentVolumeClaim": {"claimName": m.claim, "readOnly": m.read_only}}
+                for i, m in enumerate(options.mounts)]
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": CONTAINER_UID,
+            "runAsGroup": CONTAINER_UID,
+            "fsGroup": CONTAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": containers[-1:],
+        "volumes": volumes,
+    }
+    if len(containers) > 1:
+        pod["initContainers"] = containers[:-1]
+    if options.service_account:
+        pod["serviceAccountName"] = options.service_account
+    if job.array:
+        spec: dict[str, Any] = {
+            "completionMode": "Indexed",
+            "completions": job.shards,
+            "parallelism": min(job.shards, options.parallelism),
+            # Retries are counted per shard: one bad shard does not use up the others' retries.
+            "backoffLimitPerIndex": options.backoff_limit,
+        }
+    else:
+        spec = {"backoffLimit": options.backoff_limit}
+    spec.update({
+        "ttlSecondsAfterFinished": options.ttl_seconds,
+        "podFailurePolicy": _pod_failure_policy(job.array),
+        "template": {"metadata": {"labels": labels}, "spec": pod},
+    })
+    metadata: dict[str, Any] = {"name": kubernetes_name(manifest.run_id, job.name), "labels": labels}
+    if options.namespace:
+        metadata["namespace"] = options.namespace
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
+
+
+def render_kubernetes(manifest: Manifest, manifest_text: str, options: KubernetesOptions,
+                      jobs: list[JobGroup] | None = None) -> list[tuple[str, dict]]:
+    """(file name, object) pairs: the job manifest as a ConfigMap, then one Job per planned job, in run order."""
+    if len(manifest_text.encode()) > MAX_MANIFEST_BYTES:
+        raise InputError("the job manifest is too large for a ConfigMap (over 900 KiB)")
+    if options.namespace is not None and not _DNS_LABEL.match(options.namespace):
+        raise InputError(f"not a valid namespace: {options.namespace!r}", "--namespace")
+    if options.work_claim is not None and not _DNS_LABEL.match(options.work_claim):
+        raise InputError(f"not a valid claim name: {options.work_claim!r}", "--work-claim")
+    if options.parallelism < 1 or options.backoff_limit < 0 or min(options.gpus or 0, options.finetune_gpus or 0) < 0:
+        raise InputError("parallelism must be >= 1, backoff limit and GPUs >= 0")
+    jobs = plan(manifest) if jobs is None else jobs
+    configmap_name = kubernetes_name(manifest.run_id, "manifest")
+    metadata: dict[str, Any] = {"name": configmap_name, "labels": _labels(manifest, "manifest")}
+    if options.namespace:
+        metadata["namespace"] = options.namespace
+    configmap = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": {CONFIGMAP_KEY: manifest_text}}
+    objects = [("00-manifest.yaml", configmap)]
+    for job in jobs:
+        number = (GROUP_NAMES.index(job.name) + 1) * 10
+        objects.append((f"{number:02d}-{job.name}.yaml", _job(manifest, options, job, configmap_name)))
+    return objects
+
+
+def local_output_warning(manifest: Manifest, options: KubernetesOptions) -> str | None:
+    if manifest.output.uri.startswith("s3://") or options.work_claim:
+        return None
+    return (f"output.uri {manifest.output.uri!r} is a local path: without --work-claim it is written to each pod's "
+            "scratch volume and lost when the pod ends; use s3:// or a ReadWriteMany claim")
+
+
+def to_yaml(objects: list[dict]) -> str:
+    import yaml
+
+    class _Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:  # shared dicts (labels) are written out, not as &anchors
+            return True
+
+    def _str(dumper: yaml.SafeDumper, value: str):
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    _Dumper.add_representer(str, _str)
+    return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)

@@ -1,0 +1,264 @@
+#!/usr/bin/env bash
+# Submit the whole reid-batch pipeline for one job manifest as dependent Slurm jobs:
+#
+#   prepare   make-phantoms, train-prior, train-target, train-demographics (one job, in sequence)
+#   finetune  srun + accelerate launch over --finetune-nodes x --finetune-gpus-per-node processes
+#   sample    array over sampling.num_shards       (shard = SLURM_ARRAY_TASK_ID)
+#   select    one CPU job
+#   score     array over demographics.num_shards
+#   report    evaluate, report (one job, in sequence)
+#
+# each `afterok` the one before, with --kill-on-invalid-dep=yes so a failure cancels what depends on it instead
+# of leaving it pending forever. Committed outputs are never redone, so re-submitting is always safe; to finish
+# a run after array tasks failed, re-submit only those tasks and what follows:
+#
+#   slurm/submit.sh --from sample --array 3,7 MANIFEST
+#
+# Run `slurm/submit.sh --help` for the options. Prints one line per job: `<job> <job id> <stages>`.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: slurm/submit.sh [options] MANIFEST
+
+Where the code comes from (default: `reid-batch` and `accelerate` on PATH):
+  --container IMAGE        run every stage inside IMAGE (.sif or docker://...) with apptainer/singularity exec
+  --runtime NAME           apptainer or singularity (default: whichever is installed)
+  --bind SPEC              extra container bind, e.g. /data:/data:ro (repeatable; the working directory is bound)
+  --venv DIR               activate the virtual environment DIR in each job
+  --setup COMMAND          shell line run first in each job (e.g. 'module load cuda/12.8')
+  --reid-batch COMMAND     the command that runs reid-batch, split into words (default: reid-batch)
+
+Resources (defaults in brackets; sbatch's own SBATCH_* environment variables also apply):
+  --partition NAME         [cluster default]         --account NAME    [cluster default]
+  --qos NAME               [cluster default]         --cpus N          cpus per task [8]
+  --mem SIZE               memory per job [32G]      --parallel N      array tasks at once [16]
+  --gpus N                 GPUs per GPU job [0 if the manifest's compute.device is cpu, else 1]
+  --finetune-nodes N       nodes for finetune [1]
+  --finetune-gpus-per-node N   GPUs per finetune node, one process each [--gpus]
+  --finetune-processes-per-node N   processes per finetune node [its GPUs, or 1 without GPUs]
+  --time T                 time limit of every job [24:00:00]; --time JOB=T for one job (repeatable)
+  --sbatch-arg ARG         extra sbatch argument for every job (repeatable)
+
+What to submit:
+  --stages LIST            comma-separated stages to run (default: all)
+  --from JOB               start at prepare|finetune|sample|select|score|report
+  --array IDS              task ids of the first array job submitted (re-submit failed tasks), e.g. 3,7
+  --after JOB_ID           the first job waits for this job (afterok)
+  --logs DIR               job scripts and logs [slurm-logs/<run_id>]
+  --dry-run                write the job scripts and print the sbatch commands; submit nothing
+EOF
+}
+
+die() { echo "slurm/submit.sh: $*" >&2; exit 2; }
+
+container="" runtime="" venv="" setup="" reid_batch="reid-batch"
+partition="" account="" qos="" cpus=8 mem=32G parallel=16 gpus="" ft_nodes=1 ft_gpus="" ft_procs=""
+default_time=24:00:00 stages="" from="" array_ids="" after="" logs="" dry_run=0
+binds=() extra=()
+declare -A times=()
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        --container) container=$2; shift 2 ;;
+        --runtime) runtime=$2; shift 2 ;;
+        --bind) binds+=("$2"); shift 2 ;;
+        --venv) venv=$2; shift 2 ;;
+        --setup) setup=$2; shift 2 ;;
+        --reid-batch) reid_batch=$2; shift 2 ;;
+        --partition) partition=$2; shift 2 ;;
+        --account) account=$2; shift 2 ;;
+        --qos) qos=$2; shift 2 ;;
+        --cpus) cpus=$2; shift 2 ;;
+        --mem) mem=$2; shift 2 ;;
+        --parallel) parallel=$2; shift 2 ;;
+        --gpus) gpus=$2; shift 2 ;;
+        --finetune-nodes) ft_nodes=$2; shift 2 ;;
+        --finetune-gpus-per-node) ft_gpus=$2; shift 2 ;;
+        --finetune-processes-per-node) ft_procs=$2; shift 2 ;;
+        --time)
+            if [[ $2 == *=* ]]; then times[${2%%=*}]=${2#*=}; else default_time=$2; fi
+            shift 2 ;;
+        --sbatch-arg) extra+=("$2"); shift 2 ;;
+        --stages) stages=$2; shift 2 ;;
+        --from) from=$2; shift 2 ;;
+        --array) array_ids=$2; shift 2 ;;
+        --after) after=$2; shift 2 ;;
+        --logs) logs=$2; shift 2 ;;
+        --dry-run) dry_run=1; shift ;;
+        --) shift; break ;;
+        -*) die "unknown option $1 (see --help)" ;;
+        *) break ;;
+    esac
+done
+[[ $# -eq 1 ]] || { usage >&2; exit 2; }
+manifest=$1
+[[ -f $manifest ]] || die "manifest not found: $manifest"
+for number in "$cpus" "$parallel" "$ft_nodes" ${gpus:+"$gpus"} ${ft_gpus:+"$ft_gpus"} ${ft_procs:+"$ft_procs"}; do
+    [[ $number =~ ^[0-9]+$ ]] || die "not a number: $number"
+done
+[[ -z $array_ids || $array_ids =~ ^[0-9,-]+(%[0-9]+)?$ ]] || die "--array wants ids like 3,7 or 0-9: $array_ids"
+for job in "${!times[@]}"; do
+    case $job in prepare|finetune|sample|select|score|report) ;; *) die "--time: unknown job $job" ;; esac
+done
+
+# The command prefix every stage runs under: a container runtime, or nothing (venv / PATH).
+prefix=()
+if [[ -n $container ]]; then
+    if [[ -z $runtime ]]; then
+        runtime=$(command -v apptainer || command -v singularity || true)
+        [[ -n $runtime ]] || die "--container needs apptainer or singularity on PATH (or --runtime)"
+        runtime=$(basename "$runtime")
+    fi
+    prefix=(--bind "$PWD")
+    for bind in "${binds[@]}"; do prefix+=(--bind "$bind"); done
+    prefix=("$runtime" exec "${prefix[@]}" --pwd "$PWD" "$container")
+fi
+
+# Everything this script needs from the manifest (validated here, before anything is submitted).
+summary=$(
+    # shellcheck disable=SC1091
+    [[ -z $venv ]] || source "$venv/bin/activate"
+    [[ -z $setup ]] || eval "$setup"
+    # shellcheck disable=SC2086 # the command may be several words, as it is in the job scripts
+    "${prefix[@]}" $reid_batch plan "$manifest" --format shell
+) || die "reid-batch could not read $manifest (see above)"
+declare -A info=()
+while IFS='=' read -r key value; do
+    [[ -n $key ]] && info[$key]=$(eval "printf '%s' $value")  # values are shlex-quoted by reid-batch
+done <<<"$summary"
+run_id=${info[run_id]}
+gpus=${gpus:-${info[gpus]}}
+ft_gpus=${ft_gpus:-$gpus}
+ft_procs_per_node=${ft_procs:-$(( ft_gpus > 0 ? ft_gpus : 1 ))}
+(( ft_procs_per_node > 0 && ft_nodes > 0 )) || die "finetune needs at least one node and one process per node"
+if [[ -n $container ]] && (( gpus > 0 || ft_gpus > 0 )); then
+    prefix=("${prefix[0]}" exec --nv "${prefix[@]:2}")
+fi
+logs=${logs:-slurm-logs/$run_id}
+mkdir -p "$logs/jobs"
+logs=$(cd "$logs" && pwd)
+
+# Each job's script: the environment lines, then the stages.
+q() { printf '%q' "$1"; }
+prelude() {
+    echo '#!/usr/bin/env bash'
+    echo "# written by slurm/submit.sh for run $run_id"
+    echo 'set -euo pipefail'
+    [[ -z $venv ]] || echo "source $(q "$venv")/bin/activate"
+    [[ -z $setup ]] || echo "$setup"
+    echo "echo \"reid-batch: job \$SLURM_JOB_ID \${SLURM_ARRAY_TASK_ID:+task \$SLURM_ARRAY_TASK_ID }on \$(hostname)\" >&2"
+}
+prefix_words() { local w; for w in "${prefix[@]}"; do printf '%q ' "$w"; done; }
+stage_line() { echo "$(prefix_words)$reid_batch $1 $(q "$manifest")"; }
+
+finetune_script() {
+    local multi=""
+    if (( ft_nodes * ft_procs_per_node > 1 )); then multi="--multi_gpu "; fi
+    # One launcher per node. The single quotes keep $SLURM_NODEID & co. for each node's own shell to expand;
+    # the head node and port are the same for every node, so they are fixed here and passed as arguments.
+    cat <<EOF
+head_node=\$(scontrol show hostnames "\$SLURM_JOB_NODELIST" | head -n 1)
+port=\$(( 20000 + SLURM_JOB_ID % 20000 ))
+srun --nodes="\$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+    exec $(prefix_words)accelerate launch ${multi}--num_machines "\$SLURM_NNODES" --machine_rank "\$SLURM_NODEID" \\
+        --main_process_ip "\$1" --main_process_port "\$2" --num_processes \$(( SLURM_NNODES * \$3 )) \\
+        --mixed_precision "\$4" --dynamo_backend no -m reid_batch finetune "\$5"
+' finetune "\$head_node" "\$port" $ft_procs_per_node $(q "${info[finetune_mixed_precision]}") $(q "$manifest")
+EOF
+}
+
+job_stages() {  # the stages of a job, filtered by --stages
+    local all
+    case $1 in
+        prepare) all="make-phantoms train-prior train-target train-demographics" ;;
+        report) all="evaluate report" ;;
+        *) all=$1 ;;
+    esac
+    local stage
+    for stage in $all; do
+        if [[ -z $stages || ",$stages," == *",$stage,"* ]]; then printf '%s ' "$stage"; fi
+    done
+}
+
+jobs=(prepare finetune sample select score report)
+if [[ -n $from ]]; then
+    found=0
+    for i in "${!jobs[@]}"; do [[ ${jobs[$i]} == "$from" ]] && { jobs=("${jobs[@]:$i}"); found=1; break; }; done
+    (( found )) || die "--from: unknown job $from"
+fi
+if [[ -n $stages ]]; then
+    IFS=',' read -ra wanted <<<"$stages"
+    for stage in "${wanted[@]}"; do
+        case $stage in
+            make-phantoms|train-prior|train-target|train-demographics|finetune|sample|select|score|evaluate|report) ;;
+            *) die "--stages: unknown stage $stage" ;;
+        esac
+    done
+fi
+
+if [[ -n $array_ids ]]; then
+    array_jobs=""
+    for job in "${jobs[@]}"; do
+        if [[ $job == sample || $job == score ]] && [[ -n $(job_stages "$job") ]]; then array_jobs+=$job; fi
+    done
+    [[ -n $array_jobs ]] || die "--array given but no array job (sample, score) is submitted"
+fi
+
+previous=$after
+array_used=0
+for job in "${jobs[@]}"; do
+    chosen=$(job_stages "$job")
+    [[ -n $chosen ]] || continue
+    script="$logs/jobs/$job.sh"
+    args=(--parsable --job-name="reid-$run_id-$job" --chdir="$PWD" --cpus-per-task="$cpus" --mem="$mem"
+          --time="${times[$job]:-$default_time}")
+    [[ -z $partition ]] || args+=(--partition="$partition")
+    [[ -z $account ]] || args+=(--account="$account")
+    [[ -z $qos ]] || args+=(--qos="$qos")
+    case $job in
+        sample|score)
+            shards=${info[${job}_shards]}
+            if [[ -n $array_ids && $array_used == 0 ]]; then
+                ids=$array_ids
+                array_used=1
+            else
+                ids="0-$(( shards - 1 ))"
+            fi
+            [[ $ids == *%* ]] || ids="$ids%$parallel"
+            args+=(--array="$ids" --output="$logs/$job-%A_%a.out")
+            if (( gpus > 0 )); then args+=(--gpus-per-task="$gpus"); fi
+            ;;
+        finetune)
+            args+=(--nodes="$ft_nodes" --ntasks-per-node=1 --output="$logs/$job-%j.out")
+            if (( ft_gpus > 0 )); then args+=(--gpus-per-node="$ft_gpus"); fi
+            ;;
+        select)
+            args+=(--output="$logs/$job-%j.out")
+            ;;
+        *)
+            args+=(--output="$logs/$job-%j.out")
+            if (( gpus > 0 )); then args+=(--gpus-per-task="$gpus"); fi
+            ;;
+    esac
+    [[ -z $previous ]] || args+=(--dependency="afterok:$previous" --kill-on-invalid-dep=yes)
+    args+=("${extra[@]}")
+    {
+        prelude
+        if [[ $job == finetune ]]; then finetune_script
+        else for stage in $chosen; do stage_line "$stage"; done
+        fi
+    } >"$script"
+    chmod +x "$script"
+    if (( dry_run )); then
+        printf 'sbatch'; printf ' %q' "${args[@]}" "$script"; printf '\n'
+        id="<$job>"
+    else
+        id=$(sbatch "${args[@]}" "$script") || die "sbatch failed for $job"
+        id=${id%%;*}
+        echo "$job $id ${chosen% }"
+    fi
+    previous=$id
+done
+exit 0
