@@ -93,37 +93,44 @@ def test_overfit_preset_memorises_its_few_images(tiny_world, tmp_path):
     assert len(record["history"]) < 30 or record["history"][-1]["train_accuracy"] == 1.0
 
 
-def test_train_target_resumes_after_sigkill_to_the_same_weights(tiny_world, tmp_path):
+def kill_and_resume_equals_clean_run(tmp_path: Path, stage: str, make_manifest, resume_key: str, prefix: str) -> None:
+    """Run `stage` cleanly; run it again, SIGKILL it once its resume state exists, re-run: same weights."""
     from safetensors.torch import load_file
 
     def manifest_file(output: Path) -> Path:
-        document = tiny_manifest(tiny_world, output, epochs=2, max_images=32)
         path = output.parent / f"{output.name}.yaml"
-        path.write_text(yaml.safe_dump(document))
+        path.write_text(yaml.safe_dump(make_manifest(output)))
         return path
 
     clean_out, killed_out = tmp_path / "clean", tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "reid_batch", "train-target"]
+    command = [sys.executable, "-m", "reid_batch", stage]
     subprocess.run(command + [str(manifest_file(clean_out))], check=True, env=env, capture_output=True)
 
     process = subprocess.Popen(command + [str(manifest_file(killed_out))], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    resume = killed_out / "demo" / "resume" / "train-target-cnn.pt"
+    resume = killed_out / "demo" / resume_key
     deadline = time.time() + 120
     while not resume.exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
     assert process.poll() is None, "training finished before it could be killed; make it longer"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not _commit_marker(killed_out, "targets/cnn").exists()
+    assert not _commit_marker(killed_out, prefix).exists()
     subprocess.run(command + [str(manifest_file(killed_out))], check=True, env=env, capture_output=True)
 
-    clean = load_file(str(clean_out / "demo" / "targets" / "cnn" / "model.safetensors"))
-    resumed = load_file(str(killed_out / "demo" / "targets" / "cnn" / "model.safetensors"))
+    clean = load_file(str(clean_out / "demo" / prefix / "model.safetensors"))
+    resumed = load_file(str(killed_out / "demo" / prefix / "model.safetensors"))
     assert clean.keys() == resumed.keys()
     for key in clean:
         torch.testing.assert_close(resumed[key], clean[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_train_target_resumes_after_sigkill_to_the_same_weights(tiny_world, tmp_path):
+    kill_and_resume_equals_clean_run(
+        tmp_path, "train-target", lambda output: tiny_manifest(tiny_world, output, epochs=2, max_images=32),
+        "resume/train-target-cnn.pt", "targets/cnn",
+    )
 
 
 def test_train_demographics_writes_metrics_and_plots(tiny_world, tmp_path):
@@ -174,33 +181,10 @@ def test_cli_train_target_with_bad_checkpoint_exits_2(tmp_path):
 
 
 def test_train_demographics_resumes_after_sigkill_to_the_same_weights(tiny_world, tmp_path):
-    from safetensors.torch import load_file
-
-    def manifest_file(output: Path) -> Path:
+    def make_manifest(output: Path) -> dict:
         document = tiny_manifest(tiny_world, output)
         document["demographics"]["train"] = {"epochs": 2, "batch_size": 16, "max_images": 48}
-        path = output.parent / f"{output.name}.yaml"
-        path.write_text(yaml.safe_dump(document))
-        return path
+        return document
 
-    clean_out, killed_out = tmp_path / "clean", tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "reid_batch", "train-demographics"]
-    subprocess.run(command + [str(manifest_file(clean_out))], check=True, env=env, capture_output=True)
-
-    process = subprocess.Popen(command + [str(manifest_file(killed_out))], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    resume = killed_out / "demo" / "resume" / "train-demographics.pt"
-    deadline = time.time() + 120
-    while not resume.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    assert process.poll() is None, "training finished before it could be killed; make it longer"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not _commit_marker(killed_out, "demographics").exists()
-    subprocess.run(command + [str(manifest_file(killed_out))], check=True, env=env, capture_output=True)
-
-    clean = load_file(str(clean_out / "demo" / "demographics" / "model.safetensors"))
-    resumed = load_file(str(killed_out / "demo" / "demographics" / "model.safetensors"))
-    for key in clean:
-        torch.testing.assert_close(resumed[key], clean[key], rtol=0, atol=1e-6, msg=key)
+    kill_and_resume_equals_clean_run(tmp_path, "train-demographics", make_manifest,
+                                     "resume/train-demographics.pt", "demographics")
