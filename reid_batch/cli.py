@@ -107,6 +107,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from reid_batch import log
 
     manifest = _load(args)
+    from reid_batch.runner import resolve_jobs, run_parallel
+
+    jobs = resolve_jobs(getattr(args, "jobs", 1))
+    if jobs > 1:
+        return run_parallel(manifest, args.manifest, jobs, getattr(args, "output", None))
     not_built = []
     for stage in STAGES:
         function = stage_function(stage)
@@ -200,8 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--num-shards", type=int, help="must equal the manifest's shard count if given")
         p.set_defaults(handler=cmd_stage)
 
-    p = sub.add_parser("run", help="run every stage in sequence, locally")
+    def jobs(value: str) -> str | int:
+        if value == "auto" or (value.isdigit() and int(value) >= 1):
+            return value if value == "auto" else int(value)
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}")
+
+    p = sub.add_parser("run", help="run every stage locally, in sequence or --jobs N tasks at a time")
     with_manifest(p)
+    p.add_argument("--jobs", type=jobs, default=1,
+                   help="tasks (stage x target) at once, each its own process; auto = cores, at most 4 (default: 1)")
     p.set_defaults(handler=cmd_run)
 
     def with_selection(p: argparse.ArgumentParser) -> None:
@@ -236,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the built-in demo manifest (synthetic world, CPU)")
     p.add_argument("--output", help="override output.uri")
+    p.add_argument("--jobs", type=jobs, default="auto", help="as for run (default: %(default)s)")
     p.set_defaults(handler=cmd_demo)
     return parser
 

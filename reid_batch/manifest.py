@@ -421,6 +421,9 @@ class EvaluationSpec(Strict):
     pca_components: PositiveInt = 50
     pca_fit_on: Literal["reference", "pooled"] = "reference"
     bootstrap: NonNegativeInt = 200
+    membership_candidates: PositiveInt = Field(
+        2000, description="candidates (ids 0..n-1) regenerated for record-level membership; capped at sampling.num_candidates"
+    )
     seed: Seed = 0
 
 
@@ -622,6 +625,8 @@ FIELD_NOTES = {
     "demographics.num_shards": "array tasks for demographic scoring",
     "evaluation.pca_fit_on": "the ONE set the common PCA basis is fitted on",
     "evaluation.bootstrap": "bootstrap resamples for standard errors",
+    "evaluation.membership_candidates": "candidates regenerated for the record-level membership test: each training "
+                                        "and held-out image's distance to its closest one",
     "compute.device": "auto picks CUDA when present",
 }
 

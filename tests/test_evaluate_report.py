@@ -183,6 +183,15 @@ def test_reidentification_roles_follow_the_training_pool(pipeline, name):
     assert (table["reidentified"] == (table["reid_train_distance"] < table["reid_heldout_distance"])).all()
     assert reid["membership_auc"] == pytest.approx(membership_auc(table["reid_train_distance"],
                                                                   table["reid_heldout_distance"]))
+    assert reid["matched_on"] == "label counts"
+    records = reid["records"]
+    for generator in ("finetuned", "prior"):
+        assert records[generator]["members"] == records[generator]["nonmembers"] == reid["num_train"]
+        assert records[generator]["samples"] == min(manifest.evaluation.membership_candidates,
+                                                    manifest.sampling.num_candidates)
+        low, high = records[generator]["auc_ci"]
+        assert 0 <= low <= records[generator]["auc"] <= high <= 1
+    assert records["auc_gain_over_prior"] == pytest.approx(records["finetuned"]["auc"] - records["prior"]["auc"])
     # Calibrated on ~20 images of 32 px (a pacemaker is a few blurred pixels): it must say it cannot tell, not guess.
     devices = reid["devices"]
     assert devices["detector"] is not None and not devices["detector"]["reliable"] and not devices["available"]
@@ -227,6 +236,9 @@ def test_report_agrees_with_the_parquet_outputs(pipeline):
         assert [s["id"] for s in entry["samples"]] == table.sort_values("id")["id"].tolist()
         for value in table["ssim"]:
             assert f"<td>{value:.3f}</td>" in page
+        auc = metrics["reidentification"]["records"]["finetuned"]["auc"]
+        assert entry["risk"]["record_auc"] == pytest.approx(auc)
+        assert f"record-level membership AUC {auc:.2f}" in page
         summary = f"{entry['risk']['likely_samples']} of 64"
         assert summary in page and summary in markdown
     # The leak: the target's rate minus the control model's, with Newcombe's interval.
@@ -341,3 +353,19 @@ def test_newcombe_interval_and_manifest_redaction(monkeypatch):
                              "secret_key": "abc", "other": ["x very-secret-value-123 y", 3]})
     assert cleaned == {"output": {"uri": "s3://***@bucket/x", "note": "key ***"}, "secret_key": "***",
                        "other": ["***", 3]}
+
+
+def test_held_out_set_matches_the_training_label_mix():
+    from reid_batch.stages.evaluate import matched_positions
+
+    train = pd.Series([0] * 20 + [1] * 20)            # class-balanced, like the overfit preset
+    heldout = pd.Series([0] * 70 + [1] * 30 + [1] * 5)  # natural prevalence
+    t, h = matched_positions(train, heldout, seed=3)
+    assert len(t) == len(h) == 40
+    assert train[t].value_counts().to_dict() == heldout[h].value_counts().to_dict() == {0: 20, 1: 20}
+    assert list(h) == sorted(set(h.tolist())) and list(t) == sorted(set(t.tolist()))
+    # Too few held-out images of a label: the training side is subsampled to keep both sets alike.
+    t, h = matched_positions(train, pd.Series([0] * 50 + [1] * 8), seed=3)
+    assert train[t].value_counts().to_dict() == {0: 20, 1: 8} and len(h) == 28
+    t, h = matched_positions(train, None, seed=0)
+    assert len(t) == len(h) == 0

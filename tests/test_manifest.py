@@ -156,7 +156,7 @@ def test_missing_manifest_file_names_it(tmp_path, capsys):
 def test_demo_manifest_is_valid():
     manifest = load_manifest(DEMO)
     assert manifest.version == 1
-    assert {t.family for t in manifest.targets} == {"cnn"}
+    assert {t.family for t in manifest.targets} == {"cnn", "vit"}  # the study compares both families
     assert manifest.source("public").format == "nih"
     assert manifest.source("private").root.endswith("private")
 
@@ -197,7 +197,7 @@ def test_cli_subprocess_exit_codes_and_no_torch_import(tmp_path):
     ok = subprocess.run([sys.executable, "-c", probe, "validate", str(DEMO)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     bad = tmp_path / "bad.yaml"
-    bad.write_text(DEMO.read_text().replace("steps: 40", "steps: -1"))
+    bad.write_text(DEMO.read_text().replace("steps: 120", "steps: -1"))
     result = subprocess.run([sys.executable, "-m", "reid_batch", "validate", str(bad)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "finetune.steps" in result.stderr

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from reid_batch import log
+from reid_batch.errors import InputError
 from reid_batch.manifest import Manifest, TargetSpec
 from reid_batch.recipes.common import (
     EpochTimer,
@@ -115,17 +116,31 @@ def train_one_epoch(model, optimizer, images01, labels, input_spec, batch_size, 
     model.train()
     loss_fn = nn.BCEWithLogitsLoss()
     order = torch.randperm(len(images01), generator=generator)
-    total = 0.0
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    total, seen = 0.0, 0
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
+        if has_batchnorm and len(index) == 1 and batch_size > 1:
+            # A lone remainder image gives BatchNorm a batch of one (undefined variance at 1x1 maps); the
+            # reshuffled order puts it in a full batch next epoch.
+            continue
         x = to_target_input(images01[index].to(device), input_spec)
         y = labels[index].to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x).reshape(-1), y)
+        try:
+            logits = model(x)
+        except ValueError as error:
+            if "Expected more than 1 value per channel" not in str(error):
+                raise
+            raise InputError(f"batch size 1 cannot train this model's BatchNorm at input size {input_spec.size} "
+                             "(its last feature maps are 1x1): use train.batch_size >= 2 or a larger input.size",
+                             where="targets[].train.batch_size") from None
+        loss = loss_fn(logits.reshape(-1), y)
         loss.backward()
         optimizer.step()
         total += loss.item() * len(index)
-    return total / max(len(order), 1)
+        seen += len(index)
+    return total / max(seen, 1)
 
 
 def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
@@ -184,7 +199,12 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
         torch.manual_seed(spec.train.seed * 1000 + epoch)
         order_generator = torch.Generator().manual_seed(spec.train.seed * 1000 + epoch)
         with EpochTimer() as timer:
-            loss = train_one_epoch(model, optimizer, train_x, train_y, input_spec, recipe.batch_size, order_generator, device)
+            try:
+                loss = train_one_epoch(model, optimizer, train_x, train_y, input_spec, recipe.batch_size,
+                                       order_generator, device)
+            except InputError as error:
+                position = [t.name for t in manifest.targets].index(spec.name)
+                raise InputError(error.message, where=f"targets[{position}].train.batch_size") from None
         train_metrics = binary_metrics(predict_logits(model, train_x, input_spec, device), train_y)
         val_metrics = binary_metrics(predict_logits(model, val_x, input_spec, device), val_y)
         row = {"epoch": epoch, "loss": loss, "seconds": timer.seconds,

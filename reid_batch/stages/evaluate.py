@@ -28,12 +28,18 @@ errors and sex correctness; summarised with intervals by `metrics.demographic_er
 
 Re-identification (when the held-out pool's images are available; patient truth and devices on the synthetic world).
 Roles follow each target's `train.pool` (a checkpoint target is taken as trained on the private pool): the
-training set is the target's training list, the held-out set an equally large deterministic sample of the other
-pool's labelled cohort (if that pool is smaller, the training set is subsampled to its size instead), because
-`metrics.reidentification` is only at chance 0.5 for equal sizes. A sample re-identifies when its nearest training
+training set is the target's training list, the held-out set a deterministic sample of the other pool's labelled
+cohort with the SAME label counts (`matched_positions`; where the held-out pool lacks images of a label, the training
+set is subsampled instead), because both tests are at chance 0.5 only for equal, alike sets (a class-balanced
+overfit training list against a held-out set at natural prevalence is not). A sample re-identifies when its nearest training
 image is closer than its nearest held-out image; the rate has a Wilson interval and a one-sided binomial p-value
 against 0.5. Membership AUC: `metrics.membership_auc` of the likely samples' distances to the training set against
-their distances to the held-out set. The report compares each target's rate with a control model's (a target with
+their distances to the held-out set. Record-level membership (`metrics.record_membership`, the
+"distance to closest record" test of GAN membership attacks): each training and held-out image's distance to its
+closest generated sample among the first `evaluation.membership_candidates` candidate ids, as an AUC with a
+bootstrap interval and the fraction of training images flagged at a 5% false-positive rate, for the fine-tuned
+generator AND for the prior (what the attack adds over a generic generator). Per-sample votes are dominated by
+"hub" images that many samples land next to; per-record, every patient counts once. The report compares each target's rate with a control model's (a target with
 `train.pool: control`), for which the pools swap roles.
 
 Devices (synthetic world). A deliberately simple pacemaker detector: the fraction of pixels in the upper chest on the
@@ -537,6 +543,7 @@ class Shared:
     inception: object | None = None
     prior_images: torch.Tensor | None = None
     prior_features: np.ndarray | None = None
+    prior_candidate_features: np.ndarray | None = None
 
 
 def _require_inputs(store, manifest: Manifest, spec: TargetSpec) -> None:
@@ -734,7 +741,8 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
                 table["nn_pred_age"][scored], table["nn_pred_sex_prob"][scored], table["true_age"][scored],
                 true_sex[scored], CONFIDENCE)
 
-    reid = _reidentify(manifest, spec, training, heldout_pool, reconstructions, table, notes, resolution)
+    reid = _reidentify(manifest, spec, training, heldout_pool, reconstructions, table, notes, resolution,
+                       finetuned, shared, device)
 
     # Figures and the committed output.
     losses = store.read_parquet(f"{attack_prefix(spec.name, 'finetune')}/losses.parquet").to_pandas()
@@ -786,8 +794,64 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
     return metrics
 
 
+def matched_positions(train_labels: pd.Series | None, heldout_labels: pd.Series | None, seed: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Equal-size training and held-out subsets with the same label mix: sorted positions into each.
+
+    Chance is 0.5 for both membership tests only when the two sets are alike in everything but membership; a
+    class-balanced training list (the overfit preset) against a held-out set at the natural prevalence would
+    favour whichever set the generator's class mix resembles. Without labels: equal sizes only.
+    """
+    if train_labels is None or heldout_labels is None:
+        size = min(len(train_labels) if train_labels is not None else 0,
+                   len(heldout_labels) if heldout_labels is not None else 0)
+        return (sample_positions(len(train_labels), size, seed) if train_labels is not None else np.zeros(0, int),
+                sample_positions(len(heldout_labels), size, seed + 1) if heldout_labels is not None
+                else np.zeros(0, int))
+    train_values, heldout_values = train_labels.to_numpy(), heldout_labels.to_numpy()
+    train_parts, heldout_parts = [], []
+    for label in sorted(set(train_values.tolist()) & set(heldout_values.tolist())):
+        train_at, heldout_at = np.flatnonzero(train_values == label), np.flatnonzero(heldout_values == label)
+        size = min(len(train_at), len(heldout_at))
+        train_parts.append(train_at[sample_positions(len(train_at), size, seed)])
+        heldout_parts.append(heldout_at[sample_positions(len(heldout_at), size, seed + 1)])
+    if not train_parts:
+        return np.zeros(0, int), np.zeros(0, int)
+    return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(heldout_parts))
+
+
+def generated_features(generator, ids: np.ndarray, seed: int, device: torch.device) -> np.ndarray:
+    """Nearest-neighbour features of generated images, batch by batch: never more than one batch of images."""
+    parts = [_features(generate(generator, ids[i:i + GENERATION_BATCH], seed, device))
+             for i in range(0, len(ids), GENERATION_BATCH)]
+    return np.concatenate(parts) if parts else np.zeros((0, NN_FEATURE_SIZE ** 2), np.float32)
+
+
+def _record_membership(manifest: Manifest, finetuned, shared: Shared, device, train_features: np.ndarray,
+                       heldout_features: np.ndarray) -> dict:
+    """Record-level membership for the fine-tuned generator, and for the prior as the no-attack baseline."""
+    from reid_batch.metrics import record_membership
+    from reid_batch.recipes.train_prior import load_prior
+
+    settings = manifest.evaluation
+    ids = np.arange(min(settings.membership_candidates, manifest.sampling.num_candidates), dtype=np.int64)
+    if shared.prior_candidate_features is None or len(shared.prior_candidate_features) != len(ids):
+        shared.prior_candidate_features = generated_features(load_prior(manifest).to(device).eval(), ids,
+                                                             manifest.sampling.seed, device)
+    result = {"candidates": f"ids 0..{len(ids) - 1} of sampling (seed {manifest.sampling.seed})"}
+    for name, features in (("finetuned", generated_features(finetuned, ids, manifest.sampling.seed, device)),
+                           ("prior", shared.prior_candidate_features)):
+        measured = record_membership(train_features, heldout_features, features, settings.bootstrap, settings.seed,
+                                     CONFIDENCE)
+        measured.pop("member_distances"), measured.pop("nonmember_distances")
+        result[name] = measured
+    result["auc_gain_over_prior"] = result["finetuned"]["auc"] - result["prior"]["auc"]
+    return result
+
+
 def _reidentify(manifest: Manifest, spec: TargetSpec, training: LoadedImages | None, heldout_pool: str,
-                reconstructions: torch.Tensor, table: pd.DataFrame, notes: list[str], resolution: int) -> dict:
+                reconstructions: torch.Tensor, table: pd.DataFrame, notes: list[str], resolution: int,
+                finetuned, shared: Shared, device) -> dict:
     """Fill the table's re-identification and device columns; return the summary."""
     from reid_batch.metrics import membership_auc, reidentification
 
@@ -802,14 +866,16 @@ def _reidentify(manifest: Manifest, spec: TargetSpec, training: LoadedImages | N
     # Patients the target trained on must not sit in its held-out set (possible with real data sources).
     heldout_frame = heldout_frame[~heldout_frame["patient_id"].astype(str).isin(
         set(training.frame["patient_id"].astype(str)))].reset_index(drop=True)
-    size = min(len(training.frame), len(heldout_frame))
+    labelled = "label" in training.frame and "label" in heldout_frame
+    train_positions, heldout_positions = matched_positions(
+        training.frame["label"] if labelled else None, heldout_frame["label"] if labelled else None, settings.seed)
+    size = len(train_positions)
     if size == 0:
         return {"available": False, "reason": f"the held-out ({heldout_pool}) pool has no labelled images"}
-    train_positions = sample_positions(len(training.frame), size, settings.seed)
     if size < len(training.frame):
-        notes.append(f"the held-out pool has only {size} images: the training set is subsampled to {size} for "
-                     "re-identification (equal sizes keep chance at 0.5)")
-    heldout_positions = sample_positions(len(heldout_frame), size, settings.seed + 1)
+        notes.append(f"re-identification uses {size} of the {len(training.frame)} training images: the held-out "
+                     "pool has too few images of some label to match the training set's label mix (equal, alike "
+                     "sets keep chance at 0.5)")
     heldout = load_images(heldout_frame.iloc[heldout_positions].reset_index(drop=True), resolution, heldout_on_error,
                           manifest.compute.num_workers, set(), f"{spec.name} held-out images ({heldout_pool})")
     train_features = training.features[train_positions]
@@ -827,6 +893,8 @@ def _reidentify(manifest: Manifest, spec: TargetSpec, training: LoadedImages | N
     table["reidentified"] = reid_table["reidentified"].to_numpy(dtype=bool)
     summary = {"available": True, **result.summary, "train_pool": pool, "heldout_pool": heldout_pool,
                "heldout_images": len(heldout.frame), "chance_rate": 0.5,
+               "matched_on": "label counts" if labelled else "size only",
+               "records": _record_membership(manifest, finetuned, shared, device, train_features, heldout.features),
                "feature_space": f"grey pixels area-averaged to {NN_FEATURE_SIZE}x{NN_FEATURE_SIZE}, Euclidean",
                "membership_auc": membership_auc(table["reid_train_distance"], table["reid_heldout_distance"])
                if len(table) else None}

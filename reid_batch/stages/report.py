@@ -70,6 +70,12 @@ MEANINGS = [
     ("Membership AUC",
      "Whether likely samples sit nearer the training images than the held-out images: 0.5 none, 1 always.",
      "Membership of any particular patient."),
+    ("Record-level membership AUC",
+     "Whether training images lie closer to their closest generated candidate than equally many held-out images "
+     "with the same label mix do: 0.5 none, 1 always; in brackets the same test on the un-fine-tuned prior, so the "
+     "difference is what the attack extracted from the target.",
+     "Which generated image shows which patient; a value near 0.5 does not prove a model safe against a stronger "
+     "attack or a better feature space."),
     ("Device reproduction (synthetic world)",
      "Whether a pacemaker of the matched training patient reappears in the reconstruction, by a simple calibrated "
      "brightness detector.",
@@ -177,6 +183,10 @@ def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd
             "reidentification_p": reid.get("p_value") if reid.get("available") else None,
             "distinct_patients": reid.get("distinct_train_patients") if reid.get("available") else None,
             "membership_auc": reid.get("membership_auc") if reid.get("available") else None,
+            "record_auc": _get(reid, "records", "finetuned", "auc") if reid.get("available") else None,
+            "record_auc_ci": _get(reid, "records", "finetuned", "auc_ci") if reid.get("available") else None,
+            "record_auc_prior": _get(reid, "records", "prior", "auc") if reid.get("available") else None,
+            "record_tpr": _get(reid, "records", "finetuned", "tpr_at_fpr") if reid.get("available") else None,
             "ssim_mean": _get(metrics, "stage2", "ssim_mean"),
             "devices_reproduced": _get(reid, "devices", "reproduced")
             if _get(reid, "devices", "available") and _get(reid, "devices", "interpretable") else None,
@@ -295,6 +305,9 @@ def risk_rows(document: dict) -> list[dict[str, str]]:
             if risk["reidentification_rate"] is not None else "n/a",
             "Leak vs control": leak_text(risk["leak"]),
             "Membership AUC": number(risk["membership_auc"], 2),
+            "Record-level membership AUC (prior)": (
+                number(risk["record_auc"], 2) + interval(risk["record_auc_ci"], digits=2)
+                + f" ({number(risk['record_auc_prior'], 2)})") if risk["record_auc"] is not None else "n/a",
             "Mean SSIM": number(risk["ssim_mean"], 3),
         })
     return rows
@@ -367,6 +380,12 @@ def interpretation(name: str, entry: dict) -> str:
         parts.append(f"{percent(rate)} nearer a training image than a held-out one (chance 50%; 95% CI "
                      f"{percent(low)}-{percent(high)}: {verdict}); the re-identified ones point at "
                      f"{risk['distinct_patients']} distinct training patient(s)")
+    if risk.get("record_auc") is not None:
+        low, high = risk["record_auc_ci"] or (float("nan"), float("nan"))
+        verdict = ("training images closer to the samples than unseen ones" if low > 0.5 else
+                   "unseen images closer" if high < 0.5 else "no record-level signal distinguishable from chance")
+        parts.append(f"record-level membership AUC {number(risk['record_auc'], 2)} (95% CI {number(low, 2)}-"
+                     f"{number(high, 2)}: {verdict}; the un-fine-tuned prior gives {number(risk['record_auc_prior'], 2)})")
     leak = risk["leak"] or {}
     if "difference" in leak:
         low, high = leak["ci"]

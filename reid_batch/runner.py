@@ -1,0 +1,124 @@
+"""`reid-batch run --jobs N`: the pipeline as a graph of (stage, target) tasks, N processes at a time, on one machine.
+
+On a cluster the scheduler runs the stages (slurm/, k8s/); on a laptop or a workstation `run` does. With `--jobs 1`
+the stages run one after another in this process. With N > 1 every task is its own `reid-batch <stage> MANIFEST
+--target T` process, started as soon as the tasks it needs have finished:
+
+    make-phantoms -> train-prior, train-demographics, train-target[t]
+    train-prior + train-target[t] -> finetune[t] -> sample[t] -> select[t]
+    select[t] + train-demographics -> score[t] -> evaluate[t];  every evaluate[t] -> report
+
+Why processes and not threads: small convolutions use a second core poorly inside one PyTorch process, but two
+single-threaded processes use it fully (each child gets OMP_NUM_THREADS = cores // N unless the caller set it).
+Every stage commits its outputs atomically and skips what is already committed, so a task is safe to re-run:
+after a failure or a kill, `run` again redoes only what is missing. The first failing task stops new starts; the
+running ones finish; the run returns the failure's exit code (2 for invalid input).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from reid_batch import log
+from reid_batch.manifest import Manifest
+
+# Array-task variables must not reach the children: each child runs every shard of its stage.
+_ARRAY_VARIABLES = ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX")
+_POLL_SECONDS = 0.2
+
+
+@dataclass(frozen=True)
+class Task:
+    stage: str
+    target: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.stage if self.target is None else f"{self.stage}[{self.target}]"
+
+
+def task_graph(manifest: Manifest) -> dict[Task, frozenset[Task]]:
+    """Every task and the tasks it needs, in a good start order: the long prior first, then what feeds stage 1."""
+    phantoms, prior, demographics = Task("make-phantoms"), Task("train-prior"), Task("train-demographics")
+    names = [t.name for t in manifest.targets]
+    graph: dict[Task, frozenset[Task]] = {phantoms: frozenset(), prior: frozenset({phantoms})}
+    for name in names:
+        graph[Task("train-target", name)] = frozenset({phantoms})
+    graph[demographics] = frozenset({phantoms})
+    for name in names:
+        graph[Task("finetune", name)] = frozenset({prior, Task("train-target", name)})
+        graph[Task("sample", name)] = frozenset({Task("finetune", name)})
+        graph[Task("select", name)] = frozenset({Task("sample", name)})
+        graph[Task("score", name)] = frozenset({Task("select", name), demographics})
+        graph[Task("evaluate", name)] = frozenset({Task("score", name)})
+    graph[Task("report")] = frozenset(Task("evaluate", name) for name in names)
+    return graph
+
+
+def resolve_jobs(jobs: str | int) -> int:
+    """'auto' = the machine's cores, at most 4 (more processes than that mostly contend for memory bandwidth)."""
+    if jobs == "auto":
+        return max(1, min(4, os.cpu_count() or 1))
+    return int(jobs)
+
+
+def run_graph(graph: dict[Task, frozenset[Task]], start: Callable[[Task], subprocess.Popen], jobs: int) -> int:
+    """Run the graph with at most `jobs` tasks at once; 0, or the exit code of the first task that failed."""
+    pending = dict(graph)
+    running: dict[Task, tuple[subprocess.Popen, float]] = {}
+    done: set[Task] = set()
+    failure = 0
+    while running or (pending and not failure):
+        if not failure:
+            for task in [t for t, needs in pending.items() if needs <= done]:
+                if len(running) >= jobs:
+                    break
+                log.event("task_start", task=task.label, running=len(running) + 1)
+                running[task] = (start(task), time.monotonic())
+                del pending[task]
+        if not running:
+            break
+        time.sleep(_POLL_SECONDS)
+        for task, (process, began) in list(running.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            del running[task]
+            seconds = round(time.monotonic() - began, 1)
+            if code == 0:
+                done.add(task)
+                log.event("task_done", task=task.label, seconds=seconds)
+            else:
+                log.event("task_failed", task=task.label, exit_code=code, seconds=seconds)
+                failure = failure or code
+    if pending and not failure:
+        raise RuntimeError(f"tasks never became ready: {sorted(t.label for t in pending)}")
+    if pending:
+        log.event("run_stopped", not_started=sorted(t.label for t in pending))
+    return failure
+
+
+def run_parallel(manifest: Manifest, manifest_path: str, jobs: int, output: str | None = None) -> int:
+    """The shell: one `python -m reid_batch` child per task."""
+    environment = {k: v for k, v in os.environ.items() if k not in _ARRAY_VARIABLES}
+    environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    graph = task_graph(manifest)
+
+    def start(task: Task) -> subprocess.Popen:
+        command = [sys.executable, "-m", "reid_batch", task.stage, manifest_path]
+        if task.target is not None:
+            command += ["--target", task.target]
+        if output is not None:
+            command += ["--output", output]
+        return subprocess.Popen(command, env=environment)
+
+    began = time.monotonic()
+    code = run_graph(graph, start, jobs)
+    log.event("run_done" if code == 0 else "run_failed", jobs=jobs, tasks=len(graph),
+              seconds=round(time.monotonic() - began, 1), exit_code=code)
+    return code
