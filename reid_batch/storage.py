@@ -370,8 +370,11 @@ class Store:
                     handle.flush()
                     os.fsync(handle.fileno())
                 except BaseException:
-                    handle.close()
-                    os.unlink(temporary)
+                    # close() flushes, which fails again on a full disk; the file must go all the same.
+                    with contextlib.suppress(OSError):
+                        handle.close()
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(temporary)
                     raise
             os.replace(temporary, final)
             _fsync_dir(parent)
@@ -425,11 +428,17 @@ class Store:
             if kind == pafs.FileType.File:
                 self._call(prefix, self._delete_file_if_present, path)
             elif kind == pafs.FileType.Directory:
-                self._call(prefix, self._fs.delete_dir, path)
+                self._call(prefix, self._delete_dir_if_present, path)
 
     def _delete_file_if_present(self, path: str) -> None:
         try:
             self._fs.delete_file(path)
+        except FileNotFoundError:
+            pass  # a retried delete whose first attempt landed
+
+    def _delete_dir_if_present(self, path: str) -> None:
+        try:
+            self._fs.delete_dir(path)
         except FileNotFoundError:
             pass  # a retried delete whose first attempt landed
 
@@ -574,7 +583,7 @@ class Store:
         selector = pafs.FileSelector(self.path(prefix), allow_not_found=True)
         for item in self._call(prefix, self._fs.get_file_info, selector):
             if item.type == pafs.FileType.Directory and item.base_name.startswith(STAGING_PREFIX):
-                self._call(prefix, self._fs.delete_dir, item.path)
+                self._call(prefix, self._delete_dir_if_present, item.path)
 
     def _delete_quietly(self, key: str) -> None:
         # Cleanup on a failure path must not mask the original exception, nor wait out a second retry

@@ -39,12 +39,14 @@ class _Fault:
     until: float | None
     seconds: float
     methods: tuple[str, ...] | None
+    match: str | None
 
     def alive(self, now: float) -> bool:
         return now < self.until if self.until is not None else bool(self.remaining)
 
-    def applies(self, method: str, now: float) -> bool:
-        return self.alive(now) and (self.methods is None or method in self.methods)
+    def applies(self, method: str, path: str, now: float) -> bool:
+        return (self.alive(now) and (self.methods is None or method in self.methods)
+                and (self.match is None or self.match in path))
 
 
 class FaultProxy:
@@ -67,7 +69,7 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._read_body()
-                fault = proxy._take(self.command)
+                fault = proxy._take(self.command, self.path)
                 if fault is not None and fault.kind == "drop":
                     self._reset()
                     return
@@ -157,26 +159,33 @@ class FaultProxy:
         self.stop()
 
     def inject(self, kind: str, count: int | None = None, seconds: float | None = None, delay: float = 0.5,
-               methods: tuple[str, ...] | None = None) -> None:
-        """Apply fault `kind` to the next `count` requests, or to every request for the next `seconds`."""
+               methods: tuple[str, ...] | None = None, match: str | None = None) -> None:
+        """Apply fault `kind` to the next `count` requests, or to every request for the next `seconds`;
+        only to requests with one of `methods` and whose path contains `match`, when given."""
         if kind not in KINDS:
             raise ValueError(f"unknown fault {kind!r}; one of {KINDS}")
         if (count is None) == (seconds is None):
             raise ValueError("give count or seconds")
         until = time.monotonic() + seconds if seconds is not None else None
         with self._lock:
-            self._faults.append(_Fault(kind, count, until, delay, methods))
+            self._faults.append(_Fault(kind, count, until, delay, methods, match))
+
+    def pending(self) -> bool:
+        """Whether an injected fault is still waiting for requests (or its outage is still on)."""
+        now = time.monotonic()
+        with self._lock:
+            return any(f.alive(now) for f in self._faults)
 
     def clear(self) -> None:
         with self._lock:
             self._faults.clear()
 
-    def _take(self, method: str) -> _Fault | None:
+    def _take(self, method: str, path: str) -> _Fault | None:
         now = time.monotonic()
         with self._lock:
             self._faults = [f for f in self._faults if f.alive(now)]
             for fault in self._faults:
-                if fault.applies(method, now):
+                if fault.applies(method, path, now):
                     if fault.remaining is not None:
                         fault.remaining -= 1
                     self.injected[fault.kind] += 1
