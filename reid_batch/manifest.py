@@ -63,6 +63,8 @@ def _finite_positive(values: list[float], what: str) -> list[float]:
 def _check_uri(uri: str) -> str:
     if not uri or not uri.strip():
         raise ValueError("must not be empty")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
+        raise ValueError("must not contain control characters (NUL, newline, ...)")
     if "://" in uri and not uri.startswith(("s3://", "file://")):
         raise ValueError(f"unsupported scheme in {uri!r}: use a local path or s3://bucket/prefix")
     if uri.startswith("s3://"):
