@@ -315,18 +315,17 @@ def test_broken_demographic_checkpoint_is_refused(kind, inputs, tmp_path):
 
 
 def test_malicious_pickles_in_a_real_process_never_run_code(inputs, tmp_path):
-    """The same refusals from `python -m reid_batch finetune`: the exploit would create a marker file."""
+    """The same refusals from `python -m reid_batch finetune` (a bare pickle as the target, a torch.save zip as the
+    generator): the exploit would create a marker file. Each process costs a torch import, so two suffice."""
     marker = tmp_path / MARKER_NAME
-    for kind in ("pickle-os-system", "pickle-exec", "torch-save-with-exploit"):
+    for kind, role in (("pickle-os-system", "target"), ("torch-save-with-exploit", "prior")):
         checkpoint = _write_checkpoint(kind, inputs, tmp_path, marker)
-        for role in ("target", "prior"):
-            manifest = _attack_manifest(inputs, tmp_path, **{role: checkpoint})
-            result = run_process(["finetune", str(manifest)], tmp_path)
-            assert result.returncode == 2, result.stderr[-3000:]
-            assert str(checkpoint) in result.stderr and "Traceback" not in result.stderr
-            assert not marker.exists(), f"{kind} as {role}: code ran"
-            assert not _files(tmp_path / "out")
-    TRIED["checkpoints (process)"] = 6
+        manifest = _attack_manifest(inputs, tmp_path, **{role: checkpoint})
+        result = run_process(["finetune", str(manifest)], tmp_path)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert str(checkpoint) in result.stderr and "refused" in result.stderr and "Traceback" not in result.stderr
+        assert not marker.exists(), f"{kind} as {role}: code ran"
+        assert not _files(tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------------------- images and CSVs
@@ -518,7 +517,7 @@ def test_broken_nih_csv_is_refused(name, rows, needle, inputs, tmp_path, capsys)
 
 
 def test_a_representative_subset_in_real_processes(inputs, tmp_path):
-    """A manifest, an image and a CSV case again as `python -m reid_batch` processes: exit 2, named, no traceback."""
+    """A manifest and an image case again as `python -m reid_batch` processes: exit 2, named, no traceback."""
     cases = []
     bad_manifest = tmp_path / "bad.yaml"
     bad_manifest.write_text(yaml.safe_dump({**demo_document(), "run_id": f"$(touch {MARKER_NAME})"}))
@@ -527,15 +526,12 @@ def test_a_representative_subset_in_real_processes(inputs, tmp_path):
     _chexpert(images / "chexpert", first_image=_png_with_size(200_000, 200_000))
     image_manifest = _train_manifest(inputs, images, {"format": "chexpert", "root": str(images / "chexpert")})
     cases.append((["train-target", str(image_manifest)], "decompression bomb"))
-    csvs = tmp_path / "csvs"
-    csv = _chexpert(csvs / "chexpert", rows=[_csv_row(age="forty"), *_good_rows()[1:]])
-    cases.append((["train-target", str(_train_manifest(inputs, csvs, {"format": "chexpert", "root": str(csvs / "chexpert")}))], str(csv)))
     for args, needle in cases:
         result = run_process(args, tmp_path)
         assert result.returncode == 2, result.stderr[-3000:]
         assert needle in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / MARKER_NAME).exists()
-    assert not _files(images / "out") and not _files(csvs / "out")
+    assert not _files(images / "out")
 
 
 # ------------------------------------------------------------------------------------ unusual but valid images
