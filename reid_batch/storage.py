@@ -23,9 +23,11 @@ concurrent commits of the same prefix are not isolated from each other. pyarrow 
 ``dir/`` marker objects on S3 when a directory empties; :meth:`Store.list` reports files only.
 
 Server-side encryption: pyarrow 26's S3FileSystem forwards only ACL, Cache-Control, Content-Type,
-Content-Language and Expires to S3 and silently drops ``x-amz-server-side-encryption``, so
-``S3Settings.sse`` cannot be applied per object. It is accepted, logged as not applied, and the
-bucket's default encryption (on for every AWS bucket since 2023) is what protects the data.
+Content-Language and Expires to S3 and silently drops ``x-amz-server-side-encryption``. Every object
+reaches its final key through a server-side copy anyway, so with ``S3Settings.sse`` set that copy is
+made with boto3's CopyObject, which sets ``ServerSideEncryption`` (AES256 or aws:kms with the account's
+default KMS key) on every published object. The short-lived ``_tmp-`` upload before the copy is
+covered only by the bucket's default encryption (on for every AWS bucket since 2023).
 
 Transient S3 failures are retried at two levels. The AWS SDK retries each request
 (``retry_max_attempts``, short backoff, for 5xx, SlowDown/throttling and dropped connections); on top of
@@ -54,7 +56,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
@@ -164,11 +166,9 @@ def _open_s3(uri: str, settings: S3Settings) -> "Store":
         _check_key(prefix, where=shown)
 
     filesystem = _s3_filesystem(settings)
-    store = Store(filesystem, f"{bucket}/{prefix}" if prefix else bucket, "s3", settings.retry_budget_s)
-    log.event("storage_open", uri=store.uri(), backend="s3", endpoint=settings.endpoint, region=settings.region)
-    if settings.sse:
-        log.event("storage_sse_not_applied", uri=store.uri(), sse=settings.sse,
-                  reason="pyarrow S3FileSystem cannot send x-amz-server-side-encryption; bucket default encryption applies")
+    store = Store(filesystem, f"{bucket}/{prefix}" if prefix else bucket, "s3", settings)
+    log.event("storage_open", uri=store.uri(), backend="s3", endpoint=settings.endpoint, region=settings.region,
+              sse=settings.sse)
     if settings.allow_bucket_creation:
         with store._named_errors(""):
             if store._call("", filesystem.get_file_info, bucket).type == pafs.FileType.NotFound:
@@ -232,11 +232,17 @@ def _fsync_dir(path: str) -> None:
 class Store:
     """A directory-like location; every key is relative to ``root``. Create with :func:`open_store`."""
 
-    def __init__(self, filesystem: pafs.FileSystem, root: str, scheme: str, retry_budget_s: float = 0.0):
+    def __init__(self, filesystem: pafs.FileSystem, root: str, scheme: str, s3: S3Settings | None = None):
         self._fs = filesystem
         self._root = root
         self._scheme = scheme
-        self._retry_budget_s = retry_budget_s
+        self._s3 = s3
+        self._retry_budget_s = s3.retry_budget_s if s3 is not None else 0.0
+        self._boto = None
+
+    def __getstate__(self) -> dict:
+        # A boto3 client holds resolved credentials: it never travels with a pickled Store.
+        return {**self.__dict__, "_boto": None}
 
     # --- identity -------------------------------------------------------------------------------
 
@@ -283,7 +289,7 @@ class Store:
             raise type(exc)(f"{self.uri(key)}: {exc}") from exc
 
     def _child(self, key: str) -> "Store":
-        return Store(self._fs, self.path(key), self._scheme, self._retry_budget_s)
+        return Store(self._fs, self.path(key), self._scheme, self._s3)
 
     def _call(self, key: str, operation: Callable[..., T], *args: Any) -> T:
         """Run one filesystem operation, retrying transient S3 failures with exponential backoff and jitter
@@ -312,11 +318,44 @@ class Store:
                 log.event("storage_retry", uri=self.uri(key), attempt=attempt, delay_s=round(delay, 3), error=_short(exc))
                 time.sleep(delay)
 
+    def _encrypted_move(self, source: str, target: str) -> None:
+        """CopyObject with ServerSideEncryption, then delete the source; errors as pyarrow words them, so the
+        retry classification is the same."""
+        import botocore.exceptions as aws
+
+        if self._boto is None:
+            import boto3
+            from botocore.config import Config
+
+            endpoint = None
+            if self._s3.endpoint:
+                scheme, netloc = _split_endpoint(self._s3.endpoint)
+                endpoint = f"{scheme}://{netloc}"
+            self._boto = boto3.client("s3", endpoint_url=endpoint, region_name=self._s3.region, config=Config(
+                retries={"max_attempts": self._s3.retry_max_attempts, "mode": "standard"}))
+        (source_bucket, source_key), (bucket, key) = source.split("/", 1), target.split("/", 1)
+        try:
+            self._boto.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": source_bucket, "Key": source_key},
+                                   ServerSideEncryption=self._s3.sse)
+            self._boto.delete_object(Bucket=source_bucket, Key=source_key)
+        except aws.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404"):
+                raise FileNotFoundError(errno.ENOENT, "No such object", source) from None
+            raise OSError(f"AWS Error {code} (HTTP status {status}) during an encrypted CopyObject") from None
+        except (aws.EndpointConnectionError, aws.ConnectionClosedError, aws.ReadTimeoutError,
+                aws.ConnectTimeoutError) as exc:
+            raise OSError(f"NETWORK_CONNECTION during an encrypted CopyObject: {exc}") from None
+
     def _move(self, key: str, source: str, target: str) -> None:
         """Server-side move, safe to repeat: a move whose reply was lost after it landed is not redone."""
         def attempt() -> None:
             try:
-                self._fs.move(source, target)
+                if self._s3 is not None and self._s3.sse:
+                    self._encrypted_move(source, target)
+                else:
+                    self._fs.move(source, target)
             except OSError:
                 if (self._fs.get_file_info(source).type == pafs.FileType.NotFound
                         and self._fs.get_file_info(target).type == pafs.FileType.File):
@@ -589,7 +628,8 @@ class Store:
         # Cleanup on a failure path must not mask the original exception, nor wait out a second retry
         # budget while the store is down: leftovers are hidden and the next commit removes them.
         with contextlib.suppress(Exception):
-            Store(self._fs, self._root, self._scheme).delete(key)
+            no_retries = replace(self._s3, retry_budget_s=0.0) if self._s3 is not None else None
+            Store(self._fs, self._root, self._scheme, no_retries).delete(key)
 
 
 class ParquetBatchWriter:

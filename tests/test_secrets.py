@@ -1,6 +1,6 @@
 """S3 credentials never leave the environment: not in objects, local files, logs, the resolved manifest or errors.
 
-A small pipeline part (sample and select of a tiny attack, through the real command line) runs against the moto
+A small pipeline part (sample and select, with server-side encryption so boto3 is used as well of a tiny attack, through the real command line) runs against the moto
 S3 server with the distinctive fake credentials of tests/conftest.py, followed by forced failures (an
 unreachable endpoint, with and without retries; a refused input). Everything the runs wrote is then searched
 for the key id and the secret: every object in the bucket, every local file, stdout/stderr, the resolved
@@ -38,7 +38,7 @@ def test_credentials_appear_nowhere_a_run_writes(moto_server, s3_bucket, tmp_pat
                                     "save_images": True}}
     manifest = make_manifest(inputs, uri, settings.endpoint, **options)
     commit_finetuned(manifest, inputs)
-    path = _manifest_file(manifest, tmp_path / "run.yaml")
+    path = _manifest_file(manifest, tmp_path / "run.yaml", sse="AES256")  # boto3 publishes the objects too
 
     codes = [main(["sample", str(path)]), main(["select", str(path)])]
     assert codes == [0, 0]

@@ -122,6 +122,26 @@ def test_every_store_operation_rides_out_a_burst_of_faults(kind, s3_bucket, prox
     assert direct(s3_bucket).read_bytes("task/blob.bin") == b"\x00\x01" * 3000
 
 
+@pytest.mark.parametrize("kind", ["drop", "503"])
+def test_encrypted_publishes_ride_out_faults(kind, s3_bucket, proxy, s3_client):
+    """With output.s3.sse the final copies go through boto3; its failures are retried the same way."""
+    uri, settings = s3_bucket
+    store = open_store(uri, S3Settings(endpoint=proxy.endpoint, region=settings.region, sse="AES256",
+                                       retry_max_attempts=1, retry_budget_s=30))
+    # The uploads go to _tmp- keys; a PUT to the final key is the encrypted CopyObject (boto3).
+    proxy.inject(kind, count=2, match="/task/a.bin", methods=("PUT",))
+    with store.committed("task") as out:
+        out.write_bytes("a.bin", b"a")
+    assert proxy.injected[kind] == 2
+    proxy.inject(kind, count=2, match="/data/b.bin", methods=("PUT",))
+    store.write_bytes("b.bin", b"b")
+    assert proxy.injected[kind] == 4
+    bucket, prefix = uri.removeprefix("s3://").split("/", 1)
+    assert direct(s3_bucket).list("") == ["b.bin", "task/_COMMITTED", "task/a.bin"]
+    for key in direct(s3_bucket).list(""):
+        assert s3_client.head_object(Bucket=bucket, Key=f"{prefix}/{key}")["ServerSideEncryption"] == "AES256"
+
+
 def test_an_outage_of_a_few_seconds_costs_time_not_the_task(s3_bucket, proxy, capfd):
     store = proxied(s3_bucket, proxy, attempts=1, budget=30.0)
     proxy.inject("503", seconds=2.0)
