@@ -189,18 +189,26 @@ def load_into(
         for k in wanted
         if k in state_dict and tuple(state_dict[k].shape) != tuple(wanted[k].shape)
     ]
-    if missing or unexpected or mismatched:
+    # Integer or boolean values where the model has float weights would be cast silently: not a trained model.
+    wrong_dtype = [
+        f"{k}: checkpoint {state_dict[k].dtype} vs model {wanted[k].dtype}"
+        for k in wanted
+        if k in state_dict and wanted[k].is_floating_point() and not state_dict[k].is_floating_point()
+    ]
+    if missing or unexpected or mismatched or wrong_dtype:
         groups = [
             [f"missing from checkpoint: {k}" for k in missing],
             [f"not in {expected}: {k}" for k in unexpected],
             [f"shape mismatch {m}" for m in mismatched],
+            [f"dtype mismatch {m}" for m in wrong_dtype],
         ]
         # Share the listing between kinds, so a long run of missing keys cannot hide the unexpected ones.
         per_group = max(1, _MAX_LISTED // sum(1 for g in groups if g))
         listed = "".join(_listing(g, per_group) for g in groups)
         raise InputError(
             f"checkpoint does not match the expected architecture '{expected}' "
-            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} shape-mismatched keys); "
+            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} shape-mismatched, "
+            f"{len(wrong_dtype)} dtype-mismatched keys); "
             "is `arch` (or the image size / ViT dimensions) set to what the model was trained with?"
             + listed
             + (f"\n{hint}" if hint else ""),

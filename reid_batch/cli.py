@@ -14,7 +14,7 @@ import traceback
 from importlib import resources
 
 from reid_batch import __version__
-from reid_batch.errors import EXIT_FAILURE, EXIT_INVALID_INPUT, EXIT_OK, InputError
+from reid_batch.errors import EXIT_FAILURE, EXIT_INVALID_INPUT, EXIT_OK, InputError, StorageError
 
 # Pipeline order. Each stage names the module and function that implements it and the issue that builds it;
 # a stage whose function does not exist yet is reported as "not built yet" instead of failing obscurely.
@@ -261,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"reid-batch: invalid input: {e}", file=sys.stderr)
         return EXIT_INVALID_INPUT
+    except StorageError as e:
+        # Expected in operations (an outage, a full disk): the message names the location, a traceback adds nothing.
+        print(f"reid-batch: storage failed: {e}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - the last line of defence: say what broke, exit 1

@@ -36,6 +36,9 @@ from reid_batch.errors import InputError
 
 COLUMNS = ("path", "patient_id", "age", "sex", "label", "view", "source")
 
+# Older than any recorded human: a typo or a unit error (months, days), never a patient.
+MAX_AGE = 120.0
+
 # 100 megapixels: ten times a large chest radiograph (about 3000 x 3000), far below what would exhaust memory.
 DEFAULT_MAX_PIXELS = 100_000_000
 
@@ -97,6 +100,15 @@ def _read_csv(csv_path: Path) -> pd.DataFrame:
         return pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot parse CSV: {exc}", where=str(csv_path)) from exc
+
+
+def _refuse_duplicates(values: pd.Series, column: str, csv_path: Path) -> None:
+    """The same image listed twice would be trained on twice and counted twice in every metric."""
+    repeated = values.duplicated(keep=False).to_numpy()
+    if repeated.any():
+        lines = [_csv_line(int(i)) for i in np.flatnonzero(repeated)]
+        raise InputError(f"duplicate {column} values at lines {lines[:10]}: {values.iloc[int(np.flatnonzero(repeated)[0])]!r}",
+                         where=str(csv_path))
 
 
 def _csv_line(position: int) -> int:
@@ -173,6 +185,12 @@ def read_chexpert(root: str | os.PathLike, csv_name: str = "train.csv") -> pd.Da
         position = int(np.flatnonzero(unparsable.to_numpy())[0])
         raise InputError(f"unparsable Age {raw['Age'].iloc[position]!r} at line {_csv_line(position)}",
                          where=str(csv_path))
+    impossible = ages > MAX_AGE
+    if impossible.any():
+        position = int(np.flatnonzero(impossible.to_numpy())[0])
+        raise InputError(f"Age {raw['Age'].iloc[position]!r} at line {_csv_line(position)} is over {MAX_AGE:g} years",
+                         where=str(csv_path))
+    _refuse_duplicates(raw["Path"].str.strip(), "Path", csv_path)
     raw["_age"] = ages
     raw["_cardiomegaly"] = _chexpert_positive(raw["Cardiomegaly"], csv_path, "Cardiomegaly")
     raw["_no_finding"] = _chexpert_positive(raw["No Finding"], csv_path, "No Finding")
@@ -196,7 +214,10 @@ def read_chexpert(root: str | os.PathLike, csv_name: str = "train.csv") -> pd.Da
     for rel, line in zip(kept["Path"].str.strip(), kept["_line"]):
         parts = Path(rel).parts
         base = csv_path.parent.parent if parts and parts[0] == folder_name else csv_path.parent
-        paths.append(str((base / rel).resolve()))
+        resolved = (base / rel).resolve()
+        if not resolved.is_relative_to(base.resolve()):
+            raise InputError(f"Path {rel!r} at line {line} points outside the dataset folder {base}", where=str(csv_path))
+        paths.append(str(resolved))
         patient = next((p for p in parts if _PATIENT_COMPONENT.match(p)), None)
         if patient is None:
             raise InputError(f"Path {rel!r} at line {line} has no patientNNNNN component", where=str(csv_path))
@@ -250,6 +271,7 @@ def read_nih(root: str | os.PathLike, csv_name: str = "Data_Entry_2017.csv", ima
         raise InputError(f"no {csv_name} in this folder", where=str(root_path))
     raw = _read_csv(csv_path)
     _require_columns(raw, NIH_REQUIRED, where=str(csv_path))
+    _refuse_duplicates(raw["Image Index"].str.strip(), "Image Index", csv_path)
 
     ages = np.empty(len(raw), dtype=np.float64)
     in_range = np.ones(len(raw), dtype=bool)

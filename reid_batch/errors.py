@@ -17,3 +17,14 @@ class InputError(Exception):
         self.where = where
         self.message = message
         super().__init__(f"{where}: {message}" if where else message)
+
+
+class StorageError(Exception):
+    """The output store failed in a way the user's input did not cause: S3 down past the retry budget, a full
+    disk. The message names the location; retrying later (or elsewhere) can succeed, so the exit code is 1."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, where: str | None = None):
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message)

@@ -63,6 +63,8 @@ def _finite_positive(values: list[float], what: str) -> list[float]:
 def _check_uri(uri: str) -> str:
     if not uri or not uri.strip():
         raise ValueError("must not be empty")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
+        raise ValueError("must not contain control characters (NUL, newline, ...)")
     if "://" in uri and not uri.startswith(("s3://", "file://")):
         raise ValueError(f"unsupported scheme in {uri!r}: use a local path or s3://bucket/prefix")
     if uri.startswith("s3://"):
@@ -85,6 +87,8 @@ class S3Spec(Strict):
     region: str | None = None
     sse: Literal["AES256", "aws:kms"] | None = Field(None, description="server-side encryption for uploads")
     allow_bucket_creation: bool = False
+    retry_max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    retry_budget_s: Annotated[float, Field(ge=0, le=86400, allow_inf_nan=False)] = 120.0
 
     @field_validator("endpoint")
     @classmethod
@@ -588,6 +592,8 @@ FIELD_NOTES = {
     "run_id": "name of the run: letters, digits, '.', '_', '-'; outputs go to <output.uri>/<run_id>/",
     "output.s3.region": "bucket region (else from AWS_REGION / profile)",
     "output.s3.allow_bucket_creation": "create the bucket if missing (tests, private stores)",
+    "output.s3.retry_max_attempts": "attempts per S3 request inside the AWS SDK (5xx, SlowDown, dropped connections)",
+    "output.s3.retry_budget_s": "seconds each storage operation keeps retrying (exponential backoff, jitter) before the task fails with exit 1; 0 = SDK retries only",
     "data.synthetic.seed": "the world is a pure function of this seed and the counts",
     "data.synthetic.image_size": "side of the square images, in pixels",
     "data.synthetic.private_patients": "patients whose images train the target (the attack's victims)",

@@ -23,9 +23,21 @@ concurrent commits of the same prefix are not isolated from each other. pyarrow 
 ``dir/`` marker objects on S3 when a directory empties; :meth:`Store.list` reports files only.
 
 Server-side encryption: pyarrow 26's S3FileSystem forwards only ACL, Cache-Control, Content-Type,
-Content-Language and Expires to S3 and silently drops ``x-amz-server-side-encryption``, so
-``S3Settings.sse`` cannot be applied per object. It is accepted, logged as not applied, and the
-bucket's default encryption (on for every AWS bucket since 2023) is what protects the data.
+Content-Language and Expires to S3 and silently drops ``x-amz-server-side-encryption``. Every object
+reaches its final key through a server-side copy anyway, so with ``S3Settings.sse`` set that copy is
+made with boto3's CopyObject, which sets ``ServerSideEncryption`` (AES256 or aws:kms with the account's
+default KMS key) on every published object. The short-lived ``_tmp-`` upload before the copy is
+covered only by the bucket's default encryption (on for every AWS bucket since 2023).
+
+Transient S3 failures are retried at two levels. The AWS SDK retries each request
+(``retry_max_attempts``, short backoff, for 5xx, SlowDown/throttling and dropped connections); on top of
+that every Store operation is retried with exponential backoff and jitter for up to ``retry_budget_s``
+seconds in all, so an outage of a minute or two costs time, not the task. Each step of a commit is retried
+on its own and is idempotent (a move that landed before its reply was lost is not repeated), so a retried
+commit never publishes twice or half. When the budget runs out, or the local disk is full, the operation
+raises :class:`~reid_batch.errors.StorageError` naming the location (exit code 1): a task's outputs stay
+unpublished, exactly as after a kill. S3 writes are spooled to a local temporary file first, so an upload
+can be repeated whole without asking the caller to produce its data again.
 
 Credentials come only from pyarrow's default AWS chain (environment variables, profile, instance
 metadata). They are never passed, stored, logged or put in messages by this module. Server-side
@@ -38,11 +50,15 @@ import contextlib
 import errno
 import json
 import os
+import random
 import re
+import shutil
+import tempfile
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -51,13 +67,27 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from reid_batch import log
-from reid_batch.errors import InputError
+from reid_batch.errors import InputError, StorageError
+
+T = TypeVar("T")
 
 COMMIT_MARKER = "_COMMITTED"
 STAGING_PREFIX = "_tmp-"
 MARKER_FORMAT_VERSION = 1
 
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+# What pyarrow's messages say when a failure is worth retrying: 5xx and 429 replies, throttling, and the
+# network failing under the request. Access denied, a missing bucket and other 4xx are permanent.
+_TRANSIENT = re.compile(
+    r"HTTP status (5\d\d|429)|NETWORK_CONNECTION|SLOW_DOWN|THROTTLING|SERVICE_UNAVAILABLE|INTERNAL_FAILURE"
+    r"|REQUEST_TIMEOUT|curlCode|[Tt]imed? ?out|Connection (reset|refused)"
+)
+RETRY_FIRST_DELAY_S = 0.5
+RETRY_MAX_DELAY_S = 15.0
+_DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "file too large for the file system or limit",
+              errno.EDQUOT: "disk quota exceeded"}
+_SPOOL_BLOCK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -69,12 +99,15 @@ class S3Settings:
     sse: str | None = None
     allow_bucket_creation: bool = False
     retry_max_attempts: int = 5
+    retry_budget_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.endpoint is not None:
             _split_endpoint(self.endpoint)
         if self.retry_max_attempts < 1:
             raise InputError(f"must be at least 1, got {self.retry_max_attempts}", where="s3.retry_max_attempts")
+        if not 0 <= self.retry_budget_s < float("inf"):
+            raise InputError(f"must be a finite number >= 0, got {self.retry_budget_s}", where="s3.retry_budget_s")
 
 
 def _split_endpoint(endpoint: str) -> tuple[str, str]:
@@ -133,15 +166,13 @@ def _open_s3(uri: str, settings: S3Settings) -> "Store":
         _check_key(prefix, where=shown)
 
     filesystem = _s3_filesystem(settings)
-    store = Store(filesystem, f"{bucket}/{prefix}" if prefix else bucket, "s3")
-    log.event("storage_open", uri=store.uri(), backend="s3", endpoint=settings.endpoint, region=settings.region)
-    if settings.sse:
-        log.event("storage_sse_not_applied", uri=store.uri(), sse=settings.sse,
-                  reason="pyarrow S3FileSystem cannot send x-amz-server-side-encryption; bucket default encryption applies")
+    store = Store(filesystem, f"{bucket}/{prefix}" if prefix else bucket, "s3", settings)
+    log.event("storage_open", uri=store.uri(), backend="s3", endpoint=settings.endpoint, region=settings.region,
+              sse=settings.sse)
     if settings.allow_bucket_creation:
         with store._named_errors(""):
-            if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
-                filesystem.create_dir(bucket)
+            if store._call("", filesystem.get_file_info, bucket).type == pafs.FileType.NotFound:
+                store._call("", filesystem.create_dir, bucket)
                 log.event("storage_bucket_created", bucket=bucket)
     return store
 
@@ -182,6 +213,14 @@ def _is_hidden(relative_key: str, prefixes: tuple[str, ...]) -> bool:
     return any(part.startswith(prefixes) for part in relative_key.split("/"))
 
 
+def _is_transient(error: OSError) -> bool:
+    return not isinstance(error, FileNotFoundError) and bool(_TRANSIENT.search(str(error)))
+
+
+def _short(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -193,10 +232,17 @@ def _fsync_dir(path: str) -> None:
 class Store:
     """A directory-like location; every key is relative to ``root``. Create with :func:`open_store`."""
 
-    def __init__(self, filesystem: pafs.FileSystem, root: str, scheme: str):
+    def __init__(self, filesystem: pafs.FileSystem, root: str, scheme: str, s3: S3Settings | None = None):
         self._fs = filesystem
         self._root = root
         self._scheme = scheme
+        self._s3 = s3
+        self._retry_budget_s = s3.retry_budget_s if s3 is not None else 0.0
+        self._boto = None
+
+    def __getstate__(self) -> dict:
+        # A boto3 client holds resolved credentials: it never travels with a pickled Store.
+        return {**self.__dict__, "_boto": None}
 
     # --- identity -------------------------------------------------------------------------------
 
@@ -237,10 +283,85 @@ class Store:
         except FileNotFoundError as exc:
             raise FileNotFoundError(errno.ENOENT, "No such file or object", self.uri(key)) from exc
         except OSError as exc:
+            if exc.errno in _DISK_FULL:
+                raise StorageError(f"cannot write: {_DISK_FULL[exc.errno]} ({exc.strerror or exc}); nothing from this "
+                                   "write was published", where=self.uri(key)) from None
             raise type(exc)(f"{self.uri(key)}: {exc}") from exc
 
     def _child(self, key: str) -> "Store":
-        return Store(self._fs, self.path(key), self._scheme)
+        return Store(self._fs, self.path(key), self._scheme, self._s3)
+
+    def _call(self, key: str, operation: Callable[..., T], *args: Any) -> T:
+        """Run one filesystem operation, retrying transient S3 failures with exponential backoff and jitter
+        until the retry budget is spent; then StorageError naming the location."""
+        if self.is_local or self._retry_budget_s <= 0:
+            return operation(*args)
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return operation(*args)
+            except OSError as exc:
+                if not _is_transient(exc):
+                    raise
+                elapsed = time.monotonic() - started
+                left = self._retry_budget_s - elapsed
+                if left <= 0:
+                    log.event("storage_gave_up", uri=self.uri(key), attempts=attempt, seconds=round(elapsed, 2),
+                              error=_short(exc))
+                    raise StorageError(
+                        f"storage unavailable: gave up after {attempt} attempt(s) over {elapsed:.1f} s "
+                        f"(retry budget output.s3.retry_budget_s = {self._retry_budget_s:g} s); last error: {_short(exc)}",
+                        where=self.uri(key)) from None
+                delay = min(left, RETRY_MAX_DELAY_S, RETRY_FIRST_DELAY_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                log.event("storage_retry", uri=self.uri(key), attempt=attempt, delay_s=round(delay, 3), error=_short(exc))
+                time.sleep(delay)
+
+    def _encrypted_move(self, source: str, target: str) -> None:
+        """CopyObject with ServerSideEncryption, then delete the source; errors as pyarrow words them, so the
+        retry classification is the same."""
+        import botocore.exceptions as aws
+
+        if self._boto is None:
+            import boto3
+            from botocore.config import Config
+
+            endpoint = None
+            if self._s3.endpoint:
+                scheme, netloc = _split_endpoint(self._s3.endpoint)
+                endpoint = f"{scheme}://{netloc}"
+            self._boto = boto3.client("s3", endpoint_url=endpoint, region_name=self._s3.region, config=Config(
+                retries={"max_attempts": self._s3.retry_max_attempts, "mode": "standard"}))
+        (source_bucket, source_key), (bucket, key) = source.split("/", 1), target.split("/", 1)
+        try:
+            self._boto.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": source_bucket, "Key": source_key},
+                                   ServerSideEncryption=self._s3.sse)
+            self._boto.delete_object(Bucket=source_bucket, Key=source_key)
+        except aws.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404"):
+                raise FileNotFoundError(errno.ENOENT, "No such object", source) from None
+            raise OSError(f"AWS Error {code} (HTTP status {status}) during an encrypted CopyObject") from None
+        except (aws.EndpointConnectionError, aws.ConnectionClosedError, aws.ReadTimeoutError,
+                aws.ConnectTimeoutError) as exc:
+            raise OSError(f"NETWORK_CONNECTION during an encrypted CopyObject: {exc}") from None
+
+    def _move(self, key: str, source: str, target: str) -> None:
+        """Server-side move, safe to repeat: a move whose reply was lost after it landed is not redone."""
+        def attempt() -> None:
+            try:
+                if self._s3 is not None and self._s3.sse:
+                    self._encrypted_move(source, target)
+                else:
+                    self._fs.move(source, target)
+            except OSError:
+                if (self._fs.get_file_info(source).type == pafs.FileType.NotFound
+                        and self._fs.get_file_info(target).type == pafs.FileType.File):
+                    return
+                raise
+        self._call(key, attempt)
 
     # --- single objects -------------------------------------------------------------------------
 
@@ -248,13 +369,15 @@ class Store:
         """Whether a file (object) exists at key; use :meth:`list` for prefixes."""
         path = self.path(key)
         with self._named_errors(key):
-            return self._fs.get_file_info(path).type == pafs.FileType.File
+            return self._call(key, self._fs.get_file_info, path).type == pafs.FileType.File
 
     def read_bytes(self, key: str) -> bytes:
         path = self.path(_check_key(key, where=self.uri()))
-        with self._named_errors(key):
+        def read() -> bytes:
             with self._fs.open_input_stream(path) as stream:
                 return stream.read()
+        with self._named_errors(key):
+            return self._call(key, read)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         key = _check_key(key, where=self.uri())
@@ -286,24 +409,34 @@ class Store:
                     handle.flush()
                     os.fsync(handle.fileno())
                 except BaseException:
-                    handle.close()
-                    os.unlink(temporary)
+                    # close() flushes, which fails again on a full disk; the file must go all the same.
+                    with contextlib.suppress(OSError):
+                        handle.close()
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(temporary)
                     raise
             os.replace(temporary, final)
             _fsync_dir(parent)
             return
-        stream = self._fs.open_output_stream(temporary)
-        try:
-            yield stream
-            stream.close()
-            self._fs.move(temporary, final)
-        except BaseException:
-            # Closing completes the upload (pyarrow has no abort), so the object is then deleted.
-            with contextlib.suppress(Exception):
-                stream.close()
-            with contextlib.suppress(Exception):
-                self._fs.delete_file(temporary)
-            raise
+        # Spooled locally so that a failed upload can be repeated whole; the caller's block runs once.
+        with tempfile.TemporaryFile(prefix="reid-batch-upload-") as spool:
+            yield spool
+
+            def upload() -> None:
+                spool.seek(0)
+                # Closing completes the upload (pyarrow has no abort): a failed one leaves the temporary key,
+                # which the next attempt overwrites and the cleanup below deletes.
+                with self._fs.open_output_stream(temporary) as stream:
+                    while block := spool.read(_SPOOL_BLOCK):
+                        stream.write(block)
+
+            try:
+                self._call(key, upload)
+                self._move(key, temporary, final)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self._fs.delete_file(temporary)
+                raise
 
     # --- prefixes -------------------------------------------------------------------------------
 
@@ -315,13 +448,13 @@ class Store:
     def _list_raw(self, prefix: str) -> list[str]:
         path = self.path(prefix)
         with self._named_errors(prefix):
-            info = self._fs.get_file_info(path)
+            info = self._call(prefix, self._fs.get_file_info, path)
             if info.type == pafs.FileType.File:
                 return [prefix]
             if info.type != pafs.FileType.Directory:
                 return []
             selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
-            found = self._fs.get_file_info(selector)
+            found = self._call(prefix, self._fs.get_file_info, selector)
         start = len(self._root.rstrip("/")) + 1
         return sorted(item.path[start:] for item in found if item.type == pafs.FileType.File)
 
@@ -330,11 +463,23 @@ class Store:
         prefix = _check_key(prefix, where=self.uri())
         path = self.path(prefix)
         with self._named_errors(prefix):
-            kind = self._fs.get_file_info(path).type
+            kind = self._call(prefix, self._fs.get_file_info, path).type
             if kind == pafs.FileType.File:
-                self._fs.delete_file(path)
+                self._call(prefix, self._delete_file_if_present, path)
             elif kind == pafs.FileType.Directory:
-                self._fs.delete_dir(path)
+                self._call(prefix, self._delete_dir_if_present, path)
+
+    def _delete_file_if_present(self, path: str) -> None:
+        try:
+            self._fs.delete_file(path)
+        except FileNotFoundError:
+            pass  # a retried delete whose first attempt landed
+
+    def _delete_dir_if_present(self, path: str) -> None:
+        try:
+            self._fs.delete_dir(path)
+        except FileNotFoundError:
+            pass  # a retried delete whose first attempt landed
 
     # --- parquet --------------------------------------------------------------------------------
 
@@ -342,26 +487,35 @@ class Store:
         """Read one parquet file, or every ``*.parquet`` under a prefix (hive dirs like ``shard=3/``
         become columns). Paths with a part starting with '_' or '.' (markers, staging) are skipped."""
         key = _check_key(key_or_prefix, where=self.uri(), allow_empty=True)
-        path = self.path(key)
         with self._named_errors(key):
-            kind = self._fs.get_file_info(path).type
-            if kind == pafs.FileType.File:
-                return pq.read_table(path, filesystem=self._fs, columns=columns)
-            if kind == pafs.FileType.NotFound:
-                raise FileNotFoundError(path)
-            start = len(path.rstrip("/")) + 1
-            files = [
-                item.path
-                for item in self._fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                if item.type == pafs.FileType.File
-                and item.path.endswith(".parquet")
-                and not _is_hidden(item.path[start:], ("_", "."))
-            ]
-            if not files:
-                raise FileNotFoundError(path)
-            dataset = pads.dataset(sorted(files), filesystem=self._fs, format="parquet",
-                                   partitioning="hive", partition_base_dir=path)
-            return dataset.to_table(columns=columns)
+            return self._call(key, self._read_parquet, key, columns)
+
+    def read_parquet_schema(self, key: str) -> pa.Schema:
+        """The schema of one parquet file (reads the footer only)."""
+        key = _check_key(key, where=self.uri())
+        with self._named_errors(key):
+            return self._call(key, lambda: pq.read_schema(self.path(key), filesystem=self._fs))
+
+    def _read_parquet(self, key: str, columns: list[str] | None) -> pa.Table:
+        path = self.path(key)
+        kind = self._fs.get_file_info(path).type
+        if kind == pafs.FileType.File:
+            return pq.read_table(path, filesystem=self._fs, columns=columns)
+        if kind == pafs.FileType.NotFound:
+            raise FileNotFoundError(path)
+        start = len(path.rstrip("/")) + 1
+        files = [
+            item.path
+            for item in self._fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            if item.type == pafs.FileType.File
+            and item.path.endswith(".parquet")
+            and not _is_hidden(item.path[start:], ("_", "."))
+        ]
+        if not files:
+            raise FileNotFoundError(path)
+        dataset = pads.dataset(sorted(files), filesystem=self._fs, format="parquet",
+                               partitioning="hive", partition_base_dir=path)
+        return dataset.to_table(columns=columns)
 
     @contextlib.contextmanager
     def parquet_writer(self, key: str, schema: pa.Schema, row_group_size: int,
@@ -431,12 +585,12 @@ class Store:
         staged = staging.list()
         if COMMIT_MARKER in staged:
             raise ValueError(f"{staging.uri(COMMIT_MARKER)}: {COMMIT_MARKER} is reserved for the commit marker")
-        sizes = {key: self._fs.get_file_info(staging.path(key)).size for key in staged}
+        sizes = {key: self._call(key, self._fs.get_file_info, staging.path(key)).size for key in staged}
         # Visible files here belong to an earlier run killed before its marker; they are not ours.
         for stale in self._list_raw(prefix):
             relative = stale[len(prefix) + 1:]
             if not relative.startswith(STAGING_PREFIX):
-                self._fs.delete_file(self.path(stale))
+                self._call(stale, self._delete_file_if_present, self.path(stale))
         touched_dirs = set()
         for key in staged:
             source, target = staging.path(key), self.path(f"{prefix}/{key}")
@@ -445,7 +599,7 @@ class Store:
                 os.replace(source, target)
                 touched_dirs.add(os.path.dirname(target))
             else:
-                self._fs.move(source, target)
+                self._move(f"{prefix}/{key}", source, target)
         for directory in touched_dirs:
             _fsync_dir(directory)  # files must be durable before the marker that vouches for them
         marker = {
@@ -463,16 +617,19 @@ class Store:
         """Delete this commit's emptied staging area and anything earlier killed runs left there."""
         for key in self._list_raw(prefix):
             if _is_hidden(key[len(prefix) + 1:], (STAGING_PREFIX,)):
-                self._fs.delete_file(self.path(key))
+                self._call(key, self._delete_file_if_present, self.path(key))
         # What remains are directories (local) or S3 directory-marker objects.
-        for item in self._fs.get_file_info(pafs.FileSelector(self.path(prefix), allow_not_found=True)):
+        selector = pafs.FileSelector(self.path(prefix), allow_not_found=True)
+        for item in self._call(prefix, self._fs.get_file_info, selector):
             if item.type == pafs.FileType.Directory and item.base_name.startswith(STAGING_PREFIX):
-                self._fs.delete_dir(item.path)
+                self._call(prefix, self._delete_dir_if_present, item.path)
 
     def _delete_quietly(self, key: str) -> None:
-        # Cleanup on a failure path must not mask the original exception.
+        # Cleanup on a failure path must not mask the original exception, nor wait out a second retry
+        # budget while the store is down: leftovers are hidden and the next commit removes them.
         with contextlib.suppress(Exception):
-            self.delete(key)
+            no_retries = replace(self._s3, retry_budget_s=0.0) if self._s3 is not None else None
+            Store(self._fs, self._root, self._scheme, no_retries).delete(key)
 
 
 class ParquetBatchWriter:

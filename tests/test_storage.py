@@ -273,7 +273,7 @@ def test_secrets_never_appear_in_reprs_logs_or_connection_errors(moto_server, s3
     uri, settings = s3_bucket
     store = open_store(uri, settings)
     store.write_json("k.json", {"ok": True})
-    unreachable = open_store(uri, S3Settings(endpoint="http://127.0.0.1:1", retry_max_attempts=1))
+    unreachable = open_store(uri, S3Settings(endpoint="http://127.0.0.1:1", retry_max_attempts=1, retry_budget_s=0))
     with pytest.raises(OSError) as caught:
         unreachable.read_bytes("k.json")
 
@@ -297,7 +297,23 @@ def test_missing_bucket_needs_allow_bucket_creation(moto_server, s3_client):
     assert s3_client.get_object(Bucket="created-by-store", Key="x/a.bin")["Body"].read() == b"1"
 
 
-def test_sse_request_is_logged_as_not_applied(s3_bucket, capsys):
+@pytest.mark.parametrize("sse", ["AES256", "aws:kms"])
+def test_sse_from_the_settings_is_set_on_every_published_object(sse, s3_bucket, s3_client):
     uri, settings = s3_bucket
-    open_store(uri, S3Settings(endpoint=settings.endpoint, region=settings.region, sse="AES256"))
-    assert "storage_sse_not_applied" in capsys.readouterr().err
+    store = open_store(uri, S3Settings(endpoint=settings.endpoint, region=settings.region, sse=sse))
+    store.write_json("a.json", {"x": 1})
+    table = pa.table({"id": [1, 2, 3]})
+    with store.committed("task") as out:
+        out.write_bytes("blob.bin", b"123")
+        with out.parquet_writer("part.parquet", table.schema, row_group_size=2) as writer:
+            writer.write_table(table)
+    assert store.list() == ["a.json", "task/_COMMITTED", "task/blob.bin", "task/part.parquet"]
+    bucket, prefix = uri.removeprefix("s3://").split("/", 1)
+    for key in store.list():
+        head = s3_client.head_object(Bucket=bucket, Key=f"{prefix}/{key}")
+        assert head.get("ServerSideEncryption") == sse, key
+    assert store.read_parquet("task/part.parquet").equals(table)
+    assert pickle.loads(pickle.dumps(store)).read_json("a.json") == {"x": 1}
+    plain = open_store(uri, settings)
+    plain.write_bytes("plain.bin", b"1")
+    assert "ServerSideEncryption" not in s3_client.head_object(Bucket=bucket, Key=f"{prefix}/plain.bin")

@@ -596,6 +596,11 @@ def load_generator(path: str | Path, format: str = "auto", *,
                          f"Expected {expected}. Found {_describe_found(loaded, metadata)}"
                          + (f" (looks like format {detected!r})" if detected else ""), where=where)
     state, weights_used, declared, stored_fade = _extract(detected, loaded, metadata, where)
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise InputError(f"{len(bad)} weight tensors contain NaN or infinite values (a diverged or corrupted "
+                         f"training run?), first: {', '.join(bad[:5])}", where=where)
     if output_range is not None:
         declared = {**declared, "output_range": tuple(output_range)}
     generator, config = _build(state, declared, where)

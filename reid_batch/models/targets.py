@@ -179,6 +179,8 @@ def load_target(
         # listing from load_into shows the user what the checkpoint really is.
         load_into(build_target(arch, 1, image_size=image_size, **vit_overrides), state_dict, where=where, expected=arch)
         raise
+    if num_classes < 1:
+        raise InputError("the classification head has no outputs; a classifier needs at least one", where=where)
     model = build_target(arch, num_classes, image_size=image_size, **vit_overrides)
     load_into(model, state_dict, where=where, expected=arch, hint=_vit_size_hint(model, state_dict))
     model.eval().requires_grad_(False)

@@ -20,7 +20,8 @@ def run_store(manifest: Manifest):
 
     s3 = manifest.output.s3
     settings = S3Settings(
-        endpoint=s3.endpoint, region=s3.region, sse=s3.sse, allow_bucket_creation=s3.allow_bucket_creation
+        endpoint=s3.endpoint, region=s3.region, sse=s3.sse, allow_bucket_creation=s3.allow_bucket_creation,
+        retry_max_attempts=s3.retry_max_attempts, retry_budget_s=s3.retry_budget_s,
     )
     return open_store(f"{manifest.output.uri.rstrip('/')}/{manifest.run_id}", settings)
 

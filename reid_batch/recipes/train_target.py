@@ -161,6 +161,10 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
     source = manifest.source(spec.train.pool)
     frame = read_source(source.format, source.root, **({"csv_name": source.csv} if source.csv else {}))
     frame = frame[frame["label"].notna()].reset_index(drop=True)
+    if frame["patient_id"].nunique() < 2:
+        raise InputError(f"{len(frame)} labelled image(s) of {frame['patient_id'].nunique()} patient(s) after the "
+                         "cohort rules; training and validation need at least two patients",
+                         where=f"data.{spec.train.pool} ({source.root})")
     train_frame, val_frame = patient_split(frame, manifest.data.val_fraction, manifest.data.split_seed)
     train_frame = choose_training_images(train_frame, recipe, spec.train.max_images, spec.train.seed)
     log.event("train_target_data", target=spec.name, train_images=len(train_frame), val_images=len(val_frame),

@@ -35,7 +35,6 @@ import math
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from reid_batch import log
 from reid_batch.errors import InputError
@@ -155,8 +154,7 @@ def read_scores(store, summaries: dict[int, dict], num_candidates: int) -> tuple
     seen = np.zeros(num_candidates, dtype=np.int64)
     for shard in sorted(summaries):
         for chunk in summaries[shard]["chunks"]:
-            table = pq.read_table(store.path(chunk["key"]), filesystem=store.filesystem,
-                                  columns=["id", "objective_total", "mahalanobis"])
+            table = store.read_parquet(chunk["key"], columns=["id", "objective_total", "mahalanobis"])
             ids = table.column("id").to_numpy()
             if len(ids) and (ids.min() < 0 or ids.max() >= num_candidates):
                 raise InputError(f"holds ids outside 0..{num_candidates - 1}", where=store.uri(chunk["key"]))
@@ -179,7 +177,7 @@ def read_selected_rows(store, summaries: dict[int, dict], selected: np.ndarray) 
         for chunk in summaries[shard]["chunks"]:
             lo, hi = np.searchsorted(selected, [chunk["first_id"], chunk["stop_id"]])
             if hi > lo:
-                table = pq.read_table(store.path(chunk["key"]), filesystem=store.filesystem)
+                table = store.read_parquet(chunk["key"])
                 parts.append(table.filter(pc.is_in(table.column("id"), value_set=wanted)))
     if not parts:
         return None
@@ -242,7 +240,7 @@ def select_target(manifest: Manifest, spec: TargetSpec) -> dict | None:
 
 def _schema_of(store, summaries: dict[int, dict]) -> pa.Schema:
     first = summaries[min(summaries)]["chunks"][0]["key"]
-    return pq.read_schema(store.path(first), filesystem=store.filesystem)
+    return store.read_parquet_schema(first)
 
 
 def _rounded(value: float | None) -> float | None:
