@@ -30,6 +30,7 @@ Probability = Annotated[float, Field(gt=0.0, le=1.0)]
 ImageSize = Annotated[int, Field(ge=16, le=4096)]
 
 CNN_TERMS = ("bn_stats", "feature_stats", "logits", "tv")
+CNN_ALLOWED_TERMS = ("bn_stats", "gn_stats", "feature_stats", "logits", "tv")
 VIT_TERMS = ("ln_stats", "cls_magnitude", "attn_entropy", "attn_diversity", "logits", "tv")
 DEFAULT_TERMS = {
     "cnn": {"bn_stats": 1.0, "feature_stats": 1.0, "logits": 1.0, "tv": 1e-5},
@@ -192,7 +193,7 @@ class VitSpec(Strict):
 
 
 class TargetTrainSpec(Strict):
-    preset: Literal["normal", "overfit"] = "normal"
+    preset: Literal["normal", "overfit", "regularised", "augmented", "dp"] = "normal"
     pool: Literal["private", "control"] = Field(
         "private", description="which patients the target trains on; 'control' makes a control model"
     )
@@ -203,7 +204,22 @@ class TargetTrainSpec(Strict):
     images_per_class: PositiveInt | None = Field(None, description="overfit preset: images per class")
     freeze_backbone: bool = False
     max_images: PositiveInt | None = Field(None, description="cap on training images (CPU demos)")
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(None, description="regularised preset: dropout before the classifier")
+    patience: PositiveInt | None = Field(None, description="stop after this many epochs without a better validation AUC")
+    target_epsilon: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        None, description="dp preset: the privacy budget epsilon (delta = 1 / training images)")
+    max_grad_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        None, description="dp preset: per-sample gradient clipping norm")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="dp preset: Opacus privacy accountant")
     seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _preset_fields(self) -> "TargetTrainSpec":
+        if self.preset != "dp" and (self.target_epsilon is not None or self.max_grad_norm is not None):
+            raise ValueError("target_epsilon and max_grad_norm apply to preset dp only")
+        if self.preset == "dp" and self.target_epsilon is None:
+            raise ValueError("preset dp needs target_epsilon")
+        return self
 
 
 class FeatureTargetSpec(Strict):
@@ -214,7 +230,7 @@ class FeatureTargetSpec(Strict):
 
 
 class ReferenceSpec(Strict):
-    """Where ViT reference statistics come from: a ViT stores no running statistics."""
+    """Where reference statistics come from for targets without running statistics (ViT, GroupNorm CNN)."""
 
     source: Literal["prior", "public"] = "prior"
     num_images: PositiveInt = 256
@@ -277,7 +293,9 @@ class TargetSpec(Strict):
             raise ValueError("a vit section only applies to ViT architectures")
         if self.vit is not None and self.input.size % self.vit.patch_size:
             raise ValueError("input.size must be divisible by vit.patch_size")
-        allowed = CNN_TERMS if self.family == "cnn" else VIT_TERMS
+        if self.train is not None and self.train.preset == "dp" and self.family != "cnn":
+            raise ValueError("preset dp trains the CNN architectures (ResNet, DenseNet) with Opacus")
+        allowed = CNN_ALLOWED_TERMS if self.family == "cnn" else VIT_TERMS
         if self.objective.terms is not None:
             unknown = sorted(set(self.objective.terms) - set(allowed))
             if unknown:
@@ -597,7 +615,7 @@ FIELD_NOTES = {
     "targets[].input.size": "side of the square input the target expects",
     "targets[].input.mean": "per-channel normalisation mean (images in [0, 1] before it)",
     "targets[].input.std": "per-channel normalisation std",
-    "targets[].train.preset": "the study's recipes: normal (best validation AUC) or overfit (few images per class, to 100% train accuracy)",
+    "targets[].train.preset": "normal (best validation AUC), overfit (few images per class, to 100% train accuracy), or a mitigation: regularised, augmented, dp (Opacus DP-SGD, BatchNorm -> GroupNorm)",
     "targets[].train.freeze_backbone": "train only the head (the study's overfit ViT); default trains the whole model",
     "targets[].objective.first_bn_multiplier": "extra weight on the first BatchNorm layer's term",
     "targets[].objective.feature_layer": "module path whose output the feature term reads (CNN)",
