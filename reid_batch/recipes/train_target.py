@@ -225,10 +225,6 @@ class PrivateTraining:
     loader: torch.utils.data.DataLoader
     delta: float
 
-    @property
-    def module(self) -> nn.Module:
-        return self.model._module
-
     def record(self, recipe: "Recipe") -> dict:
         accountant = self.engine.accountant
         history = [[float(noise), float(rate), int(steps)] for noise, rate, steps in accountant.history]
