@@ -229,3 +229,19 @@ def test_report_sets_utility_beside_risk_for_every_target(pipeline):
     assert store.read_bytes(f"{prefix}/{MITIGATION_FIGURE}")[:4] == b"\x89PNG"
     table = pd.read_csv(io.BytesIO(store.read_bytes("targets/dp/train_images.csv")))
     assert len(table) == _training(manifest, "dp")["train_images"]
+
+
+def test_a_one_image_remainder_batch_is_skipped_not_fatal():
+    from reid_batch.models.targets import TargetInput, build_target
+    from reid_batch.recipes.train_target import train_one_epoch
+
+    # 17 images in batches of 16 at 32 px: the remainder of one would reach layer4's BatchNorm as a 1x1 map.
+    torch.manual_seed(0)
+    model = build_target("resnet18", 1, image_size=SIZE)
+    images, labels = torch.rand(17, 1, SIZE, SIZE), torch.tensor([0.0, 1.0] * 8 + [1.0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss = train_one_epoch(model, optimizer, images, labels, TargetInput(SIZE), 16, torch.Generator().manual_seed(0),
+                           torch.device("cpu"))
+    assert math.isfinite(loss)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model.train()(torch.rand(1, 3, SIZE, SIZE))

@@ -179,9 +179,12 @@ def train_one_epoch(model, optimizer, images01, labels, input_spec, batch_size, 
     model.train()
     loss_fn = nn.BCEWithLogitsLoss()
     order = torch.randperm(len(images01), generator=generator)
-    total = 0.0
+    total, seen = 0.0, 0
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
+        if len(index) == 1 < batch_size:
+            # A one-image remainder: BatchNorm cannot normalise it where the deepest maps are 1x1 (small inputs).
+            continue
         batch = images01[index] if transform is None else _augmented(images01[index], transform)
         x = to_target_input(batch.to(device), input_spec)
         y = labels[index].to(device)
@@ -190,7 +193,8 @@ def train_one_epoch(model, optimizer, images01, labels, input_spec, batch_size, 
         loss.backward()
         optimizer.step()
         total += loss.item() * len(index)
-    return total / max(len(order), 1)
+        seen += len(index)
+    return total / max(seen, 1)
 
 
 def train_one_epoch_private(model, optimizer, loader, input_spec, device) -> float:
