@@ -292,7 +292,7 @@ def mitigation_png(document: dict) -> bytes | None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
-    for r in rows:
+    for i, r in enumerate(sorted(rows, key=lambda r: r["val_auc"])):
         low, high = r["reidentification_ci"] or (r["reidentification_rate"],) * 2
         control = r["role"] == "control model"
         axes.errorbar(r["val_auc"], r["reidentification_rate"],
@@ -300,8 +300,9 @@ def mitigation_png(document: dict) -> bytes | None:
                       fmt="s" if control else "o", color="grey" if control else "C3" if r["epsilon"] is not None
                       else "C0", capsize=3)
         label = r["target"] + (f" (ε={r['epsilon']:.2g})" if r["epsilon"] is not None else "")
-        axes.annotate(label, (r["val_auc"], r["reidentification_rate"]), textcoords="offset points", xytext=(5, 4),
-                      fontsize=8)
+        # Neighbours along the utility axis alternate above and below their point, so labels do not overlap.
+        axes.annotate(label, (r["val_auc"], r["reidentification_rate"]), textcoords="offset points",
+                      xytext=(5, 6 if i % 2 == 0 else -12), fontsize=8)
     axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     axes.set(xlabel="utility: validation AUC", ylabel="risk: re-identification rate (chance 0.5)",
              title="Mitigations: risk vs utility")
