@@ -293,8 +293,11 @@ class TargetSpec(Strict):
             raise ValueError("a vit section only applies to ViT architectures")
         if self.vit is not None and self.input.size % self.vit.patch_size:
             raise ValueError("input.size must be divisible by vit.patch_size")
-        if self.train is not None and self.train.preset == "dp" and self.family != "cnn":
-            raise ValueError("preset dp trains the CNN architectures (ResNet, DenseNet) with Opacus")
+        if self.train is not None and self.train.preset == "dp" and not self.arch.startswith("resnet"):
+            # Opacus' hooks reject torchvision's in-place residual adds, and torch's expanded weights (used instead)
+            # fail inside DenseNet's concatenations: ResNets are the architectures DP-SGD is known to train here.
+            raise ValueError("preset dp trains ResNets (resnet18..152) with Opacus; train other architectures "
+                             "elsewhere and give the checkpoint")
         allowed = CNN_ALLOWED_TERMS if self.family == "cnn" else VIT_TERMS
         if self.objective.terms is not None:
             unknown = sorted(set(self.objective.terms) - set(allowed))
@@ -615,7 +618,7 @@ FIELD_NOTES = {
     "targets[].input.size": "side of the square input the target expects",
     "targets[].input.mean": "per-channel normalisation mean (images in [0, 1] before it)",
     "targets[].input.std": "per-channel normalisation std",
-    "targets[].train.preset": "normal (best validation AUC), overfit (few images per class, to 100% train accuracy), or a mitigation: regularised, augmented, dp (Opacus DP-SGD, BatchNorm -> GroupNorm)",
+    "targets[].train.preset": "normal (best validation AUC), overfit (few images per class, to 100% train accuracy), or a mitigation: regularised, augmented, dp (Opacus DP-SGD, BatchNorm -> GroupNorm; ResNets)",
     "targets[].train.freeze_backbone": "train only the head (the study's overfit ViT); default trains the whole model",
     "targets[].objective.first_bn_multiplier": "extra weight on the first BatchNorm layer's term",
     "targets[].objective.feature_layer": "module path whose output the feature term reads (CNN)",

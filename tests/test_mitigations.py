@@ -245,3 +245,16 @@ def test_a_one_image_remainder_batch_is_skipped_not_fatal():
     assert math.isfinite(loss)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         model.train()(torch.rand(1, 3, SIZE, SIZE))
+
+
+def test_dp_preset_needs_an_epsilon_and_a_resnet(tmp_path):
+    from reid_batch.errors import InputError
+
+    inputs = {"prior": tmp_path / "prior.safetensors", "demographics": tmp_path / "demographics.safetensors"}
+    document = make_manifest(tmp_path, inputs).model_dump(mode="json")
+    for change, message in [({"arch": "densenet121"}, "preset dp trains ResNets"),
+                            ({"train": {"preset": "dp"}}, "preset dp needs target_epsilon"),
+                            ({"train": {"preset": "normal", "target_epsilon": 1.0}}, "apply to preset dp only")]:
+        broken = {**document, "targets": [{**document["targets"][0], **change}]}
+        with pytest.raises(InputError, match=message):
+            parse_manifest(broken)

@@ -15,7 +15,7 @@ Mitigations (the same data and split, one defence each):
   dp           Opacus DP-SGD: BatchNorm -> GroupNorm (no running statistics), Poisson-sampled batches, per-sample
                gradients clipped to `max_grad_norm` (1.0), Gaussian noise calibrated so that the planned epochs
                reach `target_epsilon` at delta = 1 / training images. The accountant's epsilon for the steps
-               actually taken is recorded in training.json (`privacy`). CNNs only.
+               actually taken is recorded in training.json (`privacy`). ResNets only.
 `patience` applies to any preset that keeps the best validation AUC.
 
 Outputs under <run>/targets/<name>/: model.safetensors, training.json (accuracy/AUC on train and validation,
