@@ -30,6 +30,7 @@ Probability = Annotated[float, Field(gt=0.0, le=1.0)]
 ImageSize = Annotated[int, Field(ge=16, le=4096)]
 
 CNN_TERMS = ("bn_stats", "feature_stats", "logits", "tv")
+CNN_ALLOWED_TERMS = ("bn_stats", "gn_stats", "feature_stats", "logits", "tv")
 VIT_TERMS = ("ln_stats", "cls_magnitude", "attn_entropy", "attn_diversity", "logits", "tv")
 DEFAULT_TERMS = {
     "cnn": {"bn_stats": 1.0, "feature_stats": 1.0, "logits": 1.0, "tv": 1e-5},
@@ -196,7 +197,7 @@ class VitSpec(Strict):
 
 
 class TargetTrainSpec(Strict):
-    preset: Literal["normal", "overfit"] = "normal"
+    preset: Literal["normal", "overfit", "regularised", "augmented", "dp"] = "normal"
     pool: Literal["private", "control"] = Field(
         "private", description="which patients the target trains on; 'control' makes a control model"
     )
@@ -207,7 +208,22 @@ class TargetTrainSpec(Strict):
     images_per_class: PositiveInt | None = Field(None, description="overfit preset: images per class")
     freeze_backbone: bool = False
     max_images: PositiveInt | None = Field(None, description="cap on training images (CPU demos)")
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(None, description="regularised preset: dropout before the classifier")
+    patience: PositiveInt | None = Field(None, description="stop after this many epochs without a better validation AUC")
+    target_epsilon: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        None, description="dp preset: the privacy budget epsilon (delta = 1 / training images)")
+    max_grad_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        None, description="dp preset: per-sample gradient clipping norm")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="dp preset: Opacus privacy accountant")
     seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _preset_fields(self) -> "TargetTrainSpec":
+        if self.preset != "dp" and (self.target_epsilon is not None or self.max_grad_norm is not None):
+            raise ValueError("target_epsilon and max_grad_norm apply to preset dp only")
+        if self.preset == "dp" and self.target_epsilon is None:
+            raise ValueError("preset dp needs target_epsilon")
+        return self
 
 
 class FeatureTargetSpec(Strict):
@@ -218,7 +234,7 @@ class FeatureTargetSpec(Strict):
 
 
 class ReferenceSpec(Strict):
-    """Where ViT reference statistics come from: a ViT stores no running statistics."""
+    """Where reference statistics come from for targets without running statistics (ViT, GroupNorm CNN)."""
 
     source: Literal["prior", "public"] = "prior"
     num_images: PositiveInt = 256
@@ -281,7 +297,12 @@ class TargetSpec(Strict):
             raise ValueError("a vit section only applies to ViT architectures")
         if self.vit is not None and self.input.size % self.vit.patch_size:
             raise ValueError("input.size must be divisible by vit.patch_size")
-        allowed = CNN_TERMS if self.family == "cnn" else VIT_TERMS
+        if self.train is not None and self.train.preset == "dp" and not self.arch.startswith("resnet"):
+            # Opacus' hooks reject torchvision's in-place residual adds, and torch's expanded weights (used instead)
+            # fail inside DenseNet's concatenations: ResNets are the architectures DP-SGD is known to train here.
+            raise ValueError("preset dp trains ResNets (resnet18..152) with Opacus; train other architectures "
+                             "elsewhere and give the checkpoint")
+        allowed = CNN_ALLOWED_TERMS if self.family == "cnn" else VIT_TERMS
         if self.objective.terms is not None:
             unknown = sorted(set(self.objective.terms) - set(allowed))
             if unknown:
@@ -606,7 +627,7 @@ FIELD_NOTES = {
     "targets[].input.size": "side of the square input the target expects",
     "targets[].input.mean": "per-channel normalisation mean (images in [0, 1] before it)",
     "targets[].input.std": "per-channel normalisation std",
-    "targets[].train.preset": "the study's recipes: normal (best validation AUC) or overfit (few images per class, to 100% train accuracy)",
+    "targets[].train.preset": "normal (best validation AUC), overfit (few images per class, to 100% train accuracy), or a mitigation: regularised, augmented, dp (Opacus DP-SGD, BatchNorm -> GroupNorm; ResNets)",
     "targets[].train.freeze_backbone": "train only the head (the study's overfit ViT); default trains the whole model",
     "targets[].objective.first_bn_multiplier": "extra weight on the first BatchNorm layer's term",
     "targets[].objective.feature_layer": "module path whose output the feature term reads (CNN)",

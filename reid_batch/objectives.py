@@ -28,6 +28,16 @@ CNN terms (torchvision ResNet / DenseNet)
     (L1 smooths noise but, unlike squared differences, does not penalise a sharp rib or body edge more than a
     gradual ramp of the same height). The batch loss is the mean over samples.
 
+GroupNorm CNNs (DP-SGD targets: Opacus replaces every BatchNorm by GroupNorm, which keeps no running statistics)
+-------------------------------------------------------------------------------------------------------------
+`bn_stats` has nothing to compare with, so it falls back AUTOMATICALLY (logged as `objective_fallback` and kept in
+`TargetObjective.fallback`, which stage 1 and sampling record and the report states) to
+`gn_stats`: as `bn_stats`, with every GroupNorm's INPUT compared per channel with REFERENCE statistics that
+    `compute_reference_stats` measures through the frozen target (as for a ViT's LayerNorms), with the same weight
+    and the same first-layer multiplier. `feature_stats`, `logits` and `tv` apply unchanged. Without reference
+    statistics `bn_stats` is dropped and the other terms remain. The Mahalanobis features are the spatial means
+    of the last GroupNorm's input; their diagonal Gaussian is that layer's reference statistics.
+
 ViT terms (torchvision VisionTransformer)
 ----------------------------------------
 A ViT stores no running statistics, so `ln_stats` and `cls_magnitude` compare with REFERENCE statistics that
@@ -85,7 +95,7 @@ from torch import Tensor, nn
 
 from reid_batch import log
 from reid_batch.errors import InputError
-from reid_batch.manifest import CNN_TERMS, VIT_TERMS
+from reid_batch.manifest import CNN_ALLOWED_TERMS, CNN_TERMS, VIT_TERMS  # noqa: F401 - CNN_TERMS re-exported
 from reid_batch.models.targets import family as target_family
 
 # Stage 2 scores candidates by how well they match the target; image smoothness says nothing about that.
@@ -358,6 +368,7 @@ class ObjectiveResult:
     per_sample_total: weighted sum over terms except `tv`, (N,): stage 2's match score (lower is better).
     logits: the target's outputs (N, C); classes: the class each sample's `logits` term aimed at, (N,).
     features: for Mahalanobis distances: CNN, per-channel spatial means of the input of the last BatchNorm2d
+        (GroupNorm CNN: of the last GroupNorm)
         (N, C_last); ViT, the CLS token after encoder.ln (N, hidden). See TargetObjective.feature_prior.
     Tensors keep their autograd graph when computed with gradients; detach them before storing.
     """
@@ -393,7 +404,7 @@ class TargetObjective:
         self.model = model
         self.family = family or target_family(model)
         self.field_prefix = field_prefix
-        allowed = CNN_TERMS if self.family == "cnn" else VIT_TERMS
+        allowed = CNN_ALLOWED_TERMS if self.family == "cnn" else VIT_TERMS
         unknown = sorted(set(terms) - set(allowed))
         if unknown:
             raise InputError(
@@ -418,9 +429,12 @@ class TargetObjective:
         self._reference: dict[str, Tensor] = {}
         self._ln_keys: list[tuple[str, str]] = []
         self._attn_keys: list[tuple[str, nn.MultiheadAttention]] = []
+        self._gn_keys: list[tuple[str, str]] = []
+        self._last_gn: tuple[str, str] | None = None
+        self.fallback: dict | None = None
         try:
             if self.family == "cnn":
-                self._setup_cnn(options)
+                self._setup_cnn(options, reference_stats)
             elif self.family == "vit":
                 self._setup_vit(options, reference_stats)
             else:
@@ -433,17 +447,56 @@ class TargetObjective:
             family=self.family,
             terms=self.weights,
             hooks=len(self._recorder.expected),
+            fallback=self.fallback,
         )
 
     # ------------------------------------------------------------------------------------------- setup
 
-    def _setup_cnn(self, options) -> None:
+    def _fall_back_from_bn(self, reference_stats) -> None:
+        """No BatchNorm running statistics: replace bn_stats by gn_stats where the target has GroupNorms and
+        reference statistics are given, else drop it. Recorded in self.fallback and logged."""
+        weight = self.weights.pop("bn_stats")
+        groupnorms = [n for n, m in self.model.named_modules() if isinstance(m, nn.GroupNorm)]
+        added = []
+        if groupnorms and reference_stats is not None and "gn_stats" not in self.weights:
+            self.weights["gn_stats"] = weight
+            added.append("gn_stats")
+        self.weights = {t: self.weights[t] for t in CNN_ALLOWED_TERMS if t in self.weights}
+        if not self.weights:
+            raise InputError("bn_stats was the only term and the target has no BatchNorm running statistics; "
+                             "add feature_stats, logits or gn_stats", where=f"{self.field_prefix}.terms")
+        reason = ("the target has no BatchNorm running statistics (GroupNorm: trained with DP-SGD?)" if groupnorms
+                  else "the target has no BatchNorm running statistics")
+        if groupnorms and reference_stats is None:
+            reason += "; no reference statistics were given, so gn_stats cannot replace bn_stats"
+        self.fallback = {"dropped": ["bn_stats"], "added": added, "terms": list(self.weights), "reason": reason}
+        log.event("objective_fallback", **self.fallback)
+
+    def _setup_cnn(self, options, reference_stats=None) -> None:
         bns = [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        with_statistics = all(bn.running_mean is not None and bn.running_var is not None for _, bn in bns)
+        if "bn_stats" in self.weights and (not bns or not with_statistics):
+            self._fall_back_from_bn(reference_stats)
+            bns = [] if not with_statistics else bns
         for name, bn in bns:
             if bn.running_mean is None or bn.running_var is None:
                 raise InputError(f"BatchNorm '{name}' tracks no running statistics", where=f"{self.field_prefix}.terms")
-        if "bn_stats" in self.weights and not bns:
-            raise InputError("bn_stats needs BatchNorm2d layers; the target has none", where=f"{self.field_prefix}.terms")
+        groupnorms = [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.GroupNorm)]
+        if "gn_stats" in self.weights:
+            if not groupnorms:
+                raise InputError("gn_stats needs GroupNorm layers; the target has none",
+                                 where=f"{self.field_prefix}.terms")
+            for name, module in groupnorms:
+                self._check_reference(reference_stats, f"gn/{name}/mean", (module.num_channels,))
+                self._check_reference(reference_stats, f"gn/{name}/var", (module.num_channels,))
+                self._gn_keys.append((self._recorder.input_of(name, module), name))
+        if not bns and groupnorms and reference_stats is not None:
+            name, module = groupnorms[-1]
+            if f"gn/{name}/mean" in reference_stats:
+                self._check_reference(reference_stats, f"gn/{name}/mean", (module.num_channels,))
+                self._check_reference(reference_stats, f"gn/{name}/var", (module.num_channels,))
+                key = next((k for k, n in self._gn_keys if n == name), None) or self._recorder.input_of(name, module)
+                self._last_gn = (key, name)
         if "bn_stats" in self.weights:
             self._bn_keys = [(self._recorder.input_of(n, m), m) for n, m in bns]
         if bns:
@@ -511,7 +564,7 @@ class TargetObjective:
     def _check_reference(self, reference_stats, key: str, shape) -> None:
         where = f"{self.field_prefix}.reference"
         if reference_stats is None:
-            raise ValueError("the ViT's ln_stats and cls_magnitude need reference_stats (see compute_reference_stats)")
+            raise ValueError("ln_stats, cls_magnitude and gn_stats need reference_stats (see compute_reference_stats)")
         if key not in reference_stats:
             raise InputError(
                 f"reference statistics lack '{key}'; recompute them with compute_reference_stats on this target",
@@ -536,6 +589,9 @@ class TargetObjective:
         ViT: the reference CLS statistics, when the reference includes them. None otherwise.
         """
         if self.family == "cnn":
+            if self._last_gn is not None:
+                name = self._last_gn[1]
+                return self._reference[f"gn/{name}/mean"].clone(), self._reference[f"gn/{name}/var"].clone()
             if self._last_bn is None:
                 return None
             bn = self._last_bn[1]
@@ -585,6 +641,8 @@ class TargetObjective:
         for term in self.weights:
             if term == "bn_stats":
                 pending.append(("bn_stats", *self._bn_term(values)))
+            elif term == "gn_stats":
+                pending.append(("gn_stats", *self._gn_term(values)))
             elif term == "feature_stats":
                 pending.append(("feature_stats", *self._feature_term(values[self._feature_key])))
             elif term == "ln_stats":
@@ -622,6 +680,8 @@ class TargetObjective:
         features = None
         if self.family == "cnn" and self._last_bn is not None:
             features = _channels_first(values[self._last_bn[0]], 1).mean(2)
+        elif self.family == "cnn" and self._last_gn is not None:
+            features = _channels_first(values[self._last_gn[0]], 1).mean(2)
         elif self.family == "vit":
             features = values[self._encoder_key][:, 0]
         result = ObjectiveResult(
@@ -641,6 +701,15 @@ class TargetObjective:
         for i, (key, bn) in enumerate(self._bn_keys):
             multiplier = self.first_bn_multiplier if i == 0 else 1.0
             layers.append((values[key], 1, bn.running_mean.float(), bn.running_var.float(), multiplier))
+        return _moment_matching(layers)
+
+    def _gn_term(self, values) -> tuple[Tensor, list[Tensor], Callable[..., Tensor]]:
+        layers = []
+        for i, (key, name) in enumerate(self._gn_keys):
+            x = values[key]
+            multiplier = self.first_bn_multiplier if i == 0 else 1.0
+            layers.append((x, 1, self._reference[f"gn/{name}/mean"].to(x.device),
+                           self._reference[f"gn/{name}/var"].to(x.device), multiplier))
         return _moment_matching(layers)
 
     def _ln_term(self, values) -> tuple[Tensor, list[Tensor], Callable[..., Tensor]]:
@@ -743,32 +812,44 @@ def _reduce_all(sums: list[Tensor], reduce_sum: ReduceSum) -> list[Tensor]:
     return pieces
 
 
+def needs_reference_stats(model: nn.Module, family: str | None = None) -> bool:
+    """Whether the target keeps no running statistics of its own: a ViT, or a CNN whose norms are GroupNorms."""
+    if (family or target_family(model)) == "vit":
+        return True
+    has_running = any(isinstance(m, nn.BatchNorm2d) and m.running_mean is not None for m in model.modules())
+    return not has_running and any(isinstance(m, nn.GroupNorm) for m in model.modules())
+
+
 def compute_reference_stats(
     model: nn.Module,
     batches: Iterable[Tensor],
     reduce_sum: ReduceSum | None = None,
 ) -> dict[str, Tensor]:
-    """Statistics of a frozen ViT on reference images, for the ln_stats and cls_magnitude terms.
+    """Statistics of a frozen target without running statistics on reference images: a ViT (ln_stats,
+    cls_magnitude) or a GroupNorm CNN (gn_stats, the Mahalanobis Gaussian).
 
-    batches: target-ready inputs (already mapped and normalised). Every LayerNorm is measured, so one cached
-    result serves any `layernorm_layers` choice. Returns float32 tensors:
+    batches: target-ready inputs (already mapped and normalised). Every LayerNorm and GroupNorm is measured, so one
+    cached result serves any `layernorm_layers` choice. Returns float32 tensors:
       "ln/<path>/mean", "ln/<path>/var": per-channel mean and biased variance of the LayerNorm's INPUT over all
           tokens of all images, (hidden,);
-      "cls/rms": mean over images of rms(CLS) after encoder.ln, (); "cls/mean", "cls/var": per-channel mean and
-          variance of that CLS token, (hidden,), for Mahalanobis distances;
+      "gn/<path>/mean", "gn/<path>/var": the same for a GroupNorm's input over all positions of all images, (C,);
+      ViT only: "cls/rms": mean over images of rms(CLS) after encoder.ln, (); "cls/mean", "cls/var": per-channel
+          mean and variance of that CLS token, (hidden,), for Mahalanobis distances;
       "count": number of images, ().
     Accumulated in float64. reduce_sum (identity by default) combines the sums of all processes.
     """
     if model.training:
         raise ValueError("the target must be in eval mode")
-    layernorms = [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.LayerNorm)]
+    norms = [(n, m, "ln" if isinstance(m, nn.LayerNorm) else "gn") for n, m in model.named_modules()
+             if n and isinstance(m, (nn.LayerNorm, nn.GroupNorm))]
     encoder = getattr(model, "encoder", None)
-    if not layernorms or not isinstance(encoder, nn.Module):
-        raise ValueError("reference statistics are for ViT targets (LayerNorms and an `encoder`)")
+    vit = isinstance(encoder, nn.Module) and any(kind == "ln" for _, _, kind in norms)
+    if not norms or (not vit and not any(kind == "gn" for _, _, kind in norms)):
+        raise ValueError("reference statistics are for ViT targets (LayerNorms and an `encoder`) or GroupNorm CNNs")
     recorder = _Recorder()
     try:
-        keys = [(recorder.input_of(n, m), n) for n, m in layernorms]
-        encoder_key = recorder.output_of("encoder", encoder)
+        keys = [(recorder.input_of(n, m), f"{kind}/{n}", kind) for n, m, kind in norms]
+        encoder_key = recorder.output_of("encoder", encoder) if vit else None
         acc: dict[str, Tensor] = {}
 
         def add(key: str, value: Tensor) -> None:
@@ -782,16 +863,18 @@ def compute_reference_stats(
                 finally:
                     recorder.stop()
                 recorder.check()
-                for key, name in keys:
-                    x = recorder.values[key].double().flatten(0, -2)
-                    add(f"ln/{name}/s1", x.sum(0))
-                    add(f"ln/{name}/s2", x.square().sum(0))
-                    add(f"ln/{name}/n", torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
-                cls = recorder.values[encoder_key][:, 0].double()
-                add("cls/rms_sum", _cls_rms(cls).double().sum())
-                add("cls/s1", cls.sum(0))
-                add("cls/s2", cls.square().sum(0))
-                add("count", torch.tensor(float(cls.shape[0]), dtype=torch.float64, device=cls.device))
+                for key, name, kind in keys:
+                    x = recorder.values[key].double()
+                    x = x.flatten(0, -2) if kind == "ln" else x.movedim(1, -1).reshape(-1, x.shape[1])
+                    add(f"{name}/s1", x.sum(0))
+                    add(f"{name}/s2", x.square().sum(0))
+                    add(f"{name}/n", torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
+                if encoder_key is not None:
+                    cls = recorder.values[encoder_key][:, 0].double()
+                    add("cls/rms_sum", _cls_rms(cls).double().sum())
+                    add("cls/s1", cls.sum(0))
+                    add("cls/s2", cls.square().sum(0))
+                add("count", torch.tensor(float(batch.shape[0]), dtype=torch.float64, device=batch.device))
                 recorder.values.clear()
         if not acc:
             raise ValueError("no reference batches given")
@@ -805,16 +888,18 @@ def compute_reference_stats(
         recorder.remove()
 
     stats: dict[str, Tensor] = {}
-    for _, name in keys:
-        c = acc[f"ln/{name}/n"]
-        mean = acc[f"ln/{name}/s1"] / c
-        stats[f"ln/{name}/mean"] = mean.float()
-        stats[f"ln/{name}/var"] = (acc[f"ln/{name}/s2"] / c - mean.square()).clamp_min(0).float()
+    for _, name, _ in keys:
+        c = acc[f"{name}/n"]
+        mean = acc[f"{name}/s1"] / c
+        stats[f"{name}/mean"] = mean.float()
+        stats[f"{name}/var"] = (acc[f"{name}/s2"] / c - mean.square()).clamp_min(0).float()
     count = acc["count"]
-    cls_mean = acc["cls/s1"] / count
-    stats["cls/rms"] = (acc["cls/rms_sum"] / count).float()
-    stats["cls/mean"] = cls_mean.float()
-    stats["cls/var"] = (acc["cls/s2"] / count - cls_mean.square()).clamp_min(0).float()
+    if encoder_key is not None:
+        cls_mean = acc["cls/s1"] / count
+        stats["cls/rms"] = (acc["cls/rms_sum"] / count).float()
+        stats["cls/mean"] = cls_mean.float()
+        stats["cls/var"] = (acc["cls/s2"] / count - cls_mean.square()).clamp_min(0).float()
     stats["count"] = count.float()
-    log.event("reference_stats_computed", images=int(count), layernorms=len(keys))
+    log.event("reference_stats_computed", images=int(count), layernorms=sum(k == "ln" for *_, k in keys),
+              groupnorms=sum(k == "gn" for *_, k in keys))
     return stats

@@ -6,6 +6,11 @@ Heads follow the study's training code, so its checkpoints load key for key:
 - DenseNets: torchvision's `classifier = Linear(in_features, C)`.
 - Vision Transformers: torchvision's `heads = Sequential(head=Linear(hidden, C))`, weights at `heads.head.*`.
 A binary classifier has C = 1 output (a logit); multi-class classifiers have one output per class.
+
+Normalisation: `norm="batch"` is torchvision's BatchNorm; `norm="group"` is the same network with every BatchNorm
+replaced by GroupNorm(gcd(32, C), C) by Opacus' `ModuleValidator.fix` (DP-SGD cannot train BatchNorm: it mixes
+samples). A GroupNorm CNN keeps no running statistics. `load_target` tells the two apart from the checkpoint's
+safetensors metadata ("norm"), or else from its keys (norm layers with weights but no running_mean).
 """
 
 from __future__ import annotations
@@ -58,6 +63,39 @@ _CONFIGURABLE_VITS = ("vit_tiny", "vit_custom")
 KNOWN_ARCHS: tuple[str, ...] = (*_RESNETS, *_DENSENETS, *_FIXED_VITS, *_CONFIGURABLE_VITS)
 
 RESNET_DROPOUT = 0.5
+NORMS = ("batch", "group")
+NORM_METADATA_KEY = "norm"
+
+
+def to_groupnorm(model: nn.Module) -> nn.Module:
+    """The model with every BatchNorm replaced by GroupNorm(gcd(32, C), C), as Opacus does it (and validates)."""
+    from opacus.validators import ModuleValidator
+
+    fixed = ModuleValidator.fix(model)
+    for module in fixed.modules():
+        # Opacus' per-sample gradient hooks forbid modifying a hooked module's output in place.
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fixed.modules()):
+        raise RuntimeError("BatchNorm left after conversion to GroupNorm")
+    return fixed
+
+
+def checkpoint_norm(state_dict: dict[str, torch.Tensor], arch: str, metadata: dict[str, str] | None = None) -> str:
+    """'batch' or 'group': from the checkpoint's metadata if it says, else from its keys."""
+    said = (metadata or {}).get(NORM_METADATA_KEY)
+    if said is not None:
+        if said not in NORMS:
+            raise InputError(f"checkpoint metadata names an unknown norm {said!r}; known: {', '.join(NORMS)}",
+                             where="checkpoint")
+        return said
+    if family(arch) != "cnn":
+        return "batch"
+    # A CNN whose stem norm has an affine weight but no running statistics was trained with GroupNorm.
+    stem = "bn1" if arch in _RESNETS else "features.norm0"
+    if f"{stem}.weight" in state_dict and f"{stem}.running_mean" not in state_dict:
+        return "group"
+    return "batch"
 
 
 def _check_arch(arch: str) -> str:
@@ -103,14 +141,20 @@ def _vit_config(arch: str, image_size: int, overrides: dict) -> dict:
     return config
 
 
-def build_target(arch: str, num_classes: int, image_size: int = 224, **vit_overrides) -> nn.Module:
+def build_target(arch: str, num_classes: int, image_size: int = 224, norm: str = "batch", **vit_overrides) -> nn.Module:
     """A freshly initialised (never pretrained) target network with the study's head for `num_classes` outputs.
 
     `image_size` only matters for ViTs (it fixes the positional embedding); CNNs pool adaptively.
     `vit_overrides` (patch_size, num_layers, num_heads, hidden_dim, mlp_dim, dropout, attention_dropout)
-    apply to 'vit_tiny'/'vit_custom' only.
+    apply to 'vit_tiny'/'vit_custom' only. `norm="group"` (CNNs) replaces BatchNorm by GroupNorm.
     """
     _check_arch(arch)
+    if norm not in NORMS:
+        raise InputError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}", where="norm")
+    if norm == "group":
+        if family(arch) != "cnn":
+            raise InputError(f"GroupNorm applies to the CNN targets, not '{arch}'", where="norm")
+        return to_groupnorm(build_target(arch, num_classes, image_size, **vit_overrides))
     if num_classes < 1:
         raise InputError(f"num_classes must be at least 1, got {num_classes}", where="num_classes")
     if arch in _RESNETS:
@@ -169,9 +213,14 @@ def adapt_head(state_dict: dict[str, torch.Tensor], arch: str) -> dict[str, torc
 def load_target(
     arch: str, checkpoint_path: str | os.PathLike, image_size: int = 224, **vit_overrides
 ) -> tuple[nn.Module, int]:
-    """Safely load a trained target: returns (frozen model in eval mode, number of outputs)."""
+    """Safely load a trained target: returns (frozen model in eval mode, number of outputs).
+
+    BatchNorm or GroupNorm (DP-trained) is read from the checkpoint (see `checkpoint_norm`)."""
     state_dict = adapt_head(load_state_dict(checkpoint_path), _check_arch(arch))
     where = str(checkpoint_path)
+    norm = checkpoint_norm(state_dict, arch, safetensors_metadata(checkpoint_path))
+    if norm != "batch":
+        vit_overrides = {**vit_overrides, "norm": norm}
     try:
         num_classes = infer_num_classes(state_dict, arch)
     except InputError:
@@ -184,8 +233,24 @@ def load_target(
     model = build_target(arch, num_classes, image_size=image_size, **vit_overrides)
     load_into(model, state_dict, where=where, expected=arch, hint=_vit_size_hint(model, state_dict))
     model.eval().requires_grad_(False)
-    log.event("target_loaded", arch=arch, file=where, num_classes=num_classes, image_size=image_size)
+    log.event("target_loaded", arch=arch, file=where, num_classes=num_classes, image_size=image_size, norm=norm)
     return model, num_classes
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file; {} for other formats or an unreadable header."""
+    import json
+
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 0 < length < 100_000_000:
+                return {}
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
 def _vit_size_hint(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str | None:

@@ -57,10 +57,10 @@ def load_state(store, key: str) -> dict[str, Any] | None:
     return torch.load(io.BytesIO(store.read_bytes(key)), map_location="cpu", weights_only=True)
 
 
-def state_dict_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
+def state_dict_bytes(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     from safetensors.torch import save
 
-    return save({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()})
+    return save({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, metadata=metadata)
 
 
 def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -25,7 +25,7 @@ checkpoints are loaded, the last two are kept, and all are deleted once the outp
 come from (seed, id) and Adam's state is restored, a run killed and resumed ends with the generator an
 uninterrupted run ends with (bit for bit on CPU).
 
-ViT targets store no running statistics: reference statistics are measured once through the frozen target on the
+ViT targets (and GroupNorm CNNs, e.g. DP-SGD targets) store no running statistics: reference statistics are measured once through the frozen target on the
 prior's own samples (`objective.reference.source: prior`) or on public-pool images (`public`), shared out over the
 processes, and cached at <target>/finetune-reference.safetensors with a fingerprint of the target's and the
 source's weights and settings, so a changed target or prior is never compared with stale statistics.
@@ -423,7 +423,7 @@ def finetune_target(manifest: Manifest, index: int, accelerator,
                     on_checkpoint: Callable[[int], None] | None = None) -> dict:
     """Fine-tune (or resume, or skip if committed) the generator for manifest.targets[index]; returns finetune.json.
     `on_checkpoint(step)` runs on the main process after each committed checkpoint."""
-    from reid_batch.objectives import TargetObjective
+    from reid_batch.objectives import TargetObjective, needs_reference_stats
     from reid_batch.recipes.train_prior import load_prior
 
     spec = manifest.targets[index]
@@ -445,7 +445,7 @@ def finetune_target(manifest: Manifest, index: int, accelerator,
     before_png = grid_png(generate_unit(prior.to(device), grid)) if main else b""
 
     reference, reference_info = None, None
-    if spec.family == "vit":
+    if needs_reference_stats(model, spec.family):
         reference, reference_info = reference_stats(manifest, spec, model, prior, accelerator, store)
     objective = TargetObjective(model, spec.terms, spec.objective, reference,
                                 field_prefix=f"targets[{index}].objective")
@@ -515,6 +515,7 @@ def finetune_target(manifest: Manifest, index: int, accelerator,
         "family": spec.family,
         "terms": objective.weights,
         "terms_configured": spec.terms,
+        "objective_fallback": objective.fallback,
         "num_classes": num_classes,
         "reference": reference_info,
         "steps": fs.steps,

@@ -7,6 +7,17 @@ Presets (the study's recipes, overridable field by field in `targets[].train`):
           training accuracy is 1.0; the final weights are kept (memorisation is the point). The whole model is
           trained; `freeze_backbone: true` reproduces the study's head-only overfit ViT.
 
+Mitigations (the same data and split, one defence each):
+  regularised  normal + dropout 0.5 before the classifier, AdamW with decoupled weight decay 0.05, and early
+               stopping: training ends after `patience` (3) epochs without a better validation AUC.
+  augmented    normal + per-image RandomResizedCrop (scale 0.7-1), rotations up to 10 degrees and brightness/
+               contrast jitter 0.2 (torchvision.transforms.v2 on tensors), drawn afresh every epoch.
+  dp           Opacus DP-SGD: BatchNorm -> GroupNorm (no running statistics), Poisson-sampled batches, per-sample
+               gradients clipped to `max_grad_norm` (1.0), Gaussian noise calibrated so that the planned epochs
+               reach `target_epsilon` at delta = 1 / training images. The accountant's epsilon for the steps
+               actually taken is recorded in training.json (`privacy`). ResNets only.
+`patience` applies to any preset that keeps the best validation AUC.
+
 Outputs under <run>/targets/<name>/: model.safetensors, training.json (accuracy/AUC on train and validation,
 generalisation gap, history), train_images.csv (the exact training list, needed to measure what the attack
 recovered), val_images.csv. Resumes after a kill from the last finished epoch.
@@ -16,7 +27,7 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
 import torch
@@ -50,24 +61,43 @@ class Recipe:
     images_per_class: int | None
     stop_at_perfect_train: bool
     keep: str  # "best_val_auc" or "last"
+    optimizer: str = "adam"  # or "adamw" (decoupled weight decay)
+    dropout: float | None = None  # dropout before the classifier; None leaves the architecture's own
+    patience: int | None = None
+    augment: bool = False
+    norm: str = "batch"
+    target_epsilon: float | None = None
+    max_grad_norm: float | None = None
+    accountant: str = "rdp"
 
 
 def resolve_recipe(spec: TargetSpec) -> Recipe:
     train = spec.train
     assert train is not None
     vit = spec.family == "vit"
+    normal = Recipe(10, 64 if vit else 32, 1e-4 if vit else 1e-3, 0.0 if vit else 1e-3, None, False, "best_val_auc")
     if train.preset == "normal":
-        base = Recipe(10, 64 if vit else 32, 1e-4 if vit else 1e-3, 0.0 if vit else 1e-3, None, False, "best_val_auc")
-    else:
+        base = normal
+    elif train.preset == "overfit":
         base = Recipe(30, 1, 1e-4, 0.0, 50 if vit else 20, True, "last")
-    return Recipe(
+    elif train.preset == "regularised":
+        base = replace(normal, weight_decay=0.05, optimizer="adamw", dropout=0.5, patience=3)
+    elif train.preset == "augmented":
+        base = replace(normal, augment=True)
+    else:
+        base = replace(normal, batch_size=64, weight_decay=0.0, norm="group", max_grad_norm=1.0)
+    return replace(
+        base,
         epochs=train.epochs or base.epochs,
         batch_size=train.batch_size or base.batch_size,
         lr=train.lr or base.lr,
         weight_decay=base.weight_decay if train.weight_decay is None else train.weight_decay,
         images_per_class=train.images_per_class or base.images_per_class,
-        stop_at_perfect_train=base.stop_at_perfect_train,
-        keep=base.keep,
+        dropout=base.dropout if train.dropout is None else train.dropout,
+        patience=train.patience or base.patience,
+        target_epsilon=train.target_epsilon,
+        max_grad_norm=train.max_grad_norm or base.max_grad_norm,
+        accountant=train.accountant,
     )
 
 
@@ -110,21 +140,53 @@ def predict_logits(model: nn.Module, images01: torch.Tensor, spec, device: torch
     return torch.cat(out) if out else torch.empty(0)
 
 
-def train_one_epoch(model, optimizer, images01, labels, input_spec, batch_size, generator, device) -> float:
+def augmentation(size: int):
+    """The augmented preset's per-image transform of [0, 1] tensors (1, H, W)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=True),
+        v2.RandomRotation(10),
+        v2.ColorJitter(brightness=0.2, contrast=0.2),
+    ])
+
+
+def _augmented(images01: torch.Tensor, transform) -> torch.Tensor:
+    # One draw per image (a v2 transform on a batch would draw one crop/angle for the whole batch).
+    return torch.stack([transform(image) for image in images01]).clamp(0, 1)
+
+
+def set_head_dropout(model: nn.Module, p: float) -> None:
+    """Dropout with probability p on the classifier's input, without changing the checkpoint's keys."""
+    import torch.nn.functional as F
+
+    for name in ("fc", "classifier", "heads"):
+        head = getattr(model, name, None)
+        if head is None:
+            continue
+        if isinstance(head, nn.Sequential) and isinstance(head[0], nn.Dropout):
+            head[0].p = p
+        else:
+            head.register_forward_pre_hook(lambda module, args: (F.dropout(args[0], p, module.training),))
+        return
+    raise ValueError("cannot find the classification head to put dropout before")
+
+
+def train_one_epoch(model, optimizer, images01, labels, input_spec, batch_size, generator, device,
+                    transform=None) -> float:
     from reid_batch.models.targets import to_target_input
 
     model.train()
     loss_fn = nn.BCEWithLogitsLoss()
     order = torch.randperm(len(images01), generator=generator)
-    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     total, seen = 0.0, 0
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        if has_batchnorm and len(index) == 1 and batch_size > 1:
-            # A lone remainder image gives BatchNorm a batch of one (undefined variance at 1x1 maps); the
-            # reshuffled order puts it in a full batch next epoch.
+        if len(index) == 1 < batch_size:
+            # A one-image remainder: BatchNorm cannot normalise it where the deepest maps are 1x1 (small inputs).
             continue
-        x = to_target_input(images01[index].to(device), input_spec)
+        batch = images01[index] if transform is None else _augmented(images01[index], transform)
+        x = to_target_input(batch.to(device), input_spec)
         y = labels[index].to(device)
         optimizer.zero_grad(set_to_none=True)
         try:
@@ -141,6 +203,79 @@ def train_one_epoch(model, optimizer, images01, labels, input_spec, batch_size, 
         total += loss.item() * len(index)
         seen += len(index)
     return total / max(seen, 1)
+
+
+def train_one_epoch_private(model, optimizer, loader, input_spec, device) -> float:
+    """One epoch of DP-SGD over Opacus' Poisson-sampled loader (batches vary in size and may be empty)."""
+    from reid_batch.models.targets import to_target_input
+
+    model.train()
+    loss_fn = nn.BCEWithLogitsLoss()
+    total, seen = 0.0, 0
+    for images, labels in loader:
+        if len(images) == 0:
+            # Expanded-weights per-sample gradients need a non-empty batch; a skipped step is not counted by the
+            # accountant either, so the recorded epsilon stays the accountant's for the steps taken.
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        x = to_target_input(images.to(device), input_spec)
+        loss = loss_fn(model(x).reshape(-1), labels.to(device))
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(images)
+        seen += len(images)
+    return total / max(seen, 1)
+
+
+@dataclass
+class PrivateTraining:
+    """Opacus' wrapped model, optimizer and loader, and its accountant."""
+
+    engine: object
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    delta: float
+
+    def record(self, recipe: "Recipe") -> dict:
+        accountant = self.engine.accountant
+        history = [[float(noise), float(rate), int(steps)] for noise, rate, steps in accountant.history]
+        return {
+            "mechanism": "DP-SGD (Opacus)", "accountant": recipe.accountant, "target_epsilon": recipe.target_epsilon,
+            "epsilon": float(accountant.get_epsilon(self.delta)) if history else 0.0, "delta": self.delta,
+            "noise_multiplier": float(self.optimizer.noise_multiplier), "max_grad_norm": recipe.max_grad_norm,
+            "sample_rate": history[0][1] if history else None, "steps": sum(h[2] for h in history),
+            "history": history, "opacus": _opacus_version(),
+        }
+
+
+def _opacus_version() -> str:
+    from importlib.metadata import version
+
+    return version("opacus")
+
+
+def make_private(model, optimizer, images01, labels, recipe: "Recipe", seed: int, where: str) -> PrivateTraining:
+    from opacus import PrivacyEngine
+    from opacus.validators import ModuleValidator
+
+    problems = ModuleValidator.validate(model, strict=False)
+    if problems:
+        raise InputError(f"the model cannot be trained with DP-SGD: {problems[0]}", where=where)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images01, labels),
+                                         batch_size=min(recipe.batch_size, len(images01)),
+                                         generator=torch.Generator().manual_seed(seed))
+    delta = 1.0 / len(images01)
+    engine = PrivacyEngine(accountant=recipe.accountant)
+    private_model, private_optimizer, private_loader = engine.make_private_with_epsilon(
+        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=recipe.target_epsilon,
+        target_delta=delta, epochs=recipe.epochs, max_grad_norm=recipe.max_grad_norm,
+        # "ew" (torch's expanded weights): the default backward hooks reject ResNet's in-place residual add.
+        grad_sample_mode="ew")
+    log.event("dp_sgd_ready", noise_multiplier=round(float(private_optimizer.noise_multiplier), 5),
+              sample_rate=round(1.0 / len(private_loader), 6), delta=delta, target_epsilon=recipe.target_epsilon,
+              accountant=recipe.accountant)
+    return PrivateTraining(engine, private_model, private_optimizer, private_loader, delta)
 
 
 def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
@@ -177,13 +312,16 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
 
     seed_everything(spec.train.seed)
     vit = spec.vit.model_dump() if spec.vit is not None else {}
-    model = build_target(spec.arch, num_classes=1, image_size=spec.input.size, **vit).to(device)
+    model = build_target(spec.arch, num_classes=1, image_size=spec.input.size, norm=recipe.norm, **vit).to(device)
+    if recipe.dropout is not None:
+        set_head_dropout(model, recipe.dropout)
     if spec.train.freeze_backbone:
         head = _head_parameters(model)
         for p in model.parameters():
             p.requires_grad_(any(p is h for h in head))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer_class = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
     state = load_state(store, resume_key)
     history: list[dict] = []
@@ -197,41 +335,67 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
         first_epoch = int(state["epoch"]) + 1
         log.event("train_target_resumed", target=spec.name, from_epoch=first_epoch)
 
+    private = None
+    if recipe.target_epsilon is not None:
+        # After loading any resume state: Opacus wraps this model and optimizer, and the accountant's history
+        # continues from the saved one, so a resumed run spends exactly the budget an uninterrupted one would.
+        where = f"targets[{manifest.targets.index(spec)}].train"
+        private = make_private(model, optimizer, train_x, train_y, recipe, spec.train.seed, where)
+        if state is not None:
+            private.engine.accountant.history = [tuple(h) for h in state.get("accountant", [])]
+    transform = augmentation(spec.input.size) if recipe.augment else None
+    plain_model = model  # the unwrapped network: what is evaluated, kept and saved
+
     last_saved = time.monotonic()
     for epoch in range(first_epoch, recipe.epochs):
         # Seeding from (seed, epoch) makes a resumed run draw exactly the batches an uninterrupted one would.
         torch.manual_seed(spec.train.seed * 1000 + epoch)
         order_generator = torch.Generator().manual_seed(spec.train.seed * 1000 + epoch)
         with EpochTimer() as timer:
-            try:
-                loss = train_one_epoch(model, optimizer, train_x, train_y, input_spec, recipe.batch_size,
-                                       order_generator, device)
-            except InputError as error:
-                position = [t.name for t in manifest.targets].index(spec.name)
-                raise InputError(error.message, where=f"targets[{position}].train.batch_size") from None
-        train_metrics = binary_metrics(predict_logits(model, train_x, input_spec, device), train_y)
-        val_metrics = binary_metrics(predict_logits(model, val_x, input_spec, device), val_y)
+            if private is not None:
+                private.loader.batch_sampler.generator = order_generator
+                loss = train_one_epoch_private(private.model, private.optimizer, private.loader, input_spec, device)
+            else:
+                try:
+                    loss = train_one_epoch(model, optimizer, train_x, train_y, input_spec, recipe.batch_size,
+                                           order_generator, device, transform)
+                except InputError as error:
+                    position = [t.name for t in manifest.targets].index(spec.name)
+                    raise InputError(error.message, where=f"targets[{position}].train.batch_size") from None
+        train_metrics = binary_metrics(predict_logits(plain_model, train_x, input_spec, device), train_y)
+        val_metrics = binary_metrics(predict_logits(plain_model, val_x, input_spec, device), val_y)
         row = {"epoch": epoch, "loss": loss, "seconds": timer.seconds,
                **{f"train_{k}": v for k, v in train_metrics.items()}, **{f"val_{k}": v for k, v in val_metrics.items()}}
+        if private is not None:
+            row["epsilon"] = float(private.engine.accountant.get_epsilon(private.delta))
         history.append(row)
         log_epoch("train_target", spec.name, **row)
         if recipe.keep == "best_val_auc" and val_metrics["auc"] > best["auc"]:
             best = {"auc": val_metrics["auc"], "epoch": epoch,
-                    "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                    "weights": {k: v.detach().cpu().clone() for k, v in plain_model.state_dict().items()}}
         done = recipe.stop_at_perfect_train and train_metrics["accuracy"] >= 1.0
+        if recipe.patience is not None and recipe.keep == "best_val_auc" and epoch - best["epoch"] >= recipe.patience:
+            log.event("train_target_early_stop", target=spec.name, epoch=epoch, best_epoch=best["epoch"],
+                      patience=recipe.patience)
+            done = True
         # Resume state is large (weights + Adam moments): write it after the first epoch of this process and
         # then at most every RESUME_EVERY_SECONDS, so many short epochs (overfit preset) are not I/O bound.
         if not done and (epoch == first_epoch or time.monotonic() - last_saved >= RESUME_EVERY_SECONDS):
-            save_state(store, resume_key, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            resume = {
+                "model": plain_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "history": history, "best_auc": best["auc"], "best_epoch": best["epoch"],
                 "best_weights": best["weights"],
-            })
+            }
+            if private is not None:
+                resume["accountant"] = [list(h) for h in private.engine.accountant.history]
+            save_state(store, resume_key, resume)
             last_saved = time.monotonic()
         if done:
-            log.event("train_target_memorised", target=spec.name, epoch=epoch)
+            if recipe.stop_at_perfect_train:
+                log.event("train_target_memorised", target=spec.name, epoch=epoch)
             break
 
+    model = plain_model
     if recipe.keep == "best_val_auc" and best["weights"] is not None:
         model.load_state_dict(best["weights"])
         kept_epoch = best["epoch"]
@@ -246,15 +410,17 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
         "generalisation_gap": {"accuracy": train_metrics["accuracy"] - val_metrics["accuracy"],
                                "auc": train_metrics["auc"] - val_metrics["auc"]},
         "train_images": len(train_frame), "val_images": len(val_frame), "history": history,
+        "norm": recipe.norm, "privacy": private.record(recipe) if private is not None else None,
     }
     with store.committed(prefix, {"stage": "train-target", "target": spec.name}) as out:
-        out.write_bytes("model.safetensors", state_dict_bytes(model.state_dict()))
+        out.write_bytes("model.safetensors", state_dict_bytes(model.state_dict(), {"norm": recipe.norm}))
         out.write_json("training.json", record)
         out.write_bytes("train_images.csv", _csv_bytes(train_frame))
         out.write_bytes("val_images.csv", _csv_bytes(val_frame))
     store.delete(resume_key)
     log.event("train_target_done", target=spec.name, train_accuracy=train_metrics["accuracy"],
-              val_accuracy=val_metrics["accuracy"], val_auc=val_metrics["auc"], kept_epoch=kept_epoch)
+              val_accuracy=val_metrics["accuracy"], val_auc=val_metrics["auc"], kept_epoch=kept_epoch,
+              epsilon=record["privacy"]["epsilon"] if record["privacy"] else None)
     return record
 
 

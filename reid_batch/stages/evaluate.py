@@ -758,13 +758,18 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
     if spec.train is not None and store.is_committed(target_prefix(spec.name)):
         record = store.read_json(f"{target_prefix(spec.name)}/training.json")
         training_record = {k: record.get(k) for k in ("preset", "pool", "train", "val", "generalisation_gap",
-                                                        "train_images", "val_images", "kept_epoch")}
+                                                        "train_images", "val_images", "kept_epoch", "norm",
+                                                        "privacy")}
+    finetune_record = store.read_json(f"{attack_prefix(spec.name, 'finetune')}/finetune.json")
+    attack_terms = {"terms": finetune_record.get("terms"), "configured": finetune_record.get("terms_configured"),
+                    "fallback": finetune_record.get("objective_fallback"),
+                    "reference": finetune_record.get("reference")}
     metrics = {
         "target": spec.name, "arch": spec.arch, "family": spec.family,
         "preset": spec.train.preset if spec.train is not None else None,
         "train_pool": pool, "heldout_pool": heldout_pool,
         "role": "control model" if pool == "control" else "target",
-        "checkpoint": spec.checkpoint, "target_training": training_record,
+        "checkpoint": spec.checkpoint, "target_training": training_record, "attack_terms": attack_terms,
         "threat_model": THREAT_MODEL, "validation_note": VALIDATION_NOTE,
         "selection": {"rule": thresholds.get("rule"), "thresholds": thresholds.get("thresholds"),
                       "counts": thresholds.get("counts")},

@@ -15,6 +15,12 @@ The leak of a target is its re-identification rate minus a control model's (a ta
 whose roles of training and held-out pool are swapped), preferring a control of the same architecture family; the
 interval is Newcombe's hybrid score interval for a difference of independent proportions, from each rate's Wilson
 interval. Reconstructions are sensitive data: everything is written only under the run's output URI.
+
+Mitigations: when the targets differ in training preset (a mitigation study: overfit, regularised, augmented, DP-SGD
+at several epsilons, a control), a side-by-side table sets each target's utility (validation AUC and accuracy)
+beside the attack's outcome (likely samples, nearest-neighbour SSIM, demographic accuracy, re-identification rate,
+leak vs control), with a risk-vs-utility plot (`mitigation.png`). Every target states the objective terms its attack
+used (a GroupNorm target's `bn_stats` falls back to `gn_stats`, see reid_batch.objectives).
 """
 
 from __future__ import annotations
@@ -32,12 +38,13 @@ import yaml
 
 from reid_batch import log
 from reid_batch.errors import InputError
-from reid_batch.manifest import Manifest
+from reid_batch.manifest import CNN_ALLOWED_TERMS, VIT_TERMS, Manifest
 
 HTML_FILE = "report.html"
 MARKDOWN_FILE = "report.md"
 JSON_FILE = "report.json"
 HTML_MAX_SAMPLES = 50
+MITIGATION_FIGURE = "mitigation.png"
 
 _SECRET_KEY = re.compile(r"secret|password|passwd|token|access_key|credential|session", re.IGNORECASE)
 _AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
@@ -213,12 +220,107 @@ def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd
         "threat_model": next(iter(evaluations.values()))["threat_model"] if evaluations else None,
         "validation_note": next(iter(evaluations.values()))["validation_note"] if evaluations else None,
         "targets": targets,
+        "mitigation": mitigation_summary(targets),
         "demographic_model": demographic_model,
         "meanings": [{"metric": m, "shows": s, "does_not_show": d} for m, s, d in MEANINGS],
         "manifest": safe_manifest(manifest_document),
         "software": {"report": software_versions(),
                      "evaluation": {n: m.get("software") for n, m in evaluations.items()}},
     })
+
+
+def _canonical(terms: dict) -> dict:
+    # JSON records keep keys sorted; show terms in the objective's own order.
+    order = list(CNN_ALLOWED_TERMS) + [t for t in VIT_TERMS if t not in CNN_ALLOWED_TERMS]
+    return dict(sorted(terms.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+
+
+def attack_terms_text(attack: dict | None) -> str:
+    """The objective terms the attack used, with the fallback's reason when bn_stats could not be used."""
+    if not attack or not attack.get("terms"):
+        return "n/a"
+    used = ", ".join(f"{t} {w:g}" for t, w in _canonical(attack["terms"]).items())
+    fallback = attack.get("fallback")
+    if not fallback:
+        return used
+    added = f", replaced by {', '.join(fallback['added'])}" if fallback.get("added") else ""
+    return f"{used} (fallback: {', '.join(fallback['dropped'])} dropped{added}: {fallback.get('reason')})"
+
+
+def mitigation_summary(targets: dict[str, dict]) -> dict:
+    """Utility and attack outcome per target, side by side; `shown` when the targets differ in preset."""
+    rows = []
+    for name, entry in targets.items():
+        metrics, risk = entry["metrics"], entry["risk"]
+        trained = metrics.get("target_training") or {}
+        privacy = trained.get("privacy") or {}
+        rows.append({
+            "target": name, "preset": metrics.get("preset") or "checkpoint", "role": metrics.get("role"),
+            "epsilon": privacy.get("epsilon"), "target_epsilon": privacy.get("target_epsilon"),
+            "delta": privacy.get("delta"), "norm": trained.get("norm"),
+            "val_auc": _get(trained, "val", "auc"), "val_accuracy": _get(trained, "val", "accuracy"),
+            "train_accuracy": _get(trained, "train", "accuracy"),
+            "likely_samples": risk["likely_samples"], "candidates": risk["candidates"],
+            "ssim_mean": risk["ssim_mean"], "sex_accuracy": risk["sex_accuracy"], "age_mae": risk["age_mae"],
+            "reidentification_rate": risk["reidentification_rate"], "reidentification_ci": risk["reidentification_ci"],
+            "leak": _get(risk, "leak", "difference"), "leak_ci": _get(risk, "leak", "ci"),
+            "attack_terms": list(_canonical(_get(metrics, "attack_terms", "terms") or {})),
+            "fallback": _get(metrics, "attack_terms", "fallback") is not None,
+        })
+    presets = {r["preset"] for r in rows}
+    return {"shown": len(presets) > 1 or any(r["epsilon"] is not None for r in rows), "rows": rows}
+
+
+def mitigation_rows(document: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["Target", "Preset", "ε (δ)", "Val AUC", "Val acc.", "Train acc.", "Likely samples", "NN SSIM",
+              "Sex accuracy", "Age MAE", "Re-id rate", "Leak vs control", "Attack terms"]
+    rows = []
+    for r in document["mitigation"]["rows"]:
+        epsilon = f"{number(r['epsilon'], 2)} ({significant(r['delta'], 2)})" if r["epsilon"] is not None else "—"
+        role = " (control)" if r["role"] == "control model" else ""
+        leak = "n/a" if r["leak"] is None else f"{100 * r['leak']:+.0f} pts [{100 * r['leak_ci'][0]:+.0f}, " \
+                                               f"{100 * r['leak_ci'][1]:+.0f}]"
+        rows.append([r["target"], r["preset"] + role, epsilon, number(r["val_auc"], 3), number(r["val_accuracy"], 3),
+                     number(r["train_accuracy"], 3), f"{r['likely_samples']} of {r['candidates']}",
+                     number(r["ssim_mean"], 3), percent(r["sex_accuracy"]), number(r["age_mae"], 1),
+                     percent(r["reidentification_rate"]) + interval(r["reidentification_ci"], as_percent=True),
+                     leak, ", ".join(r["attack_terms"]) + (" (fallback)" if r["fallback"] else "")])
+    return header, rows
+
+
+def mitigation_png(document: dict) -> bytes | None:
+    """Risk (re-identification rate, 95% CI) against utility (validation AUC), one labelled point per target."""
+    rows = [r for r in document["mitigation"]["rows"] if r["val_auc"] is not None
+            and r["reidentification_rate"] is not None]
+    if not rows:
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    for i, r in enumerate(sorted(rows, key=lambda r: r["val_auc"])):
+        low, high = r["reidentification_ci"] or (r["reidentification_rate"],) * 2
+        control = r["role"] == "control model"
+        axes.errorbar(r["val_auc"], r["reidentification_rate"],
+                      yerr=[[r["reidentification_rate"] - low], [high - r["reidentification_rate"]]],
+                      fmt="s" if control else "o", color="grey" if control else "C3" if r["epsilon"] is not None
+                      else "C0", capsize=3)
+        label = r["target"] + (f" (ε={r['epsilon']:.2g})" if r["epsilon"] is not None else "")
+        # Neighbours along the utility axis alternate above and below their point, so labels do not overlap.
+        axes.annotate(label, (r["val_auc"], r["reidentification_rate"]), textcoords="offset points",
+                      xytext=(5, 6 if i % 2 == 0 else -12), fontsize=8)
+    axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    axes.set(xlabel="utility: validation AUC", ylabel="risk: re-identification rate (chance 0.5)",
+             title="Mitigations: risk vs utility")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
 
 
 def _finite(value: Any) -> Any:
@@ -463,6 +565,16 @@ def render_html(document: dict, figures: dict[str, dict[str, bytes]], pairs: dic
                    f"{esc(number(_get(model, 'age', 'mae') or model.get('age_mae'), 2))}, sex accuracy "
                    f"{esc(number(_get(model, 'sex', 'accuracy') or model.get('sex_accuracy'), 3))}.</p>")
 
+    if document["mitigation"]["shown"]:
+        out.append("<h2>1b. Mitigations: utility and risk side by side</h2>")
+        header, rows = mitigation_rows(document)
+        out.append(_table_html(header, rows))
+        out.append("<p class='note'>Utility is the target's own validation split (patient-grouped); risk is the "
+                   "attack's outcome on that target. ε is the Opacus accountant's for the steps taken, at δ = 1/N. "
+                   "Targets marked fallback were attacked without BatchNorm statistics (GroupNorm model): their "
+                   "attack used the terms listed. Few likely samples give wide intervals.</p>")
+        out.append(_image_html(figures.get("_report", {}).get("mitigation"), "risk vs utility"))
+
     out.append("<h2>2. Side-by-side comparison (stage 1, distribution level)</h2>")
     header, rows = stage1_rows(document)
     out.append(_table_html(header, rows))
@@ -476,6 +588,8 @@ def render_html(document: dict, figures: dict[str, dict[str, bytes]], pairs: dic
         stage1, stage2, reid = metrics["stage1"], metrics["stage2"], metrics["reidentification"]
         out.append(f"<h2>3.{index} Target {esc(name)}</h2>")
         out.append(f"<p>{esc(interpretation(name, entry))}</p>")
+        out.append(f"<p class='note'>Attack objective terms: {esc(attack_terms_text(metrics.get('attack_terms')))}"
+                   "</p>")
         out.append("<h3>Stage 1: distribution of generated images</h3>")
         set_rows = []
         for set_name, block in stage1["sets"].items():
@@ -606,6 +720,13 @@ def render_markdown(document: dict) -> str:
     if rows:
         lines.append(_table_markdown(list(rows[0]), [list(r.values()) for r in rows]))
     lines += [""] + [f"- {interpretation(n, e)}" for n, e in document["targets"].items()]
+    if document["mitigation"]["shown"]:
+        lines += ["", "## Mitigations: utility and risk side by side", ""]
+        header, rows = mitigation_rows(document)
+        lines.append(_table_markdown(header, rows))
+        lines += ["", f"Risk vs utility plot: `{MITIGATION_FIGURE}`."]
+    lines += ["", "## Attack objective terms", ""]
+    lines += [f"- {n}: {attack_terms_text(_get(e, 'metrics', 'attack_terms'))}" for n, e in document["targets"].items()]
     lines += ["", "## Stage 1 comparison", ""]
     header, rows = stage1_rows(document)
     lines.append(_table_markdown(header, rows))
@@ -672,10 +793,13 @@ def report(manifest: Manifest, target: str | None = None) -> int:
     demographic_model = store.read_json("demographics/metrics.json") \
         if store.is_committed("demographics") and store.exists("demographics/metrics.json") else None
     document = build_report(manifest.run_id, evaluations, tables, manifest.model_dump(mode="json"), demographic_model)
-    page = render_html(document, figures, pairs)
+    plot = mitigation_png(document) if document["mitigation"]["shown"] else None
+    page = render_html(document, {**figures, "_report": {"mitigation": plot}}, pairs)
     with store.committed(prefix, {"stage": "report", "targets": names, "inputs": inputs}) as out:
         out.write_bytes(HTML_FILE, page.encode("utf-8"))
         out.write_bytes(MARKDOWN_FILE, render_markdown(document).encode("utf-8"))
         out.write_json(JSON_FILE, document)
+        if plot is not None:
+            out.write_bytes(MITIGATION_FIGURE, plot)
     log.event("report_done", uri=store.uri(prefix), targets=names, html_bytes=len(page))
     return 0

@@ -326,7 +326,7 @@ def _prior_reference_images(manifest: Manifest, accelerator, count: int, sizer: 
 
 
 def vit_reference_stats(manifest: Manifest, spec: TargetSpec, model, accelerator) -> dict[str, Tensor]:
-    """The ViT's reference statistics, exactly stage 1's: its cache when it matches, else measured the same way."""
+    """The reference statistics of a ViT or GroupNorm CNN, exactly stage 1's: its cache when it matches, else measured the same way."""
     from reid_batch.artifacts import run_store
     from reid_batch.recipes.finetune import reference_stats
     from reid_batch.recipes.train_prior import load_prior
@@ -348,7 +348,9 @@ def feature_gaussian(manifest: Manifest, spec: TargetSpec, objective, accelerato
             raise InputError("the target offers no feature statistics for a diagonal Gaussian (no BatchNorm2d, "
                              "or ViT reference statistics without CLS statistics); use covariance: ledoit_wolf",
                              where="selection.mahalanobis.covariance")
-        source = "last BatchNorm2d running_mean/running_var" if spec.family == "cnn" else "reference CLS mean/var"
+        source = ("reference CLS mean/var" if spec.family == "vit" else
+                  "last GroupNorm input, reference mean/var" if objective.fallback is not None else
+                  "last BatchNorm2d running_mean/running_var")
         return mahalanobis.from_gaussian(prior[0], prior[1], settings.epsilon, source)
     input_spec = target_input_spec(spec)
     features = []
@@ -477,16 +479,19 @@ def _check_shard(manifest: Manifest, shard: int | None) -> list[int]:
 
 def _build_scorer(manifest: Manifest, spec: TargetSpec, accelerator, sizer: BatchSizer):
     from reid_batch.artifacts import load_attack_target, load_finetuned_generator
-    from reid_batch.objectives import TargetObjective
+    from reid_batch.objectives import TargetObjective, needs_reference_stats
 
     device = accelerator.device
     model, num_classes = load_attack_target(manifest, spec)
     model = model.to(device)
     generator = load_finetuned_generator(manifest, spec.name).to(device).eval()
-    reference = vit_reference_stats(manifest, spec, model, accelerator) if spec.family == "vit" else None
+    reference = vit_reference_stats(manifest, spec, model, accelerator) \
+        if needs_reference_stats(model, spec.family) else None
     index = manifest.targets.index(spec)
     objective = TargetObjective(model, spec.terms, spec.objective, reference, family=spec.family,
                                 field_prefix=f"targets[{index}].objective")
+    if objective.fallback is not None:
+        log.event("sample_objective_fallback", target=spec.name, **objective.fallback)
     gaussian = feature_gaussian(manifest, spec, objective, accelerator, sizer)
     log.event("mahalanobis_model", target=spec.name, **gaussian.summary())
     precision = effective_mixed_precision(device, manifest.sampling.mixed_precision)

@@ -1,0 +1,260 @@
+"""Mitigations on a tiny synthetic world: regularised, augmented and DP-SGD targets are trained by the recipe, the
+whole attack runs on each (the DP target is a GroupNorm model: its objective falls back from bn_stats to gn_stats),
+and the report sets utility beside risk for every target.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from reid_batch.manifest import parse_manifest
+from reid_batch.recipes.common import run_store
+
+LATENT = 16
+DEPTHS = [32, 16, 8, 8]  # 4 -> 32 px
+SIZE = 32
+WORLD = {"seed": 0, "image_size": SIZE, "private_patients": 14, "public_patients": 1, "control_patients": 10,
+         "max_studies_per_patient": 2}
+TARGETS = ("dp", "regularised", "augmented", "control")
+
+
+def _inputs(directory: Path) -> dict[str, Path]:
+    from reid_batch.checkpoints import save_state_dict
+    from reid_batch.models.pggan import PGGANConfig, PGGANGenerator, save_generator
+    from reid_batch.recipes.train_demographics import build_model
+
+    torch.manual_seed(0)
+    save_generator(PGGANGenerator(PGGANConfig(latent_dim=LATENT, depths=tuple(DEPTHS), out_channels=1)),
+                   directory / "prior.safetensors")
+    torch.manual_seed(0)
+    save_state_dict(build_model("densenet_tiny").state_dict(), directory / "demographics.safetensors")
+    return {"prior": directory / "prior.safetensors", "demographics": directory / "demographics.safetensors"}
+
+
+def make_manifest(root: Path, inputs: dict[str, Path]):
+    one = {"epochs": 1, "batch_size": 8}
+    document = {
+        "version": 1, "run_id": "mitigations", "output": {"uri": str(root / "out")},
+        "data": {"synthetic": {"root": str(root / "world"), **WORLD}, "val_fraction": 0.2, "split_seed": 0},
+        "targets": [
+            {"name": "dp", "arch": "resnet18", "input": {"size": SIZE},
+             "train": {"preset": "dp", "target_epsilon": 8.0, "max_grad_norm": 1.0, **one}},
+            {"name": "regularised", "arch": "resnet18", "input": {"size": SIZE},
+             "train": {"preset": "regularised", "epochs": 2, "patience": 1, "batch_size": 8}},
+            {"name": "augmented", "arch": "resnet18", "input": {"size": SIZE}, "train": {"preset": "augmented", **one}},
+            {"name": "control", "arch": "resnet18", "input": {"size": SIZE},
+             "train": {"preset": "normal", "pool": "control", **one}},
+        ],
+        "generator": {"checkpoint": str(inputs["prior"]), "format": "reid", "latent_dim": LATENT, "depths": DEPTHS,
+                      "out_channels": 1},
+        "finetune": {"steps": 2, "batch_size": 4, "lr": 1e-4, "checkpoint_every": 100, "log_every": 1},
+        "sampling": {"num_candidates": 32, "batch_size": 32, "num_shards": 1, "chunk_size": 32, "row_group_size": 32,
+                     "seed": 3},
+        "selection": {"rule": "top_k", "top_k": 5},
+        "demographics": {"arch": "densenet_tiny", "checkpoint": str(inputs["demographics"]), "image_size": SIZE},
+        "evaluation": {"num_images": 8, "pca_components": 4, "bootstrap": 10, "fid": False},
+        "compute": {"device": "cpu"},
+    }
+    for target in document["targets"]:
+        target["objective"] = {"reference": {"source": "prior", "num_images": 16}}
+    return parse_manifest(document)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    from reid_batch.phantoms import WorldConfig, write_world
+    from reid_batch.recipes import finetune, train_target
+    from reid_batch.stages import evaluate, report, sample, score, select
+
+    root = tmp_path_factory.mktemp("mitigations")
+    manifest = make_manifest(root, _inputs(root))
+    write_world(manifest.data.synthetic.root, WorldConfig(**WORLD, device_rate=0.3, workers=1))
+    train_target.run(manifest)
+    finetune.run(manifest)
+    sample.sample(manifest)
+    select.select(manifest)
+    score.score(manifest)
+    assert evaluate.evaluate(manifest) == 0
+    assert report.report(manifest) == 0
+    return manifest, root
+
+
+def _training(manifest, name: str) -> dict:
+    return run_store(manifest).read_json(f"targets/{name}/training.json")
+
+
+def test_dp_epsilon_is_the_accountants(pipeline):
+    from opacus.accountants import RDPAccountant
+
+    manifest, _ = pipeline
+    record = _training(manifest, "dp")
+    privacy = record["privacy"]
+    assert privacy["delta"] == pytest.approx(1.0 / record["train_images"])
+    assert privacy["noise_multiplier"] > 0 and privacy["steps"] > 0
+    assert privacy["sample_rate"] == pytest.approx(1.0 / -(-record["train_images"] // 8))
+    # Recomputed from the recorded mechanism alone, by a fresh accountant.
+    accountant = RDPAccountant()
+    accountant.history = [(privacy["noise_multiplier"], privacy["sample_rate"], privacy["steps"])]
+    assert privacy["epsilon"] == pytest.approx(accountant.get_epsilon(privacy["delta"]), rel=1e-9)
+    # The noise was calibrated for the planned epochs; early stopping can only spend less.
+    assert privacy["epsilon"] <= privacy["target_epsilon"] * 1.01
+    assert record["history"][-1]["epsilon"] == pytest.approx(privacy["epsilon"])
+
+
+def test_dp_target_is_a_groupnorm_model_that_loads_back(pipeline, tmp_path):
+    from safetensors.torch import load_file
+
+    from reid_batch.artifacts import load_attack_target
+    from reid_batch.models.targets import load_target, safetensors_metadata
+
+    manifest, _ = pipeline
+    store = run_store(manifest)
+    path = store.path("targets/dp/model.safetensors")
+    assert safetensors_metadata(path)["norm"] == "group"
+    model, num_classes = load_attack_target(manifest, manifest.target("dp"))
+    assert num_classes == 1
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) == 20
+    saved = load_file(path)
+    assert set(model.state_dict()) == set(saved)
+    assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
+    # Without the metadata (a plain .pt state dict), the keys alone say GroupNorm.
+    torch.save(saved, tmp_path / "dp.pt")
+    again, _ = load_target("resnet18", tmp_path / "dp.pt", image_size=SIZE)
+    x = torch.rand(2, 3, SIZE, SIZE)
+    assert torch.equal(again(x), model(x))
+    # The BatchNorm targets stay BatchNorm.
+    plain, _ = load_attack_target(manifest, manifest.target("augmented"))
+    assert any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+
+
+def test_attack_on_the_groupnorm_target_falls_back_and_says_so(pipeline):
+    manifest, _ = pipeline
+    store = run_store(manifest)
+    record = store.read_json("dp/finetune/finetune.json")
+    assert record["objective_fallback"]["dropped"] == ["bn_stats"]
+    assert record["objective_fallback"]["added"] == ["gn_stats"]
+    assert set(record["terms"]) == {"gn_stats", "feature_stats", "logits", "tv"}
+    assert record["reference"]["source"] == "prior" and record["reference"]["images"] == 16
+    losses = store.read_parquet("dp/finetune/losses.parquet").to_pandas()
+    assert losses["gn_stats"].notna().all() and (losses["gn_stats"] > 0).all()
+    candidates = store.read_parquet("dp/candidates").to_pandas()
+    assert "term_gn_stats" in candidates and "term_bn_stats" not in candidates
+    assert candidates["term_gn_stats"].notna().all() and candidates["mahalanobis"].notna().all()
+    # A BatchNorm target keeps bn_stats.
+    normal = store.read_json("augmented/finetune/finetune.json")
+    assert normal["objective_fallback"] is None and "bn_stats" in normal["terms"]
+
+
+def test_groupnorm_objective_fires_every_hook_and_matches_its_reference():
+    from reid_batch.models.targets import build_target
+    from reid_batch.objectives import TargetObjective, compute_reference_stats, needs_reference_stats
+
+    torch.manual_seed(0)
+    model = build_target("resnet18", 1, image_size=SIZE, norm="group").eval().requires_grad_(False)
+    assert needs_reference_stats(model)
+    images = torch.rand(6, 3, SIZE, SIZE)
+    reference = compute_reference_stats(model, [images[:3], images[3:]])
+    terms = {"bn_stats": 1.0, "feature_stats": 1.0, "logits": 1.0, "tv": 1e-5}
+    with TargetObjective(model, terms, reference_stats=reference) as objective:
+        assert objective.fallback["added"] == ["gn_stats"]
+        result = objective(images, image01=images[:, :1])
+        recorder = objective._recorder
+        assert set(recorder.calls) == set(recorder.expected) and len(recorder.expected) == 21
+        # Scored on exactly the reference batch, the GroupNorm inputs match their reference statistics.
+        assert float(result.terms["gn_stats"]) < 1e-3
+        assert result.features.shape == (6, 512)
+        mean, var = objective.feature_prior()
+        assert mean.shape == var.shape == (512,)
+    with TargetObjective(model, terms) as objective:  # no reference: bn_stats is dropped, the rest apply
+        assert objective.fallback["added"] == [] and list(objective.weights) == ["feature_stats", "logits", "tv"]
+
+
+def test_regularised_and_augmented_presets_train(pipeline):
+    from reid_batch.recipes.train_target import augmentation
+
+    manifest, _ = pipeline
+    regularised = _training(manifest, "regularised")
+    assert regularised["recipe"]["optimizer"] == "adamw" and regularised["recipe"]["dropout"] == 0.5
+    assert regularised["recipe"]["weight_decay"] == 0.05
+    epochs = [row["epoch"] for row in regularised["history"]]
+    best, best_auc = -1, -1.0
+    for row in regularised["history"]:  # the first epoch of the best finite validation AUC, as the recipe keeps
+        if row["val_auc"] is not None and row["val_auc"] > best_auc:
+            best, best_auc = row["epoch"], row["val_auc"]
+    # Early stopping with patience 1: training ends one epoch without improvement after the best, or at the last.
+    assert epochs == list(range(min(2, best + 2)))
+    assert regularised["kept_epoch"] == (best if best >= 0 else epochs[-1])
+    augmented = _training(manifest, "augmented")
+    assert augmented["recipe"]["augment"] is True and augmented["norm"] == "batch"
+    torch.manual_seed(0)
+    image = torch.rand(1, SIZE, SIZE)
+    transform = augmentation(SIZE)
+    first, second = transform(image), transform(image)
+    assert first.shape == image.shape and not torch.equal(first, second)
+
+
+def test_report_sets_utility_beside_risk_for_every_target(pipeline):
+    from reid_batch.stages.report import MITIGATION_FIGURE, report_prefix
+
+    manifest, _ = pipeline
+    store = run_store(manifest)
+    prefix = report_prefix()
+    document = json.loads(store.read_bytes(f"{prefix}/report.json"))
+    rows = {r["target"]: r for r in document["mitigation"]["rows"]}
+    assert document["mitigation"]["shown"] and set(rows) == set(TARGETS)
+    assert rows["dp"]["epsilon"] == pytest.approx(_training(manifest, "dp")["privacy"]["epsilon"])
+    assert rows["dp"]["fallback"] and "gn_stats" in rows["dp"]["attack_terms"]
+    for name in TARGETS:
+        recorded = _training(manifest, name)["val"]["auc"]  # NaN when the tiny validation split has one class
+        assert rows[name]["val_auc"] == (None if math.isnan(recorded) else recorded)
+        evaluation = store.read_json(f"{name}/evaluation/metrics.json")
+        assert rows[name]["reidentification_rate"] == evaluation["reidentification"]["rate"]
+        assert rows[name]["likely_samples"] == 5
+    markdown = store.read_bytes(f"{prefix}/report.md").decode()
+    section = markdown.split("## Mitigations")[1].split("\n## ")[0]
+    assert all(f"| {name} |" in section for name in TARGETS)
+    assert "dp: gn_stats 1, feature_stats 1, logits 1, tv 1e-05 (fallback: bn_stats dropped, replaced by gn_stats" \
+        in markdown
+    page = store.read_bytes(f"{prefix}/report.html").decode()
+    assert "Mitigations: utility and risk side by side" in page and "alt='risk vs utility'" in page
+    assert store.read_bytes(f"{prefix}/{MITIGATION_FIGURE}")[:4] == b"\x89PNG"
+    table = pd.read_csv(io.BytesIO(store.read_bytes("targets/dp/train_images.csv")))
+    assert len(table) == _training(manifest, "dp")["train_images"]
+
+
+def test_a_one_image_remainder_batch_is_skipped_not_fatal():
+    from reid_batch.models.targets import TargetInput, build_target
+    from reid_batch.recipes.train_target import train_one_epoch
+
+    # 17 images in batches of 16 at 32 px: the remainder of one would reach layer4's BatchNorm as a 1x1 map.
+    torch.manual_seed(0)
+    model = build_target("resnet18", 1, image_size=SIZE)
+    images, labels = torch.rand(17, 1, SIZE, SIZE), torch.tensor([0.0, 1.0] * 8 + [1.0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss = train_one_epoch(model, optimizer, images, labels, TargetInput(SIZE), 16, torch.Generator().manual_seed(0),
+                           torch.device("cpu"))
+    assert math.isfinite(loss)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model.train()(torch.rand(1, 3, SIZE, SIZE))
+
+
+def test_dp_preset_needs_an_epsilon_and_a_resnet(tmp_path):
+    from reid_batch.errors import InputError
+
+    inputs = {"prior": tmp_path / "prior.safetensors", "demographics": tmp_path / "demographics.safetensors"}
+    document = make_manifest(tmp_path, inputs).model_dump(mode="json")
+    for change, message in [({"arch": "densenet121"}, "preset dp trains ResNets"),
+                            ({"train": {"preset": "dp"}}, "preset dp needs target_epsilon"),
+                            ({"train": {"preset": "normal", "target_epsilon": 1.0}}, "apply to preset dp only")]:
+        broken = {**document, "targets": [{**document["targets"][0], **change}]}
+        with pytest.raises(InputError, match=message):
+            parse_manifest(broken)
