@@ -306,7 +306,8 @@ def mitigation_png(document: dict) -> bytes | None:
         low, high = r["reidentification_ci"] or (r["reidentification_rate"],) * 2
         control = r["role"] == "control model"
         axes.errorbar(r["val_auc"], r["reidentification_rate"],
-                      yerr=[[r["reidentification_rate"] - low], [high - r["reidentification_rate"]]],
+                      # Wilson bounds can miss the rate by a rounding error at 0 or 1; matplotlib refuses < 0.
+                      yerr=[[max(0.0, r["reidentification_rate"] - low)], [max(0.0, high - r["reidentification_rate"])]],
                       fmt="s" if control else "o", color="grey" if control else "C3" if r["epsilon"] is not None
                       else "C0", capsize=3)
         label = r["target"] + (f" (ε={r['epsilon']:.2g})" if r["epsilon"] is not None else "")
