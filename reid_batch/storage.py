@@ -23,8 +23,8 @@ present changes nothing (objects keep their etag/mtime).
 Two writers of one prefix (a scheduler's retry racing the original task): the marker is checked again after
 the block, just before publishing, so the later one finds the winner's commit, discards its copy and returns
 normally. A writer never deletes a visible file it is about to replace (each is replaced whole, atomically), nor
-the marker, so a commit is never left with files missing; a writer whose staging area the winner removed sees the
-marker and returns normally too. Only two writers passing that check within the same few milliseconds both
+the marker, so a commit is never left with files missing; a writer whose staging area the winner removed (an
+OSError while writing or publishing) sees the marker and returns normally too. Only two writers passing that check within the same few milliseconds both
 publish: each file is then one writer's whole file, which for reid-batch's deterministic stages is the same
 file. pyarrow may leave zero-byte
 ``dir/`` marker objects on S3 when a directory empties; :meth:`Store.list` reports files only.
@@ -423,9 +423,13 @@ class Store:
         staging = self._child(staging_key)
         try:
             yield staging
-        except BaseException:
+        except BaseException as error:
             self._delete_quietly(staging_key)
-            raise
+            # A racing writer that committed first removes other staging areas, ours too, perhaps mid-write.
+            if not (isinstance(error, OSError) and self._committed_quietly(prefix)):
+                raise
+            log.event("commit_skipped", uri=self.uri(prefix), reason="committed by another writer meanwhile")
+            return
         try:
             with self._named_errors(prefix):
                 published = self._publish(prefix, staging, metadata)
@@ -478,7 +482,10 @@ class Store:
         }
         with self._atomic_sink(f"{prefix}/{COMMIT_MARKER}") as sink:
             sink.write(_json_bytes(marker))
-        self._remove_staging_leftovers(prefix)
+        try:
+            self._remove_staging_leftovers(prefix)
+        except OSError as error:  # committed all the same: a racing writer's staging area changed underneath
+            log.event("commit_cleanup_incomplete", uri=self.uri(prefix), error=str(error))
         log.event("commit_published", uri=self.uri(prefix), files=len(staged), bytes=sum(sizes.values()))
         return True
 
