@@ -72,8 +72,8 @@ def forks():
     return context
 
 
-def start(forks, stage: str, manifest_path: Path, log_path: Path, *options: str):
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+def start(forks, stage: str, manifest_path: Path, log_path: Path, *options: str, env: dict[str, str] | None = None):
+    env = {**{k: v for k, v in os.environ.items() if k.startswith("AWS_")}, **(env or {})}
     process = forks.Process(target=_cli_child, args=([stage, str(manifest_path), *options], str(log_path), env))
     process.start()
     return process
@@ -282,6 +282,41 @@ def test_sigterm_commits_exits_75_and_a_rerun_completes_identically(stage, forks
 
     run_to_end(forks, stage, path, tmp_path / "resumed.log")
     assert_same_outputs(stage, output, clean)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_chunk(forks, clean, tmp_path):
+    """Two gloo ranks (the environment torchrun / accelerate launch gives): only rank 1 is signalled, yet both
+    stop at the same chunk boundary, after the main process committed the chunk in progress; both exit 75."""
+    import socket
+
+    output = tmp_path / "out"
+    shutil.copytree(clean["before"]["sample"], output)
+    path = write_manifest(clean["doc"], output)
+    base = output / clean["run_id"] / "cnn"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
+    ranks = [start(forks, "sample", path, logs[rank], "--shard", "0",
+                   env={"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in range(2)]
+    try:
+        _wait_for(lambda: any(base.glob("candidates/shard=0/chunk=*/_COMMITTED")), ranks[0], logs[0], "a first chunk")
+        os.kill(ranks[1].pid, signal.SIGTERM)
+        for process in ranks:
+            process.join(ATTEMPT_TIMEOUT_S)
+    finally:
+        for process in ranks:
+            if process.exitcode is None:
+                process.kill()
+    assert [p.exitcode for p in ranks] == [EXIT_REQUEUE, EXIT_REQUEUE], [log.read_text()[-2000:] for log in logs]
+    stops = [events(log, "preempted")[0]["at"] for log in logs]
+    assert stops[0] == stops[1], stops
+    assert events(logs[0], "preempted")[0]["signal"] == "SIGTERM on another process"
+    chunk = int(stops[0].split()[4])
+    done = sorted(int(p.parent.name[6:]) for p in base.glob("candidates/shard=0/chunk=*/_COMMITTED"))
+    assert done == list(range(chunk)) and 0 < chunk < 6
+    print(f"2 ranks, SIGTERM to rank 1 only: both stopped before chunk {chunk} of 6, exit 75")
 
 
 # ------------------------------------------------------------------------------------------ concurrency
