@@ -14,9 +14,10 @@
 #
 #   slurm/submit.sh --from sample --array 3,7 MANIFEST
 #
-# Pre-emption: Slurm sends SIGTERM first (time limit, pre-emption, `scancel --signal=TERM --full JOB`); reid-batch
-# commits what it finished and exits 75, and the job requeues itself (at most --max-requeues times, never after a
-# plain `scancel`); the requeued job resumes from the commits and its dependants keep waiting for it.
+# Pre-emption: Slurm sends SIGTERM first; reid-batch commits what it finished and exits 75. Jobs are submitted
+# with --requeue (Slurm's PreemptMode=REQUEUE and node failures requeue them), and a job signalled while still
+# running (`scancel --signal=TERM --full JOB`) requeues itself, at most --max-requeues times; the requeued job
+# resumes from the commits and its dependants keep waiting. A plain scancel or a time limit ends the job.
 #
 # Run `slurm/submit.sh --help` for the options. Prints one line per job: `<job> <job id> <stages>`.
 set -euo pipefail
@@ -157,17 +158,20 @@ prelude() {
     echo "echo \"reid-batch: job \$SLURM_JOB_ID \${SLURM_ARRAY_TASK_ID:+task \$SLURM_ARRAY_TASK_ID }on \$(hostname)\" >&2"
     echo "max_requeues=$max_requeues"
     cat <<'EOF'
-# SIGTERM reaches reid-batch too: it commits what it finished and exits 75 (a launcher may turn that into 1, so
-# any failure after a SIGTERM counts). The job then requeues itself unless it was cancelled or requeued
-# max_requeues times already; the new run resumes from the commits, and afterok dependants keep waiting.
+# A SIGTERM that leaves the job RUNNING (`scancel --signal=TERM --full`, a node agent) reaches reid-batch too: it
+# commits what it finished and exits 75 (a launcher may turn that into 1, so any failure after a SIGTERM counts).
+# The job then requeues itself, at most max_requeues times; the new run resumes from the commits and afterok
+# dependants keep waiting. A job Slurm itself ends (scancel, time limit) is not requeued here.
 terminated=0
 trap 'terminated=1' TERM
 requeue_if_preempted() {
     local code=$? id=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
     id=${id:-${SLURM_JOB_ID:-}}
     (( code == 75 || (code != 0 && terminated) )) && [[ -n $id ]] || return 0
-    if [[ $(squeue -h -j "$id" -o %T 2>/dev/null) == CANCELLED* ]]; then
-        echo "reid-batch: job $id was cancelled: not requeued" >&2
+    local state
+    state=$(squeue -h -j "$id" -o %T 2>/dev/null || true)
+    if [[ $state != RUNNING ]]; then  # ended by Slurm: scancel, time limit, or pre-emption (REQUEUE mode requeues)
+        echo "reid-batch: job $id is ${state:-gone}, ended by Slurm: not requeued here" >&2
     elif (( ${SLURM_RESTART_COUNT:-0} >= max_requeues )); then
         echo "reid-batch: job $id was requeued $max_requeues times already: not requeued" >&2
     elif scontrol requeue "$id"; then
@@ -270,7 +274,7 @@ for job in "${jobs[@]}"; do
             ;;
     esac
     [[ -z $previous ]] || args+=(--dependency="afterok:$previous" --kill-on-invalid-dep=yes)
-    (( max_requeues == 0 )) || args+=(--requeue)
+    (( max_requeues == 0 )) || args+=(--requeue --open-mode=append)  # a requeued run keeps the first one's log
     args+=("${extra[@]}")
     {
         prelude
