@@ -232,6 +232,26 @@ def test_sigkill_at_random_points_then_resume_equals_the_uninterrupted_run(stage
 # ------------------------------------------------------------------------------------------ SIGTERM
 
 
+def test_sigterm_outside_a_safe_region_stops_at_once_inside_one_at_the_next_check_and_twice_at_once():
+    from reid_batch import preemption
+
+    with preemption.handle_termination():
+        with pytest.raises(preemption.Preempted):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises as soon as the signal is handled
+    with preemption.handle_termination(), preemption.deferred_region():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert preemption.requested()  # recorded, not raised: the unit in progress may finish
+        with pytest.raises(preemption.Preempted, match="SIGTERM; stopped at unit 3"):
+            preemption.check("unit 3")
+        with pytest.raises(preemption.Preempted):
+            os.kill(os.getpid(), signal.SIGTERM)  # a second request does not wait
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and not preemption.requested()
+
+
+
 def _wait_for(condition, process, log_path: Path, what: str, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
