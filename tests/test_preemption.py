@@ -212,9 +212,9 @@ def test_sigkill_at_random_points_then_resume_equals_the_uninterrupted_run(stage
             process = start(forks, stage, path, log_path)
             process.join(delay)
             if process.exitcode is None:
-                os.kill(process.pid, signal.SIGKILL)
+                os.kill(process.pid, signal.SIGKILL)  # the process may still finish first, by a hair
                 process.join(ATTEMPT_TIMEOUT_S)
-                assert process.exitcode == -signal.SIGKILL
+            if process.exitcode == -signal.SIGKILL:
                 kills += 1
                 commits = len(list((output / clean["run_id"] / "cnn").glob(STAGE_COMMITS[stage])))
                 print(f"{stage}: SIGKILL {kills} at {delay:.3f} s (chain {chains}, {commits} of the stage's commits so far)")
