@@ -1,6 +1,7 @@
 """`reid-batch` command line: one entrypoint, one manifest, one subcommand per stage.
 
-Exit codes: 0 ok, 1 anything else, 2 invalid input (manifest, checkpoint, image, CSV: retrying cannot help).
+Exit codes: 0 ok, 1 anything else, 2 invalid input (manifest, checkpoint, image, CSV: retrying cannot help),
+75 pre-empted (SIGTERM: committed work kept, re-run to resume; see reid_batch/preemption.py).
 Heavy libraries (torch, torchvision, accelerate) are imported only inside the stage that needs them, so
 `--help` and `validate` start in well under a second.
 """
@@ -15,6 +16,7 @@ from importlib import resources
 
 from reid_batch import __version__
 from reid_batch.errors import EXIT_FAILURE, EXIT_INVALID_INPUT, EXIT_OK, InputError, StorageError
+from reid_batch.preemption import Preempted, check, describe, handle_termination
 
 # Pipeline order. Each stage names the module and function that implements it and the issue that builds it;
 # a stage whose function does not exist yet is reported as "not built yet" instead of failing obscurely.
@@ -119,6 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             not_built.append(f"{stage} (issue {STAGES[stage][2]})")
             log.event("stage_not_built", stage=stage, issue=STAGES[stage][2])
             continue
+        check(f"before {stage}")  # a request during the previous stage's last unit stops here, after its commit
         log.event("stage_start", stage=stage)
         kwargs = {"shard": None} if stage in SHARDED else {}
         code = function(manifest, target=None, **kwargs) or EXIT_OK
@@ -257,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        with handle_termination():
+            return args.handler(args)
+    except Preempted as e:
+        print(f"reid-batch: {describe(e)}", file=sys.stderr)
+        return e.exit_code
     except InputError as e:
         print(f"reid-batch: invalid input: {e}", file=sys.stderr)
         return EXIT_INVALID_INPUT

@@ -25,6 +25,7 @@ from typing import Any
 from reid_batch import __version__
 from reid_batch.errors import InputError
 from reid_batch.manifest import Manifest
+from reid_batch.preemption import EXIT_REQUEUE
 
 
 @dataclass(frozen=True)
@@ -295,11 +296,13 @@ def job_gpus(manifest: Manifest, options: KubernetesOptions, job: JobGroup) -> i
 
 
 def _pod_failure_policy(indexed: bool) -> dict:
-    """Exit code 2 is invalid input (retrying cannot help); a pre-empted or evicted pod is not a failure."""
+    """Exit code 2 is invalid input (retrying cannot help); a pre-empted or evicted pod is not a failure, nor is
+    exit code 75 (the task stopped on SIGTERM after committing: a new pod resumes it, without using a retry)."""
     return {
         "rules": [
             {"action": "FailIndex" if indexed else "FailJob",
              "onExitCodes": {"operator": "In", "values": [EXIT_INVALID_INPUT]}},
+            {"action": "Ignore", "onExitCodes": {"operator": "In", "values": [EXIT_REQUEUE]}},
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]
     }

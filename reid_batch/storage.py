@@ -18,8 +18,15 @@ absent, whatever files they find there. A task killed at any moment before the m
 leaves no commit; its ``_tmp-`` leftovers are hidden from :meth:`Store.list` and from parquet
 directory reads, and are removed by the next successful commit of the same prefix, which also
 removes visible files left by a run killed while moving. A run that finds the marker already
-present changes nothing (objects keep their etag/mtime). One writer per prefix is assumed: two
-concurrent commits of the same prefix are not isolated from each other. pyarrow may leave zero-byte
+present changes nothing (objects keep their etag/mtime).
+
+Two writers of one prefix (a scheduler's retry racing the original task): the marker is checked again after
+the block, just before publishing, so the later one finds the winner's commit, discards its copy and returns
+normally. A writer never deletes a visible file it is about to replace (each is replaced whole, atomically), nor
+the marker, so a commit is never left with files missing; a writer whose staging area the winner removed (an
+OSError while writing or publishing) sees the marker and returns normally too. Only two writers passing that check within the same few milliseconds both
+publish: each file is then one writer's whole file, which for reid-batch's deterministic stages is the same
+file. pyarrow may leave zero-byte
 ``dir/`` marker objects on S3 when a directory empties; :meth:`Store.list` reports files only.
 
 Server-side encryption: pyarrow 26's S3FileSystem forwards only ACL, Cache-Control, Content-Type,
@@ -568,28 +575,47 @@ class Store:
         json.dumps(metadata)  # unserializable metadata fails before the work, not after
         staging_key = f"{prefix}/{STAGING_PREFIX}{uuid.uuid4().hex}"
         staging = self._child(staging_key)
-        already_committed = self.is_committed(prefix)
         try:
             yield staging
-        except BaseException:
+        except BaseException as error:
             self._delete_quietly(staging_key)
-            raise
-        if already_committed:
+            # A racing writer that committed first removes other staging areas, ours too, perhaps mid-write.
+            if not (isinstance(error, OSError) and self._committed_quietly(prefix)):
+                raise
+            log.event("commit_skipped", uri=self.uri(prefix), reason="committed by another writer meanwhile")
+            return
+        try:
+            with self._named_errors(prefix):
+                published = self._publish(prefix, staging, metadata)
+        except Exception:
+            # A concurrent writer that committed first may have removed our staging area: its commit stands.
+            if not self._committed_quietly(prefix):
+                raise
+            published = False
+        if not published:
             self._delete_quietly(staging_key)
             log.event("commit_skipped", uri=self.uri(prefix), reason="already committed")
-            return
-        with self._named_errors(prefix):
-            self._publish(prefix, staging, metadata)
 
-    def _publish(self, prefix: str, staging: "Store", metadata: dict) -> None:
+    def _committed_quietly(self, prefix: str) -> bool:
+        with contextlib.suppress(Exception):
+            return self.is_committed(prefix)
+        return False
+
+    def _publish(self, prefix: str, staging: "Store", metadata: dict) -> bool:
+        """Move staged files into place and write the marker; False if another writer committed first."""
         staged = staging.list()
         if COMMIT_MARKER in staged:
             raise ValueError(f"{staging.uri(COMMIT_MARKER)}: {COMMIT_MARKER} is reserved for the commit marker")
+        # Checked AFTER listing: a winner removes other staging areas only after its marker exists, so with no
+        # marker now, the list above was complete. A winner found here means our copy is redundant.
+        if self.is_committed(prefix):
+            return False
         sizes = {key: self._call(key, self._fs.get_file_info, staging.path(key)).size for key in staged}
-        # Visible files here belong to an earlier run killed before its marker; they are not ours.
+        # Visible files here belong to an earlier run killed before its marker; they are not ours. Files we
+        # are about to replace stay until replaced (atomically), so a racing writer's commit never loses one.
         for stale in self._list_raw(prefix):
             relative = stale[len(prefix) + 1:]
-            if not relative.startswith(STAGING_PREFIX):
+            if not relative.startswith(STAGING_PREFIX) and relative != COMMIT_MARKER and relative not in sizes:
                 self._call(stale, self._delete_file_if_present, self.path(stale))
         touched_dirs = set()
         for key in staged:
@@ -610,8 +636,12 @@ class Store:
         }
         with self._atomic_sink(f"{prefix}/{COMMIT_MARKER}") as sink:
             sink.write(_json_bytes(marker))
-        self._remove_staging_leftovers(prefix)
+        try:
+            self._remove_staging_leftovers(prefix)
+        except OSError as error:  # committed all the same: a racing writer's staging area changed underneath
+            log.event("commit_cleanup_incomplete", uri=self.uri(prefix), error=str(error))
         log.event("commit_published", uri=self.uri(prefix), files=len(staged), bytes=sum(sizes.values()))
+        return True
 
     def _remove_staging_leftovers(self, prefix: str) -> None:
         """Delete this commit's emptied staging area and anything earlier killed runs left there."""

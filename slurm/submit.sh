@@ -14,6 +14,11 @@
 #
 #   slurm/submit.sh --from sample --array 3,7 MANIFEST
 #
+# Pre-emption: Slurm sends SIGTERM first; reid-batch commits what it finished and exits 75. Jobs are submitted
+# with --requeue (Slurm's PreemptMode=REQUEUE and node failures requeue them), and a job signalled while still
+# running (`scancel --signal=TERM --full JOB`) requeues itself, at most --max-requeues times; the requeued job
+# resumes from the commits and its dependants keep waiting. A plain scancel or a time limit ends the job.
+#
 # Run `slurm/submit.sh --help` for the options. Prints one line per job: `<job> <job id> <stages>`.
 set -euo pipefail
 
@@ -38,6 +43,7 @@ Resources (defaults in brackets; sbatch's own SBATCH_* environment variables als
   --finetune-gpus-per-node N   GPUs per finetune node, one process each [--gpus]
   --finetune-processes-per-node N   processes per finetune node [its GPUs, or 1 without GPUs]
   --time T                 time limit of every job [24:00:00]; --time JOB=T for one job (repeatable)
+  --max-requeues N         a job pre-empted with SIGTERM (reid-batch exit 75) requeues itself at most N times [3]
   --sbatch-arg ARG         extra sbatch argument for every job (repeatable)
 
 What to submit:
@@ -54,7 +60,7 @@ die() { echo "slurm/submit.sh: $*" >&2; exit 2; }
 
 container="" runtime="" venv="" setup="" reid_batch="reid-batch"
 partition="" account="" qos="" cpus=8 mem=32G parallel=16 gpus="" ft_nodes=1 ft_gpus="" ft_procs=""
-default_time=24:00:00 stages="" from="" array_ids="" after="" logs="" dry_run=0
+default_time=24:00:00 max_requeues=3 stages="" from="" array_ids="" after="" logs="" dry_run=0
 binds=() extra=()
 declare -A times=()
 
@@ -80,6 +86,7 @@ while [[ $# -gt 0 ]]; do
         --time)
             if [[ $2 == *=* ]]; then times[${2%%=*}]=${2#*=}; else default_time=$2; fi
             shift 2 ;;
+        --max-requeues) max_requeues=$2; shift 2 ;;
         --sbatch-arg) extra+=("$2"); shift 2 ;;
         --stages) stages=$2; shift 2 ;;
         --from) from=$2; shift 2 ;;
@@ -95,7 +102,7 @@ done
 [[ $# -eq 1 ]] || { usage >&2; exit 2; }
 manifest=$1
 [[ -f $manifest ]] || die "manifest not found: $manifest"
-for number in "$cpus" "$parallel" "$ft_nodes" ${gpus:+"$gpus"} ${ft_gpus:+"$ft_gpus"} ${ft_procs:+"$ft_procs"}; do
+for number in "$cpus" "$parallel" "$ft_nodes" "$max_requeues" ${gpus:+"$gpus"} ${ft_gpus:+"$ft_gpus"} ${ft_procs:+"$ft_procs"}; do
     [[ $number =~ ^[0-9]+$ ]] || die "not a number: $number"
 done
 [[ -z $array_ids || $array_ids =~ ^[0-9,-]+(%[0-9]+)?$ ]] || die "--array wants ids like 3,7 or 0-9: $array_ids"
@@ -149,6 +156,30 @@ prelude() {
     [[ -z $venv ]] || echo "source $(q "$venv")/bin/activate"
     [[ -z $setup ]] || echo "$setup"
     echo "echo \"reid-batch: job \$SLURM_JOB_ID \${SLURM_ARRAY_TASK_ID:+task \$SLURM_ARRAY_TASK_ID }on \$(hostname)\" >&2"
+    echo "max_requeues=$max_requeues"
+    cat <<'EOF'
+# A SIGTERM that leaves the job RUNNING (`scancel --signal=TERM --full`, a node agent) reaches reid-batch too: it
+# commits what it finished and exits 75 (a launcher may turn that into 1, so any failure after a SIGTERM counts).
+# The job then requeues itself, at most max_requeues times; the new run resumes from the commits and afterok
+# dependants keep waiting. A job Slurm itself ends (scancel, time limit) is not requeued here.
+terminated=0
+trap 'terminated=1' TERM
+requeue_if_preempted() {
+    local code=$? id=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+    id=${id:-${SLURM_JOB_ID:-}}
+    (( code == 75 || (code != 0 && terminated) )) && [[ -n $id ]] || return 0
+    local state
+    state=$(squeue -h -j "$id" -o %T 2>/dev/null || true)
+    if [[ $state != RUNNING ]]; then  # ended by Slurm: scancel, time limit, or pre-emption (REQUEUE mode requeues)
+        echo "reid-batch: job $id is ${state:-gone}, ended by Slurm: not requeued here" >&2
+    elif (( ${SLURM_RESTART_COUNT:-0} >= max_requeues )); then
+        echo "reid-batch: job $id was requeued $max_requeues times already: not requeued" >&2
+    elif scontrol requeue "$id"; then
+        echo "reid-batch: pre-empted; job $id requeued, it resumes from what was committed" >&2
+    fi
+}
+trap requeue_if_preempted EXIT
+EOF
 }
 prefix_words() { local w; for w in "${prefix[@]}"; do printf '%q ' "$w"; done; }
 stage_line() { echo "$(prefix_words)$reid_batch $1 $(q "$manifest")"; }
@@ -243,6 +274,7 @@ for job in "${jobs[@]}"; do
             ;;
     esac
     [[ -z $previous ]] || args+=(--dependency="afterok:$previous" --kill-on-invalid-dep=yes)
+    (( max_requeues == 0 )) || args+=(--requeue --open-mode=append)  # a requeued run keeps the first one's log
     args+=("${extra[@]}")
     {
         prelude

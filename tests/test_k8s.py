@@ -14,6 +14,7 @@ import yaml
 
 from reid_batch import cli, deploy
 from reid_batch.manifest import parse_manifest, read_yaml
+from reid_batch.preemption import EXIT_REQUEUE
 
 REPO = Path(__file__).resolve().parents[1]
 REID_BATCH = str(Path(sys.executable).parent / "reid-batch")
@@ -149,6 +150,8 @@ def test_bad_input_fails_an_index_or_job_at_once_and_preemption_is_not_a_failure
         exit_rule = next(r for r in rules if "onExitCodes" in r)
         assert exit_rule["action"] == ("FailIndex" if indexed else "FailJob")
         assert exit_rule["onExitCodes"] == {"operator": "In", "values": [2]}
+        requeue = [r for r in rules if r.get("onExitCodes", {}).get("values") == [EXIT_REQUEUE]]
+        assert [r["action"] for r in requeue] == ["Ignore"]  # pre-empted on SIGTERM: retried, not counted
         disruption = next(r for r in rules if "onPodConditions" in r)
         assert disruption["action"] == "Ignore"
         assert disruption["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]

@@ -475,3 +475,51 @@ exec {REID_BATCH} "$@"
     assert set(states.values()) == {"COMPLETED"}, states
     record = json.loads((slurm_dir / "out" / RUN_ID / "cnn" / "finetune" / "finetune.json").read_text())
     assert record["world_size"] == 2
+
+
+def test_a_job_stopped_by_sigterm_requeues_itself_and_its_dependants_wait_but_a_cancelled_one_does_not(slurm, tmp_path):
+    """`scancel --signal=TERM --full` stands in for pre-emption: the stage exits 75 (as reid-batch does on SIGTERM)
+    and the job requeues itself; a plain `scancel` is the user's decision: exit 75 too, but no requeue."""
+    work = tmp_path / "work"
+    write_manifest(work)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    # Stands in for reid-batch's stages (plan goes to the real one): select, run N, appends N to a file; the first
+    # run waits to be signalled and exits 75 on SIGTERM; later runs succeed at once.
+    fake = tmp_path / "reid-batch-preemptible"
+    fake.write_text(f"""#!/bin/bash
+[[ $1 == plan ]] && exec {REID_BATCH} "$@"
+echo "$1 ${{SLURM_RESTART_COUNT:-0}}" >> {runs}/$1
+if [[ $1 == select && ${{SLURM_RESTART_COUNT:-0}} == 0 ]]; then
+    trap 'echo "$1 got SIGTERM" >> {runs}/signals; exit 75' TERM
+    touch {runs}/started
+    for _ in $(seq 200); do sleep 0.1; done
+    exit 0
+fi
+""")
+    fake.chmod(0o755)
+    env = submit_env(SLURM_CONF=slurm.env["SLURM_CONF"])
+    common = ["--reid-batch", str(fake), "--cpus", "1", "--mem", "1G", "--time", "00:05:00",
+              "--logs", str(tmp_path / "logs")]
+    submitted = run_submit([*common, "--stages", "select,score", "tiny.yaml"], work, env).stdout.split("\n")
+    jobs = dict(line.split()[:2] for line in submitted if line.strip())
+    _wait_until(lambda: (runs / "started").exists(), 120, "the select job to start")
+    slurm.command("scancel", "--signal=TERM", "--full", jobs["select"])
+    states = slurm.wait_for(list(jobs.values()), timeout=300)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((tmp_path / "logs").glob("*.out")))
+    assert set(states.values()) == {"COMPLETED"}, (states, logs)
+    assert (runs / "select").read_text().split("\n")[:2] == ["select 0", "select 1"], logs
+    assert "requeued" in logs and (runs / "signals").exists()
+    assert len((runs / "score").read_text().split("\n")) > 1  # the dependant ran, after the requeued job
+
+    for path in runs.iterdir():
+        path.unlink()
+    submitted = run_submit([*common, "--stages", "select", "tiny.yaml"], work, env).stdout.split()
+    _wait_until(lambda: (runs / "started").exists(), 120, "the select job to start")
+    slurm.command("scancel", submitted[1])
+    states = slurm.wait_for([submitted[1]], timeout=120)
+    time.sleep(2)
+    logs = "\n".join(p.read_text()[-1500:] for p in (tmp_path / "logs").glob(f"select-{submitted[1]}.out"))
+    assert states == {submitted[1]: "CANCELLED"}, (states, logs)
+    assert "not requeued" in logs, logs
+    assert (runs / "select").read_text().split("\n")[:1] == ["select 0"] and "select 1" not in (runs / "select").read_text()

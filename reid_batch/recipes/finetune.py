@@ -54,7 +54,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from reid_batch import log
+from reid_batch import log, preemption
 from reid_batch.artifacts import attack_prefix
 from reid_batch.errors import InputError
 from reid_batch.manifest import FinetuneSpec, Manifest, TargetSpec
@@ -419,6 +419,21 @@ def _parquet_bytes(rows: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
+def _train_step(trainer, step: int, rows: list[dict], seconds_before: float, started: float, name: str,
+                fs: FinetuneSpec, start: int, main: bool) -> int:
+    """One optimisation step, its loss row appended to `rows`; returns the number of steps done."""
+    tic = time.perf_counter()
+    row = trainer.step(step)
+    now = time.perf_counter()
+    row = {"step": step + 1, **row, "seconds": now - tic, "elapsed": seconds_before + now - started}
+    rows.append(row)
+    done = step + 1
+    if main and (done % fs.log_every == 0 or done == fs.steps or done == start + 1):
+        log.event("finetune_step", target=name, step=done,
+                  **{k: round(v, 6) for k, v in row.items() if k not in ("step", "elapsed")})
+    return done
+
+
 def finetune_target(manifest: Manifest, index: int, accelerator,
                     on_checkpoint: Callable[[int], None] | None = None) -> dict:
     """Fine-tune (or resume, or skip if committed) the generator for manifest.targets[index]; returns finetune.json.
@@ -484,27 +499,31 @@ def finetune_target(manifest: Manifest, index: int, accelerator,
               device=str(device), mixed_precision=fs.mixed_precision)
     started = time.perf_counter()
     steps = range(start, fs.steps)
-    for step in (log.progress(steps, desc=f"finetune {spec.name}", total=len(steps)) if main else steps):
-        tic = time.perf_counter()
-        row = trainer.step(step)
-        now = time.perf_counter()
-        row = {"step": step + 1, **row, "seconds": now - tic, "elapsed": seconds_before + now - started}
-        rows.append(row)
-        done = step + 1
-        if main and (done % fs.log_every == 0 or done == fs.steps or done == start + 1):
-            log.event("finetune_step", target=spec.name, step=done,
-                      **{k: round(v, 6) for k, v in row.items() if k not in ("step", "elapsed")})
-        if done % fs.checkpoint_every == 0 and done < fs.steps and main:
-            with store.committed(checkpoint_prefix(spec.name, done),
-                                 {"stage": "finetune-checkpoint", "target": spec.name, "step": done}) as out:
-                save_state(out, STATE_FILE, {
-                    "generator": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()},
-                    "optimizer": prepared_optimizer.state_dict(),
-                    "step": done, "losses": rows, "seconds": row["elapsed"], "fingerprint": fingerprint,
-                })
-            prune_checkpoints(store, spec.name)
-            if on_checkpoint is not None:
-                on_checkpoint(done)
+
+    def save_checkpoint(done: int, seconds: float) -> None:
+        with store.committed(checkpoint_prefix(spec.name, done),
+                             {"stage": "finetune-checkpoint", "target": spec.name, "step": done}) as out:
+            save_state(out, STATE_FILE, {
+                "generator": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()},
+                "optimizer": prepared_optimizer.state_dict(),
+                "step": done, "losses": rows, "seconds": seconds, "fingerprint": fingerprint,
+            })
+        prune_checkpoints(store, spec.name)
+        if on_checkpoint is not None:
+            on_checkpoint(done)
+
+    # SIGTERM waits for the end of the step it lands in: that step is checkpointed, then the task stops.
+    with preemption.deferred_region():
+        for step in (log.progress(steps, desc=f"finetune {spec.name}", total=len(steps)) if main else steps):
+            done = _train_step(trainer, step, rows, seconds_before, started, spec.name, fs, start, main)
+            checkpoint_due = done % fs.checkpoint_every == 0 and done < fs.steps
+            if checkpoint_due and main:
+                save_checkpoint(done, rows[-1]["elapsed"])
+            if done < fs.steps and preemption.requested(accelerator):
+                if main and not checkpoint_due:
+                    save_checkpoint(done, rows[-1]["elapsed"])
+                accelerator.wait_for_everyone()
+                preemption.stop(f"finetune {spec.name} step {done}")
     accelerator.wait_for_everyone()
     total_seconds = seconds_before + time.perf_counter() - started
 

@@ -65,7 +65,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from reid_batch import log
+from reid_batch import log, preemption
 from reid_batch.errors import InputError
 from reid_batch.manifest import Manifest, TargetSpec
 
@@ -502,6 +502,7 @@ def _build_scorer(manifest: Manifest, spec: TargetSpec, accelerator, sizer: Batc
                            manifest.sampling.seed, device, precision)
 
 
+@preemption.deferred  # SIGTERM: the chunk in progress is finished and committed, then the task stops
 def _sample_shard(manifest: Manifest, spec: TargetSpec, shard: int, plan: dict, progress: ShardProgress,
                   scorer: CandidateScorer, accelerator, sizer: BatchSizer) -> dict | None:
     from reid_batch.artifacts import run_store
@@ -518,6 +519,7 @@ def _sample_shard(manifest: Manifest, spec: TargetSpec, shard: int, plan: dict, 
     started = time.perf_counter()
     done_rows = 0
     for chunk, first, stop in (log.progress(pending, desc=f"{spec.name} shard {shard}", total=len(pending)) if main else pending):
+        preemption.check(f"{spec.name} shard {shard} chunk {chunk}", accelerator)
         chunk_started = time.perf_counter()
         ids = _my_share(accelerator, np.arange(first, stop, dtype=np.int64))
 
