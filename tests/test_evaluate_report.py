@@ -247,6 +247,15 @@ def test_report_agrees_with_the_parquet_outputs(pipeline):
     expected = report.newcombe_difference(cnn["rate"], cnn["rate_ci"], control["rate"], control["rate_ci"])
     assert leak["control"] == "cnn-control" and [leak["difference"], *leak["ci"]] == pytest.approx(list(expected))
     assert "control model" in document["targets"]["cnn-control"]["risk"]["leak"]["note"]
+    # The headline leak: record-level membership AUC minus the control model's, with a normal-approximation interval.
+    mine, theirs = cnn["records"]["finetuned"], control["records"]["finetuned"]
+    record_leak = document["targets"]["cnn"]["risk"]["record_leak"]
+    expected = report.auc_difference(mine["auc"], mine["auc_ci"], theirs["auc"], theirs["auc_ci"])
+    assert record_leak["control"] == "cnn-control" and [record_leak["difference"], *record_leak["ci"]] == \
+        pytest.approx(list(expected))
+    assert record_leak["ci"][0] < record_leak["difference"] < record_leak["ci"][1]
+    assert document["targets"]["cnn-control"]["risk"]["record_leak"] is None
+    assert report.record_leak_text(record_leak) in page
     # Risk summary first, then the comparison, the per-target sections, the meanings, and the manifest.
     headings = ["Threat model", "1. Risk summary", "2. Side-by-side comparison", "3.1 Target cnn",
                 "3.2 Target cnn-control", "4. What these numbers show", "5. Reproducibility", "Manifest (resolved)"]

@@ -11,10 +11,12 @@ Output, committed: `<run>/report/` (every target of the manifest) or `<run>/repo
   report.json  everything machine-readable, including every likely sample's row.
 A committed report is re-rendered only when an evaluation it was made from has changed since (commit markers).
 
-The leak of a target is its re-identification rate minus a control model's (a target with `train.pool: control`,
-whose roles of training and held-out pool are swapped), preferring a control of the same architecture family; the
-interval is Newcombe's hybrid score interval for a difference of independent proportions, from each rate's Wilson
-interval. Reconstructions are sensitive data: everything is written only under the run's output URI.
+The leak of a target is its record-level membership AUC minus a control model's (a target with `train.pool: control`,
+whose roles of training and held-out pool are swapped), preferring a control of the same architecture family, with a
+normal-approximation interval from the two bootstrap intervals. The per-sample vote (re-identification rate) and its
+difference from the control's (Newcombe's hybrid score interval from the Wilson intervals) are reported beside it,
+but not as the headline: likely samples crowd onto a few "hub" images, so one image's membership can decide that
+vote for dozens of samples (the demo's overfit ViT: 49 samples, 1 patient, 100%). Reconstructions are sensitive data: everything is written only under the run's output URI.
 
 Mitigations: when the targets differ in training preset (a mitigation study: overfit, regularised, augmented, DP-SGD
 at several epsilons, a control), a side-by-side table sets each target's utility (validation AUC and accuracy)
@@ -71,7 +73,7 @@ MEANINGS = [
      "Few likely samples give wide intervals."),
     ("Re-identification rate (synthetic ground truth)",
      "The share of likely samples whose nearest image, among equally many training and held-out images, is a "
-     "training image. Chance is 0.5; the leak is the difference from the control model's rate.",
+     "training image. Chance is 0.5; compare with the control model's rate.",
      "That a person could be named from a reconstruction in practice; samples collapsing onto a few patients make the "
      "evidence weaker than the count suggests (see distinct patients)."),
     ("Membership AUC",
@@ -83,6 +85,10 @@ MEANINGS = [
      "difference is what the attack extracted from the target.",
      "Which generated image shows which patient; a value near 0.5 does not prove a model safe against a stronger "
      "attack or a better feature space."),
+    ("Leak vs control (record AUC)",
+     "The target's record-level membership AUC minus a control model's (trained on other patients, attacked the "
+     "same way): the part of the signal that comes from THIS model's training patients. 0 = no leak.",
+     "A leak too small for the interval to exclude 0 at this number of training images."),
     ("Device reproduction (synthetic world)",
      "Whether a pacemaker of the matched training patient reappears in the reconstruction, by a simple calibrated "
      "brightness detector.",
@@ -213,6 +219,7 @@ def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd
                 risk["leak"] = {"control": control, "control_rate": control_reid["rate"],
                                 "control_ci": control_reid["rate_ci"], "difference": difference,
                                 "ci": [lower, upper], "method": "Newcombe hybrid score interval, 95%"}
+        risk["record_leak"] = _record_leak(metrics, reid, controls)
         targets[name] = {"metrics": metrics, "risk": risk, "samples": _sample_records(table)}
     return _finite({
         "run_id": run_id,
@@ -227,6 +234,42 @@ def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd
         "software": {"report": software_versions(),
                      "evaluation": {n: m.get("software") for n, m in evaluations.items()}},
     })
+
+
+def auc_difference(auc: float, ci, other: float, other_ci, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Difference of two independent AUCs with a normal-approximation interval from their bootstrap intervals."""
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + confidence / 2))
+    spread = [((high - low) / (2 * z)) if (low is not None and high is not None) else float("nan")
+              for low, high in (ci or (None, None), other_ci or (None, None))]
+    difference = auc - other
+    half = z * math.sqrt(spread[0] ** 2 + spread[1] ** 2)
+    return difference, difference - half, difference + half
+
+
+def _record_leak(metrics: dict, reid: dict, controls: dict[str, dict]) -> dict | None:
+    """The headline leak: the target's record-level membership AUC minus a control model's (0 = no leak)."""
+    mine = _get(reid, "records", "finetuned") if reid.get("available") else None
+    if metrics.get("train_pool") == "control" or mine is None:
+        return None
+    control = _choose_control(metrics, controls)
+    theirs = _get(controls.get(control), "reidentification", "records", "finetuned") if control else None
+    if theirs is None:
+        return {"note": "no control model to compare with; add a target with train.pool: control"}
+    difference, lower, upper = auc_difference(mine["auc"], mine["auc_ci"], theirs["auc"], theirs["auc_ci"])
+    return {"control": control, "control_auc": theirs["auc"], "control_ci": theirs["auc_ci"],
+            "difference": difference, "ci": [lower, upper],
+            "method": "difference of independent AUCs, normal approximation from each bootstrap interval, 95%"}
+
+
+def record_leak_text(leak: dict | None) -> str:
+    if not leak:
+        return "n/a"
+    if "difference" not in leak:
+        return leak.get("note", "n/a")
+    low, high = leak["ci"]
+    return f"{leak['difference']:+.2f} [{low:+.2f}, {high:+.2f}] vs {leak['control']} ({number(leak['control_auc'], 2)})"
 
 
 def _canonical(terms: dict) -> dict:
@@ -264,6 +307,8 @@ def mitigation_summary(targets: dict[str, dict]) -> dict:
             "ssim_mean": risk["ssim_mean"], "sex_accuracy": risk["sex_accuracy"], "age_mae": risk["age_mae"],
             "reidentification_rate": risk["reidentification_rate"], "reidentification_ci": risk["reidentification_ci"],
             "leak": _get(risk, "leak", "difference"), "leak_ci": _get(risk, "leak", "ci"),
+            "record_auc": risk.get("record_auc"), "record_auc_ci": risk.get("record_auc_ci"),
+            "record_leak": _get(risk, "record_leak", "difference"), "record_leak_ci": _get(risk, "record_leak", "ci"),
             "attack_terms": list(_canonical(_get(metrics, "attack_terms", "terms") or {})),
             "fallback": _get(metrics, "attack_terms", "fallback") is not None,
         })
@@ -273,7 +318,8 @@ def mitigation_summary(targets: dict[str, dict]) -> dict:
 
 def mitigation_rows(document: dict) -> tuple[list[str], list[list[str]]]:
     header = ["Target", "Preset", "ε (δ)", "Val AUC", "Val acc.", "Train acc.", "Likely samples", "NN SSIM",
-              "Sex accuracy", "Age MAE", "Re-id rate", "Leak vs control", "Attack terms"]
+              "Sex accuracy", "Age MAE", "Record AUC", "Record leak vs control", "Re-id rate (sample vote)",
+              "Sample-vote leak", "Attack terms"]
     rows = []
     for r in document["mitigation"]["rows"]:
         epsilon = f"{number(r['epsilon'], 2)} ({significant(r['delta'], 2)})" if r["epsilon"] is not None else "—"
@@ -283,15 +329,20 @@ def mitigation_rows(document: dict) -> tuple[list[str], list[list[str]]]:
         rows.append([r["target"], r["preset"] + role, epsilon, number(r["val_auc"], 3), number(r["val_accuracy"], 3),
                      number(r["train_accuracy"], 3), f"{r['likely_samples']} of {r['candidates']}",
                      number(r["ssim_mean"], 3), percent(r["sex_accuracy"]), number(r["age_mae"], 1),
+                     number(r["record_auc"], 2) + interval(r["record_auc_ci"], digits=2),
+                     "n/a" if r["record_leak"] is None else
+                     f"{r['record_leak']:+.2f} [{r['record_leak_ci'][0]:+.2f}, {r['record_leak_ci'][1]:+.2f}]",
                      percent(r["reidentification_rate"]) + interval(r["reidentification_ci"], as_percent=True),
                      leak, ", ".join(r["attack_terms"]) + (" (fallback)" if r["fallback"] else "")])
     return header, rows
 
 
 def mitigation_png(document: dict) -> bytes | None:
-    """Risk (re-identification rate, 95% CI) against utility (validation AUC), one labelled point per target."""
-    rows = [r for r in document["mitigation"]["rows"] if r["val_auc"] is not None
-            and r["reidentification_rate"] is not None]
+    """Risk (record-level membership AUC, else the sample-vote rate; 95% CI) against utility (validation AUC)."""
+    rows = document["mitigation"]["rows"]
+    record = any(r["record_auc"] is not None for r in rows)
+    risk, risk_ci = ("record_auc", "record_auc_ci") if record else ("reidentification_rate", "reidentification_ci")
+    rows = [r for r in rows if r["val_auc"] is not None and r[risk] is not None]
     if not rows:
         return None
     import io
@@ -303,19 +354,20 @@ def mitigation_png(document: dict) -> bytes | None:
 
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
     for i, r in enumerate(sorted(rows, key=lambda r: r["val_auc"])):
-        low, high = r["reidentification_ci"] or (r["reidentification_rate"],) * 2
+        low, high = r[risk_ci] or (r[risk],) * 2
         control = r["role"] == "control model"
-        axes.errorbar(r["val_auc"], r["reidentification_rate"],
-                      # Wilson bounds can miss the rate by a rounding error at 0 or 1; matplotlib refuses < 0.
-                      yerr=[[max(0.0, r["reidentification_rate"] - low)], [max(0.0, high - r["reidentification_rate"])]],
+        axes.errorbar(r["val_auc"], r[risk],
+                      # Interval bounds can miss the value by a rounding error at 0 or 1; matplotlib refuses < 0.
+                      yerr=[[max(0.0, r[risk] - low)], [max(0.0, high - r[risk])]],
                       fmt="s" if control else "o", color="grey" if control else "C3" if r["epsilon"] is not None
                       else "C0", capsize=3)
         label = r["target"] + (f" (ε={r['epsilon']:.2g})" if r["epsilon"] is not None else "")
         # Neighbours along the utility axis alternate above and below their point, so labels do not overlap.
-        axes.annotate(label, (r["val_auc"], r["reidentification_rate"]), textcoords="offset points",
+        axes.annotate(label, (r["val_auc"], r[risk]), textcoords="offset points",
                       xytext=(5, 6 if i % 2 == 0 else -12), fontsize=8)
     axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-    axes.set(xlabel="utility: validation AUC", ylabel="risk: re-identification rate (chance 0.5)",
+    axes.set(xlabel="utility: validation AUC",
+             ylabel="risk: " + ("record-level membership AUC" if record else "re-identification rate") + " (chance 0.5)",
              title="Mitigations: risk vs utility")
     figure.tight_layout()
     buffer = io.BytesIO()
@@ -406,7 +458,9 @@ def risk_rows(document: dict) -> list[dict[str, str]]:
                                        + (f", p {p_value(risk['reidentification_p'])}"
                                           if risk["reidentification_p"] is not None else ""))
             if risk["reidentification_rate"] is not None else "n/a",
-            "Leak vs control": leak_text(risk["leak"]),
+            "Leak vs control (record AUC)": record_leak_text(risk.get("record_leak"))
+            if metrics.get("train_pool") != "control" else "control model",
+            "Sample-vote leak vs control": leak_text(risk["leak"]),
             "Membership AUC": number(risk["membership_auc"], 2),
             "Record-level membership AUC (prior)": (
                 number(risk["record_auc"], 2) + interval(risk["record_auc_ci"], digits=2)
@@ -489,10 +543,15 @@ def interpretation(name: str, entry: dict) -> str:
                    "unseen images closer" if high < 0.5 else "no record-level signal distinguishable from chance")
         parts.append(f"record-level membership AUC {number(risk['record_auc'], 2)} (95% CI {number(low, 2)}-"
                      f"{number(high, 2)}: {verdict}; the un-fine-tuned prior gives {number(risk['record_auc_prior'], 2)})")
+    record_leak = risk.get("record_leak") or {}
+    if "difference" in record_leak:
+        low, high = record_leak["ci"]
+        parts.append(f"record-level leak vs control model {record_leak['control']}: AUC {record_leak['difference']:+.2f} "
+                     f"({'excludes' if low > 0 or high < 0 else 'includes'} 0)")
     leak = risk["leak"] or {}
     if "difference" in leak:
         low, high = leak["ci"]
-        parts.append(f"leak vs control model {leak['control']}: {100 * leak['difference']:+.0f} points "
+        parts.append(f"sample-vote leak vs control model {leak['control']}: {100 * leak['difference']:+.0f} points "
                      f"({'excludes' if low > 0 or high < 0 else 'includes'} 0)")
     if risk["sex_accuracy"] is not None:
         parts.append(f"sex read correctly from {percent(risk['sex_accuracy'])} of reconstructions, age within "
