@@ -183,6 +183,18 @@ def regenerate_images(generator, ids: Iterable[int] | np.ndarray, seed: int, dev
     return generator_to_unit(raw.float(), generator.config.output_range)
 
 
+def prepare_models(generator, target, device: torch.device, compile: bool = False):
+    """(generator, target) ready for inference: channels_last on CUDA (tensor cores take NHWC convolutions without
+    transposes), and the generator torch.compile'd if asked (the target is left as is: the objective's hooks
+    record its activations, which a compiled graph would not expose as they are)."""
+    if device.type == "cuda":
+        generator = generator.to(memory_format=torch.channels_last)
+        target = target.to(memory_format=torch.channels_last)
+    if compile:
+        generator = torch.compile(generator)
+    return generator, target
+
+
 def logit_columns(logits: Tensor) -> dict[str, np.ndarray]:
     logits = logits.detach().float()
     if logits.shape[1] == 1:
@@ -481,8 +493,8 @@ def _build_scorer(manifest: Manifest, spec: TargetSpec, accelerator, sizer: Batc
 
     device = accelerator.device
     model, num_classes = load_attack_target(manifest, spec)
-    model = model.to(device)
     generator = load_finetuned_generator(manifest, spec.name).to(device).eval()
+    generator, model = prepare_models(generator, model.to(device), device, manifest.sampling.compile)
     reference = vit_reference_stats(manifest, spec, model, accelerator) if spec.family == "vit" else None
     index = manifest.targets.index(spec)
     objective = TargetObjective(model, spec.terms, spec.objective, reference, family=spec.family,
