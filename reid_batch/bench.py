@@ -417,9 +417,10 @@ def bench_finetune(manifest: Manifest, spec: TargetSpec, device, steps: int = 3,
 
 
 def synthetic_candidate_shards(store, target: str, rows: int, files: int, seed: int = 0,
-                               num_classes: int = 1, terms: tuple[str, ...] = ("bn_stats", "feature_stats", "logits")
-                               ) -> None:
-    """`files` shards of one chunk each, in the layout and schema `sample` writes (random statistics)."""
+                               num_classes: int = 1, terms: tuple[str, ...] = ("bn_stats", "feature_stats", "logits"),
+                               row_group_size: int = 4096) -> None:
+    """`files` shards of one chunk each, in the layout and schema `sample` writes (random statistics); row groups
+    of 4096 rows by default, as the study's manifest."""
     import pyarrow as pa
 
     from reid_batch.stages import sample as sampling
@@ -437,7 +438,7 @@ def synthetic_candidate_shards(store, target: str, rows: int, files: int, seed: 
         table = pa.Table.from_arrays([pa.array(columns[f.name], type=f.type) for f in schema], schema=schema)
         chunk = sampling.chunk_prefix(target, shard, 0)
         with store.committed(chunk, {"chunk": 0}) as staging:
-            with staging.parquet_writer(sampling.CHUNK_FILE, schema, 1 << 16) as writer:
+            with staging.parquet_writer(sampling.CHUNK_FILE, schema, row_group_size) as writer:
                 writer.write_table(table)
         plan = {"num_candidates": rows, "num_shards": files}
         store.write_json(f"{sampling.shard_prefix(target, shard)}/{sampling.SUMMARY_FILE}", {

@@ -110,7 +110,7 @@ def test_select_on_synthetic_shards_equals_numpy(tmp_path):
     manifest = bench.select_manifest(parse_manifest(document), str(tmp_path / "sel"), rows, files)
     spec = manifest.targets[0]
     store = run_store(manifest)
-    bench.synthetic_candidate_shards(store, spec.name, rows, files, seed=1)
+    bench.synthetic_candidate_shards(store, spec.name, rows, files, seed=1, row_group_size=97)
     record = selection.select_target(manifest, spec)
 
     tables = [pq.read_table(p).to_pandas() for p in sorted((tmp_path / "sel").rglob("candidates.parquet"))]
@@ -125,6 +125,8 @@ def test_select_on_synthetic_shards_equals_numpy(tmp_path):
     expected = np.flatnonzero((objective <= t_o) & (distance <= t_m))
     selected = pq.read_table(store.path(f"{spec.name}/selection/selected.parquet"), filesystem=store.filesystem)
     assert selected.column("id").to_numpy().tolist() == expected.tolist()
+    np.testing.assert_array_equal(selected.column("objective_total").to_numpy(), objective[expected].astype(np.float32))
+    np.testing.assert_array_equal(selected.column("mahalanobis").to_numpy(), distance[expected])
     assert record["thresholds"] == {"objective_total": t_o, "mahalanobis": t_m}
     assert record["counts"]["selected"] == len(expected) > 0
 

@@ -56,9 +56,9 @@ def selection_prefix(target: str) -> str:
 def ordinal_ranks(values: np.ndarray) -> np.ndarray:
     """1-based ranks of values (index = id) ascending, ties by lower index; non-finite values rank after all finite."""
     values = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(values)
-    keys = np.where(finite, values, np.inf)
-    order = np.lexsort((np.arange(len(values)), ~finite, keys))  # last key sorts first: value, then finiteness
+    # Non-finite values become +inf, above every finite value; a stable sort breaks ties by index. One stable
+    # argsort, several times faster than a three-key lexsort at 10^7 values.
+    order = np.argsort(np.where(np.isfinite(values), values, np.inf), kind="stable")
     ranks = np.empty(len(values), dtype=np.int64)
     ranks[order] = np.arange(1, len(values) + 1)
     return ranks
@@ -179,11 +179,29 @@ def read_selected_rows(store, summaries: dict[int, dict], selected: np.ndarray) 
         for chunk in summaries[shard]["chunks"]:
             lo, hi = np.searchsorted(selected, [chunk["first_id"], chunk["stop_id"]])
             if hi > lo:
-                table = pq.read_table(store.path(chunk["key"]), filesystem=store.filesystem)
+                with store.filesystem.open_input_file(store.path(chunk["key"])) as source:
+                    parquet = pq.ParquetFile(source)
+                    groups = _row_groups_holding(parquet, selected[lo:hi])
+                    table = parquet.read_row_groups(groups)
                 parts.append(table.filter(pc.is_in(table.column("id"), value_set=wanted)))
     if not parts:
         return None
     return pa.concat_tables(parts).sort_by("id")
+
+
+def _row_groups_holding(parquet: pq.ParquetFile, ids: np.ndarray) -> list[int]:
+    """Row groups whose id range (from their statistics) may hold one of the sorted ids; all if none are known."""
+    metadata = parquet.metadata
+    column = parquet.schema_arrow.get_field_index("id")
+    groups = []
+    for g in range(metadata.num_row_groups):
+        stats = metadata.row_group(g).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            return list(range(metadata.num_row_groups))
+        lo, hi = np.searchsorted(ids, [stats.min, stats.max + 1])
+        if hi > lo:
+            groups.append(g)
+    return groups
 
 
 def mahalanobis_consistency(summaries: dict[int, dict]) -> dict:
