@@ -64,6 +64,31 @@ def ordinal_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def ranks_at(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """ordinal_ranks(values)[ids] without ranking every value: one unstable sort and a search per id, ties among
+    equal values resolved by id only where they occur (10^7 values: one sort instead of one stable argsort)."""
+    values = np.asarray(values, dtype=np.float64)
+    ids = np.asarray(ids, dtype=np.int64)
+    if 8 * len(ids) > len(values):
+        return ordinal_ranks(values)[ids]
+    keys = np.where(np.isfinite(values), values, np.inf)
+    ordered = np.sort(keys)
+    at = keys[ids]
+    below = np.searchsorted(ordered, at, side="left")
+    tied = np.searchsorted(ordered, at, side="right") - below > 1
+    before = np.zeros(len(ids), dtype=np.int64)
+    if tied.any():  # float32 scores repeat at 10^7 candidates: count, per tied id, the lower ids of equal value
+        shared = np.unique(at[tied])
+        slot = np.minimum(np.searchsorted(shared, keys), len(shared) - 1)
+        holders = np.flatnonzero(shared[slot] == keys)  # every id holding one of those values, ascending
+        order = np.argsort(keys[holders], kind="stable")  # by value, ids ascending within a value
+        position = np.empty(len(holders), dtype=np.int64)
+        position[order] = np.arange(len(holders))
+        first = np.searchsorted(keys[holders][order], at[tied], side="left")
+        before[tied] = position[np.searchsorted(holders, ids[tied])] - first
+    return below + before + 1
+
+
 def exact_quantile(values: np.ndarray, q: float) -> float | None:
     """The order statistic x_(ceil(q n)) of the values (None when there are none)."""
     if len(values) == 0:
@@ -74,20 +99,23 @@ def exact_quantile(values: np.ndarray, q: float) -> float | None:
 def select_candidates(objective: np.ndarray, distance: np.ndarray, settings: SelectionSpec) -> dict:
     """Which candidates are likely. objective, distance: (N,) indexed by id.
 
-    Returns {"selected": sorted ids, "ranks": (rank_objective, rank_mahalanobis, rank_combined) arrays indexed by
-    id, "thresholds": {...}, "counts": {...}, "capped": bool}.
+    Returns {"selected": sorted ids, "ranks": (rank_objective, rank_mahalanobis, rank_combined) of the selected
+    ids, in that order, "thresholds": {...}, "counts": {...}, "capped": bool}. Only top_k ranks every candidate;
+    the other rules rank only the candidates they keep (or cap).
     """
     objective = np.asarray(objective, dtype=np.float64)
     distance = np.asarray(distance, dtype=np.float64)
     n = len(objective)
     finite_o, finite_m = np.isfinite(objective), np.isfinite(distance)
     finite = finite_o & finite_m
-    rank_o, rank_m = ordinal_ranks(objective), ordinal_ranks(distance)
-    combined = rank_o + rank_m
     ids = np.arange(n, dtype=np.int64)
 
+    def ranks(candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rank_o, rank_m = ranks_at(objective, candidates), ranks_at(distance, candidates)
+        return rank_o, rank_m, rank_o + rank_m
+
     def best_first(candidates: np.ndarray) -> np.ndarray:
-        return candidates[np.lexsort((candidates, combined[candidates]))]
+        return candidates[np.lexsort((candidates, ranks(candidates)[2]))]
 
     if settings.rule == "quantile":
         t_o = exact_quantile(objective[finite_o], settings.objective_quantile)
@@ -118,9 +146,10 @@ def select_candidates(objective: np.ndarray, distance: np.ndarray, settings: Sel
         "before_cap": int(before_cap),
         "selected": int(len(selected)),
     }
+    selected = np.sort(selected)
     return {
-        "selected": np.sort(selected),
-        "ranks": (rank_o, rank_m, combined),
+        "selected": selected,
+        "ranks": ranks(selected),
         "thresholds": {"objective_total": t_o, "mahalanobis": t_m},
         "counts": counts,
         "capped": bool(capped),
@@ -234,9 +263,9 @@ def select_target(manifest: Manifest, spec: TargetSpec) -> dict | None:
     rows = read_selected_rows(store, summaries, selected)
     if rows is None:
         rows = pa.Table.from_batches([], schema=_schema_of(store, summaries))
-    rows = rows.append_column("rank_objective", pa.array(rank_o[selected], pa.int64()))
-    rows = rows.append_column("rank_mahalanobis", pa.array(rank_m[selected], pa.int64()))
-    rows = rows.append_column("rank_combined", pa.array(combined[selected], pa.int64()))
+    rows = rows.append_column("rank_objective", pa.array(rank_o, pa.int64()))
+    rows = rows.append_column("rank_mahalanobis", pa.array(rank_m, pa.int64()))
+    rows = rows.append_column("rank_combined", pa.array(combined, pa.int64()))
     record = {
         "target": spec.name,
         "rule": settings.rule,
