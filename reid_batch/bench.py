@@ -101,8 +101,9 @@ def peak_matmul_flops(device, dtype, size: int | None = None, seconds: float = 1
 
 
 def timed(run_batch: Callable[[np.ndarray], Any], ids: np.ndarray, batch_size: int, batches: int, device,
-          warmup: int = 1) -> dict:
-    """Run `warmup` batches untimed, then `batches` timed ones of consecutive ids; seconds and items/s."""
+          warmup: int = 1, finish: Callable[[], Any] | None = None) -> dict:
+    """Run `warmup` batches untimed, then `batches` timed ones of consecutive ids, then `finish` (timed too);
+    seconds and items/s."""
     at = 0
 
     def next_ids() -> np.ndarray:
@@ -119,6 +120,8 @@ def timed(run_batch: Callable[[np.ndarray], Any], ids: np.ndarray, batch_size: i
     started = time.perf_counter()
     for _ in range(batches):
         run_batch(next_ids())
+    if finish is not None:
+        finish()
     _sync(device)
     seconds = time.perf_counter() - started
     items = batches * batch_size
@@ -341,7 +344,11 @@ def bench_sample(manifest: Manifest, spec: TargetSpec, device, batches: int = 4,
     # Convolutions and matmuls are linear in the batch: one candidate's count is every candidate's.
     flops_per_candidate = count_flops(lambda: scorer.score(np.arange(1, dtype=np.int64), 0))
     ids = np.arange((batches + warmup) * size, dtype=np.int64)
-    fast = timed(lambda b: scorer.score(b, 0), ids, size, batches, device, warmup)
+    # As the stage does: columns stay on the device until the "chunk" (here: the timed batches) is complete.
+    pending: list = []
+    fast = timed(lambda b: pending.append(scorer.score_on_device(b, 0)[0]), ids, size, batches, device, warmup,
+                 finish=lambda: scorer.table(sampling.concat_columns(pending[warmup:])))
+    pending.clear()
     fast["rss_peak_mib"] = round(peak_rss_mib(), 1)
     if device.type == "cuda":
         fast["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

@@ -179,6 +179,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     args.schema_only = True  # a bench needs no input data: models it cannot find are randomly initialised
     manifest = _load(args)
+    if args.compile is not None:
+        from reid_batch.manifest import parse_manifest
+
+        document = manifest.model_dump(mode="json")
+        document["sampling"]["compile"] = args.compile
+        manifest = parse_manifest(document, f"{args.manifest} (with --compile)")
     bench.run(manifest, stage=args.stage, device=args.device, target=args.target, baseline=args.baseline,
               batches=args.batches, baseline_batches=args.baseline_batches, batch_size=args.batch_size,
               steps=args.steps, rows=args.rows, files=args.files, random_init=args.random_init,
@@ -261,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=10**6, help="synthetic candidate rows (select)")
     p.add_argument("--files", type=int, default=100, help="Parquet shards the rows are spread over (select)")
     p.add_argument("--workdir", help="where select's synthetic shards go (default: the system's temp directory)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="override sampling.compile")
     p.add_argument("--random-init", action="store_true", help="ignore the run's artifacts; random models")
     p.add_argument("--json", help="also write the result as JSON to this file")
     p.set_defaults(handler=cmd_bench)
