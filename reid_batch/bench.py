@@ -324,7 +324,7 @@ def fast_scorer(manifest: Manifest, spec: TargetSpec, models: BenchModels, devic
 
 def bench_sample(manifest: Manifest, spec: TargetSpec, device, batches: int = 4, baseline: bool = True,
                  baseline_batches: int | None = None, batch_size: int | None = None, random_init: bool = False,
-                 warmup: int = 1) -> dict:
+                 warmup: int = 1, peak_size: int | None = None) -> dict:
     import torch
 
     from reid_batch.stages import sample as sampling
@@ -339,7 +339,7 @@ def bench_sample(manifest: Manifest, spec: TargetSpec, device, batches: int = 4,
     sizer.run(np.arange(sizer.size, dtype=np.int64), lambda ids: scorer.score(ids, 0))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(scorer.mixed_precision, torch.float32)
     # The peak, before and after the timed batches: on a shared machine the larger is closer to the truth.
-    peak_before = peak_matmul_flops(device, dtype)
+    peak_before = peak_matmul_flops(device, dtype, peak_size)
     size = sizer.size
     # Convolutions and matmuls are linear in the batch: one candidate's count is every candidate's.
     flops_per_candidate = count_flops(lambda: scorer.score(np.arange(1, dtype=np.int64), 0))
@@ -352,7 +352,7 @@ def bench_sample(manifest: Manifest, spec: TargetSpec, device, batches: int = 4,
     fast["rss_peak_mib"] = round(peak_rss_mib(), 1)
     if device.type == "cuda":
         fast["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    peak_after = peak_matmul_flops(device, dtype)
+    peak_after = peak_matmul_flops(device, dtype, peak_size)
     peak = dict(max(peak_before, peak_after, key=lambda p: p["flops_per_second"]))
     peak["measurements"] = [peak_before["flops_per_second"], peak_after["flops_per_second"]]
     fast["achieved_flops_per_second"] = flops_per_candidate * fast["items_per_second"]
@@ -506,14 +506,15 @@ def machine() -> dict:
 def run(manifest: Manifest, stage: str = "sample", device: str | None = None, target: str | None = None,
         baseline: bool = True, batches: int = 4, baseline_batches: int | None = None, batch_size: int | None = None,
         steps: int = 3, rows: int = 10**6, files: int = 100, random_init: bool = False, json_out: str | None = None,
-        workdir: str | None = None) -> dict:
+        workdir: str | None = None, peak_size: int | None = None) -> dict:
     spec = _target(manifest, target)
     if stage == "select":
         result = bench_select(manifest, spec, rows, files, workdir)
     else:
         dev = _device(manifest, device)
         if stage == "sample":
-            result = bench_sample(manifest, spec, dev, batches, baseline, baseline_batches, batch_size, random_init)
+            result = bench_sample(manifest, spec, dev, batches, baseline, baseline_batches, batch_size, random_init,
+                                  peak_size=peak_size)
         else:
             result = bench_finetune(manifest, spec, dev, steps, random_init)
     result = {**result, "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

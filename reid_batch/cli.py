@@ -188,7 +188,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench.run(manifest, stage=args.stage, device=args.device, target=args.target, baseline=args.baseline,
               batches=args.batches, baseline_batches=args.baseline_batches, batch_size=args.batch_size,
               steps=args.steps, rows=args.rows, files=args.files, random_init=args.random_init,
-              json_out=args.json, workdir=args.workdir)
+              json_out=args.json, workdir=args.workdir, peak_size=args.peak_size)
     return EXIT_OK
 
 
@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--files", type=int, default=100, help="Parquet shards the rows are spread over (select)")
     p.add_argument("--workdir", help="where select's synthetic shards go (default: the system's temp directory)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="override sampling.compile")
+    p.add_argument("--peak-size", type=int, help="side of the timed matmul that measures the peak (default: 2048 "
+                   "on a CPU, 8192 on CUDA)")
     p.add_argument("--random-init", action="store_true", help="ignore the run's artifacts; random models")
     p.add_argument("--json", help="also write the result as JSON to this file")
     p.set_defaults(handler=cmd_bench)

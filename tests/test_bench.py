@@ -41,7 +41,7 @@ def manifest_path(tmp_path) -> Path:
 def test_bench_sample_cli_writes_json_with_positive_figures(manifest_path, tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = cli.main(["bench", str(manifest_path), "--stage", "sample", "--device", "cpu", "--batches", "2",
-                     "--baseline-batches", "2", "--json", str(out)])
+                     "--baseline-batches", "2", "--peak-size", "512", "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["stage"] == "sample" and result["target"] == "cnn"
@@ -50,6 +50,7 @@ def test_bench_sample_cli_writes_json_with_positive_figures(manifest_path, tmp_p
         assert result[key] > 0, key
     assert 0 < result["mfu"] < 1 and 0 < result["baseline"]["mfu"] < 1
     assert result["peak"]["flops_per_second"] > 0 and result["peak"]["dtype"] == "float32"
+    assert result["peak"]["size"] == 512 and len(result["peak"]["measurements"]) == 2
     for part in ("fast", "baseline"):
         assert result[part]["items"] == 2 * result[part]["batch_size"] and result[part]["rss_peak_mib"] > 0
     assert result["baseline"]["batch_size"] == 8 and result["fast"]["batch_size"] == 8
@@ -138,3 +139,35 @@ def test_bench_select_reports_rows_per_second(manifest_path, tmp_path):
                        workdir=str(tmp_path), json_out=str(tmp_path / "select.json"))
     assert result["rows"] == 20000 and result["rows_per_second"] > 0 and result["rss_peak_mib"] > 0
     assert json.loads((tmp_path / "select.json").read_text())["selected"] == result["selected"] > 0
+
+
+def test_chunk_writer_commits_in_order_in_the_background_and_reports_failures():
+    import threading
+    import time
+
+    from reid_batch.stages.sample import ChunkWriter
+
+    done, threads = [], set()
+
+    def commit(i):
+        def run():
+            time.sleep(0.02)
+            threads.add(threading.current_thread().name)
+            done.append(i)
+        return run
+
+    writer = ChunkWriter()
+    for i in range(5):
+        writer.submit(commit(i))
+    writer.close()
+    assert done == list(range(5)) and all(name.startswith("chunk-writer") for name in threads)
+
+    def broken():
+        raise OSError("disk full")
+
+    writer = ChunkWriter()
+    writer.submit(broken)
+    with pytest.raises(OSError, match="disk full"):
+        writer.submit(commit(9))
+        writer.submit(commit(10))
+        writer.close()
