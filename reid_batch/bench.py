@@ -370,6 +370,9 @@ def bench_sample(manifest: Manifest, spec: TargetSpec, device, batches: int = 4,
     if baseline:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        # The notebooks' layout: prepare_models converted the modules to channels_last in place.
+        models.generator.to(memory_format=torch.contiguous_format)
+        models.target.to(memory_format=torch.contiguous_format)
         base_scorer = BaselineScorer(models.generator.requires_grad_(True), models.target, spec, models.reference,
                                      scorer.gaussian, models.num_classes, manifest.sampling.seed, device)
         try:
