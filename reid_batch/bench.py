@@ -510,6 +510,12 @@ def run(manifest: Manifest, stage: str = "sample", device: str | None = None, ta
         baseline: bool = True, batches: int = 4, baseline_batches: int | None = None, batch_size: int | None = None,
         steps: int = 3, rows: int = 10**6, files: int = 100, random_init: bool = False, json_out: str | None = None,
         workdir: str | None = None, peak_size: int | None = None) -> dict:
+    if device is not None and device != manifest.compute.device:  # every stage's own device choice follows it
+        from reid_batch.manifest import parse_manifest
+
+        document = manifest.model_dump(mode="json")
+        document["compute"]["device"] = device
+        manifest = parse_manifest(document, f"bench (--device {device})")
     spec = _target(manifest, target)
     if stage == "select":
         result = bench_select(manifest, spec, rows, files, workdir)

@@ -171,3 +171,11 @@ def test_chunk_writer_commits_in_order_in_the_background_and_reports_failures():
         writer.submit(commit(9))
         writer.submit(commit(10))
         writer.close()
+
+
+def test_bench_finetune_times_the_real_step(tmp_path):
+    document = tiny_document(tmp_path / "runs")
+    document["finetune"].update(batch_size=4)
+    result = bench.run(parse_manifest(document), stage="finetune", device="cpu", steps=2)
+    assert result["processes"] == 1 and result["steps"] == 2 and result["batch_size"] == 4
+    assert result["steps_per_second"] > 0 and result["images_per_second"] == pytest.approx(4 * result["steps_per_second"])
