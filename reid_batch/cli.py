@@ -182,6 +182,24 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from reid_batch import bench
+
+    args.schema_only = True  # a bench needs no input data: models it cannot find are randomly initialised
+    manifest = _load(args)
+    if args.compile is not None:
+        from reid_batch.manifest import parse_manifest
+
+        document = manifest.model_dump(mode="json")
+        document["sampling"]["compile"] = args.compile
+        manifest = parse_manifest(document, f"{args.manifest} (with --compile)")
+    bench.run(manifest, stage=args.stage, device=args.device, target=args.target, baseline=args.baseline,
+              batches=args.batches, baseline_batches=args.baseline_batches, batch_size=args.batch_size,
+              steps=args.steps, rows=args.rows, files=args.files, random_init=args.random_init,
+              json_out=args.json, workdir=args.workdir, peak_size=args.peak_size)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reid-batch",
@@ -248,6 +266,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mount a PVC in every pod (data, checkpoints); repeatable")
     p.add_argument("--out", help="write one file per object into this directory (default: all to stdout)")
     p.set_defaults(handler=cmd_k8s)
+
+    p = sub.add_parser("bench", help="measure throughput, memory and MFU of a stage, against the study's way")
+    with_manifest(p)
+    p.add_argument("--stage", choices=["sample", "finetune", "select"], default="sample")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: the manifest's compute.device")
+    p.add_argument("--target", help="target to measure (default: the manifest's first)")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the study notebooks' way and report the speed-up (sample; default: on)")
+    p.add_argument("--batches", type=int, default=4, help="timed batches after one warm-up batch (sample)")
+    p.add_argument("--baseline-batches", type=int, help="timed baseline batches of 8 (default: --batches)")
+    p.add_argument("--batch-size", type=lambda v: v if v == "auto" else int(v),
+                   help="override sampling.batch_size (an integer or auto)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (finetune)")
+    p.add_argument("--rows", type=int, default=10**6, help="synthetic candidate rows (select)")
+    p.add_argument("--files", type=int, default=100, help="Parquet shards the rows are spread over (select)")
+    p.add_argument("--workdir", help="where select's synthetic shards go (default: the system's temp directory)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="override sampling.compile")
+    p.add_argument("--peak-size", type=int, help="side of the timed matmul that measures the peak (default: 2048 "
+                   "on a CPU, 8192 on CUDA)")
+    p.add_argument("--random-init", action="store_true", help="ignore the run's artifacts; random models")
+    p.add_argument("--json", help="also write the result as JSON to this file")
+    p.set_defaults(handler=cmd_bench)
 
     p = sub.add_parser("demo", help="run the built-in demo manifest (synthetic world, CPU)")
     p.add_argument("--output", help="override output.uri")

@@ -67,20 +67,27 @@ class MahalanobisModel:
     source: str
     regularisation: dict = field(default_factory=dict)
     details: dict = field(default_factory=dict)
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)  # device -> (mean, factor)
 
     @property
     def dim(self) -> int:
         return int(self.mean.shape[0])
 
-    def distances(self, features: Tensor) -> Tensor:
-        """D_M of each row of features (N, D), float64 on the CPU, shape (N,)."""
-        x = torch.as_tensor(features).detach().to(device="cpu", dtype=torch.float64)
+    def distances(self, features: Tensor, on_device: bool = False) -> Tensor:
+        """D_M of each row of features (N, D), float64, shape (N,): on the CPU, or with on_device on the features'
+        device (no copy to the host, so no sync)."""
+        x = torch.as_tensor(features).detach()
+        device = x.device if on_device else torch.device("cpu")
+        x = x.to(device=device, dtype=torch.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected features of shape (N, {self.dim}), got {tuple(x.shape)}")
-        centred = x - self.mean
+        if device not in self._on_device:  # copied once per device, not once per batch
+            self._on_device[device] = (self.mean.to(device), self.factor.to(device))
+        mean, factor = self._on_device[device]
+        centred = x - mean
         if self.diagonal:
-            return (centred / self.factor).square().sum(1).sqrt()
-        whitened = torch.linalg.solve_triangular(self.factor, centred.T, upper=False)
+            return (centred / factor).square().sum(1).sqrt()
+        whitened = torch.linalg.solve_triangular(factor, centred.T, upper=False)
         return whitened.square().sum(0).sqrt()
 
     def fingerprint(self) -> str:

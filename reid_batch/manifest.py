@@ -378,6 +378,7 @@ class SamplingSpec(Strict):
     seed: Seed = 0
     save_images: bool = False
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    compile: bool = False
 
     @model_validator(mode="after")
     def _shards(self) -> "SamplingSpec":
@@ -644,6 +645,7 @@ FIELD_NOTES = {
     "sampling.seed": "candidate k's latent is a pure function of (seed, k)",
     "sampling.row_group_size": "Parquet row group size",
     "sampling.save_images": "also store PNGs (images are regenerable from ids anyway)",
+    "sampling.compile": "torch.compile the generator (CUDA: worth it for long runs; costs a compile per process)",
     "selection.rule": "quantile: lowest q on both scores; top_k: best k by combined rank; absolute: fixed bounds",
     "selection.objective_quantile": "keep candidates whose objective total is in the lowest q",
     "selection.mahalanobis_quantile": "... and whose Mahalanobis distance is in the lowest q",

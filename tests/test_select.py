@@ -27,6 +27,18 @@ def test_ranks_are_ordinal_with_ties_by_id_and_non_finite_last():
     assert selection.ordinal_ranks(values).tolist() == [4, 1, 5, 2, 6, 3]
 
 
+def test_ranks_of_a_few_ids_equal_the_full_ranking_with_ties_and_non_finite_values():
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 50, 4000).astype(np.float64)  # many ties
+    values[rng.choice(4000, 40, replace=False)] = np.nan
+    values[rng.choice(4000, 20, replace=False)] = np.inf
+    values[rng.choice(4000, 20, replace=False)] = -np.inf
+    full = selection.ordinal_ranks(values)
+    for size in (1, 37, 400, 3000):
+        ids = np.sort(rng.choice(4000, size, replace=False))
+        assert selection.ranks_at(values, ids).tolist() == full[ids].tolist()
+
+
 def test_quantile_rule_uses_exact_order_statistics():
     rng = np.random.default_rng(0)
     objective, distance = rng.normal(size=1000), rng.gamma(2.0, size=1000)

@@ -35,6 +35,7 @@ import math
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from reid_batch import log
 from reid_batch.errors import InputError
@@ -55,12 +56,37 @@ def selection_prefix(target: str) -> str:
 def ordinal_ranks(values: np.ndarray) -> np.ndarray:
     """1-based ranks of values (index = id) ascending, ties by lower index; non-finite values rank after all finite."""
     values = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(values)
-    keys = np.where(finite, values, np.inf)
-    order = np.lexsort((np.arange(len(values)), ~finite, keys))  # last key sorts first: value, then finiteness
+    # Non-finite values become +inf, above every finite value; a stable sort breaks ties by index. One stable
+    # argsort, several times faster than a three-key lexsort at 10^7 values.
+    order = np.argsort(np.where(np.isfinite(values), values, np.inf), kind="stable")
     ranks = np.empty(len(values), dtype=np.int64)
     ranks[order] = np.arange(1, len(values) + 1)
     return ranks
+
+
+def ranks_at(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """ordinal_ranks(values)[ids] without ranking every value: one unstable sort and a search per id, ties among
+    equal values resolved by id only where they occur (10^7 values: one sort instead of one stable argsort)."""
+    values = np.asarray(values, dtype=np.float64)
+    ids = np.asarray(ids, dtype=np.int64)
+    if 8 * len(ids) > len(values):
+        return ordinal_ranks(values)[ids]
+    keys = np.where(np.isfinite(values), values, np.inf)
+    ordered = np.sort(keys)
+    at = keys[ids]
+    below = np.searchsorted(ordered, at, side="left")
+    tied = np.searchsorted(ordered, at, side="right") - below > 1
+    before = np.zeros(len(ids), dtype=np.int64)
+    if tied.any():  # float32 scores repeat at 10^7 candidates: count, per tied id, the lower ids of equal value
+        shared = np.unique(at[tied])
+        slot = np.minimum(np.searchsorted(shared, keys), len(shared) - 1)
+        holders = np.flatnonzero(shared[slot] == keys)  # every id holding one of those values, ascending
+        order = np.argsort(keys[holders], kind="stable")  # by value, ids ascending within a value
+        position = np.empty(len(holders), dtype=np.int64)
+        position[order] = np.arange(len(holders))
+        first = np.searchsorted(keys[holders][order], at[tied], side="left")
+        before[tied] = position[np.searchsorted(holders, ids[tied])] - first
+    return below + before + 1
 
 
 def exact_quantile(values: np.ndarray, q: float) -> float | None:
@@ -73,20 +99,23 @@ def exact_quantile(values: np.ndarray, q: float) -> float | None:
 def select_candidates(objective: np.ndarray, distance: np.ndarray, settings: SelectionSpec) -> dict:
     """Which candidates are likely. objective, distance: (N,) indexed by id.
 
-    Returns {"selected": sorted ids, "ranks": (rank_objective, rank_mahalanobis, rank_combined) arrays indexed by
-    id, "thresholds": {...}, "counts": {...}, "capped": bool}.
+    Returns {"selected": sorted ids, "ranks": (rank_objective, rank_mahalanobis, rank_combined) of the selected
+    ids, in that order, "thresholds": {...}, "counts": {...}, "capped": bool}. Only top_k ranks every candidate;
+    the other rules rank only the candidates they keep (or cap).
     """
     objective = np.asarray(objective, dtype=np.float64)
     distance = np.asarray(distance, dtype=np.float64)
     n = len(objective)
     finite_o, finite_m = np.isfinite(objective), np.isfinite(distance)
     finite = finite_o & finite_m
-    rank_o, rank_m = ordinal_ranks(objective), ordinal_ranks(distance)
-    combined = rank_o + rank_m
     ids = np.arange(n, dtype=np.int64)
 
+    def ranks(candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rank_o, rank_m = ranks_at(objective, candidates), ranks_at(distance, candidates)
+        return rank_o, rank_m, rank_o + rank_m
+
     def best_first(candidates: np.ndarray) -> np.ndarray:
-        return candidates[np.lexsort((candidates, combined[candidates]))]
+        return candidates[np.lexsort((candidates, ranks(candidates)[2]))]
 
     if settings.rule == "quantile":
         t_o = exact_quantile(objective[finite_o], settings.objective_quantile)
@@ -117,9 +146,10 @@ def select_candidates(objective: np.ndarray, distance: np.ndarray, settings: Sel
         "before_cap": int(before_cap),
         "selected": int(len(selected)),
     }
+    selected = np.sort(selected)
     return {
-        "selected": np.sort(selected),
-        "ranks": (rank_o, rank_m, combined),
+        "selected": selected,
+        "ranks": ranks(selected),
         "thresholds": {"objective_total": t_o, "mahalanobis": t_m},
         "counts": counts,
         "capped": bool(capped),
@@ -177,11 +207,33 @@ def read_selected_rows(store, summaries: dict[int, dict], selected: np.ndarray) 
         for chunk in summaries[shard]["chunks"]:
             lo, hi = np.searchsorted(selected, [chunk["first_id"], chunk["stop_id"]])
             if hi > lo:
-                table = store.read_parquet(chunk["key"])
+                table = store._call(chunk["key"], _read_holding, store, chunk["key"], selected[lo:hi])
                 parts.append(table.filter(pc.is_in(table.column("id"), value_set=wanted)))
     if not parts:
         return None
     return pa.concat_tables(parts).sort_by("id")
+
+
+def _read_holding(store, key: str, ids: np.ndarray) -> pa.Table:
+    """Only the row groups of one chunk file that may hold the ids (one read, retried whole by the Store)."""
+    with store.filesystem.open_input_file(store.path(key)) as source:
+        parquet = pq.ParquetFile(source)
+        return parquet.read_row_groups(_row_groups_holding(parquet, ids))
+
+
+def _row_groups_holding(parquet: pq.ParquetFile, ids: np.ndarray) -> list[int]:
+    """Row groups whose id range (from their statistics) may hold one of the sorted ids; all if none are known."""
+    metadata = parquet.metadata
+    column = parquet.schema_arrow.get_field_index("id")
+    groups = []
+    for g in range(metadata.num_row_groups):
+        stats = metadata.row_group(g).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            return list(range(metadata.num_row_groups))
+        lo, hi = np.searchsorted(ids, [stats.min, stats.max + 1])
+        if hi > lo:
+            groups.append(g)
+    return groups
 
 
 def mahalanobis_consistency(summaries: dict[int, dict]) -> dict:
@@ -214,9 +266,9 @@ def select_target(manifest: Manifest, spec: TargetSpec) -> dict | None:
     rows = read_selected_rows(store, summaries, selected)
     if rows is None:
         rows = pa.Table.from_batches([], schema=_schema_of(store, summaries))
-    rows = rows.append_column("rank_objective", pa.array(rank_o[selected], pa.int64()))
-    rows = rows.append_column("rank_mahalanobis", pa.array(rank_m[selected], pa.int64()))
-    rows = rows.append_column("rank_combined", pa.array(combined[selected], pa.int64()))
+    rows = rows.append_column("rank_objective", pa.array(rank_o, pa.int64()))
+    rows = rows.append_column("rank_mahalanobis", pa.array(rank_m, pa.int64()))
+    rows = rows.append_column("rank_combined", pa.array(combined, pa.int64()))
     record = {
         "target": spec.name,
         "rule": settings.rule,
