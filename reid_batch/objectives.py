@@ -20,7 +20,9 @@ CNN terms (torchvision ResNet / DenseNet)
 `logits`: class-conditional. The target's head reveals C: C = 1 is binary with one logit (binary cross-entropy
     with logits toward class 0 or 1); C > 1 is cross-entropy toward the assigned class. `assign_classes`
     alternates classes (sample i gets class (offset + i) mod K, K = 2 if C == 1 else C), so every run of K
-    consecutive samples holds each class once and equal shards of a batch stay balanced. The batch loss is
+    consecutive samples holds each class once and equal shards of a batch stay balanced; stage 1 writes each
+    sample's class into its latent (`condition_latents`), or an unconditional generator could not tell which
+    samples are asked for which class and the term would only push toward uncertainty. The batch loss is
     the mean of the per-sample losses. `classes=None` uses the class the target predicts (logit > 0, or argmax):
     the per-sample loss then measures how confidently the target classifies the candidate.
 `tv`: anisotropic L1 total variation of the [0, 1] IMAGE (not the normalised target input), per sample
@@ -118,6 +120,21 @@ def assign_classes(n: int, num_classes: int, offset: int = 0, device: torch.devi
         raise ValueError(f"need n >= 0 and num_classes >= 1, got n={n}, num_classes={num_classes}")
     k = 2 if num_classes == 1 else num_classes
     return (torch.arange(n, device=device) + offset) % k
+
+
+def condition_latents(latents: Tensor, classes: Tensor, num_classes: int) -> Tensor:
+    """The latents with each sample's class written into its first coordinate, so the generator can tell.
+
+    An unconditional generator cannot know which half of a batch is asked for which class: pushed toward both, the
+    logits term can only settle at maximal uncertainty. Here z_0 is moved into the class's equal-probability bin of
+    the standard normal, keeping its rank inside the bin: z_0 = Phi^-1((class + Phi(z_0)) / K). Over balanced
+    classes z_0 stays N(0, 1), so the prior's input distribution is unchanged, and z_0 alone tells the class.
+    """
+    k = 2 if num_classes == 1 else num_classes
+    out = latents.clone()
+    within = torch.special.ndtr(latents[:, 0].double()).clamp(1e-12, 1 - 1e-12)
+    out[:, 0] = torch.special.ndtri((classes.double() + within) / k).clamp(-8, 8).to(latents.dtype)
+    return out
 
 
 def predicted_classes(logits: Tensor) -> Tensor:

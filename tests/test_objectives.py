@@ -570,3 +570,26 @@ def test_densenet_hooks_every_batchnorm_and_needs_its_own_feature_layer():
     assert set(result.terms) == set(CNN_TERMS)
     assert torch.allclose(result.features, record.seen["features.norm5"].mean((2, 3)))
     assert torch.equal(mean, model.features.norm5.running_mean)
+
+
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_condition_latents_writes_the_class_into_z0_and_keeps_the_prior(num_classes):
+    from scipy.stats import kstest
+
+    from reid_batch.objectives import assign_classes, condition_latents
+
+    k = 2 if num_classes == 1 else num_classes
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(6000, 8, generator=generator)
+    classes = assign_classes(6000, num_classes)
+    conditioned = condition_latents(latents, classes, num_classes)
+    # z_0 alone tells the class: it lies in the class's equal-probability bin of N(0, 1).
+    bins = torch.floor(torch.special.ndtr(conditioned[:, 0].double()) * k).long()
+    assert torch.equal(bins, classes)
+    # Only z_0 changes; inside each class the order of z_0 is kept (a monotone map).
+    assert torch.equal(conditioned[:, 1:], latents[:, 1:])
+    for c in range(k):
+        chosen = classes == c
+        assert torch.equal(torch.argsort(conditioned[chosen, 0]), torch.argsort(latents[chosen, 0]))
+    # Over balanced classes z_0 is still standard normal: the generator's input distribution is unchanged.
+    assert kstest(conditioned[:, 0].numpy(), "norm").pvalue > 0.01

@@ -172,7 +172,7 @@ class Finetuner:
     def step(self, step: int) -> dict[str, float]:
         """Train on step `step`'s batch; returns the global unweighted terms, the weighted 'total' and the
         generator's gradient norm before clipping ('grad_norm')."""
-        from reid_batch.objectives import assign_classes
+        from reid_batch.objectives import assign_classes, condition_latents
 
         accelerator = self.accelerator
         rank = accelerator.process_index
@@ -180,6 +180,8 @@ class Finetuner:
         latents = latents_for_ids(self.spec.seed, ids, self.latent_dim).to(accelerator.device)
         classes = assign_classes(self.per_process, self.num_classes, offset=rank * self.per_process,
                                  device=accelerator.device)
+        if "logits" in self.objective.weights:
+            latents = condition_latents(latents, classes, self.num_classes)
         self.optimizer.zero_grad(set_to_none=True)
         with accelerator.autocast():
             raw = self.generator(latents)
