@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pytest
+import torch
 import yaml
 
 from faultproxy import KINDS, FaultProxy
@@ -249,7 +250,13 @@ def test_sample_and_select_through_a_flapping_store_equal_a_clean_run(inputs, s3
     commit_finetuned(make_manifest(inputs, uri, settings.endpoint, **options), inputs)
 
     flaky_file = manifest_file(flaky, tmp_path / "flaky.yaml", retry_max_attempts=2, retry_budget_s=60)
-    assert sampling.sample(clean) == 0 and selection.select(clean) == 0  # the reference, in-process
+    # The reference, in-process, on one thread like the CLI runs below: a thread count changes float reductions.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert sampling.sample(clean) == 0 and selection.select(clean) == 0
+    finally:
+        torch.set_num_threads(threads)
     seed = int(os.environ.get("FAULT_SEED", "20261126"))
     print(f"chaos seed {seed} (set FAULT_SEED to replay)")
     with Chaos(proxy, seed):
