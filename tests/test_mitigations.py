@@ -17,6 +17,7 @@ from torch import nn
 
 from reid_batch.manifest import parse_manifest
 from reid_batch.recipes.common import run_store
+from test_evaluate_report import _inputs  # the same tiny prior and demographic model
 
 LATENT = 16
 DEPTHS = [32, 16, 8, 8]  # 4 -> 32 px
@@ -24,19 +25,6 @@ SIZE = 32
 WORLD = {"seed": 0, "image_size": SIZE, "private_patients": 14, "public_patients": 1, "control_patients": 10,
          "max_studies_per_patient": 2}
 TARGETS = ("dp", "regularised", "augmented", "control")
-
-
-def _inputs(directory: Path) -> dict[str, Path]:
-    from reid_batch.checkpoints import save_state_dict
-    from reid_batch.models.pggan import PGGANConfig, PGGANGenerator, save_generator
-    from reid_batch.recipes.train_demographics import build_model
-
-    torch.manual_seed(0)
-    save_generator(PGGANGenerator(PGGANConfig(latent_dim=LATENT, depths=tuple(DEPTHS), out_channels=1)),
-                   directory / "prior.safetensors")
-    torch.manual_seed(0)
-    save_state_dict(build_model("densenet_tiny").state_dict(), directory / "demographics.safetensors")
-    return {"prior": directory / "prior.safetensors", "demographics": directory / "demographics.safetensors"}
 
 
 def make_manifest(root: Path, inputs: dict[str, Path]):
