@@ -4,11 +4,12 @@ Builds randomly initialised checkpoints of the chosen configuration (a ResNet18 
 the run's fine-tuned generator), then runs `python -m reid_batch sample` once per count, each in its own process,
 and reads that process's own peak RSS (os.wait4). One shard, chunks of 4096, as a cluster task would run.
 
-    PYTHONPATH=$PWD python bench/sample_rss.py --config demo --counts 1000 10000
+    PYTHONPATH=$PWD python bench/sample_rss.py --config demo --counts 10000 1000000   # ~25 min on 2 cores
     PYTHONPATH=$PWD python bench/sample_rss.py --config tiny --counts 10000 100000 --json rss.json
 
-demo: the built-in demo's sizes (PGGAN depths [64, 64, 32, 16], latent 128, 32 px; ResNet18 at 64 px).
-tiny: the test suite's sizes (PGGAN depths [32, 16, 8], latent 16, 16 px; ResNet18 at 32 px), ~10x faster.
+demo: the built-in demo's sizes (PGGAN depths [64, 64, 32, 16], latent 128, 32 px; ResNet18 at 32 px), as in
+manifests/demo.yaml.
+tiny: the test suite's sizes (PGGAN depths [32, 16, 8], latent 16, 16 px; ResNet18 at 32 px), for quick checks.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
-    "demo": {"latent_dim": 128, "depths": [64, 64, 32, 16], "target_size": 64, "batch_size": 128},
+    "demo": {"latent_dim": 128, "depths": [64, 64, 32, 16], "target_size": 32, "batch_size": 128},
     "tiny": {"latent_dim": 16, "depths": [32, 16, 8], "target_size": 32, "batch_size": 128},
 }
 

@@ -332,7 +332,8 @@ def bench_sample(manifest: Manifest, spec: TargetSpec, device, batches: int = 4,
     models = load_models(manifest, spec, device, random_init)
     scorer = fast_scorer(manifest, spec, models, device)
     sizer = sampling.BatchSizer(batch_size or manifest.sampling.batch_size, device,
-                                min(manifest.sampling.chunk_size, manifest.sampling.num_candidates))
+                                min(manifest.sampling.chunk_size, manifest.sampling.num_candidates),
+                                manifest.generator.resolution**2)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # `auto` on CUDA finds its size here: the warm-up batch halves until it fits.
@@ -343,7 +344,9 @@ def bench_sample(manifest: Manifest, spec: TargetSpec, device, batches: int = 4,
     size = sizer.size
     # Convolutions and matmuls are linear in the batch: one candidate's count is every candidate's.
     flops_per_candidate = count_flops(lambda: scorer.score(np.arange(1, dtype=np.int64), 0))
-    ids = np.arange((batches + warmup) * size, dtype=np.int64)
+    # Enough ids for both ways: the fast batches, and the baseline's batches of 8 (the same ids, from 0).
+    ids = np.arange((max(batches, baseline_batches or batches) + warmup) * max(size, BASELINE_BATCH_SIZE),
+                    dtype=np.int64)
     # As the stage does: columns stay on the device until the "chunk" (here: the timed batches) is complete.
     pending: list = []
     fast = timed(lambda b: pending.append(scorer.score_on_device(b, 0)[0]), ids, size, batches, device, warmup,

@@ -155,8 +155,9 @@ def class_losses(logits: Tensor, classes: Tensor) -> Tensor:
 def total_variation(images01: Tensor) -> Tensor:
     """Anisotropic L1 total variation of each image, (N,): mean |vertical| + mean |horizontal| neighbour differences."""
     x = images01.float()
-    dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().flatten(1).mean(1)
-    dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().flatten(1).mean(1)
+    # Reduced over (C, H, W) in place: flatten(1) would copy each strided difference first.
+    dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).abs_().mean(dim=(1, 2, 3))
+    dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs_().mean(dim=(1, 2, 3))
     return dh + dw
 
 

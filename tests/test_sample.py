@@ -212,6 +212,11 @@ def test_auto_batch_size_halves_on_cuda_out_of_memory_and_keeps_every_item():
     assert sum(sizer.run(np.arange(100), work)) == 100
     assert sizer.size == 16 and [i for b in seen for i in b] == list(range(100))
     assert sampling.BatchSizer("auto", torch.device("cpu"), 5000).size == 256
+    # On a CPU, auto keeps batch x pixels within a cache-sized budget: 256 small images, 2 at 1024 px, at least 1
+    assert sampling.BatchSizer("auto", torch.device("cpu"), 5000, pixels_per_item=32 * 32).size == 256
+    assert sampling.BatchSizer("auto", torch.device("cpu"), 5000, pixels_per_item=1024 * 1024).size == 2
+    assert sampling.BatchSizer("auto", torch.device("cpu"), 5000, pixels_per_item=300 * 300).size == 16
+    assert sampling.BatchSizer("auto", torch.device("cpu"), 5000, pixels_per_item=4096 * 4096).size == 1
     fixed = sampling.BatchSizer(32, torch.device("cuda"), 100)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         fixed.run(np.arange(100), work)  # an explicit batch size is the user's choice: never changed

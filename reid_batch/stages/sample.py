@@ -75,6 +75,9 @@ PLAN_FORMAT = 1
 # Reference latents use ids no candidate can have, so reference and candidates never share an image.
 REFERENCE_ID_OFFSET = 2**62
 CPU_BATCH_SIZE = 256
+# On a CPU a batch is best kept cache-sized: with the 1024 px PGGAN a compiled forward cost 1.38 / 1.46 / 1.52 s
+# per candidate at batch 2 / 4 / 8 (one thread). `auto` keeps batch x generator pixels within this budget.
+CPU_AUTO_PIXELS = 2 * 1024 * 1024
 MAX_AUTO_BATCH_SIZE = 4096
 # Pixels per bincount call when histogramming: bounds the index tensor to ~512 MB of int64.
 _HISTOGRAM_PIXELS = 64 * 2**20
@@ -119,30 +122,32 @@ def image_key(target: str, shard: int, candidate_id: int) -> str:
 
 def pixel_entropy(images01: Tensor) -> Tensor:
     """Shannon entropy (bits) of each image's 256-level histogram of round(255 x), all channels pooled, (N,)."""
-    levels = (images01.detach().float().clamp(0, 1) * 255).round().to(torch.int64).flatten(1)
-    n, pixels = levels.shape
-    counts = torch.empty(n, 256, dtype=torch.float64, device=levels.device)
-    step = max(1, _HISTOGRAM_PIXELS // max(pixels, 1))
-    for at in range(0, n, step):
-        part = levels[at : at + step]
-        offsets = torch.arange(part.shape[0], device=part.device).unsqueeze(1) * 256
-        index = (part + offsets).reshape(-1)
-        # scatter_add_, not bincount: CUDA's bincount reads the maximum back to the host (a sync per batch).
-        # Adding ones is exact in float64 whatever the order.
-        counts[at : at + step] = torch.zeros(part.shape[0] * 256, dtype=torch.float64, device=part.device).scatter_add_(
-            0, index, torch.ones(1, dtype=torch.float64, device=part.device).expand(index.shape[0])).view(-1, 256)
+    levels = images01.detach().float().clamp(0, 1).mul(255).round_()
+    n, pixels = levels.shape[0], levels[0].numel()
+    if levels.device.type == "cpu":  # a bincount of one-byte levels per image: 3x faster than scatter_add_ here
+        levels = levels.to(torch.uint8)
+        counts = torch.stack([torch.bincount(image.reshape(-1), minlength=256) for image in levels]).double()
+    else:
+        levels = levels.to(torch.int64).flatten(1)
+        counts = torch.empty(n, 256, dtype=torch.float64, device=levels.device)
+        step = max(1, _HISTOGRAM_PIXELS // max(pixels, 1))
+        for at in range(0, n, step):
+            part = levels[at : at + step]
+            offsets = torch.arange(part.shape[0], device=part.device).unsqueeze(1) * 256
+            index = (part + offsets).reshape(-1)
+            # scatter_add_, not bincount: CUDA's bincount reads the maximum back to the host (a sync per batch).
+            # Adding ones is exact in float64 whatever the order.
+            counts[at : at + step] = torch.zeros(part.shape[0] * 256, dtype=torch.float64, device=part.device).scatter_add_(
+                0, index, torch.ones(1, dtype=torch.float64, device=part.device).expand(index.shape[0])).view(-1, 256)
     p = counts / pixels
     return -(p * torch.where(p > 0, p.log2(), torch.zeros_like(p))).sum(1)
 
 
 def image_statistics(images01: Tensor) -> dict[str, Tensor]:
     """Per-image mean, (population) standard deviation and pixel entropy of [0, 1] images (N, C, H, W)."""
-    flat = images01.detach().float().flatten(1)
-    return {
-        "image_mean": flat.mean(1),
-        "image_std": flat.std(1, correction=0),
-        "pixel_entropy": pixel_entropy(images01),
-    }
+    # Reduced in place over (C, H, W): flattening a channels_last batch would copy it first.
+    std, mean = torch.std_mean(images01.detach().float(), dim=(1, 2, 3), correction=0)
+    return {"image_mean": mean, "image_std": std, "pixel_entropy": pixel_entropy(images01)}
 
 
 def png_bytes(image01: Tensor) -> bytes:
@@ -295,16 +300,19 @@ def concat_columns(parts: list[dict]) -> dict[str, np.ndarray]:
 
 
 class BatchSizer:
-    """A fixed batch size, or `auto`: 256 on CPU; on CUDA the largest power of two that fits, halving on OOM."""
+    """A fixed batch size, or `auto`: on CUDA the largest power of two that fits, halving on OOM; on a CPU the
+    largest power of two up to 256 whose images (pixels_per_item each) stay within CPU_AUTO_PIXELS."""
 
-    def __init__(self, configured: int | str, device: torch.device, largest_useful: int):
+    def __init__(self, configured: int | str, device: torch.device, largest_useful: int,
+                 pixels_per_item: int | None = None):
         self.adaptive = configured == "auto" and device.type == "cuda"
         if configured != "auto":
             self.size = int(configured)
         elif device.type == "cuda":
             self.size = min(MAX_AUTO_BATCH_SIZE, 1 << max(0, int(largest_useful) - 1).bit_length())
         else:
-            self.size = CPU_BATCH_SIZE
+            fits = max(1, CPU_AUTO_PIXELS // max(1, pixels_per_item or 1))
+            self.size = min(CPU_BATCH_SIZE, 1 << (fits.bit_length() - 1))
 
     def run(self, items: np.ndarray, work: Callable[[np.ndarray], Any]) -> list[Any]:
         results, at = [], 0
@@ -675,7 +683,8 @@ def sample_target(manifest: Manifest, spec: TargetSpec, shards: list[int], accel
         return []
     shard_ids = [p["stop_id"] - p["first_id"] for _, p, _ in todo]
     largest_share = -(-min(manifest.sampling.chunk_size, max(shard_ids)) // accelerator.num_processes)
-    sizer = BatchSizer(manifest.sampling.batch_size, accelerator.device, largest_share)
+    sizer = BatchSizer(manifest.sampling.batch_size, accelerator.device, largest_share,
+                       manifest.generator.resolution**2)
     scorer = _build_scorer(manifest, spec, accelerator, sizer)
     try:
         summaries = [_sample_shard(manifest, spec, shard, plan, progress, scorer, accelerator, sizer)

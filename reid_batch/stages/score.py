@@ -205,7 +205,8 @@ def score_target(manifest: Manifest, spec: TargetSpec, shards: list[int]) -> Non
     model = load_demographic_model(manifest).to(device)
     if todo:
         generator = load_finetuned_generator(manifest, spec.name).to(device).eval()
-        sizer = BatchSizer(manifest.sampling.batch_size, device, manifest.sampling.chunk_size)
+        sizer = BatchSizer(manifest.sampling.batch_size, device, manifest.sampling.chunk_size,
+                           manifest.generator.resolution**2)
         for shard in todo:
             score_shard(manifest, spec, shard, selected, generator, model, device, sizer)
     if reference:
