@@ -40,8 +40,9 @@ def manifest_path(tmp_path) -> Path:
 
 def test_bench_sample_cli_writes_json_with_positive_figures(manifest_path, tmp_path, capsys):
     out = tmp_path / "bench.json"
+    # A fast batch smaller than the baseline's 8 and more baseline batches than fast ones: both get their ids.
     code = cli.main(["bench", str(manifest_path), "--stage", "sample", "--device", "cpu", "--batches", "2",
-                     "--baseline-batches", "2", "--peak-size", "512", "--json", str(out)])
+                     "--batch-size", "2", "--baseline-batches", "3", "--peak-size", "512", "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["stage"] == "sample" and result["target"] == "cnn"
@@ -51,9 +52,9 @@ def test_bench_sample_cli_writes_json_with_positive_figures(manifest_path, tmp_p
     assert 0 < result["mfu"] < 1 and 0 < result["baseline"]["mfu"] < 1
     assert result["peak"]["flops_per_second"] > 0 and result["peak"]["dtype"] == "float32"
     assert result["peak"]["size"] == 512 and len(result["peak"]["measurements"]) == 2
-    for part in ("fast", "baseline"):
-        assert result[part]["items"] == 2 * result[part]["batch_size"] and result[part]["rss_peak_mib"] > 0
-    assert result["baseline"]["batch_size"] == 8 and result["fast"]["batch_size"] == 8
+    for part, batches in (("fast", 2), ("baseline", 3)):
+        assert result[part]["items"] == batches * result[part]["batch_size"] and result[part]["rss_peak_mib"] > 0
+    assert result["baseline"]["batch_size"] == 8 and result["fast"]["batch_size"] == 2
     assert "candidates/s" in capsys.readouterr().out
     assert not (tmp_path / "runs" / "demo").exists() or not any((tmp_path / "runs" / "demo").rglob("*.parquet"))
 
