@@ -185,7 +185,8 @@ def regenerate_images(generator, ids: Iterable[int] | np.ndarray, seed: int, dev
     """[0, 1] float32 images of candidates `ids`, from their counter-based latents (the same in any batch)."""
     from reid_batch.models.pggan import generator_to_unit, latents_for_ids
 
-    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    # A copy: ids read from Parquet are read-only arrays, which torch warns about sharing.
+    ids = torch.from_numpy(np.array(ids, dtype=np.int64))
     latents = latents_for_ids(seed, ids, generator.config.latent_dim).to(device)
     with torch.inference_mode(), autocast_context(device, mixed_precision):
         raw = generator(latents)
