@@ -141,21 +141,14 @@ class BenchModels:
     sources: dict[str, str]
 
 
-def _random_generator(manifest: Manifest):
-    from reid_batch.models.pggan import PGGANConfig, PGGANGenerator
-
-    spec = manifest.generator
-    return PGGANGenerator(PGGANConfig(latent_dim=spec.latent_dim, depths=tuple(spec.depths),
-                                      out_channels=spec.out_channels, output_range=tuple(spec.output_range)))
-
-
 def load_models(manifest: Manifest, spec: TargetSpec, device, random_init: bool = False) -> BenchModels:
     """The run's generator and target if they exist (and random_init is False), else random ones of its shapes."""
     import torch
 
     from reid_batch.artifacts import load_attack_target, load_finetuned_generator
     from reid_batch.models.targets import build_target
-    from reid_batch.recipes.train_prior import load_prior
+    from reid_batch.models.pggan import PGGANGenerator
+    from reid_batch.recipes.train_prior import load_prior, prior_config
 
     torch.manual_seed(0)
     sources = {}
@@ -169,7 +162,8 @@ def load_models(manifest: Manifest, spec: TargetSpec, device, random_init: bool 
             except (InputError, FileNotFoundError, OSError):
                 continue
     if generator is None:
-        generator, sources["generator"] = _random_generator(manifest), "randomly initialised (no artifact found)"
+        generator = PGGANGenerator(prior_config(manifest))
+        sources["generator"] = "randomly initialised (no artifact found)"
     target = None
     if not random_init:
         try:

@@ -497,6 +497,18 @@ class Store:
         with self._named_errors(key):
             return self._call(key, self._read_parquet, key, columns)
 
+    def read_parquet_row_groups(self, key: str, choose: Callable[[pq.ParquetFile], list[int]]) -> pa.Table:
+        """The row groups of one parquet file that `choose` picks from its footer (one open, retried whole)."""
+        key = _check_key(key, where=self.uri())
+
+        def read() -> pa.Table:
+            with self._fs.open_input_file(self.path(key)) as source:
+                parquet = pq.ParquetFile(source)
+                return parquet.read_row_groups(choose(parquet))
+
+        with self._named_errors(key):
+            return self._call(key, read)
+
     def read_parquet_schema(self, key: str) -> pa.Schema:
         """The schema of one parquet file (reads the footer only)."""
         key = _check_key(key, where=self.uri())

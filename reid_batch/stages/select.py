@@ -207,18 +207,12 @@ def read_selected_rows(store, summaries: dict[int, dict], selected: np.ndarray) 
         for chunk in summaries[shard]["chunks"]:
             lo, hi = np.searchsorted(selected, [chunk["first_id"], chunk["stop_id"]])
             if hi > lo:
-                table = store._call(chunk["key"], _read_holding, store, chunk["key"], selected[lo:hi])
+                ids = selected[lo:hi]
+                table = store.read_parquet_row_groups(chunk["key"], lambda parquet: _row_groups_holding(parquet, ids))
                 parts.append(table.filter(pc.is_in(table.column("id"), value_set=wanted)))
     if not parts:
         return None
     return pa.concat_tables(parts).sort_by("id")
-
-
-def _read_holding(store, key: str, ids: np.ndarray) -> pa.Table:
-    """Only the row groups of one chunk file that may hold the ids (one read, retried whole by the Store)."""
-    with store.filesystem.open_input_file(store.path(key)) as source:
-        parquet = pq.ParquetFile(source)
-        return parquet.read_row_groups(_row_groups_holding(parquet, ids))
 
 
 def _row_groups_holding(parquet: pq.ParquetFile, ids: np.ndarray) -> list[int]:
