@@ -39,7 +39,7 @@ def prepare(config: dict, directory: Path, count: int) -> Path:
     from reid_batch.manifest import parse_manifest
     from reid_batch.models.pggan import PGGANConfig, PGGANGenerator, save_generator
     from reid_batch.models.targets import build_target
-    from reid_batch.recipes.common import run_store
+    from reid_batch.runtime import run_store
 
     torch.manual_seed(0)
     generator_path, target_path = directory / "generator.safetensors", directory / "target.safetensors"

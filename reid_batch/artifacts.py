@@ -1,20 +1,9 @@
-"""Where every stage's outputs live under <output.uri>/<run_id>/, and how later stages load them.
+"""What a stage reads of earlier stages' committed outputs, and of the models the manifest names: one loader each.
 
-One place, so that stages (and array tasks on different machines) agree on keys:
-
-    world/ ............................ (local, data.synthetic.root) the synthetic world
-    targets/<name>/ ................... trained target: model.safetensors, training.json, train_images.csv
-    prior/ ............................ trained PGGAN prior: generator.safetensors, samples.png, metrics.json
-    demographics/ ..................... age/sex model: model.safetensors, metrics.json, plots
-    <target>/finetune/ ................ stage 1 result: generator.safetensors, losses.parquet, samples PNGs
-    <target>/finetune-checkpoints/ .... resumable stage 1 state, one committed prefix per checkpoint
-    <target>/candidates/shard=<I>/ .... per-candidate rows (Parquet), committed per chunk
-    <target>/selection/ ............... stage 2: selected ids, thresholds
-    <target>/scores/shard=<I>/ ........ demographic predictions of the selected candidates (+ PNGs)
-    evaluation/, report/ .............. metrics and the risk report
-    resume/ ........................... in-progress training state (deleted once a stage commits)
-
-Every multi-file output is a committed prefix (see storage.py): readers treat an uncommitted one as absent.
+Where each output lives is reid_batch.layout's business; this module loads it. A stage never imports another
+stage: what it needs of one is here (models) or in the layout (keys). Every multi-file output is a committed
+prefix (storage.COMMIT_MARKER): an uncommitted one is missing, and the error names the command that makes it.
+Model files a manifest names may be local paths or s3:// objects (storage.input_path fetches those once).
 """
 
 from __future__ import annotations
@@ -23,26 +12,23 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+from torch import nn
+
+from reid_batch import layout
 from reid_batch.errors import InputError
 from reid_batch.manifest import Manifest, TargetSpec
+from reid_batch.models.demographics import DemographicNet, load_demographics
+from reid_batch.models.pggan import PGGANConfig, PGGANGenerator, load_generator
+from reid_batch.models.targets import load_target
+from reid_batch.storage import Store, input_path, run_store
+
+# The manifest's name for a format where it differs from pggan's.
+FORMAT_ALIASES = {"lightning": "segal_lightning"}
+DENSENET_TINY = {"arch": "densenet121", "growth_rate": 8, "block_config": (2, 2, 2, 2), "num_init_features": 16}
 
 
-def target_prefix(name: str) -> str:
-    return f"targets/{name}"
-
-
-def attack_prefix(target: str, part: str) -> str:
-    """<target>/<part>: finetune, finetune-checkpoints, candidates, selection, scores."""
-    return f"{target}/{part}"
-
-
-def run_store(manifest: Manifest):
-    from reid_batch.recipes.common import run_store as _run_store
-
-    return _run_store(manifest)
-
-
-def local_file(store, key: str, suffix: str = "") -> Path:
+def local_file(store: Store, key: str, suffix: str = "") -> Path:
     """A local path holding the object's bytes (the object itself when the store is local)."""
     if store.is_local:
         return Path(store.path(key))
@@ -52,44 +38,130 @@ def local_file(store, key: str, suffix: str = "") -> Path:
     return Path(name)
 
 
-def require_committed(store, prefix: str, produced_by: str) -> None:
+def require_committed(store: Store, prefix: str, produced_by: str) -> None:
     if not store.is_committed(prefix):
         raise InputError(f"{store.uri(prefix)} is missing or incomplete; run `reid-batch {produced_by}` first", prefix)
 
 
-def load_attack_target(manifest: Manifest, spec: TargetSpec):
-    """The frozen target (eval mode, no parameter gradients) and its number of outputs."""
-    from reid_batch.models.targets import load_target
+# ------------------------------------------------------------------------------------------------ models
 
+
+def load_attack_target(manifest: Manifest, spec: TargetSpec) -> tuple[nn.Module, int]:
+    """The frozen target (eval mode, no parameter gradients) and its number of outputs."""
     vit = spec.vit.model_dump() if spec.vit is not None else {}
     if spec.checkpoint is not None:
-        return load_target(spec.arch, spec.checkpoint, image_size=spec.input.size, **vit)
+        where = f"targets[{manifest.targets.index(spec)}].checkpoint"
+        return load_target(spec.arch, input_path(spec.checkpoint, manifest, where), image_size=spec.input.size, **vit)
     store = run_store(manifest)
-    prefix = target_prefix(spec.name)
+    prefix = layout.target_prefix(spec.name)
     require_committed(store, prefix, f"train-target --target {spec.name}")
-    return load_target(spec.arch, local_file(store, f"{prefix}/model.safetensors", ".safetensors"),
+    return load_target(spec.arch, local_file(store, f"{prefix}/{layout.MODEL_FILE}", ".safetensors"),
                        image_size=spec.input.size, **vit)
 
 
-def load_demographic_model(manifest: Manifest):
-    from reid_batch.models.demographics import load_demographics
+def demographic_arch(arch: str) -> dict:
+    """The DenseNet settings of `demographics.arch` (densenet_tiny: a small DenseNet121 for tests and the demo)."""
+    return dict(DENSENET_TINY) if arch == "densenet_tiny" else {"arch": arch}
 
+
+def load_demographic_model(manifest: Manifest) -> DemographicNet:
     spec = manifest.demographics
-    arch = {"arch": "densenet121", "growth_rate": 8, "block_config": (2, 2, 2, 2), "num_init_features": 16} \
-        if spec.arch == "densenet_tiny" else {"arch": spec.arch}
+    arch = demographic_arch(spec.arch)
     if spec.checkpoint is not None:
-        return load_demographics(spec.checkpoint, **arch)
+        return load_demographics(input_path(spec.checkpoint, manifest, "demographics.checkpoint"), **arch)
     store = run_store(manifest)
-    require_committed(store, "demographics", "train-demographics")
-    return load_demographics(local_file(store, "demographics/model.safetensors", ".safetensors"), **arch)
+    require_committed(store, layout.DEMOGRAPHICS_PREFIX, "train-demographics")
+    return load_demographics(local_file(store, f"{layout.DEMOGRAPHICS_PREFIX}/{layout.MODEL_FILE}", ".safetensors"),
+                             **arch)
 
 
-def load_finetuned_generator(manifest: Manifest, target: str):
+def load_finetuned_generator(manifest: Manifest, target: str) -> PGGANGenerator:
     """Stage 1's generator for a target (eval mode, CPU)."""
-    from reid_batch.models.pggan import load_generator
-
     store = run_store(manifest)
-    prefix = attack_prefix(target, "finetune")
+    prefix = layout.finetune_prefix(target)
     require_committed(store, prefix, f"finetune --target {target}")
-    generator, _ = load_generator(local_file(store, f"{prefix}/generator.safetensors", ".safetensors"), format="reid")
+    generator, _ = load_generator(local_file(store, f"{prefix}/{layout.GENERATOR_FILE}", ".safetensors"),
+                                  format="reid")
     return generator
+
+
+def prior_config(manifest: Manifest) -> PGGANConfig:
+    """The PGGAN the manifest's `generator` section describes (what train-prior trains)."""
+    spec = manifest.generator
+    return PGGANConfig(latent_dim=spec.latent_dim, depths=tuple(spec.depths), out_channels=spec.out_channels,
+                       output_range=tuple(spec.output_range), variant="segal", output_activation="none")
+
+
+def _given(spec, name: str) -> bool:
+    """Whether the manifest sets `name` to something other than its default. Not model_fields_set: a manifest
+    re-parsed from model_dump() (the CLI's --output) has every field set."""
+    value = getattr(spec, name)
+    default = type(spec).model_fields[name].default
+    return (list(value) if isinstance(value, (list, tuple)) else value) != (
+        list(default) if isinstance(default, (list, tuple)) else default)
+
+
+def load_prior(manifest: Manifest) -> PGGANGenerator:
+    """The prior later stages start from, in eval mode on CPU.
+
+    With `generator.checkpoint`: that file, read by pggan.load_generator in the manifest's format ("lightning"
+    is accepted for pggan's "segal_lightning"); an output_range written in the manifest overrides the format's
+    declared one, the default [0, 1] does not (gan_zoo files are [-1, 1]); latent_dim, depths and out_channels
+    come from the weights and must match the manifest's where it gives non-default values.
+    Otherwise <run>/prior/generator.safetensors.
+    """
+    spec = manifest.generator
+    if spec.checkpoint is not None:
+        fmt = FORMAT_ALIASES.get(spec.format, spec.format)
+        override = tuple(spec.output_range) if _given(spec, "output_range") else None
+        path = input_path(spec.checkpoint, manifest, "generator.checkpoint")
+        generator, config = load_generator(path, fmt, output_range=override)
+        mismatched = [f"{name}: manifest {want}, checkpoint {have}" for name, want, have in (
+            ("latent_dim", spec.latent_dim, config.latent_dim),
+            ("depths", list(spec.depths), list(config.depths)),
+            ("out_channels", spec.out_channels, config.out_channels)) if _given(spec, name) and want != have]
+        if mismatched:
+            raise InputError("the checkpoint's architecture differs from the manifest: " + "; ".join(mismatched),
+                             where="generator.checkpoint")
+        return generator
+    store = run_store(manifest)
+    if not store.is_committed(layout.PRIOR_PREFIX):
+        raise InputError(f"no trained prior at {store.uri(layout.PRIOR_PREFIX)}: run train-prior first",
+                         where="generator")
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, layout.GENERATOR_FILE)
+        with open(path, "wb") as handle:
+            handle.write(store.read_bytes(f"{layout.PRIOR_PREFIX}/{layout.GENERATOR_FILE}"))
+        generator, _ = load_generator(path, "reid")
+    return generator
+
+
+# ------------------------------------------------------------------------------------------------ attack outputs
+
+
+def finetune_identity(store: Store, target: str) -> dict:
+    """What identifies stage 1's result: its commit marker's time and file sizes."""
+    prefix = layout.finetune_prefix(target)
+    require_committed(store, prefix, f"finetune --target {target}")
+    marker = store.read_commit(prefix)
+    return {"created": marker.get("created"), "files": marker.get("files")}
+
+
+def read_shard_summaries(store: Store, target: str, num_shards: int) -> tuple[dict[int, dict], list[int]]:
+    """({shard: its _SHARD.json}, [shards without one]) for a target."""
+    summaries, missing = {}, []
+    for shard in range(num_shards):
+        key = f"{layout.shard_prefix(target, shard)}/{layout.SUMMARY_FILE}"
+        if store.exists(key):
+            summaries[shard] = store.read_json(key)
+        else:
+            missing.append(shard)
+    return summaries, missing
+
+
+def selected_ids(store: Store, target: str) -> np.ndarray:
+    """The ids `select` kept for a target, sorted."""
+    prefix = layout.selection_prefix(target)
+    require_committed(store, prefix, f"select --target {target}")
+    table = store.read_parquet(f"{prefix}/{layout.SELECTION_FILE}", columns=["id"])
+    return np.sort(table.column("id").to_numpy())

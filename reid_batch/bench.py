@@ -1,11 +1,11 @@
 """`reid-batch bench`: a short, warmed-up measurement of the real code path, with the study's way as a baseline.
 
 What is measured (all in one process, one after another, on the same machine):
-  sample    candidates/s of `stages.sample.CandidateScorer` (one generator + target forward per batch for every
+  sample    candidates/s of `attack.candidates.CandidateScorer` (one generator + target forward per batch for every
             term, vectorised statistics, inference mode), and the same ids scored the study notebooks' way
             (`BaselineScorer`: batch 8, fp32, autograd on, one target forward per objective term, a per-sample
             Python loop for the Mahalanobis distance) -> speed-up ratio.
-  finetune  steps/s and images/s of `recipes.finetune.Finetuner.step` (the real training step, under whatever
+  finetune  steps/s and images/s of `stages.finetune.Finetuner.step` (the real training step, under whatever
             launcher started the process: run it under `torchrun --nproc_per_node 2` for 2 processes).
   select    rows/s of `stages.select` (thresholds + selection + reading the selected rows) over synthetic
             candidate shards written in the real layout (`--rows`, `--files`).
@@ -35,10 +35,24 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
+import torch
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+from torch.utils.flop_counter import FlopCounterMode
 
-from reid_batch import log
+from reid_batch import layout, log
+from reid_batch.artifacts import load_attack_target, load_finetuned_generator, load_prior, prior_config
+from reid_batch.attack import candidates, generation, mahalanobis
+from reid_batch.attack.candidates import candidate_schema, image_statistics, logit_columns
+from reid_batch.attack.generation import regenerate_images, target_input_spec
+from reid_batch.attack.objectives import SCORING_EXCLUDES, TargetObjective, compute_reference_stats
 from reid_batch.errors import InputError
-from reid_batch.manifest import Manifest, TargetSpec
+from reid_batch.manifest import Manifest, TargetSpec, parse_manifest
+from reid_batch.models.pggan import PGGANGenerator, generator_to_unit, latents_for_ids
+from reid_batch.models.targets import build_target, to_target_input
+from reid_batch.runtime import pick_device, run_store
+from reid_batch.stages import finetune as ft
+from reid_batch.stages import select as selection
 
 BASELINE_BATCH_SIZE = 8
 CPU_MATMUL_SIZE = 2048
@@ -62,7 +76,6 @@ def current_rss_mib() -> float | None:
 
 
 def _sync(device) -> None:
-    import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -70,8 +83,6 @@ def _sync(device) -> None:
 
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs torch's flop counter attributes to one call of fn (matmuls and convolutions, forward only here)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
@@ -79,8 +90,6 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 def peak_matmul_flops(device, dtype, size: int | None = None, seconds: float = 1.0) -> dict:
     """FLOP/s of a timed square matmul (2 n^3 FLOPs each) in `dtype`: the device's practical peak."""
-    import torch
-
     n = size or (CUDA_MATMUL_SIZE if device.type == "cuda" else CPU_MATMUL_SIZE)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
@@ -143,13 +152,6 @@ class BenchModels:
 
 def load_models(manifest: Manifest, spec: TargetSpec, device, random_init: bool = False) -> BenchModels:
     """The run's generator and target if they exist (and random_init is False), else random ones of its shapes."""
-    import torch
-
-    from reid_batch.artifacts import load_attack_target, load_finetuned_generator
-    from reid_batch.models.targets import build_target
-    from reid_batch.models.pggan import PGGANGenerator
-    from reid_batch.recipes.train_prior import load_prior, prior_config
-
     torch.manual_seed(0)
     sources = {}
     generator = None
@@ -184,12 +186,8 @@ def load_models(manifest: Manifest, spec: TargetSpec, device, random_init: bool 
 
 
 def _bench_reference(manifest, spec, generator, target, device) -> dict:
-    from reid_batch.objectives import compute_reference_stats
-    from reid_batch.stages.sample import REFERENCE_ID_OFFSET, regenerate_images, target_input_spec
-    from reid_batch.models.targets import to_target_input
-
     input_spec = target_input_spec(spec)
-    batches = (to_target_input(regenerate_images(generator, np.arange(a, a + 8) + REFERENCE_ID_OFFSET,
+    batches = (to_target_input(regenerate_images(generator, np.arange(a, a + 8) + layout.MAHALANOBIS_REFERENCE_ID_OFFSET,
                                                  manifest.sampling.seed, device), input_spec, check_range=False)
                for a in range(0, 32, 8))
     return {k: v.to(device) for k, v in compute_reference_stats(target, batches).items()}
@@ -197,20 +195,15 @@ def _bench_reference(manifest, spec, generator, target, device) -> dict:
 
 def bench_gaussian(manifest: Manifest, spec: TargetSpec, objective, models: BenchModels, device):
     """The Mahalanobis model the stage would use: the diagonal prior, or Ledoit-Wolf on 64 generator images."""
-    from reid_batch import mahalanobis
-    from reid_batch.models.targets import to_target_input
-    from reid_batch.stages.sample import REFERENCE_ID_OFFSET, regenerate_images, target_input_spec
-
     settings = manifest.selection.mahalanobis
     if settings.covariance == "diagonal":
         mean, var = objective.feature_prior()
         return mahalanobis.from_gaussian(mean, var, settings.epsilon, "bench: target's own statistics")
-    import torch
 
     features = []
     with torch.inference_mode():
         for a in range(0, 64, 16):
-            images = regenerate_images(models.generator, np.arange(a, a + 16) + REFERENCE_ID_OFFSET,
+            images = regenerate_images(models.generator, np.arange(a, a + 16) + layout.MAHALANOBIS_REFERENCE_ID_OFFSET,
                                        manifest.sampling.seed, device)
             features.append(objective(to_target_input(images, target_input_spec(spec), check_range=False),
                                       image01=images).features.float().cpu())
@@ -227,9 +220,6 @@ class BaselineScorer:
     (scipy.spatial.distance.mahalanobis with the inverse covariance). Same definitions, so the same numbers."""
 
     def __init__(self, generator, target, spec: TargetSpec, reference, gaussian, num_classes: int, seed: int, device):
-        from reid_batch.objectives import SCORING_EXCLUDES, TargetObjective
-        from reid_batch.stages.sample import candidate_schema, target_input_spec
-
         self.generator = generator
         self.device = device
         self.seed = seed
@@ -250,12 +240,6 @@ class BaselineScorer:
         self._mean, self._inverse = mean, np.linalg.inv(covariance)
 
     def score(self, ids: np.ndarray, shard: int = 0) -> dict[str, np.ndarray]:
-        import torch
-        from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
-
-        from reid_batch.models.pggan import generator_to_unit, latents_for_ids
-        from reid_batch.models.targets import to_target_input
-        from reid_batch.stages.sample import image_statistics, logit_columns
 
         ids = np.asarray(ids, dtype=np.int64)
         latents = latents_for_ids(self.seed, torch.as_tensor(ids), self.generator.config.latent_dim).to(self.device)
@@ -287,9 +271,6 @@ class BaselineScorer:
 
 
 def _device(manifest: Manifest, device: str | None):
-    import torch
-
-    from reid_batch.recipes.common import pick_device
 
     if device is None:
         return pick_device(manifest)
@@ -304,28 +285,22 @@ def _target(manifest: Manifest, name: str | None) -> TargetSpec:
 
 def fast_scorer(manifest: Manifest, spec: TargetSpec, models: BenchModels, device, gaussian=None):
     """The stage's own CandidateScorer around these models, prepared as the stage prepares them."""
-    from reid_batch.objectives import TargetObjective
-    from reid_batch.stages import sample as sampling
-
-    precision = sampling.effective_mixed_precision(device, manifest.sampling.mixed_precision)
-    generator, target = sampling.prepare_models(models.generator, models.target, device,
+    precision = generation.effective_mixed_precision(device, manifest.sampling.mixed_precision)
+    generator, target = generation.prepare_models(models.generator, models.target, device,
                                                 getattr(manifest.sampling, "compile", False))
     objective = TargetObjective(target, spec.terms, spec.objective, models.reference, family=spec.family)
     gaussian = gaussian or bench_gaussian(manifest, spec, objective, models, device)
-    return sampling.CandidateScorer(generator, objective, sampling.target_input_spec(spec), gaussian,
+    return candidates.CandidateScorer(generator, objective, generation.target_input_spec(spec), gaussian,
                                     models.num_classes, manifest.sampling.seed, device, precision)
 
 
 def bench_sample(manifest: Manifest, spec: TargetSpec, device, batches: int = 4, baseline: bool = True,
                  baseline_batches: int | None = None, batch_size: int | None = None, random_init: bool = False,
                  warmup: int = 1, peak_size: int | None = None) -> dict:
-    import torch
-
-    from reid_batch.stages import sample as sampling
 
     models = load_models(manifest, spec, device, random_init)
     scorer = fast_scorer(manifest, spec, models, device)
-    sizer = sampling.BatchSizer(batch_size or manifest.sampling.batch_size, device,
+    sizer = generation.BatchSizer(batch_size or manifest.sampling.batch_size, device,
                                 min(manifest.sampling.chunk_size, manifest.sampling.num_candidates),
                                 manifest.generator.resolution**2)
     if device.type == "cuda":
@@ -344,7 +319,7 @@ def bench_sample(manifest: Manifest, spec: TargetSpec, device, batches: int = 4,
     # As the stage does: columns stay on the device until the "chunk" (here: the timed batches) is complete.
     pending: list = []
     fast = timed(lambda b: pending.append(scorer.score_on_device(b, 0)[0]), ids, size, batches, device, warmup,
-                 finish=lambda: scorer.table(sampling.concat_columns(pending[warmup:])))
+                 finish=lambda: scorer.table(candidates.concat_columns(pending[warmup:])))
     pending.clear()
     fast["rss_peak_mib"] = round(peak_rss_mib(), 1)
     if device.type == "cuda":
@@ -389,11 +364,6 @@ def bench_sample(manifest: Manifest, spec: TargetSpec, device, batches: int = 4,
 def bench_finetune(manifest: Manifest, spec: TargetSpec, device, steps: int = 3, random_init: bool = False,
                    warmup: int = 1) -> dict:
     """Steps/s of the real fine-tuning step; under a launcher every process runs it and rank 0 reports."""
-    import torch
-
-    from reid_batch.objectives import TargetObjective
-    from reid_batch.recipes import finetune as ft
-
     accelerator = ft.make_accelerator(manifest)
     device = accelerator.device
     models = load_models(manifest, spec, device, random_init)
@@ -403,7 +373,7 @@ def bench_finetune(manifest: Manifest, spec: TargetSpec, device, steps: int = 3,
     objective = TargetObjective(models.target, spec.terms, spec.objective, models.reference, family=spec.family)
     prepared, prepared_optimizer = accelerator.prepare(generator, optimizer)
     trainer = ft.Finetuner(prepared, prepared_optimizer, objective, accelerator, manifest.finetune,
-                           ft.target_input_spec(spec), tuple(generator.config.output_range),
+                           generation.target_input_spec(spec), tuple(generator.config.output_range),
                            generator.config.latent_dim, models.num_classes, trainable,
                            ft.differentiable_sum(accelerator.num_processes))
     for step in range(warmup):
@@ -432,14 +402,10 @@ def synthetic_candidate_shards(store, target: str, rows: int, files: int, seed: 
                                row_group_size: int = 4096) -> None:
     """`files` shards of one chunk each, in the layout and schema `sample` writes (random statistics); row groups
     of 4096 rows by default, as the study's manifest."""
-    import pyarrow as pa
-
-    from reid_batch.stages import sample as sampling
-
-    schema = sampling.candidate_schema(num_classes, list(terms))
+    schema = candidates.candidate_schema(num_classes, list(terms))
     rng = np.random.default_rng(seed)
     for shard in range(files):
-        first, stop = sampling.shard_bounds(rows, files, shard)
+        first, stop = layout.shard_bounds(rows, files, shard)
         n = stop - first
         columns = {"id": np.arange(first, stop, dtype=np.int64), "shard": np.full(n, shard, np.int32),
                    "class": rng.integers(0, 2, n, dtype=np.int32), "mahalanobis": rng.gamma(4.0, size=n)}
@@ -447,21 +413,19 @@ def synthetic_candidate_shards(store, target: str, rows: int, files: int, seed: 
             if field.name not in columns:
                 columns[field.name] = rng.random(n, dtype=np.float32)
         table = pa.Table.from_arrays([pa.array(columns[f.name], type=f.type) for f in schema], schema=schema)
-        chunk = sampling.chunk_prefix(target, shard, 0)
+        chunk = layout.chunk_prefix(target, shard, 0)
         with store.committed(chunk, {"chunk": 0}) as staging:
-            with staging.parquet_writer(sampling.CHUNK_FILE, schema, row_group_size) as writer:
+            with staging.parquet_writer(layout.CHUNK_FILE, schema, row_group_size) as writer:
                 writer.write_table(table)
         plan = {"num_candidates": rows, "num_shards": files}
-        store.write_json(f"{sampling.shard_prefix(target, shard)}/{sampling.SUMMARY_FILE}", {
+        store.write_json(f"{layout.shard_prefix(target, shard)}/{layout.SUMMARY_FILE}", {
             "plan": plan, "rows": n, "columns": schema.names, "num_classes": num_classes,
-            "chunks": [{"chunk": 0, "key": f"{chunk}/{sampling.CHUNK_FILE}", "first_id": first, "stop_id": stop,
+            "chunks": [{"chunk": 0, "key": f"{chunk}/{layout.CHUNK_FILE}", "first_id": first, "stop_id": stop,
                         "rows": n}],
             "mahalanobis": {"fingerprint": "synthetic"}, "mahalanobis_fingerprints": ["synthetic"]})
 
 
 def select_manifest(manifest: Manifest, output: str, rows: int, files: int) -> Manifest:
-    from reid_batch.manifest import parse_manifest
-
     document = manifest.model_dump(mode="json")
     document["output"] = {"uri": output}
     document["sampling"].update(num_candidates=rows, num_shards=files, chunk_size=-(-rows // files))
@@ -471,9 +435,6 @@ def select_manifest(manifest: Manifest, output: str, rows: int, files: int) -> M
 def bench_select(manifest: Manifest, spec: TargetSpec, rows: int = 10**6, files: int = 100,
                  directory: str | None = None) -> dict:
     """Time `stages.select.select_target` on `rows` synthetic candidates in `files` shards."""
-    from reid_batch.recipes.common import run_store
-    from reid_batch.stages import select as selection
-
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         local = select_manifest(manifest, tmp, rows, files)
         store = run_store(local)
@@ -493,8 +454,6 @@ def bench_select(manifest: Manifest, spec: TargetSpec, rows: int = 10**6, files:
 
 
 def machine() -> dict:
-    import torch
-
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "load_average": [round(x, 2) for x in os.getloadavg()]}
@@ -508,7 +467,6 @@ def run(manifest: Manifest, stage: str = "sample", device: str | None = None, ta
         steps: int = 3, rows: int = 10**6, files: int = 100, random_init: bool = False, json_out: str | None = None,
         workdir: str | None = None, peak_size: int | None = None) -> dict:
     if device is not None and device != manifest.compute.device:  # every stage's own device choice follows it
-        from reid_batch.manifest import parse_manifest
 
         document = manifest.model_dump(mode="json")
         document["compute"]["device"] = device

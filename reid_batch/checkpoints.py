@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from reid_batch import log
@@ -52,8 +53,6 @@ def _read_file(path: Path) -> object:
     if not path.is_file():
         raise InputError("checkpoint file does not exist", where=where)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path), device="cpu")
         except Exception as error:  # safetensors raises its own error types for bad headers and short files
@@ -150,8 +149,6 @@ def save_state_dict(
     state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
     """Write weights as safetensors, atomically (a crash leaves the old file or none, never half a file)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors refuses tensors that share storage (tied weights, views), so each gets its own copy.

@@ -2,8 +2,8 @@
 
 Exit codes: 0 ok, 1 anything else, 2 invalid input (manifest, checkpoint, image, CSV: retrying cannot help),
 75 pre-empted (SIGTERM: committed work kept, re-run to resume; see reid_batch/preemption.py).
-Heavy libraries (torch, torchvision, accelerate) are imported only inside the stage that needs them, so
-`--help` and `validate` start in well under a second.
+Everything imported here is torch-free (the stage registry names each stage's module; a stage's module, with
+torch, is imported only when that stage runs), so `--help`, `validate` and `plan` start in well under a second.
 """
 
 from __future__ import annotations
@@ -13,39 +13,17 @@ import os
 import sys
 import traceback
 from importlib import resources
+from pathlib import Path
 
-from reid_batch import __version__
+from reid_batch import __version__, deploy, log
 from reid_batch.errors import EXIT_FAILURE, EXIT_INVALID_INPUT, EXIT_OK, InputError, StorageError
+from reid_batch.manifest import load_manifest, parse_manifest
 from reid_batch.preemption import Preempted, check, describe, handle_termination
-
-# Pipeline order. Each stage names the module and function that implements it and the issue that builds it;
-# a stage whose function does not exist yet is reported as "not built yet" instead of failing obscurely.
-STAGES: dict[str, tuple[str, str, int, str]] = {
-    "make-phantoms": ("reid_batch.pipeline", "make_phantoms", 2, "write the synthetic chest-X-ray world"),
-    "train-prior": ("reid_batch.pipeline", "train_prior", 3, "train the PGGAN prior on the public pool"),
-    "train-target": ("reid_batch.pipeline", "train_target", 3, "train the target model(s)"),
-    "train-demographics": ("reid_batch.pipeline", "train_demographics", 3, "train the age/sex model"),
-    "finetune": ("reid_batch.pipeline", "finetune", 4, "stage 1: fine-tune the generator toward a target"),
-    "sample": ("reid_batch.pipeline", "sample", 5, "sample candidates, score them, write Parquet shards"),
-    "select": ("reid_batch.pipeline", "select", 5, "stage 2: keep candidates low on objective and Mahalanobis"),
-    "score": ("reid_batch.pipeline", "score", 5, "predict age and sex of the selected candidates"),
-    "evaluate": ("reid_batch.pipeline", "evaluate", 6, "metrics: entropy, PCA kurtosis, FID, SSIM, re-id"),
-    "report": ("reid_batch.pipeline", "report", 6, "write the HTML/Markdown/JSON risk report"),
-}
-SHARDED = {"sample", "score"}
-
+from reid_batch.registry import BY_NAME, STAGES
+from reid_batch.runner import resolve_jobs, run_parallel
 
 def demo_manifest_path() -> str:
     return str(resources.files("reid_batch").joinpath("manifests/demo.yaml"))
-
-
-def stage_function(stage: str):
-    """The callable implementing `stage`, or None if it is not built yet."""
-    import importlib
-
-    module_name, function_name, _, _ = STAGES[stage]
-    module = importlib.import_module(module_name)
-    return getattr(module, function_name, None)
 
 
 def resolve_shard(args: argparse.Namespace, num_shards: int) -> int | None:
@@ -74,8 +52,6 @@ def resolve_shard(args: argparse.Namespace, num_shards: int) -> int | None:
 
 
 def _load(args: argparse.Namespace):
-    from reid_batch.manifest import load_manifest, parse_manifest
-
     manifest = load_manifest(args.manifest, schema_only=getattr(args, "schema_only", False))
     if getattr(args, "output", None):
         document = manifest.model_dump(mode="json")
@@ -94,42 +70,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     manifest = _load(args)
-    function = stage_function(args.command)
-    if function is None:
-        _, _, issue, _ = STAGES[args.command]
-        print(f"reid-batch {args.command}: not built yet (issue {issue})", file=sys.stderr)
-        return EXIT_FAILURE
-    if args.command in SHARDED:
-        shards = manifest.sampling.num_shards if args.command == "sample" else manifest.demographics.num_shards
-        return function(manifest, target=args.target, shard=resolve_shard(args, shards)) or EXIT_OK
-    return function(manifest, target=getattr(args, "target", None)) or EXIT_OK
+    stage = BY_NAME[args.command]
+    if stage.sharded:
+        shard = resolve_shard(args, stage.shard_count(manifest))
+        return stage.function()(manifest, target=args.target, shard=shard) or EXIT_OK
+    return stage.function()(manifest, target=getattr(args, "target", None)) or EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from reid_batch import log
-
     manifest = _load(args)
-    from reid_batch.runner import resolve_jobs, run_parallel
-
     jobs = resolve_jobs(getattr(args, "jobs", 1))
     if jobs > 1:
         return run_parallel(manifest, args.manifest, jobs, getattr(args, "output", None))
-    not_built = []
     for stage in STAGES:
-        function = stage_function(stage)
-        if function is None:
-            not_built.append(f"{stage} (issue {STAGES[stage][2]})")
-            log.event("stage_not_built", stage=stage, issue=STAGES[stage][2])
-            continue
-        check(f"before {stage}")  # a request during the previous stage's last unit stops here, after its commit
-        log.event("stage_start", stage=stage)
-        kwargs = {"shard": None} if stage in SHARDED else {}
-        code = function(manifest, target=None, **kwargs) or EXIT_OK
+        check(f"before {stage.name}")  # a request during the previous stage's last unit stops here, after its commit
+        log.event("stage_start", stage=stage.name)
+        kwargs = {"shard": None} if stage.sharded else {}
+        code = stage.function()(manifest, target=None, **kwargs) or EXIT_OK
         if code != EXIT_OK:
             return code
-        log.event("stage_done", stage=stage)
-    if not_built:
-        print("reid-batch run: stages not built yet: " + ", ".join(not_built), file=sys.stderr)
+        log.event("stage_done", stage=stage.name)
     return EXIT_OK
 
 
@@ -139,8 +99,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from reid_batch import deploy
-
     manifest = _load(args)
     stages = args.stages.split(",") if args.stages else None
     jobs = deploy.plan(manifest, stages, args.start)
@@ -152,10 +110,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_k8s(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from reid_batch import deploy
-
     manifest = _load(args)
     text = Path(args.manifest).read_text(encoding="utf-8")  # embedded as written: comments and all
     options = deploy.KubernetesOptions(
@@ -183,13 +137,11 @@ def cmd_k8s(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from reid_batch import bench
+    from reid_batch import bench  # loads torch and every stage: only for this command
 
     args.schema_only = True  # a bench needs no input data: models it cannot find are randomly initialised
     manifest = _load(args)
     if args.compile is not None:
-        from reid_batch.manifest import parse_manifest
-
         document = manifest.model_dump(mode="json")
         document["sampling"]["compile"] = args.compile
         manifest = parse_manifest(document, f"{args.manifest} (with --compile)")
@@ -217,11 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema-only", action="store_true", help="check the schema only, not that input files exist")
     p.set_defaults(handler=cmd_validate)
 
-    for stage, (_, _, _, help_text) in STAGES.items():
-        p = sub.add_parser(stage, help=help_text)
+    for stage in STAGES:
+        p = sub.add_parser(stage.name, help=stage.summary)
         with_manifest(p)
         p.add_argument("--target", help="only this target (default: every target in the manifest)")
-        if stage in SHARDED:
+        if stage.sharded:
             p.add_argument("--shard", type=int, help="shard index (default: SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX)")
             p.add_argument("--num-shards", type=int, help="must equal the manifest's shard count if given")
         p.set_defaults(handler=cmd_stage)

@@ -22,48 +22,23 @@ import shlex
 from dataclasses import dataclass, replace
 from typing import Any
 
+import yaml
+
 from reid_batch import __version__
 from reid_batch.errors import InputError
 from reid_batch.manifest import Manifest
 from reid_batch.preemption import EXIT_REQUEUE
+from reid_batch.registry import BY_NAME, JOBS, STAGES, Job, job_shards
 
 
-@dataclass(frozen=True)
-class JobGroup:
-    """One scheduler job: its stages run in sequence; `shards` > 1 makes it an array."""
-
-    name: str
-    stages: tuple[str, ...]
-    shards: int = 1
-    array: bool = False
-    distributed: bool = False
-    uses_gpu: bool = True
-
-
-JOB_GROUPS: tuple[JobGroup, ...] = (
-    JobGroup("prepare", ("make-phantoms", "train-prior", "train-target", "train-demographics")),
-    JobGroup("finetune", ("finetune",), distributed=True),
-    JobGroup("sample", ("sample",), array=True),
-    JobGroup("select", ("select",), uses_gpu=False),
-    JobGroup("score", ("score",), array=True),
-    JobGroup("report", ("evaluate", "report")),
-)
-GROUP_NAMES = tuple(g.name for g in JOB_GROUPS)
+GROUP_NAMES = tuple(job.name for job in JOBS)
 
 
 def all_stages() -> tuple[str, ...]:
-    return tuple(stage for group in JOB_GROUPS for stage in group.stages)
+    return tuple(stage.name for stage in STAGES)
 
 
-def shard_count(manifest: Manifest, group: str) -> int:
-    if group == "sample":
-        return manifest.sampling.num_shards
-    if group == "score":
-        return manifest.demographics.num_shards
-    return 1
-
-
-def plan(manifest: Manifest, stages: list[str] | None = None, start: str | None = None) -> list[JobGroup]:
+def plan(manifest: Manifest, stages: list[str] | None = None, start: str | None = None) -> list[Job]:
     """The jobs that run `stages` (default: all) from group `start` on, with the manifest's shard counts."""
     known = all_stages()
     wanted = set(known if stages is None else stages)
@@ -74,10 +49,10 @@ def plan(manifest: Manifest, stages: list[str] | None = None, start: str | None 
         raise InputError(f"unknown job {start!r}; jobs: {', '.join(GROUP_NAMES)}", "--from")
     first = GROUP_NAMES.index(start) if start else 0
     jobs = []
-    for group in JOB_GROUPS[first:]:
+    for group in JOBS[first:]:
         chosen = tuple(s for s in group.stages if s in wanted)
         if chosen:
-            jobs.append(replace(group, stages=chosen, shards=shard_count(manifest, group.name)))
+            jobs.append(replace(group, stages=chosen, shards=job_shards(manifest, group)))
     return jobs
 
 
@@ -92,8 +67,8 @@ def shell_summary(manifest: Manifest) -> str:
         "run_id": manifest.run_id,
         "device": manifest.compute.device,
         "gpus": default_gpus(manifest),
-        "sample_shards": manifest.sampling.num_shards,
-        "score_shards": manifest.demographics.num_shards,
+        "sample_shards": BY_NAME["sample"].shard_count(manifest),
+        "score_shards": BY_NAME["score"].shard_count(manifest),
         "finetune_mixed_precision": manifest.finetune.mixed_precision,
         "output_uri": manifest.output.uri,
     }
@@ -113,7 +88,7 @@ def stage_command(stage: str, manifest_path: str, shard: str | None = None) -> s
     return f"{command} --shard {shard}" if shard is not None else command
 
 
-def plan_text(manifest: Manifest, manifest_path: str, scheduler: str, jobs: list[JobGroup],
+def plan_text(manifest: Manifest, manifest_path: str, scheduler: str, jobs: list[Job],
               parallel: int = 16, k8s_out: str = "k8s-rendered") -> str:
     """What would run, and how: one block per job, for `local`, `slurm` or `k8s`."""
     lines = [f"run {manifest.run_id}: {len(jobs)} job(s), outputs under {manifest.output.uri.rstrip('/')}/{manifest.run_id}/"]
@@ -285,7 +260,7 @@ def _stage_command(manifest: Manifest, stage: str, processes: int) -> list[str]:
     return ["reid-batch", stage, path]
 
 
-def job_gpus(manifest: Manifest, options: KubernetesOptions, job: JobGroup) -> int:
+def job_gpus(manifest: Manifest, options: KubernetesOptions, job: Job) -> int:
     """GPUs of one pod: finetune may take several (one process each); every other GPU stage takes one."""
     if not job.uses_gpu:
         return 0
@@ -308,7 +283,7 @@ def _pod_failure_policy(indexed: bool) -> dict:
     }
 
 
-def _job(manifest: Manifest, options: KubernetesOptions, job: JobGroup, configmap: str) -> dict:
+def _job(manifest: Manifest, options: KubernetesOptions, job: Job, configmap: str) -> dict:
     gpus = job_gpus(manifest, options, job)
     commands = [(stage, _stage_command(manifest, stage, gpus)) for stage in job.stages]
     # Stages of one job run in sequence as init containers (no shell needed), the last as the main container.
@@ -361,7 +336,7 @@ def _job(manifest: Manifest, options: KubernetesOptions, job: JobGroup, configma
 
 
 def render_kubernetes(manifest: Manifest, manifest_text: str, options: KubernetesOptions,
-                      jobs: list[JobGroup] | None = None) -> list[tuple[str, dict]]:
+                      jobs: list[Job] | None = None) -> list[tuple[str, dict]]:
     """(file name, object) pairs: the job manifest as a ConfigMap, then one Job per planned job, in run order."""
     if len(manifest_text.encode()) > MAX_MANIFEST_BYTES:
         raise InputError("the job manifest is too large for a ConfigMap (over 900 KiB)")
@@ -392,8 +367,6 @@ def local_output_warning(manifest: Manifest, options: KubernetesOptions) -> str 
 
 
 def to_yaml(objects: list[dict]) -> str:
-    import yaml
-
     class _Dumper(yaml.SafeDumper):
         def ignore_aliases(self, data: Any) -> bool:  # shared dicts (labels) are written out, not as &anchors
             return True

@@ -3,22 +3,49 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import time
-from typing import Iterable, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
-_SECRET_KEYS = ("secret", "password", "token", "access_key", "credential")
+# One redaction rule for every log line and every document the run writes (the report's manifest copy).
+SECRET_KEY = re.compile(r"secret|password|passwd|token|access_key|credential|session", re.IGNORECASE)
+_AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
+_URI_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]+@")
+_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
 
 
 def _interactive() -> bool:
     return sys.stderr.isatty()
 
 
+def redact(value: Any, key: str = "") -> Any:
+    """A copy with anything credential-like replaced by "***": values under secret-like keys, values holding the
+    AWS credentials of this environment, AWS access key ids, and user:password@ in URIs."""
+    secrets = [os.environ[name] for name in _SECRET_VARIABLES if os.environ.get(name)]
+
+    def clean(value: Any, key: str) -> Any:
+        if SECRET_KEY.search(key):
+            return "***"
+        if isinstance(value, dict):
+            return {k: clean(v, str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v, key) for v in value]
+        if isinstance(value, str):
+            if any(s in value for s in secrets):
+                return "***"
+            return _URI_USERINFO.sub(r"\1***@", _AWS_KEY_ID.sub("***", value))
+        return value
+
+    return clean(value, key)
+
+
 def _redact(fields: dict) -> dict:
     # Credentials must never reach a log line, whatever a caller passes in.
-    return {k: ("***" if any(s in k.lower() for s in _SECRET_KEYS) else v) for k, v in fields.items()}
+    return redact(fields)
 
 
 def event(name: str, /, **fields) -> None:
@@ -35,7 +62,7 @@ def event(name: str, /, **fields) -> None:
 def progress(items: Iterable[T], desc: str, total: int | None = None, every: int = 50) -> Iterator[T]:
     """A tqdm bar on a terminal; on a pipe, a JSON progress line every `every` items and at the end."""
     if _interactive():
-        from tqdm import tqdm
+        from tqdm import tqdm  # only on a terminal: a cluster log gets JSON progress lines
 
         yield from tqdm(items, desc=desc, total=total, file=sys.stderr)
         return

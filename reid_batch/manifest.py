@@ -12,14 +12,19 @@ from __future__ import annotations
 import math
 import os
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
 from reid_batch import MANIFEST_VERSION
+from reid_batch.archs import arch_family, known_names
 from reid_batch.errors import InputError
+from reid_batch.layout import RESERVED_NAMES
 
 Slug = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -36,20 +41,7 @@ DEFAULT_TERMS = {
     "cnn": {"bn_stats": 1.0, "feature_stats": 1.0, "logits": 1.0, "tv": 1e-5},
     "vit": {"ln_stats": 1.0, "cls_magnitude": 1.0, "attn_entropy": 1.0, "attn_diversity": 1.0, "logits": 1.0, "tv": 1e-5},
 }
-RESERVED_TARGET_NAMES = {"targets", "prior", "demographics", "evaluation", "report", "resume", "world"}
-CNN_ARCH = re.compile(r"^(resnet(18|34|50|101|152)|resnext\d+_\w+|wide_resnet\d+_2|densenet(121|161|169|201))$")
-VIT_ARCH = re.compile(r"^(vit_(b|l)_(16|32)|vit_h_14|vit_custom)$")
-
-
-def arch_family(arch: str) -> str | None:
-    """'cnn' for torchvision ResNet/DenseNet variants, 'vit' for VisionTransformers, None if unknown."""
-    if CNN_ARCH.match(arch):
-        return "cnn"
-    if VIT_ARCH.match(arch):
-        return "vit"
-    return None
-
-
+RESERVED_TARGET_NAMES = RESERVED_NAMES
 class Strict(BaseModel):
     # An unknown key is almost always a typo that would silently fall back to a default.
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -271,10 +263,7 @@ class TargetSpec(Strict):
     @classmethod
     def _arch(cls, v: str) -> str:
         if arch_family(v) is None:
-            raise ValueError(
-                f"unknown architecture {v!r}; known: resnet18/34/50/101/152, densenet121/161/169/201, "
-                "vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14, vit_custom"
-            )
+            raise ValueError(f"unknown architecture {v!r}; known: {known_names()}")
         return v
 
     @property
@@ -624,7 +613,7 @@ FIELD_NOTES = {
     "data.val_fraction": "share of patients held out for validation (patient-grouped split)",
     "data.split_seed": "seed of the patient-grouped train/validation split",
     "targets[].name": "short name used in output paths and the report",
-    "targets[].arch": "torchvision architecture: resnet18..152, densenet121..201, vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14, vit_custom",
+    "targets[].arch": "torchvision architecture (reid_batch/archs.py): " + known_names(),
     "targets[].input.size": "side of the square input the target expects",
     "targets[].input.mean": "per-channel normalisation mean (images in [0, 1] before it)",
     "targets[].input.std": "per-channel normalisation std",
@@ -662,14 +651,9 @@ FIELD_NOTES = {
 
 def reference_markdown() -> str:
     """The manifest field reference as a Markdown table, generated from the schema (the README embeds it)."""
-    from pydantic_core import PydanticUndefined
-
     rows = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
 
     def type_name(annotation: Any) -> str:
-        import types
-        import typing
-
         origin, args = typing.get_origin(annotation), typing.get_args(annotation)
         if origin is typing.Annotated:
             return type_name(args[0])

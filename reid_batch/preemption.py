@@ -28,6 +28,8 @@ import signal
 import threading
 from typing import Callable, Iterator, TypeVar
 
+from reid_batch import log
+
 EXIT_REQUEUE = 75
 
 F = TypeVar("F", bound=Callable)
@@ -98,7 +100,7 @@ def requested(accelerator=None) -> bool:
     """Whether termination was asked for; with a multi-process ``accelerator``, on ANY rank (a collective)."""
     asked = _received is not None
     if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
-        import torch
+        import torch  # torch-free module otherwise: the CLI installs the handler before any stage loads torch
         import torch.distributed as dist
 
         flag = torch.tensor([1 if asked else 0], dtype=torch.int32, device=accelerator.device)
@@ -115,8 +117,6 @@ def check(where: str, accelerator=None) -> None:
 
 def stop(where: str) -> None:
     """Raise :class:`Preempted` now (after :func:`requested` said so, on this rank or another)."""
-    from reid_batch import log
-
     name = _signal_name(_received) if _received is not None else "SIGTERM on another process"
     log.event("preempted", at=where, signal=name)
     raise Preempted(f"{name}; stopped at {where}")

@@ -26,6 +26,7 @@ from typing import Callable
 
 from reid_batch import log
 from reid_batch.manifest import Manifest
+from reid_batch.registry import BY_NAME, JOBS, STAGES, Stage
 
 # Array-task variables must not reach the children: each child runs every shard of its stage.
 _ARRAY_VARIABLES = ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX")
@@ -43,20 +44,34 @@ class Task:
 
 
 def task_graph(manifest: Manifest) -> dict[Task, frozenset[Task]]:
-    """Every task and the tasks it needs, in a good start order: the long prior first, then what feeds stage 1."""
-    phantoms, prior, demographics = Task("make-phantoms"), Task("train-prior"), Task("train-demographics")
+    """Every task and the tasks it needs, from the stage registry, in a good start order: the run-level stages
+    and every target's training first (the long prior leads), then each target's attack chain, target by target."""
     names = [t.name for t in manifest.targets]
-    graph: dict[Task, frozenset[Task]] = {phantoms: frozenset(), prior: frozenset({phantoms})}
+
+    def tasks(stage: Stage) -> list[Task]:
+        return [Task(stage.name, name) for name in names] if stage.per_target else [Task(stage.name)]
+
+    def needs(stage: Stage, target: str | None) -> frozenset[Task]:
+        found = set()
+        for need in map(BY_NAME.get, stage.needs):
+            if not need.per_target:
+                found.add(Task(need.name))
+            elif target is not None:
+                found.add(Task(need.name, target))
+            else:  # a run-level stage after per-target ones needs them for every target
+                found.update(tasks(need))
+        return frozenset(found)
+
+    preparing = [BY_NAME[name] for job in JOBS if job.name == "prepare" for name in job.stages]
+    attacking = [stage for stage in STAGES if stage.per_target and stage not in preparing]
+    concluding = [stage for stage in STAGES if not stage.per_target and stage not in preparing]
+    graph: dict[Task, frozenset[Task]] = {}
+    for stage in preparing:
+        graph.update((task, needs(stage, task.target)) for task in tasks(stage))
     for name in names:
-        graph[Task("train-target", name)] = frozenset({phantoms})
-    graph[demographics] = frozenset({phantoms})
-    for name in names:
-        graph[Task("finetune", name)] = frozenset({prior, Task("train-target", name)})
-        graph[Task("sample", name)] = frozenset({Task("finetune", name)})
-        graph[Task("select", name)] = frozenset({Task("sample", name)})
-        graph[Task("score", name)] = frozenset({Task("select", name), demographics})
-        graph[Task("evaluate", name)] = frozenset({Task("score", name)})
-    graph[Task("report")] = frozenset(Task("evaluate", name) for name in names)
+        graph.update((Task(stage.name, name), needs(stage, name)) for stage in attacking)
+    for stage in concluding:
+        graph[Task(stage.name)] = needs(stage, None)
     return graph
 
 

@@ -53,6 +53,7 @@ copies use S3 CopyObject, which limits a single object to 5 GB.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import json
@@ -328,7 +329,7 @@ class Store:
     def _encrypted_move(self, source: str, target: str) -> None:
         """CopyObject with ServerSideEncryption, then delete the source; errors as pyarrow words them, so the
         retry classification is the same."""
-        import botocore.exceptions as aws
+        import botocore.exceptions as aws  # boto3 only for encrypted copies (output.s3.sse); pyarrow does the rest
 
         if self._boto is None:
             import boto3
@@ -717,3 +718,52 @@ class ParquetBatchWriter:
         if self._pending_rows:
             self._flush(final=True)
         self._writer.close()
+
+
+# ------------------------------------------------------------------------------------------------ from the manifest
+# Every stage opens storage through these two functions, so S3 settings are mapped from the manifest in one place.
+
+
+def s3_settings(manifest) -> S3Settings:
+    """The manifest's `output.s3`, every field of it: endpoint, region, encryption, bucket creation, retries."""
+    s3 = manifest.output.s3
+    return S3Settings(endpoint=s3.endpoint, region=s3.region, sse=s3.sse, allow_bucket_creation=s3.allow_bucket_creation,
+                      retry_max_attempts=s3.retry_max_attempts, retry_budget_s=s3.retry_budget_s)
+
+
+def run_store(manifest) -> "Store":
+    """The Store rooted at <output.uri>/<run_id>/ (local directory or S3 prefix)."""
+    return open_store(f"{manifest.output.uri.rstrip('/')}/{manifest.run_id}", s3_settings(manifest))
+
+
+_FETCHED: dict[str, str] = {}
+
+
+def input_path(uri: str, manifest, where: str) -> str:
+    """A local path holding the input file `uri` names (a path, file:// or s3://), for readers that need a file.
+
+    An s3:// object is downloaded once per process, with the run's S3 settings (endpoint, region, retries), into a
+    private temporary folder under its own file name (loaders tell formats by suffix); it is never executed: loaders
+    read it as they read a local file (weights_only, safetensors). A missing object is invalid input (exit 2)
+    naming `where`, the manifest field.
+    """
+    if not uri.startswith("s3://"):
+        return uri.removeprefix("file://")
+    if uri in _FETCHED and os.path.isfile(_FETCHED[uri]):
+        return _FETCHED[uri]
+    parent, name = uri.rsplit("/", 1)
+    if not name or parent == "s3:/":
+        raise InputError(f"not an S3 object URI: {uri!r} (expected s3://bucket/key)", where=where)
+    store = open_store(parent, s3_settings(manifest))
+    try:
+        data = store.read_bytes(name)
+    except FileNotFoundError:
+        raise InputError(f"no such S3 object: {store.uri(name)}", where=where) from None
+    directory = tempfile.mkdtemp(prefix="reid-batch-input-")
+    atexit.register(shutil.rmtree, directory, True)
+    path = os.path.join(directory, name)
+    with open(path, "wb") as handle:
+        handle.write(data)
+    _FETCHED[uri] = path
+    log.event("input_fetched", uri=store.uri(name), field=where, bytes=len(data))
+    return path

@@ -14,7 +14,7 @@ import yaml
 
 from reid_batch import bench, cli
 from reid_batch.manifest import parse_manifest
-from reid_batch.recipes.common import run_store
+from reid_batch.runtime import run_store
 from reid_batch.stages import select as selection
 
 REPO = Path(__file__).resolve().parents[1]

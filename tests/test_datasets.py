@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reid_batch.datasets import (
+from reid_batch.data.datasets import (
     COLUMNS,
     ImageDataset,
     load_image,

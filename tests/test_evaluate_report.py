@@ -23,7 +23,7 @@ import yaml
 
 from reid_batch.errors import InputError
 from reid_batch.manifest import parse_manifest
-from reid_batch.recipes.common import run_store
+from reid_batch.runtime import run_store
 
 REPO = Path(__file__).resolve().parents[1]
 LATENT = 16
@@ -37,7 +37,7 @@ TARGETS = ("cnn", "cnn-control")
 def _inputs(directory: Path) -> dict[str, Path]:
     from reid_batch.checkpoints import save_state_dict
     from reid_batch.models.pggan import PGGANConfig, PGGANGenerator, save_generator
-    from reid_batch.recipes.train_demographics import build_model
+    from reid_batch.stages.train_demographics import build_model
 
     torch.manual_seed(0)
     save_generator(PGGANGenerator(PGGANConfig(latent_dim=LATENT, depths=tuple(DEPTHS), out_channels=1)),
@@ -76,8 +76,8 @@ def make_manifest(root: Path, inputs: dict[str, Path], output: str, s3_endpoint:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """The whole pipeline run once, each stage called directly: (manifest, root)."""
-    from reid_batch.phantoms import WorldConfig, write_world
-    from reid_batch.recipes import finetune, train_target
+    from reid_batch.data.phantoms import WorldConfig, write_world
+    from reid_batch.stages import finetune, train_target
     from reid_batch.stages import evaluate, report, sample, score, select
 
     root = tmp_path_factory.mktemp("evaluate")
@@ -119,10 +119,10 @@ def _number(patient: str) -> int:
 
 @pytest.mark.parametrize("name", TARGETS)
 def test_likely_samples_matched_to_the_targets_own_training_images(pipeline, name):
-    from reid_batch.datasets import load_image
-    from reid_batch.metrics import ssim
+    from reid_batch.data.datasets import load_image
+    from reid_batch.analysis.metrics import ssim
     from reid_batch.models.pggan import load_generator
-    from reid_batch.stages.sample import regenerate_images
+    from reid_batch.attack.generation import regenerate_images
 
     manifest, root = pipeline
     store, metrics, table = _outputs(manifest, name)
@@ -140,7 +140,7 @@ def test_likely_samples_matched_to_the_targets_own_training_images(pipeline, nam
     neighbours = torch.stack([load_image(p, SIZE, 1) for p in table["nn_path"]])
     np.testing.assert_allclose(table["ssim"], ssim(images, neighbours), atol=1e-6)
     # ...and no training image is nearer in the stated feature space than the one reported.
-    from reid_batch.metrics import pixel_features
+    from reid_batch.analysis.metrics import pixel_features
 
     everything = torch.stack([load_image(p, SIZE, 1) for p in training["path"]])
     distances = np.linalg.norm(pixel_features(images)[:, None] - pixel_features(everything)[None], axis=2)
@@ -166,7 +166,7 @@ def test_likely_samples_matched_to_the_targets_own_training_images(pipeline, nam
 
 @pytest.mark.parametrize("name", TARGETS)
 def test_reidentification_roles_follow_the_training_pool(pipeline, name):
-    from reid_batch.metrics import membership_auc
+    from reid_batch.analysis.metrics import membership_auc
 
     manifest, root = pipeline
     _, metrics, table = _outputs(manifest, name)
@@ -312,7 +312,7 @@ def test_report_reads_and_writes_s3_and_needs_no_torch(pipeline, s3_bucket):
 
 
 def test_distribution_metrics_fid_pairs_and_basis():
-    from reid_batch.metrics import fid, fit_pca, pca_kurtosis
+    from reid_batch.analysis.metrics import fid, fit_pca, pca_kurtosis
     from reid_batch.stages.evaluate import distribution_metrics
 
     generator = torch.Generator().manual_seed(0)
@@ -335,7 +335,7 @@ def test_distribution_metrics_fid_pairs_and_basis():
 
 
 def test_device_detector_calibration():
-    from reid_batch.stages.evaluate import calibrate_device_detector
+    from reid_batch.analysis.devices import calibrate_device_detector
 
     rng = np.random.default_rng(0)
     regions = rng.integers(40, 150, size=(40, 12, 14)).astype(np.uint8)
@@ -351,7 +351,7 @@ def test_device_detector_calibration():
 
 
 def test_newcombe_interval_and_manifest_redaction(monkeypatch):
-    from reid_batch.metrics import wilson_interval
+    from reid_batch.analysis.metrics import wilson_interval
     from reid_batch.stages.report import newcombe_difference, safe_manifest
 
     # Newcombe (1998), method 10, example (56/70 vs 48/80): 0.2 [0.0524, 0.3339].
@@ -365,7 +365,7 @@ def test_newcombe_interval_and_manifest_redaction(monkeypatch):
 
 
 def test_held_out_set_matches_the_training_label_mix():
-    from reid_batch.stages.evaluate import matched_positions
+    from reid_batch.analysis.roles import matched_positions
 
     train = pd.Series([0] * 20 + [1] * 20)            # class-balanced, like the overfit preset
     heldout = pd.Series([0] * 70 + [1] * 30 + [1] * 5)  # natural prevalence

@@ -25,20 +25,19 @@ from reid_batch.errors import InputError
 from reid_batch.manifest import parse_manifest
 from reid_batch.models.pggan import PGGANConfig, PGGANGenerator, save_generator
 from reid_batch.models.targets import build_target
-from reid_batch.recipes import finetune as ft
-from reid_batch.recipes.common import run_store
+from reid_batch.stages import finetune as ft
+from reid_batch.runtime import run_store
+from reid_batch import artifacts
+from reid_batch import layout
+from reid_batch.attack import reference
 
 REPO = Path(__file__).resolve().parents[1]
 DEPTHS = [32, 16, 8]  # 4 -> 16 px
 LATENT = 16
 TINY_VIT = {"patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
-# The real CLI; the shim only stands in for pipeline.finetune until the lead wires it (then it does nothing).
+# The real CLI, as a launcher's script.
 CLI_SHIM = textwrap.dedent("""
     import sys
-    import reid_batch.pipeline as pipeline
-    if not hasattr(pipeline, "finetune"):
-        from reid_batch.recipes import finetune as recipe
-        pipeline.finetune = lambda manifest, target=None: recipe.run(manifest, target)
     from reid_batch.cli import main
 """)
 
@@ -151,8 +150,8 @@ def test_two_processes_of_8_match_one_of_16_and_an_indivisible_batch_exits_2(mod
 
     # ViT reference statistics measured by two processes on their halves of 13 prior samples.
     one_vit, two_vit = outputs(single_vit, "vit"), outputs(double_vit, "vit")
-    reference_one = load_file(str(one_vit / ft.REFERENCE_FILE))
-    reference_two = load_file(str(two_vit / ft.REFERENCE_FILE))
+    reference_one = load_file(str(one_vit / layout.FINETUNE_REFERENCE_FILE))
+    reference_two = load_file(str(two_vit / layout.FINETUNE_REFERENCE_FILE))
     assert float(reference_two["count"]) == 13 and reference_one.keys() == reference_two.keys()
     for key in reference_one:
         torch.testing.assert_close(reference_two[key], reference_one[key], rtol=1e-5, atol=1e-6)
@@ -222,10 +221,10 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result_and_ignores_half_writ
     # A checkpoint killed before its marker, and one still in staging: loading either would fail or diverge.
     unmarked = checkpoints / "step-0000011"
     unmarked.mkdir()
-    (unmarked / ft.STATE_FILE).write_bytes(b"half a checkpoint")
+    (unmarked / layout.FINETUNE_STATE_FILE).write_bytes(b"half a checkpoint")
     staged = checkpoints / "step-0000010" / "_tmp-0123456789abcdef"
     staged.mkdir(parents=True)
-    (staged / ft.STATE_FILE).write_bytes(b"still staging")
+    (staged / layout.FINETUNE_STATE_FILE).write_bytes(b"still staging")
     (staged / "_COMMITTED").write_text("{}")
     assert ft.list_checkpoints(run_store(parse_manifest(killed)), "cnn")[0] == committed
 
@@ -302,23 +301,23 @@ def test_vit_run_uses_cached_public_reference_and_matches_layernorm_statistics_b
     assert _went_down(losses["ln_stats"], 0.9), losses["ln_stats"].tolist()
     record = json.loads((out / "finetune" / "finetune.json").read_text())
     assert record["reference"] == {"source": "public", "num_images": 20, "images": 20, "cached": False,
-                                   "file": f"vit/{ft.REFERENCE_FILE}"}
-    cache = out / ft.REFERENCE_FILE
+                                   "file": f"vit/{layout.FINETUNE_REFERENCE_FILE}"}
+    cache = out / layout.FINETUNE_REFERENCE_FILE
     assert cache.exists() and float(load_file(str(cache))["count"]) == 20
 
     # A second target run (output removed) reuses the cache; a changed reference setting does not.
     manifest = parse_manifest(doc)
     store = run_store(manifest)
-    model, _ = ft.load_frozen_target(manifest, manifest.targets[0])
+    model, _ = artifacts.load_attack_target(manifest, manifest.targets[0])
     prior = PGGANGenerator(PGGANConfig(latent_dim=LATENT, depths=tuple(DEPTHS), out_channels=1))
     accelerator = ft.make_accelerator(manifest)
-    _, info = ft.reference_stats(manifest, manifest.targets[0], model, prior, accelerator, store)
+    _, info = reference.reference_stats(manifest, manifest.targets[0], model, prior, accelerator, store)
     assert info["cached"] is True
     doc["targets"][0]["objective"]["reference"] = {"source": "prior", "num_images": 12}
     changed = parse_manifest(doc)
-    stats, info = ft.reference_stats(changed, changed.targets[0], model, prior, accelerator, store)
+    stats, info = reference.reference_stats(changed, changed.targets[0], model, prior, accelerator, store)
     assert info == {"source": "prior", "num_images": 12, "images": 12, "cached": False,
-                    "file": f"vit/{ft.REFERENCE_FILE}"}
+                    "file": f"vit/{layout.FINETUNE_REFERENCE_FILE}"}
     assert float(stats["count"]) == 12
 
 

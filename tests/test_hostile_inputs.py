@@ -539,7 +539,7 @@ def test_a_representative_subset_in_real_processes(inputs, tmp_path):
 
 @pytest.mark.parametrize("name", ["png-16-bit", "rgba", "cmyk-jpeg", "grey-alpha"])
 def test_unusual_but_valid_images_load_with_documented_scaling(name, tmp_path):
-    from reid_batch.datasets import load_image
+    from reid_batch.data.datasets import load_image
 
     grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
     if name == "png-16-bit":

@@ -9,7 +9,7 @@ import pytest
 import scipy.stats
 import torch
 
-from reid_batch import metrics
+from reid_batch.analysis import metrics
 from reid_batch.errors import InputError
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from reid_batch.manifest import parse_manifest
-from reid_batch.recipes.common import run_store
+from reid_batch.runtime import run_store
 from test_evaluate_report import _inputs  # the same tiny prior and demographic model
 
 LATENT = 16
@@ -58,8 +58,8 @@ def make_manifest(root: Path, inputs: dict[str, Path]):
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    from reid_batch.phantoms import WorldConfig, write_world
-    from reid_batch.recipes import finetune, train_target
+    from reid_batch.data.phantoms import WorldConfig, write_world
+    from reid_batch.stages import finetune, train_target
     from reid_batch.stages import evaluate, report, sample, score, select
 
     root = tmp_path_factory.mktemp("mitigations")
@@ -144,7 +144,7 @@ def test_attack_on_the_groupnorm_target_falls_back_and_says_so(pipeline):
 
 def test_groupnorm_objective_fires_every_hook_and_matches_its_reference():
     from reid_batch.models.targets import build_target
-    from reid_batch.objectives import TargetObjective, compute_reference_stats, needs_reference_stats
+    from reid_batch.attack.objectives import TargetObjective, compute_reference_stats, needs_reference_stats
 
     torch.manual_seed(0)
     model = build_target("resnet18", 1, image_size=SIZE, norm="group").eval().requires_grad_(False)
@@ -167,7 +167,7 @@ def test_groupnorm_objective_fires_every_hook_and_matches_its_reference():
 
 
 def test_regularised_and_augmented_presets_train(pipeline):
-    from reid_batch.recipes.train_target import augmentation
+    from reid_batch.stages.train_target import augmentation
 
     manifest, _ = pipeline
     regularised = _training(manifest, "regularised")
@@ -191,7 +191,7 @@ def test_regularised_and_augmented_presets_train(pipeline):
 
 
 def test_report_sets_utility_beside_risk_for_every_target(pipeline):
-    from reid_batch.stages.report import MITIGATION_FIGURE, report_prefix
+    from reid_batch.layout import MITIGATION_FIGURE, report_prefix
 
     manifest, _ = pipeline
     store = run_store(manifest)
@@ -221,7 +221,7 @@ def test_report_sets_utility_beside_risk_for_every_target(pipeline):
 
 def test_a_one_image_remainder_batch_is_skipped_not_fatal():
     from reid_batch.models.targets import TargetInput, build_target
-    from reid_batch.recipes.train_target import train_one_epoch
+    from reid_batch.stages.train_target import train_one_epoch
 
     # 17 images in batches of 16 at 32 px: the remainder of one would reach layer4's BatchNorm as a 1x1 map.
     torch.manual_seed(0)

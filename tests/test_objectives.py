@@ -11,7 +11,7 @@ from torch import nn
 
 from reid_batch.errors import InputError
 from reid_batch.models.targets import TargetInput, build_target, to_target_input
-from reid_batch.objectives import (
+from reid_batch.attack.objectives import (
     CNN_TERMS,
     FEATURE_STD_EPS,
     VIT_TERMS,
@@ -576,7 +576,7 @@ def test_densenet_hooks_every_batchnorm_and_needs_its_own_feature_layer():
 def test_condition_latents_writes_the_class_into_z0_and_keeps_the_prior(num_classes):
     from scipy.stats import kstest
 
-    from reid_batch.objectives import assign_classes, condition_latents
+    from reid_batch.attack.objectives import assign_classes, condition_latents
 
     k = 2 if num_classes == 1 else num_classes
     generator = torch.Generator().manual_seed(0)

@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from reid_batch import phantoms
+from reid_batch.data import phantoms
 from reid_batch.errors import InputError
-from reid_batch.phantoms import (
+from reid_batch.data.phantoms import (
     WorldConfig,
     anatomy_masks,
     make_phantoms_command,
@@ -316,7 +316,7 @@ def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
 
 def test_killed_run_leaves_no_world_and_next_run_cleans_up(tmp_path):
     root = tmp_path / "world"
-    script = ("from reid_batch.phantoms import WorldConfig, write_world; "
+    script = ("from reid_batch.data.phantoms import WorldConfig, write_world; "
               f"write_world({str(root)!r}, WorldConfig(image_size=128, private_patients=3000, workers=1))")
     process = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
     try:

@@ -30,8 +30,9 @@ from safetensors.torch import load_file
 
 from reid_batch.manifest import parse_manifest
 from reid_batch.preemption import EXIT_REQUEUE
-from reid_batch.recipes.common import run_store
+from reid_batch.runtime import run_store
 from reid_batch.stages import score as scoring
+from reid_batch import layout
 from test_sample import build_inputs, make_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def _cli_child(argv: list[str], log_path: str, env: dict[str, str]) -> None:
 @pytest.fixture(scope="module")
 def forks():
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "accelerate", "reid_batch.cli", "reid_batch.recipes.finetune",
+    context.set_forkserver_preload(["torch", "accelerate", "reid_batch.cli", "reid_batch.stages.finetune",
                                     "reid_batch.stages.sample", "reid_batch.stages.select", "reid_batch.stages.score"])
     warm_up = context.Process(target=os.getpid)  # starts the server: its imports are not part of any timing
     warm_up.start()
@@ -181,12 +182,12 @@ def assert_same_outputs(stage: str, got_root: Path, clean: dict) -> None:
             json.loads((want / "selection/thresholds.json").read_text())
     else:
         got, want = got.parent, want.parent
-        for prefix in [scoring.scores_prefix("cnn", i) for i in range(3)] + [scoring.reference_prefix("cnn")]:
+        for prefix in [layout.scores_prefix("cnn", i) for i in range(3)] + [layout.reference_prefix("cnn")]:
             assert (got / prefix / "_COMMITTED").exists(), prefix
-            pd.testing.assert_frame_equal(_frame(got / prefix / scoring.SCORES_FILE),
-                                          _frame(want / prefix / scoring.SCORES_FILE))
+            pd.testing.assert_frame_equal(_frame(got / prefix / layout.SCORES_FILE),
+                                          _frame(want / prefix / layout.SCORES_FILE))
             files = {p.relative_to(want / prefix): p.read_bytes() for p in (want / prefix).rglob("*.png")}
-            assert files or prefix == scoring.reference_prefix("cnn")
+            assert files or prefix == layout.reference_prefix("cnn")
             assert {p.relative_to(got / prefix): p.read_bytes() for p in (got / prefix).rglob("*.png")} == files
 
 

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory) -> Path:
-    from reid_batch.phantoms import WorldConfig, write_world
+    from reid_batch.data.phantoms import WorldConfig, write_world
 
     root = tmp_path_factory.mktemp("world") / "world"
     write_world(str(root), WorldConfig(seed=3, image_size=32, private_patients=40, public_patients=60,
@@ -46,8 +46,8 @@ def _commit_marker(output: Path, prefix: str) -> Path:
 
 
 def test_train_target_normal_writes_record_and_exact_training_list(tiny_world, tmp_path):
-    from reid_batch.datasets import patient_split, read_chexpert
-    from reid_batch.recipes.train_target import run
+    from reid_batch.data.datasets import patient_split, read_chexpert
+    from reid_batch.stages.train_target import run
 
     manifest = parse_manifest(tiny_manifest(tiny_world, tmp_path))
     assert run(manifest) == 0
@@ -80,7 +80,7 @@ def test_train_target_normal_writes_record_and_exact_training_list(tiny_world, t
 
 
 def test_overfit_preset_memorises_its_few_images(tiny_world, tmp_path):
-    from reid_batch.recipes.train_target import run
+    from reid_batch.stages.train_target import run
 
     document = tiny_manifest(tiny_world, tmp_path, preset="overfit", images_per_class=3, epochs=30, batch_size=None)
     # Batch 1 needs BatchNorm maps larger than 1x1 at layer4 (as the study's 224 px): 64 px is the smallest.
@@ -134,7 +134,7 @@ def test_train_target_resumes_after_sigkill_to_the_same_weights(tiny_world, tmp_
 
 
 def test_train_demographics_writes_metrics_and_plots(tiny_world, tmp_path):
-    from reid_batch.recipes.train_demographics import age_bin_weights, run
+    from reid_batch.stages.train_demographics import age_bin_weights, run
 
     manifest = parse_manifest(tiny_manifest(tiny_world, tmp_path))
     assert run(manifest) == 0

@@ -60,7 +60,7 @@ def test_a_failure_stops_new_starts_and_is_returned():
 
 def test_parallel_run_matches_the_pipeline_contract(tmp_path):
     """The tiny pipeline as child processes, two at a time: every task starts after what it needs is done."""
-    from reid_batch.recipes.common import run_store
+    from reid_batch.runtime import run_store
 
     document = make_manifest(tmp_path, _inputs(tmp_path), str(tmp_path / "out")).model_dump(mode="json")
     document["targets"] = document["targets"][:1]  # one target keeps it short: ~11 processes, each importing torch

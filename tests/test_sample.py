@@ -19,10 +19,12 @@ import pytest
 import torch
 import yaml
 
-from reid_batch import mahalanobis
+from reid_batch import artifacts, layout
+from reid_batch.analysis import metrics
+from reid_batch.attack import candidates, generation, mahalanobis, reference
 from reid_batch.errors import InputError
 from reid_batch.manifest import parse_manifest
-from reid_batch.recipes.common import run_store
+from reid_batch.runtime import run_store
 from reid_batch.stages import sample as sampling
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +56,7 @@ def build_inputs(directory: Path) -> dict[str, Path]:
     a tiny ViT, and a tiny demographic DenseNet."""
     from reid_batch.checkpoints import save_state_dict
     from reid_batch.models.targets import build_target
-    from reid_batch.recipes.train_demographics import build_model
+    from reid_batch.stages.train_demographics import build_model
 
     directory.mkdir(parents=True, exist_ok=True)
     _generator_bytes(_tiny_generator(0), directory, "prior.safetensors")
@@ -114,7 +116,7 @@ def commit_finetuned(manifest, inputs: dict[str, Path]) -> None:
 def all_rows(manifest, target: str = "cnn"):
     """Every committed candidate row of a target, sorted by id (pandas)."""
     store = run_store(manifest)
-    summaries, missing = sampling.read_shard_summaries(store, target, manifest.sampling.num_shards)
+    summaries, missing = artifacts.read_shard_summaries(store, target, manifest.sampling.num_shards)
     assert not missing
     tables = [pq.read_table(store.path(c["key"]), filesystem=store.filesystem).to_pandas()
               for s in summaries.values() for c in s["chunks"]]
@@ -158,16 +160,16 @@ def test_shards_partition_ids_like_array_split(num_candidates):
         if num_shards > num_candidates:
             continue
         expected = np.array_split(np.arange(num_candidates), num_shards)
-        bounds = [sampling.shard_bounds(num_candidates, num_shards, i) for i in range(num_shards)]
+        bounds = [layout.shard_bounds(num_candidates, num_shards, i) for i in range(num_shards)]
         assert [list(range(a, b)) for a, b in bounds] == [e.tolist() for e in expected]
     with pytest.raises(ValueError):
-        sampling.shard_bounds(10, 3, 3)
+        layout.shard_bounds(10, 3, 3)
 
 
 def test_chunks_cover_a_shard_in_order():
-    chunks = sampling.chunk_bounds(10, 23, 5)
+    chunks = layout.chunk_bounds(10, 23, 5)
     assert chunks == [(0, 10, 15), (1, 15, 20), (2, 20, 23)]
-    assert sampling.chunk_bounds(4, 4, 5) == []
+    assert layout.chunk_bounds(4, 4, 5) == []
 
 
 def test_pixel_entropy_matches_skimage_on_8bit_images():
@@ -178,11 +180,11 @@ def test_pixel_entropy_matches_skimage_on_8bit_images():
     images[1] = 0.5  # one grey level: 0 bits
     images[2, 0, :8] = 0.0  # two-level image
     images[2, 0, 8:] = 1.0
-    ours = sampling.pixel_entropy(images).numpy()
+    ours = metrics.pixel_entropy_on_device(images).numpy()
     reference = [shannon_entropy((images[i, 0].numpy() * 255).round().astype(np.uint8), base=2) for i in range(5)]
     np.testing.assert_allclose(ours, reference, atol=1e-9)
     assert ours[1] == 0.0 and ours[0] > 7.0
-    stats = sampling.image_statistics(images)
+    stats = candidates.image_statistics(images)
     np.testing.assert_allclose(stats["image_std"].numpy(), images.flatten(1).numpy().std(1), rtol=1e-5)
 
 
@@ -190,16 +192,16 @@ def test_candidate_regenerated_alone_equals_it_within_its_batch(inputs):
     from reid_batch.models.pggan import load_generator
 
     generator, _ = load_generator(inputs["finetuned"], format="reid")
-    batch = sampling.regenerate_images(generator, np.arange(100, 164), seed=7, device=torch.device("cpu"))
+    batch = generation.regenerate_images(generator, np.arange(100, 164), seed=7, device=torch.device("cpu"))
     for k in (100, 131, 163):
-        alone = sampling.regenerate_images(generator, [k], seed=7, device=torch.device("cpu"))
+        alone = generation.regenerate_images(generator, [k], seed=7, device=torch.device("cpu"))
         torch.testing.assert_close(alone[0], batch[k - 100], atol=1e-5, rtol=1e-5)
-    other_seed = sampling.regenerate_images(generator, [100], seed=8, device=torch.device("cpu"))
+    other_seed = generation.regenerate_images(generator, [100], seed=8, device=torch.device("cpu"))
     assert not torch.allclose(other_seed[0], batch[0], atol=1e-3)
 
 
 def test_auto_batch_size_halves_on_cuda_out_of_memory_and_keeps_every_item():
-    sizer = sampling.BatchSizer("auto", torch.device("cuda"), largest_useful=100)
+    sizer = generation.BatchSizer("auto", torch.device("cuda"), largest_useful=100)
     assert sizer.size == 128  # the power of two that covers a process's share of a chunk
     seen = []
 
@@ -211,13 +213,13 @@ def test_auto_batch_size_halves_on_cuda_out_of_memory_and_keeps_every_item():
 
     assert sum(sizer.run(np.arange(100), work)) == 100
     assert sizer.size == 16 and [i for b in seen for i in b] == list(range(100))
-    assert sampling.BatchSizer("auto", torch.device("cpu"), 5000).size == 256
+    assert generation.BatchSizer("auto", torch.device("cpu"), 5000).size == 256
     # On a CPU, auto keeps batch x pixels within a cache-sized budget: 256 small images, 2 at 1024 px, at least 1
-    assert sampling.BatchSizer("auto", torch.device("cpu"), 5000, pixels_per_item=32 * 32).size == 256
-    assert sampling.BatchSizer("auto", torch.device("cpu"), 5000, pixels_per_item=1024 * 1024).size == 2
-    assert sampling.BatchSizer("auto", torch.device("cpu"), 5000, pixels_per_item=300 * 300).size == 16
-    assert sampling.BatchSizer("auto", torch.device("cpu"), 5000, pixels_per_item=4096 * 4096).size == 1
-    fixed = sampling.BatchSizer(32, torch.device("cuda"), 100)
+    assert generation.BatchSizer("auto", torch.device("cpu"), 5000, pixels_per_item=32 * 32).size == 256
+    assert generation.BatchSizer("auto", torch.device("cpu"), 5000, pixels_per_item=1024 * 1024).size == 2
+    assert generation.BatchSizer("auto", torch.device("cpu"), 5000, pixels_per_item=300 * 300).size == 16
+    assert generation.BatchSizer("auto", torch.device("cpu"), 5000, pixels_per_item=4096 * 4096).size == 1
+    fixed = generation.BatchSizer(32, torch.device("cuda"), 100)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         fixed.run(np.arange(100), work)  # an explicit batch size is the user's choice: never changed
 
@@ -397,20 +399,20 @@ def test_saved_images_are_the_regenerated_candidates_and_rows_match_a_lone_resco
     generator, _ = load_generator(inputs["finetuned"], format="reid")
     rows = all_rows(manifest)
     for k, shard in ((0, 0), (7, 1)):
-        png = Image.open(store.path(sampling.image_key("cnn", shard, k)))
-        image = sampling.regenerate_images(generator, [k], seed=7, device=torch.device("cpu"))[0, 0]
+        png = Image.open(store.path(layout.image_key("cnn", shard, k)))
+        image = generation.regenerate_images(generator, [k], seed=7, device=torch.device("cpu"))[0, 0]
         np.testing.assert_array_equal(np.asarray(png), (image.numpy() * 255).round().astype(np.uint8))
     assert len(store.list("cnn/candidates-images")) == 10
 
     # Candidate 7 scored alone gives the row it got inside its batch.
     from reid_batch.artifacts import load_attack_target
-    from reid_batch.objectives import TargetObjective
+    from reid_batch.attack.objectives import TargetObjective
 
     spec = manifest.targets[0]
     model, classes = load_attack_target(manifest, spec)
     with TargetObjective(model, spec.terms, spec.objective) as objective:
-        gaussian = sampling.feature_gaussian(manifest, spec, objective, None, None)
-        scorer = sampling.CandidateScorer(generator, objective, sampling.target_input_spec(spec), gaussian, classes,
+        gaussian = reference.feature_gaussian(manifest, spec, objective, None, None)
+        scorer = candidates.CandidateScorer(generator, objective, generation.target_input_spec(spec), gaussian, classes,
                                           7, torch.device("cpu"))
         alone, _ = scorer.score(np.array([7]), shard=1)
     row = rows[rows["id"] == 7].iloc[0]
@@ -470,6 +472,12 @@ _PEAK_RSS = """
 import json, resource, sys
 from reid_batch.manifest import parse_manifest
 from reid_batch.stages.sample import sample
+from reid_batch import artifacts
+from reid_batch.attack import candidates
+from reid_batch.attack import generation
+from reid_batch import layout
+from reid_batch.analysis import metrics
+from reid_batch.attack import reference
 sample(parse_manifest(json.load(open(sys.argv[1]))))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

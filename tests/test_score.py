@@ -12,10 +12,12 @@ import torch
 from PIL import Image
 
 from reid_batch.errors import InputError
-from reid_batch.recipes.common import run_store
+from reid_batch.runtime import run_store
 from reid_batch.stages import sample as sampling
 from reid_batch.stages import score as scoring
 from reid_batch.stages import select as selection
+from reid_batch.attack import generation
+from reid_batch import layout
 from test_sample import build_inputs, commit_finetuned, make_manifest
 
 
@@ -40,7 +42,7 @@ def _data(root: Path) -> dict:
 
 
 def _scores(store, target: str, shards: int) -> list[pd.DataFrame]:
-    return [store.read_parquet(f"{scoring.scores_prefix(target, i)}/{scoring.SCORES_FILE}").to_pandas()
+    return [store.read_parquet(f"{layout.scores_prefix(target, i)}/{layout.SCORES_FILE}").to_pandas()
             for i in range(shards)]
 
 
@@ -63,7 +65,7 @@ def test_every_selected_id_scored_once_with_its_image(inputs, private_images, tm
     with pytest.raises(InputError, match="outside"):
         scoring.score(manifest, shard=3)
     assert scoring.score(manifest, shard=1) == 0
-    assert not store.is_committed(scoring.reference_prefix("cnn"))  # only shard 0 scores the reference set
+    assert not store.is_committed(layout.reference_prefix("cnn"))  # only shard 0 scores the reference set
     assert scoring.score(manifest) == 0
 
     shards = _scores(store, "cnn", 3)
@@ -76,22 +78,22 @@ def test_every_selected_id_scored_once_with_its_image(inputs, private_images, tm
 
     generator, _ = load_generator(inputs["finetuned"], format="reid")
     model = load_demographic_model(manifest)
-    images = sampling.regenerate_images(generator, selected, seed=7, device=torch.device("cpu"))
+    images = generation.regenerate_images(generator, selected, seed=7, device=torch.device("cpu"))
     expected = scoring.predict_demographics(model, images, 32)
     np.testing.assert_allclose(rows["age"], expected["age"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(rows["sex_prob"], expected["sex_prob"], rtol=1e-4, atol=1e-5)
     for shard, part in enumerate(np.array_split(selected, 3)):
-        keys = [k for k in store.list(scoring.scores_prefix("cnn", shard)) if k.endswith(".png")]
-        assert keys == [f"{scoring.scores_prefix('cnn', shard)}/images/{i:09d}.png" for i in part]
+        keys = [k for k in store.list(layout.scores_prefix("cnn", shard)) if k.endswith(".png")]
+        assert keys == [f"{layout.scores_prefix('cnn', shard)}/images/{i:09d}.png" for i in part]
     k = int(selected[0])
     png = np.asarray(Image.open(io.BytesIO(store.read_bytes(f"cnn/scores/shard=0/images/{k:09d}.png"))))
     np.testing.assert_array_equal(png, (images[0, 0].numpy() * 255).round().astype(np.uint8))
 
-    reference = store.read_parquet(f"{scoring.reference_prefix('cnn')}/{scoring.SCORES_FILE}").to_pandas()
+    reference = store.read_parquet(f"{layout.reference_prefix('cnn')}/{layout.SCORES_FILE}").to_pandas()
     assert sorted(Path(p).name for p in reference["path"]) == [f"{i}.png" for i in range(5)]
     assert reference["patient_id"].tolist() == ["p1", "p1", "p2", "p3", "p3"]
     assert reference["sex_prob"].between(0, 1).all() and reference["age"].notna().all()
-    assert store.read_commit(scoring.reference_prefix("cnn"))["metadata"]["source"] == "data.private"
+    assert store.read_commit(layout.reference_prefix("cnn"))["metadata"]["source"] == "data.private"
 
     markers = {k: store.read_commit(k.rsplit("/", 1)[0]) for k in store.list("cnn") if k.endswith("_COMMITTED")
                and "/scores" in k}
@@ -101,7 +103,7 @@ def test_every_selected_id_scored_once_with_its_image(inputs, private_images, tm
 
 def test_reference_set_is_the_targets_own_training_list(inputs, private_images, tmp_path):
     from reid_batch.checkpoints import load_state_dict
-    from reid_batch.recipes.common import state_dict_bytes
+    from reid_batch.runtime import state_dict_bytes
 
     target_section = {"name": "cnn", "arch": "resnet18", "train": {"preset": "normal"}, "input": {"size": 16}}
     manifest = make_manifest(inputs, str(tmp_path / "out"), data=_data(private_images), target_section=target_section,
@@ -120,8 +122,8 @@ def test_reference_set_is_the_targets_own_training_list(inputs, private_images, 
     sampling.sample(manifest)
     selection.select(manifest)
     scoring.score(manifest)
-    reference = store.read_parquet(f"{scoring.reference_prefix('cnn')}/{scoring.SCORES_FILE}").to_pandas()
+    reference = store.read_parquet(f"{layout.reference_prefix('cnn')}/{layout.SCORES_FILE}").to_pandas()
     assert reference["path"].tolist() == train_list["path"].tolist()
     assert reference["age_true"].tolist() == [61.0, 61.0, 35.0] and reference["sex_true"].tolist() == ["M", "M", "F"]
-    assert store.read_commit(scoring.reference_prefix("cnn"))["metadata"]["source"] == "targets/cnn/train_images.csv"
+    assert store.read_commit(layout.reference_prefix("cnn"))["metadata"]["source"] == "targets/cnn/train_images.csv"
     assert len(_scores(store, "cnn", 1)[0]) == 2

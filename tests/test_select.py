@@ -8,7 +8,7 @@ import pytest
 
 from reid_batch.errors import InputError
 from reid_batch.manifest import SelectionSpec
-from reid_batch.recipes.common import run_store
+from reid_batch.runtime import run_store
 from reid_batch.stages import sample as sampling
 from reid_batch.stages import select as selection
 from test_sample import all_rows, build_inputs, commit_finetuned, make_manifest

@@ -27,7 +27,7 @@ import yaml
 
 from faultproxy import KINDS, FaultProxy
 from reid_batch.errors import StorageError
-from reid_batch.recipes.common import run_store
+from reid_batch.runtime import run_store
 from reid_batch.stages import sample as sampling
 from reid_batch.stages import select as selection
 from reid_batch.storage import S3Settings, open_store

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
+from reid_batch import artifacts, layout
 from reid_batch.errors import InputError
 from reid_batch.manifest import PriorTrainSpec, parse_manifest, read_yaml
 from reid_batch.models.pggan import PGGANConfig, PGGANGenerator, write_checkpoint
-from reid_batch.recipes import train_prior as tp
-from reid_batch.recipes.common import run_store, save_state
+from reid_batch.stages import train_prior as tp
+from reid_batch.runtime import run_store, save_state
 
 REPO = Path(__file__).resolve().parents[1]
 DEPTHS = [32, 16, 8]  # 4 -> 16 px
@@ -40,7 +41,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from reid_batch.phantoms import WorldConfig, write_world
+    from reid_batch.data.phantoms import WorldConfig, write_world
 
     root = tmp_path_factory.mktemp("world") / "world"
     write_world(root, WorldConfig(seed=0, image_size=32, private_patients=2, public_patients=60,
@@ -244,7 +245,7 @@ def test_train_prior_commits_outputs_and_the_prior_learns(trained):
     assert all(g.shape == (8 * 16 + 9 * 2, 8 * 16 + 9 * 2) for g in grids)  # 8x8 grayscale tiles, 2 px padding
     assert not np.array_equal(*grids)
 
-    prior = tp.load_prior(manifest)
+    prior = artifacts.load_prior(manifest)
     stored = load_safetensors(store.read_bytes("prior/generator.safetensors"))
     assert prior.config.depths == tuple(DEPTHS) and prior.config.output_range == (0.0, 1.0)
     assert all(torch.equal(prior.state_dict()[k], v) for k, v in stored.items())
@@ -271,7 +272,9 @@ def test_a_committed_run_does_nothing(trained, monkeypatch):
 _KILL_AT_CHECKPOINT = """
 import json, os, signal, sys
 from reid_batch.manifest import parse_manifest
-from reid_batch.recipes import train_prior
+from reid_batch.stages import train_prior
+from reid_batch import artifacts
+from reid_batch import layout
 
 def kill(step):
     if step == int(sys.argv[2]):
@@ -294,12 +297,12 @@ def test_resume_after_sigkill_ends_equal_to_an_uninterrupted_run(world, tmp_path
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     store = run_store(killed)
-    assert store.exists(tp.RESUME_KEY) and not store.is_committed("prior")
-    assert torch.load(io.BytesIO(store.read_bytes(tp.RESUME_KEY)), weights_only=True)["step"] == 6
+    assert store.exists(layout.PRIOR_RESUME_KEY) and not store.is_committed("prior")
+    assert torch.load(io.BytesIO(store.read_bytes(layout.PRIOR_RESUME_KEY)), weights_only=True)["step"] == 6
 
     tp.train_prior(killed)
     reference = run_store(straight)
-    assert not store.exists(tp.RESUME_KEY)
+    assert not store.exists(layout.PRIOR_RESUME_KEY)
     resumed_weights = load_safetensors(store.read_bytes("prior/generator.safetensors"))
     straight_weights = load_safetensors(reference.read_bytes("prior/generator.safetensors"))
     assert resumed_weights.keys() == straight_weights.keys()
@@ -313,7 +316,7 @@ def test_resume_after_sigkill_ends_equal_to_an_uninterrupted_run(world, tmp_path
 
 def test_resume_state_from_other_settings_is_refused(world, tmp_path):
     manifest = make_manifest(world, tmp_path / "out", images_per_phase=64, batch_size=8)
-    save_state(run_store(manifest), tp.RESUME_KEY, {"step": 3, "fingerprint": {"config": "another run"}})
+    save_state(run_store(manifest), layout.PRIOR_RESUME_KEY, {"step": 3, "fingerprint": {"config": "another run"}})
     with pytest.raises(InputError, match="different generator/training/data settings"):
         tp.train_prior(manifest)
 
@@ -323,7 +326,7 @@ def test_resume_state_from_other_settings_is_refused(world, tmp_path):
 
 def test_load_prior_needs_a_trained_prior(world, tmp_path):
     with pytest.raises(InputError, match="run train-prior first"):
-        tp.load_prior(make_manifest(world, tmp_path / "empty"))
+        artifacts.load_prior(make_manifest(world, tmp_path / "empty"))
 
 
 def test_load_prior_reads_a_checkpoint_in_the_manifests_format(world, tmp_path):
@@ -334,24 +337,24 @@ def test_load_prior_reads_a_checkpoint_in_the_manifests_format(world, tmp_path):
     write_checkpoint(raw, path, "segal_lightning", ema=ema)
     section = {"arch": "pggan", "checkpoint": str(path), "format": "segal_lightning", "latent_dim": LATENT,
                "depths": DEPTHS, "out_channels": 1}
-    prior = tp.load_prior(make_manifest(world, tmp_path / "out", generator=section))
+    prior = artifacts.load_prior(make_manifest(world, tmp_path / "out", generator=section))
     assert all(torch.equal(prior.state_dict()[k], v) for k, v in ema.state_dict().items())  # gen_shadow (EMA)
-    assert tp.FORMAT_ALIASES["lightning"] == "segal_lightning"
+    assert artifacts.FORMAT_ALIASES["lightning"] == "segal_lightning"
     assert tp.run(make_manifest(world, tmp_path / "out", generator=section)) == 0  # nothing to train
 
     wrong = {**section, "depths": [32, 16, 8, 4]}
     with pytest.raises(InputError, match="depths: manifest"):
-        tp.load_prior(make_manifest(world, tmp_path / "out", generator=wrong))
+        artifacts.load_prior(make_manifest(world, tmp_path / "out", generator=wrong))
     # A gan_zoo file is [-1, 1]; the manifest's default output_range must not override that.
     write_checkpoint(PGGANGenerator(PGGANConfig(latent_dim=LATENT, depths=tuple(DEPTHS), out_channels=1,
                                                 variant="gan_zoo", output_range=(-1.0, 1.0))),
                      tmp_path / "zoo.pth", "gan_zoo")
     zoo = {"arch": "pggan", "checkpoint": str(tmp_path / "zoo.pth"), "format": "gan_zoo"}
-    assert tp.load_prior(make_manifest(world, tmp_path / "out", generator=zoo)).config.output_range == (-1.0, 1.0)
+    assert artifacts.load_prior(make_manifest(world, tmp_path / "out", generator=zoo)).config.output_range == (-1.0, 1.0)
     # ... also after the CLI's --output round trip, which marks every field as set.
     round_trip = make_manifest(world, tmp_path / "out", generator=zoo)
     round_trip = parse_manifest(round_trip.model_dump(mode="json"))
-    assert tp.load_prior(round_trip).config.output_range == (-1.0, 1.0)
+    assert artifacts.load_prior(round_trip).config.output_range == (-1.0, 1.0)
     # An output_range written in the manifest overrides the format's: a Segal-code run on [-1, 1] data.
     declared = {**section, "output_range": [-1.0, 1.0]}
-    assert tp.load_prior(make_manifest(world, tmp_path / "out", generator=declared)).config.output_range == (-1.0, 1.0)
+    assert artifacts.load_prior(make_manifest(world, tmp_path / "out", generator=declared)).config.output_range == (-1.0, 1.0)

@@ -99,3 +99,17 @@ def load_demographics(path: str | os.PathLike, **arch) -> DemographicNet:
     model.eval().requires_grad_(False)
     log.event("demographics_loaded", file=str(path), **{k: str(v) for k, v in arch.items()})
     return model
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_model_input(images01: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) in [0, 1] -> (N, 3, H, W) normalised as torchvision's DenseNet expects."""
+    x = images01.expand(-1, 3, -1, -1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std

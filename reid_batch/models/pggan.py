@@ -53,6 +53,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_tensors
 import torch.nn.functional as F
 from torch import nn
 
@@ -344,8 +346,6 @@ def _read_file(path: Path) -> tuple[object, dict[str, str] | None]:
     if not path.is_file():
         raise InputError("generator checkpoint not found", where=str(path))
     if _is_safetensors(path):
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 metadata = handle.metadata() or {}
@@ -682,10 +682,8 @@ def export_state_dict(generator: PGGANGenerator, format: str, *, ema: PGGANGener
 
 def generator_bytes(generator: PGGANGenerator) -> bytes:
     """The "reid" format as bytes (what save_generator writes), so it can go through any store."""
-    from safetensors.torch import save
-
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in _weights(generator).items()}
-    return save(tensors, metadata={_REID_METADATA_KEY: generator.config.to_json()})
+    return save_tensors(tensors, metadata={_REID_METADATA_KEY: generator.config.to_json()})
 
 
 def save_generator(generator: PGGANGenerator, path: str | Path) -> None:

@@ -15,6 +15,7 @@ safetensors metadata ("norm"), or else from its keys (norm layers with weights b
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -26,6 +27,7 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 from reid_batch import log
+from reid_batch.archs import ARCHS
 from reid_batch.checkpoints import load_into, load_state_dict
 from reid_batch.errors import InputError
 
@@ -58,9 +60,11 @@ CONFIGURABLE_VIT_DEFAULTS = {
     "dropout": 0.0,
     "attention_dropout": 0.0,
 }
-_CONFIGURABLE_VITS = ("vit_tiny", "vit_custom")
+_CONFIGURABLE_VITS = tuple(name for name, arch in ARCHS.items() if arch.kind == "vit_configurable")
 
-KNOWN_ARCHS: tuple[str, ...] = (*_RESNETS, *_DENSENETS, *_FIXED_VITS, *_CONFIGURABLE_VITS)
+KNOWN_ARCHS: tuple[str, ...] = tuple(ARCHS)
+# The builder builds exactly the table's architectures (reid_batch/archs.py), no more, no fewer.
+assert set(_RESNETS) | set(_DENSENETS) | set(_FIXED_VITS) | set(_CONFIGURABLE_VITS) == set(ARCHS)
 
 RESNET_DROPOUT = 0.5
 NORMS = ("batch", "group")
@@ -69,7 +73,7 @@ NORM_METADATA_KEY = "norm"
 
 def to_groupnorm(model: nn.Module) -> nn.Module:
     """The model with every BatchNorm replaced by GroupNorm(gcd(32, C), C), as Opacus does it (and validates)."""
-    from opacus.validators import ModuleValidator
+    from opacus.validators import ModuleValidator  # a 2 s import, paid only by GroupNorm (DP-SGD) targets
 
     fixed = ModuleValidator.fix(model)
     for module in fixed.modules():
@@ -107,8 +111,7 @@ def _check_arch(arch: str) -> str:
 def family(model_or_arch: nn.Module | str) -> str:
     """"vit" for Vision Transformers, "cnn" for the convolutional targets (ResNet, DenseNet)."""
     if isinstance(model_or_arch, str):
-        arch = _check_arch(model_or_arch)
-        return "vit" if arch in _FIXED_VITS or arch in _CONFIGURABLE_VITS else "cnn"
+        return ARCHS[_check_arch(model_or_arch)].family
     return "vit" if isinstance(model_or_arch, VisionTransformer) else "cnn"
 
 
@@ -174,11 +177,7 @@ def build_target(arch: str, num_classes: int, image_size: int = 224, norm: str =
 
 
 def _head_keys(arch: str) -> tuple[str, ...]:
-    if arch in _RESNETS:
-        return ("fc.1.weight", "fc.weight")
-    if arch in _DENSENETS:
-        return ("classifier.weight",)
-    return ("heads.head.weight",)
+    return ARCHS[arch].head_keys
 
 
 def infer_num_classes(state_dict: dict[str, torch.Tensor], arch: str) -> int:
@@ -239,8 +238,6 @@ def load_target(
 
 def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The `__metadata__` of a safetensors file; {} for other formats or an unreadable header."""
-    import json
-
     try:
         with open(path, "rb") as handle:
             length = int.from_bytes(handle.read(8), "little")

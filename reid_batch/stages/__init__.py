@@ -1,10 +1,12 @@
-"""Stage 2 at cluster scale: sample candidates (sharded, chunked, resumable), select the likely ones, score them.
+"""The pipeline's stages, one module per `reid-batch` command, as peers: no stage imports another.
 
-    sample.py   every candidate id -> one Parquet row of objective terms, Mahalanobis distance, image statistics;
-                shard i of `sampling.num_shards` owns a fixed contiguous id range, committed chunk by chunk
-    select.py   global thresholds over all committed shards -> <target>/selection/ (ids low on BOTH scores)
-    score.py    demographic model on the selected ids' regenerated images -> <target>/scores/shard=<i>/
+    make_phantoms ....... the synthetic world          finetune .. stage 1: the generator toward a frozen target
+    train_prior ......... the PGGAN prior              sample .... stage 2: every candidate id -> one Parquet row
+    train_target ........ the target model(s)          select .... stage 2: ids low on objective AND Mahalanobis
+    train_demographics .. the age/sex model            score ..... age and sex of the selected candidates
+                                                       evaluate .. what the attack recovered; report .. the report
 
-A candidate is never stored as an image unless asked: its latent is a pure function of (sampling.seed, id), so
-any stage regenerates it from its id with the fine-tuned generator.
+Each reads top to bottom: set up from the manifest and the committed inputs, do the work, commit. What they share
+lives beneath them (attack/, analysis/, models/, data/, artifacts, layout, storage, runtime); the stage list, what
+each needs and how it shards is reid_batch/registry.py.
 """

@@ -5,7 +5,7 @@ the synthetic world, who the patients are), which an attacker holding only the p
 numbers measure the leak; they are not something the attack itself produces.
 
 Stage 1, distribution level (the study's Figure 4). Three image sets of `evaluation.num_images` images each:
-  prior      the original generator at latent ids 2**40 + k (k < num_images; far above every candidate id, so no
+  prior      the original generator at latent ids layout.STAGE1_ID_OFFSET (2**40) + k (k < num_images; far above every candidate id, so no
              candidate is among them), seeded with `evaluation.seed`;
   finetuned  the fine-tuned generator at the SAME latents (a paired comparison);
   reference  a deterministic sample (`evaluation.seed`) of the target's training images, loaded at the generator's
@@ -57,46 +57,40 @@ nearest training image). A committed evaluation is left as it is; delete it to e
 
 from __future__ import annotations
 
-import io
 import math
-import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import torch
+from matplotlib.figure import Figure
 
 from reid_batch import log
+from reid_batch.analysis.devices import (DETECTOR_MIN_AUC, DETECTOR_MIN_IMAGES, DEVICE_LEVEL_PERCENTILE, DEVICE_REGION,
+                                         calibrate_device_detector, device_region)
+from reid_batch.analysis.metrics import (InceptionFeatures, demographic_errors, fid, fit_pca, kurtosis_curve_png,
+                                         membership_auc, nearest_neighbours, pca_kurtosis, pixel_entropy,
+                                         pixel_features, record_membership, reidentification, ssim, to_grey)
+from reid_batch.analysis.roles import (OTHER_POOL, matched_positions, pool_frame, reference_images, sample_positions,
+                                       sex_code, train_pool, truth_for, world_truth)
+from reid_batch.artifacts import load_finetuned_generator, load_prior, require_committed
+from reid_batch.attack.generation import regenerate_images
+from reid_batch.data.datasets import ImageDataset
 from reid_batch.errors import InputError
+from reid_batch.formats import clean_json, figure_png, grey_uint8, pair_png, software_versions
+from reid_batch.layout import (FIGURES, METRICS_FILE, SCORES_FILE, SELECTION_FILE, STAGE1_ID_OFFSET,
+                               TABLE_FILE, THRESHOLDS_FILE, evaluation_prefix, finetune_prefix, pair_key,
+                               reference_prefix, scores_prefix, selection_prefix, target_prefix)
 from reid_batch.manifest import Manifest, TargetSpec
+from reid_batch.runtime import pick_device, run_single_writer, run_store
+from reid_batch.storage import input_path
 
-if TYPE_CHECKING:
-    import torch
-
-EVALUATION_PART = "evaluation"
-METRICS_FILE = "metrics.json"
-TABLE_FILE = "evaluation.parquet"
-FIGURES = {
-    "kurtosis": "figures/kurtosis.png",
-    "losses": "figures/losses.png",
-    "stage1_examples": "figures/stage1_examples.png",
-    "likely_samples": "figures/likely_samples.png",
-}
-STAGE1_LATENT_OFFSET = 2**40
 NN_FEATURE_SIZE = 32
 CONFIDENCE = 0.95
 GENERATION_BATCH = 64
 LOADER_BATCH = 64
 GRID_MAX_PAIRS = 24
-# Pacemaker detector region as fractions of the image: rows top..bottom, columns left..right.
-DEVICE_REGION = (0.15, 0.45, 0.55, 0.90)
-DEVICE_LEVEL_PERCENTILE = 99.9
-DETECTOR_MIN_AUC = 0.75
-DETECTOR_MIN_IMAGES = 10
-OTHER_POOL = {"private": "control", "control": "private"}
-
 THREAT_MODEL = (
     "The attacker holds only the trained target's parameters (a frozen checkpoint) and knows the imaging modality and "
     "body region (frontal chest X-rays). They have public images of the same kind (for the generator prior and the "
@@ -142,24 +136,10 @@ TABLE_SCHEMA = pa.schema([
 ])
 
 
-def evaluation_prefix(target: str) -> str:
-    return f"{target}/{EVALUATION_PART}"
-
-
-def pair_key(candidate_id: int) -> str:
-    return f"pairs/{candidate_id:09d}.png"
-
-
 # ------------------------------------------------------------------------------------------------ pure core
 
 
-def to_grey(images01: torch.Tensor) -> torch.Tensor:
-    return images01.mean(dim=1, keepdim=True) if images01.shape[1] > 1 else images01
-
-
 def entropy_summary(images01: torch.Tensor) -> dict:
-    from reid_batch.metrics import pixel_entropy
-
     values = pixel_entropy(images01)
     n = int(values.size)
     return {"mean": float(values.mean()) if n else None,
@@ -173,10 +153,6 @@ def distribution_metrics(sets: dict[str, torch.Tensor], fit_on: str, components:
     The PCA basis is fitted on sets["reference"] when fit_on == "reference" and that set exists, else on all sets
     pooled. `features` (name -> (N, 2048) Inception features) adds FID between every two sets.
     """
-    import torch
-
-    from reid_batch.metrics import fid, fit_pca, kurtosis_curve_png, pca_kurtosis
-
     notes = []
     if fit_on == "reference" and "reference" in sets:
         basis_images, fitted_on = sets["reference"], "reference"
@@ -222,133 +198,18 @@ def distribution_metrics(sets: dict[str, torch.Tensor], fit_on: str, components:
 
 def nearest_training_images(samples01: torch.Tensor, train_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(distance, index) of each sample's nearest training image in pixel_features space."""
-    from reid_batch.metrics import nearest_neighbours, pixel_features
-
     if samples01.shape[0] == 0 or len(train_features) == 0:
         return np.zeros(0), np.zeros(0, dtype=np.int64)
     distances, indices = nearest_neighbours(pixel_features(samples01, NN_FEATURE_SIZE), train_features, k=1)
     return distances[:, 0], indices[:, 0]
 
 
-def device_region(images01: torch.Tensor) -> np.ndarray:
-    """(N, h, w) uint8 grey levels of the detector's region of each image."""
-    grey = to_grey(images01)
-    h, w = grey.shape[-2:]
-    top, bottom, left, right = DEVICE_REGION
-    crop = grey[:, 0, int(top * h):max(int(top * h) + 1, int(bottom * h)),
-                int(left * w):max(int(left * w) + 1, int(right * w))]
-    return (crop.clamp(0, 1) * 255).round().byte().cpu().numpy()
-
-
-@dataclass(frozen=True)
-class DeviceDetector:
-    """score = fraction of region pixels above `level`; a pacemaker is detected when score >= threshold."""
-
-    level: float
-    threshold: float
-    auc: float
-    sensitivity: float
-    specificity: float
-    with_device: int
-    without_device: int
-    reliable: bool
-
-    def scores(self, regions: np.ndarray) -> np.ndarray:
-        if len(regions) == 0:
-            return np.zeros(0)
-        return (regions.reshape(len(regions), -1).astype(np.float64) / 255.0 > self.level).mean(axis=1)
-
-    def detect(self, regions: np.ndarray) -> np.ndarray:
-        return self.scores(regions) >= self.threshold
-
-
-def calibrate_device_detector(regions: np.ndarray, has_device: np.ndarray) -> DeviceDetector | None:
-    """Fit the detector's level and threshold on images with known devices; None without both kinds."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    has_device = np.asarray(has_device, dtype=bool)
-    positives, negatives = int(has_device.sum()), int((~has_device).sum())
-    if positives == 0 or negatives == 0:
-        return None
-    flat = regions.reshape(len(regions), -1).astype(np.float64) / 255.0
-    level = float(np.percentile(flat[~has_device], DEVICE_LEVEL_PERCENTILE))
-    scores = (flat > level).mean(axis=1)
-    auc = float(roc_auc_score(has_device, scores))
-    fpr, tpr, thresholds = roc_curve(has_device, scores)
-    finite = np.isfinite(thresholds)
-    best = np.flatnonzero(finite)[np.argmax((tpr - fpr)[finite])]
-    # At least one pixel must be above the level: a zero threshold would flag every image.
-    threshold = max(float(thresholds[best]), 1.0 / flat.shape[1])
-    detected = scores >= threshold
-    return DeviceDetector(
-        level=level, threshold=threshold, auc=auc,
-        sensitivity=float(detected[has_device].mean()), specificity=float((~detected[~has_device]).mean()),
-        with_device=positives, without_device=negatives,
-        reliable=auc >= DETECTOR_MIN_AUC and min(positives, negatives) >= DETECTOR_MIN_IMAGES,
-    )
-
-
-def patient_number(patient_id) -> int | None:
-    """The number in a patient id ("patient00012" -> 12, "100001" -> 100001), to join with ground_truth.csv."""
-    digits = re.sub(r"\D", "", str(patient_id))
-    return int(digits) if digits else None
-
-
-def sex_code(values) -> np.ndarray:
-    """1.0 = M, 0.0 = F, NaN unknown, from "M"/"F" (or Male/Female) strings."""
-    mapping = {"M": 1.0, "MALE": 1.0, "F": 0.0, "FEMALE": 0.0}
-    return np.array([mapping.get(str(v).strip().upper(), np.nan) if v is not None else np.nan for v in values],
-                    dtype=np.float64)
-
-
-def clean_json(value):
-    """JSON-safe copy: NaN/inf -> None, numpy scalars -> Python, tuples -> lists (strict JSON readers)."""
-    if isinstance(value, dict):
-        return {str(k): clean_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean_json(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return clean_json(value.tolist())
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
 # ------------------------------------------------------------------------------------------------ figures
-
-
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def _grey_uint8(image01: torch.Tensor) -> np.ndarray:
-    return (to_grey(image01.unsqueeze(0))[0, 0].clamp(0, 1) * 255).round().byte().cpu().numpy()
-
-
-def pair_png(reconstruction01: torch.Tensor, neighbour01: torch.Tensor, gap: int = 2) -> bytes:
-    """Reconstruction | nearest training image, side by side (grey, 8-bit), white gap between."""
-    from PIL import Image
-
-    left, right = _grey_uint8(reconstruction01), _grey_uint8(neighbour01)
-    canvas = np.full((left.shape[0], left.shape[1] + gap + right.shape[1]), 255, dtype=np.uint8)
-    canvas[:, :left.shape[1]] = left
-    canvas[:, left.shape[1] + gap:] = right
-    buffer = io.BytesIO()
-    Image.fromarray(canvas, mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def likely_grid_png(reconstructions: torch.Tensor, neighbours: torch.Tensor | None, captions: list[str],
                     title: str) -> bytes:
     """Up to GRID_MAX_PAIRS reconstructions, each beside its nearest training image when known."""
-    from matplotlib.figure import Figure
-
     count = min(len(captions), GRID_MAX_PAIRS)
     columns = 4
     rows = max(1, math.ceil(count / columns))
@@ -358,21 +219,19 @@ def likely_grid_png(reconstructions: torch.Tensor, neighbours: torch.Tensor | No
         axes = figure.add_subplot(rows, columns, i + 1)
         axes.axis("off")
         if i < count:
-            pair = _grey_uint8(reconstructions[i])
+            pair = grey_uint8(reconstructions[i])
             if neighbours is not None:
-                pair = np.concatenate([pair, np.full((pair.shape[0], 2), 255, np.uint8), _grey_uint8(neighbours[i])],
+                pair = np.concatenate([pair, np.full((pair.shape[0], 2), 255, np.uint8), grey_uint8(neighbours[i])],
                                       axis=1)
             axes.imshow(pair, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
             axes.set_title(captions[i], fontsize=7)
     if count == 0:
         figure.text(0.5, 0.5, "no likely samples", ha="center", va="center")
     figure.tight_layout()
-    return _png(figure)
+    return figure_png(figure)
 
 
 def stage1_examples_png(sets: dict[str, torch.Tensor], per_row: int = 8) -> bytes:
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(1.1 * per_row + 1.2, 1.2 * len(sets) + 0.3), dpi=100)
     for r, (name, images) in enumerate(sets.items()):
         for c in range(per_row):
@@ -380,16 +239,14 @@ def stage1_examples_png(sets: dict[str, torch.Tensor], per_row: int = 8) -> byte
             axes.set_xticks([])
             axes.set_yticks([])
             if c < len(images):
-                axes.imshow(_grey_uint8(images[c]), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+                axes.imshow(grey_uint8(images[c]), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
             if c == 0:
                 axes.set_ylabel(name, fontsize=8)
     figure.tight_layout()
-    return _png(figure)
+    return figure_png(figure)
 
 
 def losses_png(losses: pd.DataFrame, title: str) -> bytes:
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(9, 3.6), dpi=100)
     total_axes, term_axes = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     terms = [c for c in losses.columns if c not in ("step", "total", "grad_norm", "seconds", "elapsed")]
@@ -405,7 +262,7 @@ def losses_png(losses: pd.DataFrame, title: str) -> bytes:
     term_axes.set(xlabel="step", ylabel="unweighted value", title="terms (unweighted)")
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    return _png(figure)
+    return figure_png(figure)
 
 
 # ------------------------------------------------------------------------------------------------ image sets
@@ -423,10 +280,6 @@ class LoadedImages:
 
 def load_images(frame: pd.DataFrame, size: int, on_error: str, num_workers: int, keep: set[int], desc: str
                 ) -> LoadedImages:
-    import torch
-
-    from reid_batch.datasets import ImageDataset
-    from reid_batch.metrics import pixel_features
 
     dataset = ImageDataset(frame.reset_index(drop=True), size=size, channels=1, on_error=on_error)
     loader = torch.utils.data.DataLoader(dataset, batch_size=LOADER_BATCH, num_workers=num_workers)
@@ -453,10 +306,6 @@ def load_images(frame: pd.DataFrame, size: int, on_error: str, num_workers: int,
 
 def load_rows(frame: pd.DataFrame, positions: np.ndarray, size: int, on_error: str) -> torch.Tensor:
     """(len(positions), 1, size, size) images of the given rows, in that order (repeats allowed)."""
-    import torch
-
-    from reid_batch.datasets import ImageDataset
-
     unique = np.unique(positions)
     if len(unique) == 0:
         return torch.zeros(0, 1, size, size)
@@ -466,19 +315,8 @@ def load_rows(frame: pd.DataFrame, positions: np.ndarray, size: int, on_error: s
     return loaded[[where[int(p)] for p in positions]]
 
 
-def sample_positions(count: int, wanted: int, seed: int) -> np.ndarray:
-    """A deterministic sorted subset of min(count, wanted) positions out of range(count)."""
-    if wanted >= count:
-        return np.arange(count)
-    return np.sort(np.random.default_rng(seed).choice(count, size=wanted, replace=False))
-
-
 def generate(generator, ids: np.ndarray, seed: int, device: torch.device) -> torch.Tensor:
     """[0, 1] grey CPU images of latent ids, batch by batch."""
-    import torch
-
-    from reid_batch.stages.sample import regenerate_images
-
     parts = [to_grey(regenerate_images(generator, ids[i:i + GENERATION_BATCH], seed, device)).cpu()
              for i in range(0, len(ids), GENERATION_BATCH)]
     size = generator.config.resolution
@@ -488,58 +326,12 @@ def generate(generator, ids: np.ndarray, seed: int, device: torch.device) -> tor
 # ------------------------------------------------------------------------------------------------ data roles
 
 
-def train_pool(spec: TargetSpec) -> str:
-    return spec.train.pool if spec.train is not None else "private"
-
-
-def pool_frame(manifest: Manifest, pool: str) -> tuple[pd.DataFrame, str] | None:
-    """(labelled rows of a pool, on_error), or None when its images are not on this machine."""
-    from reid_batch.datasets import read_source
-
-    if getattr(manifest.data, pool) is None:
-        world = manifest.data.synthetic
-        if world is None or not (Path(world.root) / pool).is_dir():
-            return None
-    source = manifest.source(pool)
-    frame = read_source(source.format, source.root, **({"csv_name": source.csv} if source.csv else {}))
-    frame = frame[frame["label"].notna()].sort_values("path").reset_index(drop=True)
-    return frame, source.on_error
-
-
-def world_truth(manifest: Manifest, pool: str) -> pd.DataFrame | None:
-    """Per-patient ground truth of a synthetic-world pool (index: patient number), or None for real data."""
-    world = manifest.data.synthetic
-    if world is None or getattr(manifest.data, pool) is not None:
-        return None
-    path = Path(world.root) / pool / "ground_truth.csv"
-    if not path.is_file():
-        return None
-    truth = pd.read_csv(path, usecols=["patient_id", "age", "sex", "pacemaker", "sternal_wires"])
-    return truth.drop_duplicates("patient_id").set_index("patient_id")
-
-
-def truth_for(patients: pd.Series, frame_rows: pd.DataFrame, truth: pd.DataFrame | None) -> pd.DataFrame:
-    """age, sex, pacemaker per row: from the world's ground truth when given, else the table's age/sex columns."""
-    if truth is not None:
-        numbers = [patient_number(p) for p in patients]
-        found = truth.reindex(numbers)
-        return pd.DataFrame({"age": found["age"].to_numpy(dtype=np.float64),
-                             "sex": found["sex"].astype(object).where(found["sex"].notna(), None).to_numpy(),
-                             "pacemaker": found["pacemaker"].to_numpy(dtype=np.float64)})
-    age = pd.to_numeric(frame_rows["age"], errors="coerce").to_numpy(dtype=np.float64) \
-        if "age" in frame_rows else np.full(len(frame_rows), np.nan)
-    sex = frame_rows["sex"].astype(object).where(frame_rows["sex"].notna(), None).to_numpy() \
-        if "sex" in frame_rows else np.full(len(frame_rows), None, dtype=object)
-    return pd.DataFrame({"age": age, "sex": sex, "pacemaker": np.full(len(frame_rows), np.nan)})
-
-
 # ------------------------------------------------------------------------------------------------ the shell
 
 
 @dataclass
 class Shared:
     """What every target of one `evaluate` call shares: the Inception network and the prior's image set."""
-
     inception: object | None = None
     prior_images: torch.Tensor | None = None
     prior_features: np.ndarray | None = None
@@ -547,11 +339,7 @@ class Shared:
 
 
 def _require_inputs(store, manifest: Manifest, spec: TargetSpec) -> None:
-    from reid_batch.artifacts import attack_prefix, require_committed
-    from reid_batch.stages.score import scores_prefix
-    from reid_batch.stages.select import selection_prefix
-
-    require_committed(store, attack_prefix(spec.name, "finetune"), f"finetune --target {spec.name}")
+    require_committed(store, finetune_prefix(spec.name), f"finetune --target {spec.name}")
     require_committed(store, selection_prefix(spec.name), f"select --target {spec.name}")
     missing = [i for i in range(manifest.demographics.num_shards)
                if not store.is_committed(scores_prefix(spec.name, i))]
@@ -561,8 +349,6 @@ def _require_inputs(store, manifest: Manifest, spec: TargetSpec) -> None:
 
 
 def _read_predictions(store, manifest: Manifest, spec: TargetSpec) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    from reid_batch.stages.score import SCORES_FILE, reference_prefix, scores_prefix
-
     shards = [store.read_parquet(f"{scores_prefix(spec.name, i)}/{SCORES_FILE}").to_pandas()
               for i in range(manifest.demographics.num_shards)]
     scores = pd.concat(shards).set_index("id") if shards else pd.DataFrame()
@@ -574,48 +360,50 @@ def _read_predictions(store, manifest: Manifest, spec: TargetSpec) -> tuple[pd.D
 
 
 def _inception(manifest: Manifest, shared: Shared, device: torch.device):
-    from reid_batch.artifacts import local_file
-    from reid_batch.metrics import InceptionFeatures
-
     if shared.inception is None:
         weights = manifest.evaluation.inception_weights
-        if weights is not None and weights.startswith("s3://"):
-            from reid_batch.storage import S3Settings, open_store
-
-            parent, name = weights.rsplit("/", 1)
-            s3 = manifest.output.s3
-            weights = str(local_file(open_store(parent, S3Settings(endpoint=s3.endpoint, region=s3.region)), name,
-                                     Path(name).suffix))
-        shared.inception = InceptionFeatures(weights.removeprefix("file://") if weights else None,
+        if weights is not None:
+            weights = input_path(weights, manifest, "evaluation.inception_weights")
+        shared.inception = InceptionFeatures(weights,
                                              image_size=manifest.evaluation.inception_image_size, device=device,
                                              seed=manifest.evaluation.seed)
     return shared.inception
 
 
 def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dict | None:
-    import torch
-
-    from reid_batch.artifacts import attack_prefix, load_finetuned_generator, run_store, target_prefix
-    from reid_batch.metrics import demographic_errors, ssim
-    from reid_batch.recipes.common import pick_device
-    from reid_batch.recipes.train_prior import load_prior
-    from reid_batch.stages.report import software_versions
-    from reid_batch.stages.score import reference_images
-    from reid_batch.stages.select import SELECTION_FILE, THRESHOLDS_FILE, selection_prefix
-
+    """Evaluate one target, phase by phase: stage 1's image sets and their metrics, the likely samples, their
+    nearest training images and demographics, re-identification, then one commit of everything."""
     store = run_store(manifest)
     prefix = evaluation_prefix(spec.name)
     if store.is_committed(prefix):
         log.event("evaluate_skipped", target=spec.name, reason="already committed")
         return store.read_json(f"{prefix}/{METRICS_FILE}")
     _require_inputs(store, manifest, spec)
-    settings = manifest.evaluation
     device = pick_device(manifest)
     notes: list[str] = []
-
     finetuned = load_finetuned_generator(manifest, spec.name).to(device).eval()
+
+    sets, training, origin, on_error = _stage1_sets(manifest, spec, shared, finetuned, device, notes)
+    stage1, kurtosis_png = _stage1_metrics(manifest, shared, sets, device)
+    likely = _likely_samples(store, manifest, spec, finetuned, device)
+    neighbours, stage2, demographics = _neighbours_and_demographics(manifest, spec, likely, training, origin,
+                                                                     on_error, finetuned.config.resolution, notes)
+    reid = _reidentify(manifest, spec, training, OTHER_POOL[train_pool(spec)], likely.reconstructions, likely.table,
+                       notes, finetuned.config.resolution, finetuned, shared, device)
+    metrics = _metrics_document(store, manifest, spec, likely, stage1, stage2, demographics, reid, notes,
+                                finetuned.config.resolution)
+    _write_outputs(store, manifest, spec, metrics, likely, neighbours, sets, kurtosis_png)
+    log.event("evaluate_done", target=spec.name, likely=len(likely.ids), ssim_mean=stage2.get("ssim_mean"),
+              reid_rate=reid.get("rate"), membership_auc=reid.get("membership_auc"))
+    return metrics
+
+
+def _stage1_sets(manifest: Manifest, spec: TargetSpec, shared: Shared, finetuned, device, notes: list[str]):
+    """Stage 1's image sets (prior and fine-tuned at the same latents, a sample of the training images), and the
+    training images loaded once: (sets, training or None, where they came from, their on_error)."""
+    settings = manifest.evaluation
     resolution = finetuned.config.resolution
-    stage1_ids = STAGE1_LATENT_OFFSET + np.arange(settings.num_images, dtype=np.int64)
+    stage1_ids = STAGE1_ID_OFFSET + np.arange(settings.num_images, dtype=np.int64)
     if shared.prior_images is None:
         prior = load_prior(manifest).to(device).eval()
         shared.prior_images = generate(prior, stage1_ids, settings.seed, device)
@@ -640,7 +428,12 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
     for name, images in sets.items():
         if 0 < len(images) < 2048:
             log.event("evaluate_small_set", target=spec.name, set=name, images=len(images), feature_dims=2048)
+    return sets, training, origin, on_error
 
+
+def _stage1_metrics(manifest: Manifest, shared: Shared, sets: dict[str, torch.Tensor], device) -> tuple[dict, bytes]:
+    """Entropy, PCA kurtosis and FID of stage 1's sets, and the kurtosis figure."""
+    settings = manifest.evaluation
     features = None
     if settings.fid:
         inception = _inception(manifest, shared, device)
@@ -650,7 +443,7 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
     stage1, kurtosis_png = distribution_metrics(sets, settings.pca_fit_on, settings.pca_components,
                                                 settings.bootstrap, settings.seed, features)
     stage1["num_images"] = settings.num_images
-    stage1["latent_ids"] = f"{STAGE1_LATENT_OFFSET} + k, k < {settings.num_images} (seed {settings.seed})"
+    stage1["latent_ids"] = f"{STAGE1_ID_OFFSET} + k, k < {settings.num_images} (seed {settings.seed})"
     if settings.fid:
         stage1["inception"] = {"trained": inception.trained, "weights": settings.inception_weights,
                                "image_size": settings.inception_image_size}
@@ -660,12 +453,24 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
     else:
         stage1["inception"] = None
         stage1["notes"].append("FID not computed (evaluation.fid: false)")
+    return stage1, kurtosis_png
 
-    # Likely samples.
+
+@dataclass
+class LikelySamples:
+    """The selected candidates: ids, their regenerated images, and the table that grows one column group per phase."""
+
+    ids: np.ndarray
+    thresholds: dict
+    reconstructions: torch.Tensor
+    table: pd.DataFrame
+    reference_scores: pd.DataFrame | None
+
+
+def _likely_samples(store, manifest: Manifest, spec: TargetSpec, finetuned, device) -> LikelySamples:
     selection = store.read_parquet(f"{selection_prefix(spec.name)}/{SELECTION_FILE}").to_pandas().sort_values("id")
     thresholds = store.read_json(f"{selection_prefix(spec.name)}/{THRESHOLDS_FILE}")
     ids = selection["id"].to_numpy(dtype=np.int64)
-    count = len(ids)
     reconstructions = generate(finetuned, ids, manifest.sampling.seed, device)
     scores, reference_scores = _read_predictions(store, manifest, spec)
     missing_scores = sorted(set(ids.tolist()) - set(scores.index.tolist()))
@@ -682,92 +487,95 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
         "recon_pred_sex_prob": predicted["sex_prob"].to_numpy(dtype=np.float64),
         "recon_pred_sex": predicted["sex_label"].astype(object).to_numpy(),
     })
+    return LikelySamples(ids, thresholds, reconstructions, table, reference_scores)
 
-    # Nearest training image, SSIM, demographics of the neighbour.
-    pool = train_pool(spec)
-    heldout_pool = OTHER_POOL[pool]
-    train_truth = world_truth(manifest, pool)
+
+def _neighbours_and_demographics(manifest: Manifest, spec: TargetSpec, likely: LikelySamples,
+                                 training: LoadedImages | None, origin: str | None, on_error: str, resolution: int,
+                                 notes: list[str]) -> tuple[torch.Tensor, dict, dict]:
+    """Each likely sample's nearest training image, SSIM, and demographic errors against the neighbour's truth;
+    adds their columns to the table. (neighbour images, stage-2 summary, demographics summary)."""
+    table, reconstructions, reference_scores = likely.table, likely.reconstructions, likely.reference_scores
+    count = len(likely.ids)
+    train_truth = world_truth(manifest, train_pool(spec))
     neighbours = torch.zeros(0, 1, resolution, resolution)
     demographics: dict = {"available": False}
-    stage2: dict = {"likely": count, "candidates": thresholds.get("counts", {}).get("candidates"),
+    stage2: dict = {"likely": count, "candidates": likely.thresholds.get("counts", {}).get("candidates"),
                     "feature_space": f"grey pixels area-averaged to {NN_FEATURE_SIZE}x{NN_FEATURE_SIZE}, Euclidean",
                     "training_images": 0 if training is None else len(training.frame), "reference_source": origin}
-    if training is not None and len(training.frame):
-        distance, index = nearest_training_images(reconstructions, training.features)
-        neighbours = load_rows(training.frame, index, resolution, on_error)
-        rows = training.frame.iloc[index]
-        table["nn_index"] = index
-        table["nn_path"] = rows["path"].astype(str).to_numpy()
-        table["nn_patient"] = rows["patient_id"].astype(str).to_numpy()
-        table["nn_distance"] = distance
-        table["ssim"] = ssim(reconstructions, neighbours) if count else np.zeros(0)
-        if reference_scores is not None:
-            matched = reference_scores.reindex(table["nn_path"])
-            table["nn_pred_age"] = matched["age"].to_numpy(dtype=np.float64)
-            table["nn_pred_sex_prob"] = matched["sex_prob"].to_numpy(dtype=np.float64)
-            labels = matched["sex_label"].astype(object)
-            table["nn_pred_sex"] = labels.where(labels.notna(), None).to_numpy()
-        else:
-            notes.append("no scores-reference: the neighbours' predicted demographics are missing")
-        truth = truth_for(table["nn_patient"], rows, train_truth)
-        table["true_age"] = truth["age"].to_numpy()
-        table["true_sex"] = truth["sex"].to_numpy()
-        true_sex = sex_code(table["true_sex"])
-        table["recon_age_abs_error"] = np.abs(table["recon_pred_age"] - table["true_age"])
-        table["recon_sex_correct"] = _flags((table["recon_pred_sex_prob"].to_numpy() >= 0.5) == (true_sex >= 0.5),
-                                            np.isnan(true_sex))
-        if "nn_pred_age" in table:
-            table["nn_age_abs_error"] = np.abs(table["nn_pred_age"] - table["true_age"])
-            nn_prob = table["nn_pred_sex_prob"].to_numpy(dtype=np.float64)
-            table["nn_sex_correct"] = _flags((nn_prob >= 0.5) == (true_sex >= 0.5),
-                                             np.isnan(true_sex) | np.isnan(nn_prob))
-        stage2.update({
-            "ssim_mean": _mean(table["ssim"]), "ssim_median": _median(table["ssim"]),
-            "nn_distance_mean": _mean(table["nn_distance"]),
-            "distinct_neighbours": int(table["nn_path"].nunique()),
-            "distinct_neighbour_patients": int(table["nn_patient"].nunique()),
-        })
-        demographics = {
-            "available": True,
-            "ground_truth": "synthetic world ground_truth.csv" if train_truth is not None else
-            "age/sex columns of the training list",
-            "reconstruction": demographic_errors(table["recon_pred_age"], table["recon_pred_sex_prob"],
-                                                 table["true_age"], true_sex, CONFIDENCE),
-        }
-        if "nn_pred_age" in table:
-            # The demographic model's own error on real training images: the floor the reconstructions compare with.
-            scored = table["nn_pred_sex_prob"].notna().to_numpy()
-            demographics["neighbour"] = demographic_errors(
-                table["nn_pred_age"][scored], table["nn_pred_sex_prob"][scored], table["true_age"][scored],
-                true_sex[scored], CONFIDENCE)
+    if training is None or not len(training.frame):
+        return neighbours, stage2, demographics
+    distance, index = nearest_training_images(reconstructions, training.features)
+    neighbours = load_rows(training.frame, index, resolution, on_error)
+    rows = training.frame.iloc[index]
+    table["nn_index"] = index
+    table["nn_path"] = rows["path"].astype(str).to_numpy()
+    table["nn_patient"] = rows["patient_id"].astype(str).to_numpy()
+    table["nn_distance"] = distance
+    table["ssim"] = ssim(reconstructions, neighbours) if count else np.zeros(0)
+    if reference_scores is not None:
+        matched = reference_scores.reindex(table["nn_path"])
+        table["nn_pred_age"] = matched["age"].to_numpy(dtype=np.float64)
+        table["nn_pred_sex_prob"] = matched["sex_prob"].to_numpy(dtype=np.float64)
+        labels = matched["sex_label"].astype(object)
+        table["nn_pred_sex"] = labels.where(labels.notna(), None).to_numpy()
+    else:
+        notes.append("no scores-reference: the neighbours' predicted demographics are missing")
+    truth = truth_for(table["nn_patient"], rows, train_truth)
+    table["true_age"] = truth["age"].to_numpy()
+    table["true_sex"] = truth["sex"].to_numpy()
+    true_sex = sex_code(table["true_sex"])
+    table["recon_age_abs_error"] = np.abs(table["recon_pred_age"] - table["true_age"])
+    table["recon_sex_correct"] = _flags((table["recon_pred_sex_prob"].to_numpy() >= 0.5) == (true_sex >= 0.5),
+                                        np.isnan(true_sex))
+    if "nn_pred_age" in table:
+        table["nn_age_abs_error"] = np.abs(table["nn_pred_age"] - table["true_age"])
+        nn_prob = table["nn_pred_sex_prob"].to_numpy(dtype=np.float64)
+        table["nn_sex_correct"] = _flags((nn_prob >= 0.5) == (true_sex >= 0.5),
+                                         np.isnan(true_sex) | np.isnan(nn_prob))
+    stage2.update({
+        "ssim_mean": _mean(table["ssim"]), "ssim_median": _median(table["ssim"]),
+        "nn_distance_mean": _mean(table["nn_distance"]),
+        "distinct_neighbours": int(table["nn_path"].nunique()),
+        "distinct_neighbour_patients": int(table["nn_patient"].nunique()),
+    })
+    demographics = {
+        "available": True,
+        "ground_truth": "synthetic world ground_truth.csv" if train_truth is not None else
+        "age/sex columns of the training list",
+        "reconstruction": demographic_errors(table["recon_pred_age"], table["recon_pred_sex_prob"],
+                                             table["true_age"], true_sex, CONFIDENCE),
+    }
+    if "nn_pred_age" in table:
+        # The demographic model's own error on real training images: the floor the reconstructions compare with.
+        scored = table["nn_pred_sex_prob"].notna().to_numpy()
+        demographics["neighbour"] = demographic_errors(
+            table["nn_pred_age"][scored], table["nn_pred_sex_prob"][scored], table["true_age"][scored],
+            true_sex[scored], CONFIDENCE)
+    return neighbours, stage2, demographics
 
-    reid = _reidentify(manifest, spec, training, heldout_pool, reconstructions, table, notes, resolution,
-                       finetuned, shared, device)
 
-    # Figures and the committed output.
-    losses = store.read_parquet(f"{attack_prefix(spec.name, 'finetune')}/losses.parquet").to_pandas()
-    ssims = table["ssim"] if "ssim" in table else pd.Series(np.nan, index=table.index)
-    captions = [f"id {i} | SSIM {s:.3f}" for i, s in zip(table["id"], ssims)]
-    order = np.argsort(table["rank_combined"].to_numpy(), kind="stable")
-    shown = order[:GRID_MAX_PAIRS]
-    grid = likely_grid_png(reconstructions[shown], neighbours[shown] if len(neighbours) else None,
-                           [captions[i] for i in shown],
-                           f"{spec.name}: likely samples (left) beside their nearest training image (right)"
-                           if len(neighbours) else f"{spec.name}: likely samples")
+def _metrics_document(store, manifest: Manifest, spec: TargetSpec, likely: LikelySamples, stage1: dict,
+                      stage2: dict, demographics: dict, reid: dict, notes: list[str], resolution: int) -> dict:
+    """metrics.json: every summary of this target's evaluation, with the records it was made from."""
+    settings = manifest.evaluation
+    thresholds = likely.thresholds
+    pool = train_pool(spec)
+    losses = store.read_parquet(f"{finetune_prefix(spec.name)}/losses.parquet").to_pandas()
     training_record = None
     if spec.train is not None and store.is_committed(target_prefix(spec.name)):
         record = store.read_json(f"{target_prefix(spec.name)}/training.json")
         training_record = {k: record.get(k) for k in ("preset", "pool", "train", "val", "generalisation_gap",
                                                         "train_images", "val_images", "kept_epoch", "norm",
                                                         "privacy")}
-    finetune_record = store.read_json(f"{attack_prefix(spec.name, 'finetune')}/finetune.json")
+    finetune_record = store.read_json(f"{finetune_prefix(spec.name)}/finetune.json")
     attack_terms = {"terms": finetune_record.get("terms"), "configured": finetune_record.get("terms_configured"),
                     "fallback": finetune_record.get("objective_fallback"),
                     "reference": finetune_record.get("reference")}
     metrics = {
         "target": spec.name, "arch": spec.arch, "family": spec.family,
         "preset": spec.train.preset if spec.train is not None else None,
-        "train_pool": pool, "heldout_pool": heldout_pool,
+        "train_pool": pool, "heldout_pool": OTHER_POOL[pool],
         "role": "control model" if pool == "control" else "target",
         "checkpoint": spec.checkpoint, "target_training": training_record, "attack_terms": attack_terms,
         "threat_model": THREAT_MODEL, "validation_note": VALIDATION_NOTE,
@@ -781,9 +589,25 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
         "evaluation": settings.model_dump(mode="json"), "software": software_versions(),
         "resolution": resolution,
     }
-    metrics = clean_json(metrics)
+    return clean_json(metrics)
+
+
+def _write_outputs(store, manifest: Manifest, spec: TargetSpec, metrics: dict, likely: LikelySamples,
+                   neighbours: torch.Tensor, sets: dict[str, torch.Tensor], kurtosis_png: bytes) -> None:
+    """One commit: the table, metrics.json, the figures and a reconstruction | neighbour pair per likely sample."""
+    table, reconstructions = likely.table, likely.reconstructions
+    losses = store.read_parquet(f"{finetune_prefix(spec.name)}/losses.parquet").to_pandas()
+    ssims = table["ssim"] if "ssim" in table else pd.Series(np.nan, index=table.index)
+    captions = [f"id {i} | SSIM {s:.3f}" for i, s in zip(table["id"], ssims)]
+    order = np.argsort(table["rank_combined"].to_numpy(), kind="stable")
+    shown = order[:GRID_MAX_PAIRS]
+    grid = likely_grid_png(reconstructions[shown], neighbours[shown] if len(neighbours) else None,
+                           [captions[i] for i in shown],
+                           f"{spec.name}: likely samples (left) beside their nearest training image (right)"
+                           if len(neighbours) else f"{spec.name}: likely samples")
     arrow = _to_arrow(table)
-    with store.committed(prefix, {"stage": "evaluate", "target": spec.name, "likely": count}) as out:
+    with store.committed(evaluation_prefix(spec.name), {"stage": "evaluate", "target": spec.name,
+                                                        "likely": len(likely.ids)}) as out:
         with out.parquet_writer(TABLE_FILE, TABLE_SCHEMA, max(1, manifest.sampling.row_group_size)) as writer:
             writer.write_table(arrow)
         out.write_json(METRICS_FILE, metrics)
@@ -792,37 +616,8 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
         out.write_bytes(FIGURES["stage1_examples"], stage1_examples_png(sets))
         out.write_bytes(FIGURES["likely_samples"], grid)
         if len(neighbours):
-            for row, candidate in enumerate(ids.tolist()):
+            for row, candidate in enumerate(likely.ids.tolist()):
                 out.write_bytes(pair_key(candidate), pair_png(reconstructions[row], neighbours[row]))
-    log.event("evaluate_done", target=spec.name, likely=count, ssim_mean=stage2.get("ssim_mean"),
-              reid_rate=reid.get("rate"), membership_auc=reid.get("membership_auc"))
-    return metrics
-
-
-def matched_positions(train_labels: pd.Series | None, heldout_labels: pd.Series | None, seed: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Equal-size training and held-out subsets with the same label mix: sorted positions into each.
-
-    Chance is 0.5 for both membership tests only when the two sets are alike in everything but membership; a
-    class-balanced training list (the overfit preset) against a held-out set at the natural prevalence would
-    favour whichever set the generator's class mix resembles. Without labels: equal sizes only.
-    """
-    if train_labels is None or heldout_labels is None:
-        size = min(len(train_labels) if train_labels is not None else 0,
-                   len(heldout_labels) if heldout_labels is not None else 0)
-        return (sample_positions(len(train_labels), size, seed) if train_labels is not None else np.zeros(0, int),
-                sample_positions(len(heldout_labels), size, seed + 1) if heldout_labels is not None
-                else np.zeros(0, int))
-    train_values, heldout_values = train_labels.to_numpy(), heldout_labels.to_numpy()
-    train_parts, heldout_parts = [], []
-    for label in sorted(set(train_values.tolist()) & set(heldout_values.tolist())):
-        train_at, heldout_at = np.flatnonzero(train_values == label), np.flatnonzero(heldout_values == label)
-        size = min(len(train_at), len(heldout_at))
-        train_parts.append(train_at[sample_positions(len(train_at), size, seed)])
-        heldout_parts.append(heldout_at[sample_positions(len(heldout_at), size, seed + 1)])
-    if not train_parts:
-        return np.zeros(0, int), np.zeros(0, int)
-    return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(heldout_parts))
 
 
 def generated_features(generator, ids: np.ndarray, seed: int, device: torch.device) -> np.ndarray:
@@ -835,9 +630,6 @@ def generated_features(generator, ids: np.ndarray, seed: int, device: torch.devi
 def _record_membership(manifest: Manifest, finetuned, shared: Shared, device, train_features: np.ndarray,
                        heldout_features: np.ndarray) -> dict:
     """Record-level membership for the fine-tuned generator, and for the prior as the no-attack baseline."""
-    from reid_batch.metrics import record_membership
-    from reid_batch.recipes.train_prior import load_prior
-
     settings = manifest.evaluation
     ids = np.arange(min(settings.membership_candidates, manifest.sampling.num_candidates), dtype=np.int64)
     if shared.prior_candidate_features is None or len(shared.prior_candidate_features) != len(ids):
@@ -858,8 +650,6 @@ def _reidentify(manifest: Manifest, spec: TargetSpec, training: LoadedImages | N
                 reconstructions: torch.Tensor, table: pd.DataFrame, notes: list[str], resolution: int,
                 finetuned, shared: Shared, device) -> dict:
     """Fill the table's re-identification and device columns; return the summary."""
-    from reid_batch.metrics import membership_auc, reidentification
-
     settings = manifest.evaluation
     pool = train_pool(spec)
     if training is None or not len(training.frame):
@@ -908,8 +698,6 @@ def _reidentify(manifest: Manifest, spec: TargetSpec, training: LoadedImages | N
 
 
 def _features(images01: torch.Tensor) -> np.ndarray:
-    from reid_batch.metrics import pixel_features
-
     return pixel_features(images01, NN_FEATURE_SIZE) if len(images01) else np.zeros((0, NN_FEATURE_SIZE ** 2))
 
 
@@ -993,13 +781,5 @@ def _to_arrow(table: pd.DataFrame) -> pa.Table:
 
 def evaluate(manifest: Manifest, target: str | None = None) -> int:
     """`reid-batch evaluate`: metrics for one target (None = every target); see the module docstring."""
-    from reid_batch.stages.sample import launched_state
-
-    state = launched_state(manifest)
-    if state is None or state.is_main_process:
-        shared = Shared()
-        for spec in [manifest.target(target)] if target else list(manifest.targets):
-            evaluate_target(manifest, spec, shared)
-    if state is not None:
-        state.wait_for_everyone()
-    return 0
+    shared = Shared()
+    return run_single_writer(manifest, target, lambda spec: evaluate_target(manifest, spec, shared))

@@ -22,7 +22,7 @@ Mitigations: when the targets differ in training preset (a mitigation study: ove
 at several epsilons, a control), a side-by-side table sets each target's utility (validation AUC and accuracy)
 beside the attack's outcome (likely samples, nearest-neighbour SSIM, demographic accuracy, re-identification rate,
 leak vs control), with a risk-vs-utility plot (`mitigation.png`). Every target states the objective terms its attack
-used (a GroupNorm target's `bn_stats` falls back to `gn_stats`, see reid_batch.objectives).
+used (a GroupNorm target's `bn_stats` falls back to `gn_stats`, see reid_batch.attack.objectives).
 """
 
 from __future__ import annotations
@@ -30,27 +30,25 @@ from __future__ import annotations
 import base64
 import html
 import math
-import os
-import re
 from datetime import datetime, timezone
 from typing import Any
 
+import matplotlib
 import pandas as pd
 import yaml
+from scipy.stats import norm
 
 from reid_batch import log
 from reid_batch.errors import InputError
+from reid_batch.formats import clean_json, figure_png, software_versions
+from reid_batch.layout import (DEMOGRAPHICS_PREFIX, FIGURES, HTML_FILE, JSON_FILE, MARKDOWN_FILE, METRICS_FILE,
+                               MITIGATION_FIGURE, MODEL_METRICS_FILE, TABLE_FILE, evaluation_prefix, pair_key,
+                               report_prefix)
+from reid_batch.log import redact
 from reid_batch.manifest import CNN_ALLOWED_TERMS, VIT_TERMS, Manifest
+from reid_batch.storage import run_store
 
-HTML_FILE = "report.html"
-MARKDOWN_FILE = "report.md"
-JSON_FILE = "report.json"
 HTML_MAX_SAMPLES = 50
-MITIGATION_FIGURE = "mitigation.png"
-
-_SECRET_KEY = re.compile(r"secret|password|passwd|token|access_key|credential|session", re.IGNORECASE)
-_AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
-_URI_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]+@")
 
 MEANINGS = [
     ("Likely samples",
@@ -110,38 +108,7 @@ def newcombe_difference(p1: float, ci1, p2: float, ci2) -> tuple[float, float, f
 
 def safe_manifest(document: Any) -> Any:
     """The manifest dump with anything credential-like replaced by "***" (the schema holds none; this checks)."""
-    secrets = {os.environ.get(name) for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")}
-    secrets.discard(None)
-    secrets.discard("")
-
-    def clean(value: Any, key: str = "") -> Any:
-        if isinstance(value, dict):
-            return {k: clean(v, str(k)) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v, key) for v in value]
-        if isinstance(value, str):
-            if _SECRET_KEY.search(key) or any(s in value for s in secrets):
-                return "***"
-            return _URI_USERINFO.sub(r"\1***@", _AWS_KEY_ID.sub("***", value))
-        return value
-
-    return clean(document)
-
-
-def software_versions() -> dict:
-    """Versions of what computed and rendered the numbers (importlib.metadata: nothing heavy is imported)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    from reid_batch import __version__
-
-    found = {"python": platform.python_version(), "reid-batch": __version__}
-    for package in ("torch", "torchvision", "pyarrow", "numpy", "pandas", "scikit-learn", "accelerate"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = None
-    return found
+    return redact(document)
 
 
 def _get(mapping: Any, *path: str) -> Any:
@@ -158,19 +125,9 @@ def _choose_control(metrics: dict, controls: dict[str, dict]) -> str | None:
     return (same_family or usable or [None])[0]
 
 
-def _plain(value: Any) -> Any:
-    if value is None or value is pd.NA:
-        return None
-    if hasattr(value, "item"):  # numpy scalar
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _sample_records(table: pd.DataFrame) -> list[dict]:
     """Every likely sample's row, exactly as in evaluation.parquet (full float precision), by id."""
-    return [{k: _plain(v) for k, v in row.items()} for row in table.sort_values("id").to_dict(orient="records")]
+    return [{k: clean_json(v) for k, v in row.items()} for row in table.sort_values("id").to_dict(orient="records")]
 
 
 def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd.DataFrame],
@@ -221,7 +178,7 @@ def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd
                                 "ci": [lower, upper], "method": "Newcombe hybrid score interval, 95%"}
         risk["record_leak"] = _record_leak(metrics, reid, controls)
         targets[name] = {"metrics": metrics, "risk": risk, "samples": _sample_records(table)}
-    return _finite({
+    return clean_json({
         "run_id": run_id,
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "threat_model": next(iter(evaluations.values()))["threat_model"] if evaluations else None,
@@ -238,8 +195,6 @@ def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd
 
 def auc_difference(auc: float, ci, other: float, other_ci, confidence: float = 0.95) -> tuple[float, float, float]:
     """Difference of two independent AUCs with a normal-approximation interval from their bootstrap intervals."""
-    from scipy.stats import norm
-
     z = float(norm.ppf(0.5 + confidence / 2))
     spread = [((high - low) / (2 * z)) if (low is not None and high is not None) else float("nan")
               for low, high in (ci or (None, None), other_ci or (None, None))]
@@ -345,12 +300,8 @@ def mitigation_png(document: dict) -> bytes | None:
     rows = [r for r in rows if r["val_auc"] is not None and r[risk] is not None]
     if not rows:
         return None
-    import io
-
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # pyplot only after the Agg backend is chosen
 
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
     for i, r in enumerate(sorted(rows, key=lambda r: r["val_auc"])):
@@ -370,20 +321,9 @@ def mitigation_png(document: dict) -> bytes | None:
              ylabel="risk: " + ("record-level membership AUC" if record else "re-identification rate") + " (chance 0.5)",
              title="Mitigations: risk vs utility")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
+    png = figure_png(figure, dpi=110)
     plt.close(figure)
-    return buffer.getvalue()
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    return png
 
 
 # ------------------------------------------------------------------------------------------------ formatting
@@ -599,6 +539,22 @@ def _image_html(png: bytes | None, alt: str, css_class: str = "figure") -> str:
 
 
 def render_html(document: dict, figures: dict[str, dict[str, bytes]], pairs: dict[str, dict[int, bytes]]) -> str:
+    """The HTML report: one renderer per section, in reading order."""
+    out = _html_header(document)
+    out += _html_risk_summary(document)
+    if document["mitigation"]["shown"]:
+        out += _html_mitigations(document, figures)
+    out += _html_comparison(document)
+    for index, (name, entry) in enumerate(document["targets"].items(), start=1):
+        out += _html_target(index, name, entry, figures[name], pairs[name])
+    out += _html_meanings(document)
+    out += _html_reproducibility(document)
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _html_header(document: dict) -> list[str]:
+    """Title, provenance, threat model."""
     esc = html.escape
     out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
            f"<title>Re-identification risk report: {esc(document['run_id'])}</title><style>{CSS}</style></head><body>"]
@@ -609,7 +565,13 @@ def render_html(document: dict, figures: dict[str, dict[str, bytes]], pairs: dic
     out.append(f"<div class='box'><b>Threat model.</b> {esc(document['threat_model'] or '')}<br><b>Validation.</b> "
                f"{esc(document['validation_note'] or '')}<br><b>Sensitive content.</b> This report shows reconstructed "
                "and real patient images; keep it where the run's output is kept.</div>")
+    return out
 
+
+def _html_risk_summary(document: dict) -> list[str]:
+    """1. The risk table and one interpretation per target."""
+    esc = html.escape
+    out = []
     out.append("<h2>1. Risk summary</h2>")
     rows = risk_rows(document)
     if rows:
@@ -624,17 +586,27 @@ def render_html(document: dict, figures: dict[str, dict[str, bytes]], pairs: dic
         out.append(f"<p class='note'>The age/sex model's own validation (public pool): age MAE "
                    f"{esc(number(_get(model, 'age', 'mae') or model.get('age_mae'), 2))}, sex accuracy "
                    f"{esc(number(_get(model, 'sex', 'accuracy') or model.get('sex_accuracy'), 3))}.</p>")
+    return out
 
-    if document["mitigation"]["shown"]:
-        out.append("<h2>1b. Mitigations: utility and risk side by side</h2>")
-        header, rows = mitigation_rows(document)
-        out.append(_table_html(header, rows))
-        out.append("<p class='note'>Utility is the target's own validation split (patient-grouped); risk is the "
-                   "attack's outcome on that target. ε is the Opacus accountant's for the steps taken, at δ = 1/N. "
-                   "Targets marked fallback were attacked without BatchNorm statistics (GroupNorm model): their "
-                   "attack used the terms listed. Few likely samples give wide intervals.</p>")
-        out.append(_image_html(figures.get("_report", {}).get("mitigation"), "risk vs utility"))
 
+def _html_mitigations(document: dict, figures: dict[str, dict[str, bytes]]) -> list[str]:
+    """1b. Utility and risk side by side (mitigation manifests only)."""
+    out = []
+    out.append("<h2>1b. Mitigations: utility and risk side by side</h2>")
+    header, rows = mitigation_rows(document)
+    out.append(_table_html(header, rows))
+    out.append("<p class='note'>Utility is the target's own validation split (patient-grouped); risk is the "
+               "attack's outcome on that target. ε is the Opacus accountant's for the steps taken, at δ = 1/N. "
+               "Targets marked fallback were attacked without BatchNorm statistics (GroupNorm model): their "
+               "attack used the terms listed. Few likely samples give wide intervals.</p>")
+    out.append(_image_html(figures.get("_report", {}).get("mitigation"), "risk vs utility"))
+    return out
+
+
+def _html_comparison(document: dict) -> list[str]:
+    """2. Stage 1 across targets."""
+    esc = html.escape
+    out = []
     out.append("<h2>2. Side-by-side comparison (stage 1, distribution level)</h2>")
     header, rows = stage1_rows(document)
     out.append(_table_html(header, rows))
@@ -642,111 +614,160 @@ def render_html(document: dict, figures: dict[str, dict[str, bytes]], pairs: dic
                "images than feature dimensions (biased upwards; compare only between equal-size sets). "
                + esc(" ".join(sorted({inception_text(_get(e, "metrics", "stage1", "inception"))
                                       for e in document["targets"].values()}))) + "</p>")
+    return out
 
-    for index, (name, entry) in enumerate(document["targets"].items(), start=1):
-        metrics, samples = entry["metrics"], entry["samples"]
-        stage1, stage2, reid = metrics["stage1"], metrics["stage2"], metrics["reidentification"]
-        out.append(f"<h2>3.{index} Target {esc(name)}</h2>")
-        out.append(f"<p>{esc(interpretation(name, entry))}</p>")
-        out.append(f"<p class='note'>Attack objective terms: {esc(attack_terms_text(metrics.get('attack_terms')))}"
-                   "</p>")
-        out.append("<h3>Stage 1: distribution of generated images</h3>")
-        set_rows = []
-        for set_name, block in stage1["sets"].items():
-            set_rows.append([set_name, str(block["images"]),
-                             number(_get(block, "entropy", "mean")) + " ± " + number(_get(block, "entropy", "se")),
-                             number(_get(block, "kurtosis", "mean")) + " ± " + number(_get(block, "kurtosis", "se"))])
-        out.append(_table_html(["Set", "Images", "Pixel entropy (bits)", "PCA kurtosis"], set_rows))
-        fid_rows = [[f"{r['a']} ↔ {r['b']}", significant(r["value"]), f"{r['num_a']} / {r['num_b']}",
-                     number(r["underdetermined"])] for r in stage1.get("fid") or []]
-        if fid_rows:
-            out.append(_table_html(["FID", "Value", "Images", "Fewer images than dims"], fid_rows))
-        pca = stage1["pca"]
-        out.append(f"<p class='note'>PCA basis: {pca['components']} components fitted on {esc(str(pca['fitted_on']))} "
-                   f"({pca['fit_images']} images, {percent(pca['explained_variance'])} of variance). "
-                   f"{esc(inception_text(stage1.get('inception')))}</p>")
-        for note in stage1.get("notes") or []:
-            out.append(f"<p class='note'>Note: {esc(note)}</p>")
-        out.append(_image_html(figures[name].get("kurtosis"), "kurtosis curves"))
-        out.append(_image_html(figures[name].get("stage1_examples"), "example images per set"))
 
-        out.append("<h3>Stage 2: likely samples beside their nearest training image (validation only)</h3>")
-        out.append(f"<p class='note'>Nearest neighbour among {stage2.get('training_images')} training images in "
-                   f"{esc(str(stage2.get('feature_space')))}; SSIM at the generator's resolution "
-                   f"({metrics.get('resolution')} px). Mean SSIM {number(stage2.get('ssim_mean'))}, "
-                   f"{stage2.get('distinct_neighbours', 'n/a')} distinct neighbours of "
-                   f"{stage2.get('distinct_neighbour_patients', 'n/a')} patients.</p>")
-        ordered = sorted(samples, key=lambda s: (s.get("rank_combined") or 0, s["id"]))
-        sample_rows = [[str(s["id"]), _image_html(pairs[name].get(s["id"]), f"sample {s['id']} and neighbour", "pair"),
-                        number(s.get("ssim")), number(s.get("nn_distance")), esc(s.get("nn_patient") or "n/a"),
-                        str(s.get("rank_combined"))] for s in ordered[:HTML_MAX_SAMPLES]]
-        out.append(_table_html(["id", "Reconstruction | nearest training image", "SSIM", "Distance", "Patient",
-                                "Combined rank"], sample_rows, raw_columns={1}))
-        if len(samples) > HTML_MAX_SAMPLES:
-            out.append(f"<p class='note'>First {HTML_MAX_SAMPLES} of {len(samples)} by combined rank; all are in "
-                       "report.json and evaluation.parquet.</p>")
+def _html_target(index: int, name: str, entry: dict, figures: dict[str, bytes], pairs: dict[int, bytes]) -> list[str]:
+    """3.<index>: one target's stage 1, likely samples, demographics, re-identification and fine-tuning."""
+    esc = html.escape
+    metrics, samples = entry["metrics"], entry["samples"]
+    ordered = sorted(samples, key=lambda s: (s.get("rank_combined") or 0, s["id"]))
+    out = [f"<h2>3.{index} Target {esc(name)}</h2>", f"<p>{esc(interpretation(name, entry))}</p>",
+           f"<p class='note'>Attack objective terms: {esc(attack_terms_text(metrics.get('attack_terms')))}</p>"]
+    out += _html_stage1(metrics["stage1"], figures)
+    out += _html_likely_samples(metrics, ordered, len(samples), pairs)
+    out += _html_demographics(metrics, ordered)
+    out += _html_reidentification(metrics["reidentification"], ordered)
+    out += _html_losses_and_selection(metrics, figures)
+    return out
 
-        out.append("<h3>Demographics of reconstructions and their nearest neighbours</h3>")
-        demographics = metrics.get("demographics") or {}
-        if demographics.get("available"):
-            rec, nn = demographics.get("reconstruction") or {}, demographics.get("neighbour") or {}
-            out.append(_table_html(["Images", "Age MAE (years)", "Sex accuracy", "n"], [
-                ["reconstructions", number(rec.get("age_mae"), 1) + interval(rec.get("age_mae_ci"), digits=1),
-                 percent(rec.get("sex_accuracy")) + interval(rec.get("sex_accuracy_ci"), as_percent=True),
-                 str(rec.get("n"))],
-                ["nearest neighbours (real)", number(nn.get("age_mae"), 1) + interval(nn.get("age_mae_ci"), digits=1),
-                 percent(nn.get("sex_accuracy")) + interval(nn.get("sex_accuracy_ci"), as_percent=True),
-                 str(nn.get("n", "n/a"))]]))
-            out.append(f"<p class='note'>Ground truth: {esc(str(demographics.get('ground_truth')))}.</p>")
-            header, rows = demographic_rows(ordered[:HTML_MAX_SAMPLES])
-            out.append(_table_html(header, rows))
+
+def _html_stage1(stage1: dict, figures: dict[str, bytes]) -> list[str]:
+    """Stage 1: the generated sets' entropy, kurtosis and FID."""
+    esc = html.escape
+    out = []
+    out.append("<h3>Stage 1: distribution of generated images</h3>")
+    set_rows = []
+    for set_name, block in stage1["sets"].items():
+        set_rows.append([set_name, str(block["images"]),
+                         number(_get(block, "entropy", "mean")) + " ± " + number(_get(block, "entropy", "se")),
+                         number(_get(block, "kurtosis", "mean")) + " ± " + number(_get(block, "kurtosis", "se"))])
+    out.append(_table_html(["Set", "Images", "Pixel entropy (bits)", "PCA kurtosis"], set_rows))
+    fid_rows = [[f"{r['a']} ↔ {r['b']}", significant(r["value"]), f"{r['num_a']} / {r['num_b']}",
+                 number(r["underdetermined"])] for r in stage1.get("fid") or []]
+    if fid_rows:
+        out.append(_table_html(["FID", "Value", "Images", "Fewer images than dims"], fid_rows))
+    pca = stage1["pca"]
+    out.append(f"<p class='note'>PCA basis: {pca['components']} components fitted on {esc(str(pca['fitted_on']))} "
+               f"({pca['fit_images']} images, {percent(pca['explained_variance'])} of variance). "
+               f"{esc(inception_text(stage1.get('inception')))}</p>")
+    for note in stage1.get("notes") or []:
+        out.append(f"<p class='note'>Note: {esc(note)}</p>")
+    out.append(_image_html(figures.get("kurtosis"), "kurtosis curves"))
+    out.append(_image_html(figures.get("stage1_examples"), "example images per set"))
+    return out
+
+
+def _html_likely_samples(metrics: dict, ordered: list[dict], total: int, pairs: dict[int, bytes]) -> list[str]:
+    """Stage 2: likely samples beside their nearest training image."""
+    esc = html.escape
+    stage2 = metrics["stage2"]
+    out = []
+    out.append("<h3>Stage 2: likely samples beside their nearest training image (validation only)</h3>")
+    out.append(f"<p class='note'>Nearest neighbour among {stage2.get('training_images')} training images in "
+               f"{esc(str(stage2.get('feature_space')))}; SSIM at the generator's resolution "
+               f"({metrics.get('resolution')} px). Mean SSIM {number(stage2.get('ssim_mean'))}, "
+               f"{stage2.get('distinct_neighbours', 'n/a')} distinct neighbours of "
+               f"{stage2.get('distinct_neighbour_patients', 'n/a')} patients.</p>")
+    sample_rows = [[str(s["id"]), _image_html(pairs.get(s["id"]), f"sample {s['id']} and neighbour", "pair"),
+                    number(s.get("ssim")), number(s.get("nn_distance")), esc(s.get("nn_patient") or "n/a"),
+                    str(s.get("rank_combined"))] for s in ordered[:HTML_MAX_SAMPLES]]
+    out.append(_table_html(["id", "Reconstruction | nearest training image", "SSIM", "Distance", "Patient",
+                            "Combined rank"], sample_rows, raw_columns={1}))
+    if total > HTML_MAX_SAMPLES:
+        out.append(f"<p class='note'>First {HTML_MAX_SAMPLES} of {total} by combined rank; all are in "
+                   "report.json and evaluation.parquet.</p>")
+    return out
+
+
+def _html_demographics(metrics: dict, ordered: list[dict]) -> list[str]:
+    """Predicted age and sex of reconstructions and neighbours against the truth."""
+    esc = html.escape
+    out = []
+    out.append("<h3>Demographics of reconstructions and their nearest neighbours</h3>")
+    demographics = metrics.get("demographics") or {}
+    if demographics.get("available"):
+        rec, nn = demographics.get("reconstruction") or {}, demographics.get("neighbour") or {}
+        out.append(_table_html(["Images", "Age MAE (years)", "Sex accuracy", "n"], [
+            ["reconstructions", number(rec.get("age_mae"), 1) + interval(rec.get("age_mae_ci"), digits=1),
+             percent(rec.get("sex_accuracy")) + interval(rec.get("sex_accuracy_ci"), as_percent=True),
+             str(rec.get("n"))],
+            ["nearest neighbours (real)", number(nn.get("age_mae"), 1) + interval(nn.get("age_mae_ci"), digits=1),
+             percent(nn.get("sex_accuracy")) + interval(nn.get("sex_accuracy_ci"), as_percent=True),
+             str(nn.get("n", "n/a"))]]))
+        out.append(f"<p class='note'>Ground truth: {esc(str(demographics.get('ground_truth')))}.</p>")
+        header, rows = demographic_rows(ordered[:HTML_MAX_SAMPLES])
+        out.append(_table_html(header, rows))
+    else:
+        out.append("<p class='note'>Not available: the target's training images are not known here.</p>")
+    return out
+
+
+def _html_reidentification(reid: dict, ordered: list[dict]) -> list[str]:
+    """Re-identification and devices (synthetic ground truth)."""
+    esc = html.escape
+    out = []
+    out.append("<h3>Re-identification (synthetic ground truth, validation only)</h3>")
+    if reid.get("available"):
+        out.append(f"<p>{reid['reidentified']} of {reid['num_samples']} likely samples are nearer a training image "
+                   f"({reid['train_pool']} pool, {reid['num_train']} images) than a held-out image "
+                   f"({reid['heldout_pool']} pool, {reid['num_control']} images): rate "
+                   f"{percent(reid['rate'])}{interval(reid['rate_ci'], as_percent=True)}, one-sided p "
+                   f"{p_value(reid['p_value'])} against chance 0.5; they point at "
+                   f"{reid['distinct_train_patients']} "
+                   f"distinct training patient(s). Membership AUC {number(reid.get('membership_auc'), 2)}.</p>")
+        devices = reid.get("devices") or {}
+        detector = devices.get("detector") or {}
+        if devices.get("available"):
+            out.append(f"<p>Devices: {devices.get('reproduced')} reconstruction(s) reproduce the matched patient's "
+                       f"pacemaker ({devices.get('matched_with_pacemaker')} matched patients have one). "
+                       "Detector on "
+                       f"real images: sensitivity {number(detector.get('sensitivity'), 2)}, specificity "
+                       f"{number(detector.get('specificity'), 2)}, AUC {number(detector.get('auc'), 2)}. It also "
+                       f"fires on {devices.get('detected_without_pacemaker')} of "
+                       f"{devices.get('matched_without_pacemaker')} reconstructions whose matched patient has no "
+                       "pacemaker; where that share is far above 1 - specificity, the detector is reacting to "
+                       "artefacts of the generated images and the reproduction count means little.</p>")
         else:
-            out.append("<p class='note'>Not available: the target's training images are not known here.</p>")
+            out.append(f"<p class='note'>Devices: not assessed. {esc(str(devices.get('reason', '')))}</p>")
+        header, rows = reid_rows(ordered[:HTML_MAX_SAMPLES])
+        out.append(_table_html(header, rows))
+    else:
+        out.append(f"<p class='note'>Not available: {esc(str(reid.get('reason')))}.</p>")
+    return out
 
-        out.append("<h3>Re-identification (synthetic ground truth, validation only)</h3>")
-        if reid.get("available"):
-            out.append(f"<p>{reid['reidentified']} of {reid['num_samples']} likely samples are nearer a training image "
-                       f"({reid['train_pool']} pool, {reid['num_train']} images) than a held-out image "
-                       f"({reid['heldout_pool']} pool, {reid['num_control']} images): rate "
-                       f"{percent(reid['rate'])}{interval(reid['rate_ci'], as_percent=True)}, one-sided p "
-                       f"{p_value(reid['p_value'])} against chance 0.5; they point at "
-                       f"{reid['distinct_train_patients']} "
-                       f"distinct training patient(s). Membership AUC {number(reid.get('membership_auc'), 2)}.</p>")
-            devices = reid.get("devices") or {}
-            detector = devices.get("detector") or {}
-            if devices.get("available"):
-                out.append(f"<p>Devices: {devices.get('reproduced')} reconstruction(s) reproduce the matched patient's "
-                           f"pacemaker ({devices.get('matched_with_pacemaker')} matched patients have one). "
-                           "Detector on "
-                           f"real images: sensitivity {number(detector.get('sensitivity'), 2)}, specificity "
-                           f"{number(detector.get('specificity'), 2)}, AUC {number(detector.get('auc'), 2)}. It also "
-                           f"fires on {devices.get('detected_without_pacemaker')} of "
-                           f"{devices.get('matched_without_pacemaker')} reconstructions whose matched patient has no "
-                           "pacemaker; where that share is far above 1 - specificity, the detector is reacting to "
-                           "artefacts of the generated images and the reproduction count means little.</p>")
-            else:
-                out.append(f"<p class='note'>Devices: not assessed. {esc(str(devices.get('reason', '')))}</p>")
-            header, rows = reid_rows(ordered[:HTML_MAX_SAMPLES])
-            out.append(_table_html(header, rows))
-        else:
-            out.append(f"<p class='note'>Not available: {esc(str(reid.get('reason')))}.</p>")
 
-        out.append("<h3>Stage 1 fine-tuning losses</h3>")
-        out.append(_image_html(figures[name].get("losses"), "loss curves"))
-        selection = metrics.get("selection") or {}
-        thresholds, counts = selection.get("thresholds") or {}, selection.get("counts") or {}
-        out.append(f"<p class='note'>Selection: rule {esc(str(selection.get('rule')))}; objective total ≤ "
-                   f"{significant(thresholds.get('objective_total'))} ({counts.get('low_objective')} candidates), "
-                   f"Mahalanobis ≤ {significant(thresholds.get('mahalanobis'))} ({counts.get('low_mahalanobis')}); "
-                   f"{counts.get('selected')} selected of {counts.get('candidates')} "
-                   f"({counts.get('non_finite')} with non-finite scores).</p>")
-        for note in metrics.get("notes") or []:
-            out.append(f"<p class='note'>Note: {esc(note)}</p>")
+def _html_losses_and_selection(metrics: dict, figures: dict[str, bytes]) -> list[str]:
+    """Fine-tuning losses, the selection rule, and the target's notes."""
+    esc = html.escape
+    out = []
+    out.append("<h3>Stage 1 fine-tuning losses</h3>")
+    out.append(_image_html(figures.get("losses"), "loss curves"))
+    selection = metrics.get("selection") or {}
+    thresholds, counts = selection.get("thresholds") or {}, selection.get("counts") or {}
+    out.append(f"<p class='note'>Selection: rule {esc(str(selection.get('rule')))}; objective total ≤ "
+               f"{significant(thresholds.get('objective_total'))} ({counts.get('low_objective')} candidates), "
+               f"Mahalanobis ≤ {significant(thresholds.get('mahalanobis'))} ({counts.get('low_mahalanobis')}); "
+               f"{counts.get('selected')} selected of {counts.get('candidates')} "
+               f"({counts.get('non_finite')} with non-finite scores).</p>")
+    for note in metrics.get("notes") or []:
+        out.append(f"<p class='note'>Note: {esc(note)}</p>")
+    return out
 
+
+def _html_meanings(document: dict) -> list[str]:
+    """4. What each number shows and does not show."""
+    out = []
     out.append("<h2>4. What these numbers show and do not show</h2>")
     out.append(_table_html(["Number", "Shows", "Does not show"],
                            [[m["metric"], m["shows"], m["does_not_show"]] for m in document["meanings"]]))
+    return out
 
+
+def _html_reproducibility(document: dict) -> list[str]:
+    """5. Software versions and the resolved manifest."""
+    esc = html.escape
+    out = []
     out.append("<h2>5. Reproducibility</h2>")
     versions = document["software"]
     first = next(iter(versions["evaluation"].values()), None) or {}
@@ -755,8 +776,7 @@ def render_html(document: dict, figures: dict[str, dict[str, bytes]], pairs: dic
                             for k in sorted(set(first) | set(versions["report"]))]))
     out.append("<h3>Manifest (resolved)</h3><pre>" + esc(yaml.safe_dump(document["manifest"], sort_keys=False))
                + "</pre>")
-    out.append("</body></html>")
-    return "\n".join(out)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ Markdown
@@ -808,25 +828,9 @@ def render_markdown(document: dict) -> str:
 # ------------------------------------------------------------------------------------------------ the shell
 
 
-def _run_store(manifest: Manifest):
-    # recipes.common.run_store would import torch; the report needs none.
-    from reid_batch.storage import S3Settings, open_store
-
-    s3 = manifest.output.s3
-    return open_store(f"{manifest.output.uri.rstrip('/')}/{manifest.run_id}",
-                      S3Settings(endpoint=s3.endpoint, region=s3.region, sse=s3.sse,
-                                 allow_bucket_creation=s3.allow_bucket_creation))
-
-
-def report_prefix(target: str | None = None) -> str:
-    return "report" if target is None else f"report-{target}"
-
-
 def report(manifest: Manifest, target: str | None = None) -> int:
     """`reid-batch report`: render every target's evaluation (or one target's) into one report."""
-    from reid_batch.stages.evaluate import FIGURES, METRICS_FILE, TABLE_FILE, evaluation_prefix, pair_key
-
-    store = _run_store(manifest)
+    store = run_store(manifest)
     names = [manifest.target(target).name] if target else [t.name for t in manifest.targets]
     missing = [n for n in names if not store.is_committed(evaluation_prefix(n))]
     if missing:
@@ -850,8 +854,9 @@ def report(manifest: Manifest, target: str | None = None) -> int:
                          if store.exists(f"{base}/{path}")}
         pairs[name] = {int(i): store.read_bytes(f"{base}/{pair_key(int(i))}") for i in tables[name]["id"]
                        if store.exists(f"{base}/{pair_key(int(i))}")}
-    demographic_model = store.read_json("demographics/metrics.json") \
-        if store.is_committed("demographics") and store.exists("demographics/metrics.json") else None
+    model_metrics = f"{DEMOGRAPHICS_PREFIX}/{MODEL_METRICS_FILE}"
+    demographic_model = store.read_json(model_metrics) \
+        if store.is_committed(DEMOGRAPHICS_PREFIX) and store.exists(model_metrics) else None
     document = build_report(manifest.run_id, evaluations, tables, manifest.model_dump(mode="json"), demographic_model)
     plot = mitigation_png(document) if document["mitigation"]["shown"] else None
     page = render_html(document, {**figures, "_report": {"mitigation": plot}}, pairs)

@@ -35,17 +35,17 @@ Row schema (one row per candidate; float32 unless noted)
 id (int64), shard (int32), class (int32: the class the target predicts, which the `logits` term measures
 against); one-logit binary targets: logit, probability (sigmoid, P(class 1)); C > 1 classes: logit_<k> and
 probability_<k> (softmax) per class; term_<name>: the UNWEIGHTED per-sample value of every objective term of
-fine-tuning (same definitions, reid_batch.objectives) EXCEPT `tv` (as in the study: smoothness says nothing about
+fine-tuning (same definitions, reid_batch.attack.objectives) EXCEPT `tv` (as in the study: smoothness says nothing about
 membership); objective_total: their sum weighted with fine-tuning's weights; mahalanobis (float64; see
-reid_batch.mahalanobis); image_mean, image_std, pixel_entropy (Shannon entropy in bits of the 256-level histogram
-of round(255 x) over all pixels of the [0, 1] image, as of its 8-bit PNG).
+reid_batch.attack.mahalanobis); image_mean, image_std, pixel_entropy (Shannon entropy in bits of the
+256-level grey histogram, analysis.metrics.pixel_entropy_on_device: the one definition evaluation uses too).
 
 Reference statistics
 --------------------
 ViT targets need reference statistics (objective terms, CLS Gaussian): stage 1's, through
-`recipes.finetune.reference_stats` (its fingerprinted cache `<target>/finetune-reference.safetensors`, measured
+`attack.reference.reference_stats` (its fingerprinted cache `<target>/finetune-reference.safetensors`, measured
 the same way if absent or stale), so both stages compare with the same numbers. `ledoit_wolf` needs reference
-features: `selection.mahalanobis.reference_images` PRIOR samples at ids REFERENCE_ID_OFFSET + k (never a
+features: `selection.mahalanobis.reference_images` PRIOR samples at ids layout.MAHALANOBIS_REFERENCE_ID_OFFSET + k (never a
 candidate's). Every shard computes the same Gaussian deterministically; its fingerprint is stored per chunk so
 that `select` can verify that all shards agree.
 """
@@ -53,286 +53,42 @@ that `select` can verify that all shards agree.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Callable
 
 import numpy as np
-import pyarrow as pa
-import torch
-from torch import Tensor
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from reid_batch import log, preemption
+from reid_batch.artifacts import finetune_identity, load_attack_target, load_finetuned_generator
+from reid_batch.attack.candidates import CandidateScorer, concat_columns
+from reid_batch.attack.generation import BatchSizer, effective_mixed_precision, prepare_models, target_input_spec
+from reid_batch.attack.objectives import TargetObjective, needs_reference_stats
+from reid_batch.attack.reference import feature_gaussian, gather_object_list, my_share, vit_reference_stats
 from reid_batch.errors import InputError
+from reid_batch.formats import png_bytes
+from reid_batch.layout import (CHUNK_FILE, SUMMARY_FILE, chunk_bounds, chunk_prefix, image_key, shard_bounds,
+                               shard_prefix)
 from reid_batch.manifest import Manifest, TargetSpec
+from reid_batch.runtime import check_shard, chosen_targets, pick_device, run_store
+from reid_batch.storage import COMMIT_MARKER
 
-SUMMARY_FILE = "_SHARD.json"
-CHUNK_FILE = "candidates.parquet"
 PLAN_FORMAT = 1
-# Reference latents use ids no candidate can have, so reference and candidates never share an image.
-REFERENCE_ID_OFFSET = 2**62
-CPU_BATCH_SIZE = 256
-# On a CPU a batch is best kept cache-sized: with the 1024 px PGGAN a compiled forward cost 1.38 / 1.46 / 1.52 s
-# per candidate at batch 2 / 4 / 8 (one thread). `auto` keeps batch x generator pixels within this budget.
-CPU_AUTO_PIXELS = 2 * 1024 * 1024
-MAX_AUTO_BATCH_SIZE = 4096
-# Pixels per bincount call when histogramming: bounds the index tensor to ~512 MB of int64.
-_HISTOGRAM_PIXELS = 64 * 2**20
-_CHUNK_MARKER = re.compile(r"^chunk=(\d+)/_COMMITTED$")
+_CHUNK_MARKER = re.compile(rf"^chunk=(\d+)/{re.escape(COMMIT_MARKER)}$")
 
 
 # ------------------------------------------------------------------------------------------------ id layout
 
 
-def shard_bounds(num_candidates: int, num_shards: int, shard: int) -> tuple[int, int]:
-    """[start, stop) of the ids shard `shard` owns: numpy.array_split's partition of range(num_candidates)."""
-    if num_shards < 1 or not 0 <= shard < num_shards:
-        raise ValueError(f"shard {shard} is outside 0..{num_shards - 1}")
-    base, extra = divmod(num_candidates, num_shards)
-    start = shard * base + min(shard, extra)
-    return start, start + base + (1 if shard < extra else 0)
-
-
-def chunk_bounds(start: int, stop: int, chunk_size: int) -> list[tuple[int, int, int]]:
-    """(chunk index, first id, stop id) of each chunk of [start, stop); the index counts from 0 within the shard."""
-    return [(j, a, min(a + chunk_size, stop)) for j, a in enumerate(range(start, stop, chunk_size))]
-
-
-def candidates_prefix(target: str) -> str:
-    return f"{target}/candidates"
-
-
-def shard_prefix(target: str, shard: int) -> str:
-    return f"{candidates_prefix(target)}/shard={shard}"
-
-
-def chunk_prefix(target: str, shard: int, chunk: int) -> str:
-    return f"{shard_prefix(target, shard)}/chunk={chunk}"
-
-
-def image_key(target: str, shard: int, candidate_id: int) -> str:
-    return f"{target}/candidates-images/shard={shard}/{candidate_id}.png"
-
-
 # ------------------------------------------------------------------------------------------------ image statistics
 
 
-def pixel_entropy(images01: Tensor) -> Tensor:
-    """Shannon entropy (bits) of each image's 256-level histogram of round(255 x), all channels pooled, (N,)."""
-    levels = images01.detach().float().clamp(0, 1).mul(255).round_()
-    n, pixels = levels.shape[0], levels[0].numel()
-    if levels.device.type == "cpu":  # a bincount of one-byte levels per image: 3x faster than scatter_add_ here
-        levels = levels.to(torch.uint8)
-        counts = torch.stack([torch.bincount(image.reshape(-1), minlength=256) for image in levels]).double()
-    else:
-        levels = levels.to(torch.int64).flatten(1)
-        counts = torch.empty(n, 256, dtype=torch.float64, device=levels.device)
-        step = max(1, _HISTOGRAM_PIXELS // max(pixels, 1))
-        for at in range(0, n, step):
-            part = levels[at : at + step]
-            offsets = torch.arange(part.shape[0], device=part.device).unsqueeze(1) * 256
-            index = (part + offsets).reshape(-1)
-            # scatter_add_, not bincount: CUDA's bincount reads the maximum back to the host (a sync per batch).
-            # Adding ones is exact in float64 whatever the order.
-            counts[at : at + step] = torch.zeros(part.shape[0] * 256, dtype=torch.float64, device=part.device).scatter_add_(
-                0, index, torch.ones(1, dtype=torch.float64, device=part.device).expand(index.shape[0])).view(-1, 256)
-    p = counts / pixels
-    return -(p * torch.where(p > 0, p.log2(), torch.zeros_like(p))).sum(1)
-
-
-def image_statistics(images01: Tensor) -> dict[str, Tensor]:
-    """Per-image mean, (population) standard deviation and pixel entropy of [0, 1] images (N, C, H, W)."""
-    # Reduced in place over (C, H, W): flattening a channels_last batch would copy it first.
-    std, mean = torch.std_mean(images01.detach().float(), dim=(1, 2, 3), correction=0)
-    return {"image_mean": mean, "image_std": std, "pixel_entropy": pixel_entropy(images01)}
-
-
-def png_bytes(image01: Tensor) -> bytes:
-    """An 8-bit PNG of one [0, 1] image (C, H, W), C = 1 (grey) or 3 (RGB)."""
-    from PIL import Image
-
-    array = (image01.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    picture = Image.fromarray(array[0], mode="L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0), mode="RGB")
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 # ------------------------------------------------------------------------------------------------ the pure core
-
-
-def autocast_context(device: torch.device, mixed_precision: str):
-    """Autocast on CUDA for bf16/fp16 (bf16 only where the GPU supports it natively); a null context otherwise."""
-    if device.type != "cuda" or mixed_precision == "no":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def effective_mixed_precision(device: torch.device, mixed_precision: str) -> str:
-    if mixed_precision == "no" or device.type != "cuda":
-        return "no"
-    if mixed_precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        return "no"
-    return mixed_precision
-
-
-def regenerate_images(generator, ids: Iterable[int] | np.ndarray, seed: int, device: torch.device,
-                      mixed_precision: str = "no") -> Tensor:
-    """[0, 1] float32 images of candidates `ids`, from their counter-based latents (the same in any batch)."""
-    from reid_batch.models.pggan import generator_to_unit, latents_for_ids
-
-    # A copy: ids read from Parquet are read-only arrays, which torch warns about sharing.
-    ids = torch.from_numpy(np.array(ids, dtype=np.int64))
-    latents = latents_for_ids(seed, ids, generator.config.latent_dim).to(device)
-    with torch.inference_mode(), autocast_context(device, mixed_precision):
-        raw = generator(latents)
-    return generator_to_unit(raw.float(), generator.config.output_range)
-
-
-def prepare_models(generator, target, device: torch.device, compile: bool = False):
-    """(generator, target) ready for inference: channels_last (NHWC convolutions: tensor cores take them without
-    transposes; oneDNN on a CPU ran the 256 px PGGAN 25 % faster), and the generator torch.compile'd if asked (the
-    target is left as is: the objective's hooks record its activations, which a compiled graph would not expose
-    as they are). Converts the modules in place."""
-    generator = generator.to(memory_format=torch.channels_last)
-    target = target.to(memory_format=torch.channels_last)
-    if compile:
-        generator = torch.compile(generator)
-    return generator, target
-
-
-def logit_tensors(logits: Tensor) -> dict[str, Tensor]:
-    logits = logits.detach().float()
-    if logits.shape[1] == 1:
-        return {"logit": logits[:, 0], "probability": torch.sigmoid(logits[:, 0])}
-    probabilities = logits.softmax(dim=1)
-    columns = {f"logit_{k}": logits[:, k] for k in range(logits.shape[1])}
-    columns.update({f"probability_{k}": probabilities[:, k] for k in range(logits.shape[1])})
-    return columns
-
-
-def logit_columns(logits: Tensor) -> dict[str, np.ndarray]:
-    return {k: v.cpu().numpy() for k, v in logit_tensors(logits).items()}
-
-
-def to_numpy_columns(columns: dict) -> dict[str, np.ndarray]:
-    return {k: v.cpu().numpy() if isinstance(v, Tensor) else v for k, v in columns.items()}
-
-
-def candidate_schema(num_classes: int, terms: list[str]) -> pa.Schema:
-    """The Parquet schema of candidate rows (see the module docstring)."""
-    f32 = pa.float32()
-    fields = [pa.field("id", pa.int64()), pa.field("shard", pa.int32()), pa.field("class", pa.int32())]
-    if num_classes == 1:
-        fields += [pa.field("logit", f32), pa.field("probability", f32)]
-    else:
-        fields += [pa.field(f"logit_{k}", f32) for k in range(num_classes)]
-        fields += [pa.field(f"probability_{k}", f32) for k in range(num_classes)]
-    fields += [pa.field(f"term_{t}", f32) for t in terms]
-    fields += [pa.field("objective_total", f32), pa.field("mahalanobis", pa.float64())]
-    fields += [pa.field(n, f32) for n in ("image_mean", "image_std", "pixel_entropy")]
-    return pa.schema(fields)
-
-
-class CandidateScorer:
-    """Generator + frozen target objective + Mahalanobis model: candidate ids in, statistic columns out."""
-
-    def __init__(self, generator, objective, input_spec, gaussian, num_classes: int, seed: int,
-                 device: torch.device, mixed_precision: str = "no"):
-        from reid_batch.objectives import SCORING_EXCLUDES
-
-        self.generator = generator
-        self.objective = objective
-        self.input_spec = input_spec
-        self.gaussian = gaussian
-        self.num_classes = num_classes
-        self.seed = seed
-        self.device = device
-        self.mixed_precision = mixed_precision
-        self.terms = [t for t in objective.weights if t not in SCORING_EXCLUDES]
-        self.schema = candidate_schema(num_classes, self.terms)
-
-    def score(self, ids: np.ndarray, shard: int, keep_images: bool = False) -> tuple[dict[str, np.ndarray], Tensor | None]:
-        """Columns for candidates `ids` (in order), and their [0, 1] images on the CPU if asked."""
-        columns, images = self.score_on_device(ids, shard, keep_images)
-        return to_numpy_columns(columns), images
-
-    def score_on_device(self, ids: np.ndarray, shard: int, keep_images: bool = False) -> tuple[dict, Tensor | None]:
-        """As `score`, but the computed columns stay tensors on the device: no host-device sync per batch; the
-        caller moves a whole chunk at once (`concat_columns`)."""
-        from reid_batch.models.targets import to_target_input
-
-        ids = np.asarray(ids, dtype=np.int64)
-        images = regenerate_images(self.generator, ids, self.seed, self.device, self.mixed_precision)
-        with torch.inference_mode():
-            target_input = to_target_input(images, self.input_spec, check_range=False)
-            with autocast_context(self.device, self.mixed_precision):
-                result = self.objective(target_input, image01=images, classes=None)
-        if result.features is None:
-            raise RuntimeError("the objective produced no features for the Mahalanobis distance")
-        columns: dict = {
-            "id": ids,
-            "shard": np.full(len(ids), shard, dtype=np.int32),
-            "class": result.classes.to(torch.int32),
-            **logit_tensors(result.logits),
-        }
-        for t in self.terms:
-            columns[f"term_{t}"] = result.per_sample[t].float()
-        columns["objective_total"] = result.per_sample_total.float()
-        columns["mahalanobis"] = self.gaussian.distances(result.features.float(), on_device=True)
-        columns.update(image_statistics(images))
-        return columns, (images.cpu() if keep_images else None)
-
-    def table(self, columns: dict[str, np.ndarray]) -> pa.Table:
-        return pa.Table.from_arrays([pa.array(columns[f.name], type=f.type) for f in self.schema], schema=self.schema)
-
-
-def concat_columns(parts: list[dict]) -> dict[str, np.ndarray]:
-    """One table's columns from batches' columns (numpy arrays, or device tensors: moved once, here)."""
-    parts = [p for p in parts if p and len(p["id"])]
-    if not parts:
-        return {}
-    return {k: torch.cat([p[k] for p in parts]).cpu().numpy() if isinstance(parts[0][k], Tensor)
-            else np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-class BatchSizer:
-    """A fixed batch size, or `auto`: on CUDA the largest power of two that fits, halving on OOM; on a CPU the
-    largest power of two up to 256 whose images (pixels_per_item each) stay within CPU_AUTO_PIXELS."""
-
-    def __init__(self, configured: int | str, device: torch.device, largest_useful: int,
-                 pixels_per_item: int | None = None):
-        self.adaptive = configured == "auto" and device.type == "cuda"
-        if configured != "auto":
-            self.size = int(configured)
-        elif device.type == "cuda":
-            self.size = min(MAX_AUTO_BATCH_SIZE, 1 << max(0, int(largest_useful) - 1).bit_length())
-        else:
-            fits = max(1, CPU_AUTO_PIXELS // max(1, pixels_per_item or 1))
-            self.size = min(CPU_BATCH_SIZE, 1 << (fits.bit_length() - 1))
-
-    def run(self, items: np.ndarray, work: Callable[[np.ndarray], Any]) -> list[Any]:
-        results, at = [], 0
-        while at < len(items):
-            batch = items[at : at + self.size]
-            out_of_memory = False
-            try:
-                results.append(work(batch))
-            except torch.cuda.OutOfMemoryError:
-                if not self.adaptive or self.size == 1:
-                    raise
-                out_of_memory = True
-            if out_of_memory:  # handled outside `except`, once the failed batch's tensors are released
-                torch.cuda.empty_cache()
-                self.size //= 2
-                log.event("batch_size_halved", batch_size=self.size, reason="CUDA out of memory")
-                continue
-            at += len(batch)
-        return results
 
 
 class ChunkWriter:
@@ -341,8 +97,6 @@ class ChunkWriter:
     is raised by the next submit() or by close(), which waits for every commit."""
 
     def __init__(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-writer")
         self._pending: list = []
 
@@ -364,92 +118,7 @@ class ChunkWriter:
 # ------------------------------------------------------------------------------------------------ reference statistics
 
 
-def _gather(accelerator, obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every process."""
-    if accelerator.num_processes == 1:
-        return [obj]
-    from accelerate.utils import gather_object
-
-    return gather_object([obj])
-
-
-def _my_share(accelerator, ids: np.ndarray) -> np.ndarray:
-    with accelerator.split_between_processes(ids.tolist()) as mine:
-        return np.asarray(mine, dtype=np.int64)
-
-
-def reference_ids(count: int) -> np.ndarray:
-    return REFERENCE_ID_OFFSET + np.arange(count, dtype=np.int64)
-
-
-def _prior_reference_images(manifest: Manifest, accelerator, count: int, sizer: BatchSizer) -> Iterable[Tensor]:
-    """This process's share of the prior generator's reference images, batch by batch ([0, 1], on the device)."""
-    from reid_batch.recipes.train_prior import load_prior
-
-    prior = load_prior(manifest).to(accelerator.device).eval()
-    mine = _my_share(accelerator, reference_ids(count))
-    for at in range(0, len(mine), sizer.size):
-        yield regenerate_images(prior, mine[at : at + sizer.size], manifest.sampling.seed, accelerator.device)
-
-
-def vit_reference_stats(manifest: Manifest, spec: TargetSpec, model, accelerator) -> dict[str, Tensor]:
-    """The reference statistics of a ViT or GroupNorm CNN, exactly stage 1's: its cache when it matches, else measured the same way."""
-    from reid_batch.artifacts import run_store
-    from reid_batch.recipes.finetune import reference_stats
-    from reid_batch.recipes.train_prior import load_prior
-
-    stats, info = reference_stats(manifest, spec, model, load_prior(manifest), accelerator, run_store(manifest))
-    log.event("reference_stats_ready", target=spec.name, **info)
-    return {k: v.cpu() for k, v in stats.items()}
-
-
-def feature_gaussian(manifest: Manifest, spec: TargetSpec, objective, accelerator, sizer: BatchSizer):
-    """The Mahalanobis model of `selection.mahalanobis` for this target (see reid_batch.mahalanobis)."""
-    from reid_batch import mahalanobis
-    from reid_batch.models.targets import to_target_input
-
-    settings = manifest.selection.mahalanobis
-    if settings.covariance == "diagonal":
-        prior = objective.feature_prior()
-        if prior is None:
-            raise InputError("the target offers no feature statistics for a diagonal Gaussian (no BatchNorm2d, "
-                             "or ViT reference statistics without CLS statistics); use covariance: ledoit_wolf",
-                             where="selection.mahalanobis.covariance")
-        source = ("reference CLS mean/var" if spec.family == "vit" else
-                  "last GroupNorm input, reference mean/var" if objective.fallback is not None else
-                  "last BatchNorm2d running_mean/running_var")
-        return mahalanobis.from_gaussian(prior[0], prior[1], settings.epsilon, source)
-    input_spec = target_input_spec(spec)
-    features = []
-    with torch.inference_mode():
-        for images in _prior_reference_images(manifest, accelerator, settings.reference_images, sizer):
-            result = objective(to_target_input(images, input_spec, check_range=False), image01=images)
-            features.append(result.features.float().cpu().numpy())
-    dim = 0 if not features else features[0].shape[1]
-    mine = np.concatenate(features) if features else np.zeros((0, dim), dtype=np.float32)
-    gathered = [part for part in _gather(accelerator, mine) if len(part)]
-    return mahalanobis.fit_ledoit_wolf(np.concatenate(gathered), settings.epsilon,
-                                       source=f"Ledoit-Wolf on {settings.reference_images} prior samples")
-
-
 # ------------------------------------------------------------------------------------------------ plan and resume
-
-
-def target_input_spec(spec: TargetSpec):
-    from reid_batch.models.targets import TargetInput
-
-    return TargetInput(size=spec.input.size, channels=spec.input.channels, mean=tuple(spec.input.mean),
-                       std=tuple(spec.input.std))
-
-
-def finetune_identity(store, target: str) -> dict:
-    """What identifies stage 1's result: its commit marker's time and file sizes."""
-    from reid_batch.artifacts import attack_prefix, require_committed
-
-    prefix = attack_prefix(target, "finetune")
-    require_committed(store, prefix, f"finetune --target {target}")
-    marker = store.read_commit(prefix)
-    return {"created": marker.get("created"), "files": marker.get("files")}
 
 
 def shard_plan(manifest: Manifest, spec: TargetSpec, shard: int, finetune: dict) -> dict:
@@ -505,49 +174,10 @@ def shard_progress(store, target: str, shard: int, plan: dict) -> ShardProgress:
     return ShardProgress(False, committed)
 
 
-def read_shard_summaries(store, target: str, num_shards: int) -> tuple[dict[int, dict], list[int]]:
-    """({shard: its _SHARD.json}, [shards without one]) for a target."""
-    summaries, missing = {}, []
-    for shard in range(num_shards):
-        key = f"{shard_prefix(target, shard)}/{SUMMARY_FILE}"
-        if store.exists(key):
-            summaries[shard] = store.read_json(key)
-        else:
-            missing.append(shard)
-    return summaries, missing
-
-
 # ------------------------------------------------------------------------------------------------ the shell
 
 
-def launched_state(manifest: Manifest):
-    """Accelerate's process state when this stage runs under a multi-process launcher, else None.
-
-    Single-writer stages (select, score) let only the main process work; the others wait for it."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from accelerate import PartialState
-
-    from reid_batch.recipes.common import pick_device
-
-    return PartialState(cpu=pick_device(manifest).type == "cpu")
-
-
-def _check_shard(manifest: Manifest, shard: int | None) -> list[int]:
-    count = manifest.sampling.num_shards
-    if shard is None:
-        return list(range(count))
-    if not 0 <= shard < count:
-        raise InputError(f"shard {shard} is outside 0..{count - 1}", where="--shard")
-    return [shard]
-
-
 def _build_scorer(manifest: Manifest, spec: TargetSpec, accelerator, sizer: BatchSizer):
-    from reid_batch.artifacts import load_attack_target, load_finetuned_generator
-    from reid_batch.objectives import TargetObjective, needs_reference_stats
-
     device = accelerator.device
     model, num_classes = load_attack_target(manifest, spec)
     generator = load_finetuned_generator(manifest, spec.name).to(device).eval()
@@ -572,8 +202,6 @@ def _build_scorer(manifest: Manifest, spec: TargetSpec, accelerator, sizer: Batc
 @preemption.deferred  # SIGTERM: the chunk in progress is finished and committed, then the task stops
 def _sample_shard(manifest: Manifest, spec: TargetSpec, shard: int, plan: dict, progress: ShardProgress,
                   scorer: CandidateScorer, accelerator, sizer: BatchSizer) -> dict | None:
-    from reid_batch.artifacts import run_store
-
     store = run_store(manifest)
     sampling = manifest.sampling
     main = accelerator.is_main_process
@@ -590,7 +218,7 @@ def _sample_shard(manifest: Manifest, spec: TargetSpec, shard: int, plan: dict, 
         for chunk, first, stop in (log.progress(pending, desc=f"{spec.name} shard {shard}", total=len(pending)) if main else pending):
             preemption.check(f"{spec.name} shard {shard} chunk {chunk}", accelerator)
             chunk_started = time.perf_counter()
-            ids = _my_share(accelerator, np.arange(first, stop, dtype=np.int64))
+            ids = my_share(accelerator, np.arange(first, stop, dtype=np.int64))
 
             def work(batch: np.ndarray) -> dict:
                 columns, images = scorer.score_on_device(batch, shard, keep_images=sampling.save_images)
@@ -600,7 +228,7 @@ def _sample_shard(manifest: Manifest, spec: TargetSpec, shard: int, plan: dict, 
                 return columns
 
             local = concat_columns(sizer.run(ids, work))
-            gathered = _gather(accelerator, local)
+            gathered = gather_object_list(accelerator, local)
             if main:
                 columns = concat_columns(gathered)
                 if not np.array_equal(columns.get("id", np.empty(0)), np.arange(first, stop)):
@@ -655,10 +283,6 @@ def _sample_shard(manifest: Manifest, spec: TargetSpec, shard: int, plan: dict, 
 
 def sample_target(manifest: Manifest, spec: TargetSpec, shards: list[int], accelerator) -> list[dict]:
     """Sample the given shards of one target, skipping finished ones before loading any model."""
-    from accelerate.utils import broadcast_object_list
-
-    from reid_batch.artifacts import run_store
-
     store = run_store(manifest)
     work: list = [None]
     if accelerator.is_main_process:
@@ -697,12 +321,8 @@ def sample_target(manifest: Manifest, spec: TargetSpec, shards: list[int], accel
 
 def sample(manifest: Manifest, target: str | None = None, shard: int | None = None) -> int:
     """`reid-batch sample`: the given shard (None = every shard in turn) of each target (None = all targets)."""
-    from accelerate import Accelerator
-
-    from reid_batch.recipes.common import pick_device
-
-    shards = _check_shard(manifest, shard)
-    specs = [manifest.target(target)] if target else list(manifest.targets)
+    shards = check_shard(shard, manifest.sampling.num_shards)
+    specs = chosen_targets(manifest, target)
     device = pick_device(manifest)
     accelerator = Accelerator(cpu=device.type == "cpu")
     for spec in specs:

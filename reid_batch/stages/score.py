@@ -4,7 +4,7 @@ Array task over the selected ids: shard i of `demographics.num_shards` takes the
 (numpy.array_split) of the selected ids sorted ascending. Each id's image is regenerated from its id with the
 fine-tuned generator (the latent is a pure function of (sampling.seed, id), so it is the image sampling scored),
 mapped to what the demographic model was trained on (grey (BT.601 luma if RGB), resized to `demographics.image_size` with antialiased
-bilinear interpolation, repeated to 3 channels, ImageNet normalisation: train_demographics.to_model_input), and
+bilinear interpolation, repeated to 3 channels, ImageNet normalisation: models.demographics.to_model_input), and
 predicted with `model.predict` (the sigmoid applied once).
 
 Outputs, each a committed prefix:
@@ -20,9 +20,6 @@ A committed prefix is left as it is on a re-run.
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -30,26 +27,20 @@ import torch
 import torch.nn.functional as F
 
 from reid_batch import log
-from reid_batch.errors import InputError
+from reid_batch.analysis.roles import reference_images
+from reid_batch.artifacts import load_demographic_model, load_finetuned_generator, selected_ids
+from reid_batch.attack.generation import BatchSizer, regenerate_images
+from reid_batch.data.datasets import ImageDataset
+from reid_batch.formats import png_bytes
+from reid_batch.layout import SCORES_FILE, reference_prefix, score_image_key, scores_prefix
 from reid_batch.manifest import Manifest, TargetSpec
+from reid_batch.models.demographics import to_model_input
+from reid_batch.runtime import check_shard, pick_device, run_single_writer, run_store
 
-SCORES_FILE = "scores.parquet"
 SCORE_SCHEMA = pa.schema([
     pa.field("id", pa.int64()), pa.field("age", pa.float32()), pa.field("sex_prob", pa.float32()),
     pa.field("sex", pa.int8()), pa.field("sex_label", pa.string()),
 ])
-
-
-def scores_prefix(target: str, shard: int) -> str:
-    return f"{target}/scores/shard={shard}"
-
-
-def reference_prefix(target: str) -> str:
-    return f"{target}/scores-reference"
-
-
-def score_image_key(candidate_id: int) -> str:
-    return f"images/{candidate_id:09d}.png"
 
 
 # ------------------------------------------------------------------------------------------------ pure core
@@ -57,8 +48,6 @@ def score_image_key(candidate_id: int) -> str:
 
 def demographic_input(images01: torch.Tensor, size: int) -> torch.Tensor:
     """[0, 1] images (N, 1|3, H, W) -> the demographic model's input (N, 3, size, size)."""
-    from reid_batch.recipes.train_demographics import to_model_input
-
     x = images01.float()
     if x.shape[1] == 3:  # BT.601 luma, as datasets.load_image reads RGB files for the model's training
         x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
@@ -86,21 +75,8 @@ def shard_of_selected(selected: np.ndarray, num_shards: int, shard: int) -> np.n
 # ------------------------------------------------------------------------------------------------ the shell
 
 
-def selected_ids(store, target: str) -> np.ndarray:
-    from reid_batch.artifacts import require_committed
-    from reid_batch.stages.select import SELECTION_FILE, selection_prefix
-
-    prefix = selection_prefix(target)
-    require_committed(store, prefix, f"select --target {target}")
-    table = store.read_parquet(f"{prefix}/{SELECTION_FILE}", columns=["id"])
-    return np.sort(table.column("id").to_numpy())
-
-
 def score_shard(manifest: Manifest, spec: TargetSpec, shard: int, selected: np.ndarray, generator, model, device,
                 sizer) -> dict:
-    from reid_batch.artifacts import run_store
-    from reid_batch.stages.sample import png_bytes, regenerate_images
-
     store = run_store(manifest)
     prefix = scores_prefix(spec.name, shard)
     ids = shard_of_selected(selected, manifest.demographics.num_shards, shard)
@@ -125,31 +101,7 @@ def score_shard(manifest: Manifest, spec: TargetSpec, shard: int, selected: np.n
     return {"shard": shard, "ids": len(ids)}
 
 
-def reference_images(manifest: Manifest, spec: TargetSpec) -> tuple[pd.DataFrame, str, str] | None:
-    """(table of the target's training images, what it is, on_error) or None if no such images are known."""
-    from reid_batch.artifacts import run_store, target_prefix
-    from reid_batch.datasets import read_source
-
-    if spec.train is not None:
-        store = run_store(manifest)
-        prefix = target_prefix(spec.name)
-        if store.is_committed(prefix) and store.exists(f"{prefix}/train_images.csv"):
-            frame = pd.read_csv(io.BytesIO(store.read_bytes(f"{prefix}/train_images.csv")))
-            return frame, f"{prefix}/train_images.csv", manifest.source(spec.train.pool).on_error
-        return None
-    if manifest.data.private is None:
-        world = manifest.data.synthetic
-        if world is None or not (Path(world.root) / "private").is_dir():
-            return None  # the synthetic world lives on the machine that ran make-phantoms, maybe not this one
-    source = manifest.source("private")
-    frame = read_source(source.format, source.root, **({"csv_name": source.csv} if source.csv else {}))
-    return frame, "data.private", source.on_error
-
-
 def score_reference(manifest: Manifest, spec: TargetSpec, model, device) -> dict | None:
-    from reid_batch.artifacts import run_store
-    from reid_batch.datasets import ImageDataset
-
     store = run_store(manifest)
     prefix = reference_prefix(spec.name)
     found = reference_images(manifest, spec)
@@ -186,10 +138,6 @@ def score_reference(manifest: Manifest, spec: TargetSpec, model, device) -> dict
 
 
 def score_target(manifest: Manifest, spec: TargetSpec, shards: list[int]) -> None:
-    from reid_batch.artifacts import load_demographic_model, load_finetuned_generator, run_store
-    from reid_batch.recipes.common import pick_device
-    from reid_batch.stages.sample import BatchSizer
-
     store = run_store(manifest)
     selected = selected_ids(store, spec.name)
     todo = []
@@ -215,16 +163,5 @@ def score_target(manifest: Manifest, spec: TargetSpec, shards: list[int]) -> Non
 
 def score(manifest: Manifest, target: str | None = None, shard: int | None = None) -> int:
     """`reid-batch score`: the given shard (None = every shard) of each target (None = all targets)."""
-    from reid_batch.stages.sample import launched_state
-
-    count = manifest.demographics.num_shards
-    if shard is not None and not 0 <= shard < count:
-        raise InputError(f"shard {shard} is outside 0..{count - 1}", where="--shard")
-    shards = [shard] if shard is not None else list(range(count))
-    state = launched_state(manifest)
-    if state is None or state.is_main_process:
-        for spec in [manifest.target(target)] if target else list(manifest.targets):
-            score_target(manifest, spec, shards)
-    if state is not None:
-        state.wait_for_everyone()
-    return 0
+    shards = check_shard(shard, manifest.demographics.num_shards)
+    return run_single_writer(manifest, target, lambda spec: score_target(manifest, spec, shards))

@@ -38,16 +38,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from reid_batch import log
+from reid_batch.artifacts import read_shard_summaries
 from reid_batch.errors import InputError
+from reid_batch.layout import SELECTION_FILE, THRESHOLDS_FILE, candidates_prefix, selection_prefix
 from reid_batch.manifest import Manifest, SelectionSpec, TargetSpec
+from reid_batch.runtime import run_single_writer, run_store
 
-SELECTION_FILE = "selected.parquet"
-THRESHOLDS_FILE = "thresholds.json"
 QUANTILE_METHOD = "inverted_cdf"
-
-
-def selection_prefix(target: str) -> str:
-    return f"{target}/selection"
 
 
 # ------------------------------------------------------------------------------------------------ pure core
@@ -161,8 +158,6 @@ def select_candidates(objective: np.ndarray, distance: np.ndarray, settings: Sel
 
 def committed_summaries(store, target: str, num_candidates: int, num_shards: int) -> dict[int, dict]:
     """Every shard's summary; InputError naming the shards not committed, or outputs of another layout."""
-    from reid_batch.stages.sample import candidates_prefix, read_shard_summaries
-
     summaries, missing = read_shard_summaries(store, target, num_shards)
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
@@ -240,8 +235,6 @@ def mahalanobis_consistency(summaries: dict[int, dict]) -> dict:
 
 
 def select_target(manifest: Manifest, spec: TargetSpec) -> dict | None:
-    from reid_batch.artifacts import run_store
-
     store = run_store(manifest)
     prefix = selection_prefix(spec.name)
     if store.is_committed(prefix):
@@ -295,12 +288,4 @@ def _rounded(value: float | None) -> float | None:
 
 def select(manifest: Manifest, target: str | None = None) -> int:
     """`reid-batch select`: stage 2's selection for one target (None = every target)."""
-    from reid_batch.stages.sample import launched_state
-
-    state = launched_state(manifest)
-    if state is None or state.is_main_process:
-        for spec in [manifest.target(target)] if target else list(manifest.targets):
-            select_target(manifest, spec)
-    if state is not None:
-        state.wait_for_everyone()
-    return 0
+    return run_single_writer(manifest, target, lambda spec: select_target(manifest, spec))

@@ -818,7 +818,7 @@ def write_world(root: str | os.PathLike, config: WorldConfig | None = None) -> d
             "images": sum(p["images"] for p in pools.values()),
             "seconds": round(time.perf_counter() - started, 2),
         }
-        world = {"generator": "reid_batch.phantoms", "generator_version": GENERATOR_VERSION,
+        world = {"generator": "reid_batch.data.phantoms", "generator_version": GENERATOR_VERSION,
                  "config": config.identity(), "workers": config.workers, "summary": summary}
         (partial / "world.json").write_text(json.dumps(world, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         try:

@@ -27,18 +27,25 @@ from __future__ import annotations
 
 import io
 import time
+from importlib.metadata import version
 from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms import v2
 
 from reid_batch import log
+from reid_batch.analysis.metrics import binary_metrics
+from reid_batch.attack.generation import target_input_spec
+from reid_batch.data.datasets import ImageDataset, patient_split, read_source
 from reid_batch.errors import InputError
+from reid_batch.layout import MODEL_FILE, TRAIN_IMAGES_FILE, target_prefix, target_resume_key
 from reid_batch.manifest import Manifest, TargetSpec
-from reid_batch.recipes.common import (
+from reid_batch.models.targets import build_target, to_target_input
+from reid_batch.runtime import (
     EpochTimer,
-    binary_metrics,
     load_state,
     log_epoch,
     pick_device,
@@ -117,8 +124,6 @@ def choose_training_images(frame: pd.DataFrame, recipe: Recipe, max_images: int 
 
 def load_tensors(frame: pd.DataFrame, size: int, on_error: str, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All images of a split as one (N, 1, size, size) tensor in [0, 1], plus float labels (N,)."""
-    from reid_batch.datasets import ImageDataset
-
     dataset = ImageDataset(frame, size=size, channels=1, on_error=on_error)
     loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=num_workers)
     images, labels = [], []
@@ -130,8 +135,6 @@ def load_tensors(frame: pd.DataFrame, size: int, on_error: str, num_workers: int
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images01: torch.Tensor, spec, device: torch.device, batch_size: int = 128) -> torch.Tensor:
-    from reid_batch.models.targets import to_target_input
-
     model.eval()
     out = []
     for start in range(0, len(images01), batch_size):
@@ -142,8 +145,6 @@ def predict_logits(model: nn.Module, images01: torch.Tensor, spec, device: torch
 
 def augmentation(size: int):
     """The augmented preset's per-image transform of [0, 1] tensors (1, H, W)."""
-    from torchvision.transforms import v2
-
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=True),
         v2.RandomRotation(10),
@@ -158,8 +159,6 @@ def _augmented(images01: torch.Tensor, transform) -> torch.Tensor:
 
 def set_head_dropout(model: nn.Module, p: float) -> None:
     """Dropout with probability p on the classifier's input, without changing the checkpoint's keys."""
-    import torch.nn.functional as F
-
     for name in ("fc", "classifier", "heads"):
         head = getattr(model, name, None)
         if head is None:
@@ -174,8 +173,6 @@ def set_head_dropout(model: nn.Module, p: float) -> None:
 
 def train_one_epoch(model, optimizer, images01, labels, input_spec, batch_size, generator, device,
                     transform=None) -> float:
-    from reid_batch.models.targets import to_target_input
-
     model.train()
     loss_fn = nn.BCEWithLogitsLoss()
     order = torch.randperm(len(images01), generator=generator)
@@ -207,8 +204,6 @@ def train_one_epoch(model, optimizer, images01, labels, input_spec, batch_size, 
 
 def train_one_epoch_private(model, optimizer, loader, input_spec, device) -> float:
     """One epoch of DP-SGD over Opacus' Poisson-sampled loader (batches vary in size and may be empty)."""
-    from reid_batch.models.targets import to_target_input
-
     model.train()
     loss_fn = nn.BCEWithLogitsLoss()
     total, seen = 0.0, 0
@@ -250,13 +245,11 @@ class PrivateTraining:
 
 
 def _opacus_version() -> str:
-    from importlib.metadata import version
-
     return version("opacus")
 
 
 def make_private(model, optimizer, images01, labels, recipe: "Recipe", seed: int, where: str) -> PrivateTraining:
-    from opacus import PrivacyEngine
+    from opacus import PrivacyEngine  # a 2 s import, paid only by DP-SGD targets
     from opacus.validators import ModuleValidator
 
     problems = ModuleValidator.validate(model, strict=False)
@@ -278,21 +271,9 @@ def make_private(model, optimizer, images01, labels, recipe: "Recipe", seed: int
     return PrivateTraining(engine, private_model, private_optimizer, private_loader, delta)
 
 
-def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
-    from reid_batch.datasets import patient_split, read_source
-    from reid_batch.models.targets import TargetInput, build_target
-
-    store = run_store(manifest)
-    prefix = f"targets/{spec.name}"
-    resume_key = f"resume/train-target-{spec.name}.pt"  # outside the prefix: a commit replaces the prefix
-    if store.is_committed(prefix):
-        log.event("train_target_skipped", target=spec.name, reason="already committed")
-        store.delete(resume_key)
-        return store.read_json(f"{prefix}/training.json")
-
-    assert spec.train is not None
-    recipe = resolve_recipe(spec)
-    device = pick_device(manifest)
+def training_split(manifest: Manifest, spec: TargetSpec, recipe: Recipe) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training images, validation images) of the target's pool: labelled rows, split by patient, the training
+    side chosen as the preset says."""
     source = manifest.source(spec.train.pool)
     frame = read_source(source.format, source.root, **({"csv_name": source.csv} if source.csv else {}))
     frame = frame[frame["label"].notna()].reset_index(drop=True)
@@ -304,12 +285,11 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
     train_frame = choose_training_images(train_frame, recipe, spec.train.max_images, spec.train.seed)
     log.event("train_target_data", target=spec.name, train_images=len(train_frame), val_images=len(val_frame),
               train_patients=train_frame["patient_id"].nunique(), recipe=asdict(recipe))
+    return train_frame, val_frame
 
-    workers = manifest.compute.num_workers
-    train_x, train_y = load_tensors(train_frame, spec.input.size, source.on_error, workers)
-    val_x, val_y = load_tensors(val_frame, spec.input.size, source.on_error, workers)
-    input_spec = TargetInput(size=spec.input.size, channels=spec.input.channels, mean=tuple(spec.input.mean), std=tuple(spec.input.std))
 
+def build_model_and_optimizer(spec: TargetSpec, recipe: Recipe, device: torch.device):
+    """The untrained target (seeded), its head dropout and frozen backbone as the recipe says, and its optimiser."""
     seed_everything(spec.train.seed)
     vit = spec.vit.model_dump() if spec.vit is not None else {}
     model = build_target(spec.arch, num_classes=1, image_size=spec.input.size, norm=recipe.norm, **vit).to(device)
@@ -321,7 +301,30 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
             p.requires_grad_(any(p is h for h in head))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer_class = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return model, optimizer_class(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
+    store = run_store(manifest)
+    prefix = target_prefix(spec.name)
+    resume_key = target_resume_key(spec.name)
+    if store.is_committed(prefix):
+        log.event("train_target_skipped", target=spec.name, reason="already committed")
+        store.delete(resume_key)
+        return store.read_json(f"{prefix}/training.json")
+
+    assert spec.train is not None
+    recipe = resolve_recipe(spec)
+    device = pick_device(manifest)
+    source = manifest.source(spec.train.pool)
+    train_frame, val_frame = training_split(manifest, spec, recipe)
+
+    workers = manifest.compute.num_workers
+    train_x, train_y = load_tensors(train_frame, spec.input.size, source.on_error, workers)
+    val_x, val_y = load_tensors(val_frame, spec.input.size, source.on_error, workers)
+    input_spec = target_input_spec(spec)
+
+    model, optimizer = build_model_and_optimizer(spec, recipe, device)
 
     state = load_state(store, resume_key)
     history: list[dict] = []
@@ -413,9 +416,9 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
         "norm": recipe.norm, "privacy": private.record(recipe) if private is not None else None,
     }
     with store.committed(prefix, {"stage": "train-target", "target": spec.name}) as out:
-        out.write_bytes("model.safetensors", state_dict_bytes(model.state_dict(), {"norm": recipe.norm}))
+        out.write_bytes(MODEL_FILE, state_dict_bytes(model.state_dict(), {"norm": recipe.norm}))
         out.write_json("training.json", record)
-        out.write_bytes("train_images.csv", _csv_bytes(train_frame))
+        out.write_bytes(TRAIN_IMAGES_FILE, _csv_bytes(train_frame))
         out.write_bytes("val_images.csv", _csv_bytes(val_frame))
     store.delete(resume_key)
     log.event("train_target_done", target=spec.name, train_accuracy=train_metrics["accuracy"],

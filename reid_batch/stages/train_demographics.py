@@ -11,16 +11,21 @@ age_distribution.png and sex_confusion.png (the study's Figures 2 and 3), val_pr
 
 from __future__ import annotations
 
-import io
-
+import matplotlib
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import ConfusionMatrixDisplay, mean_absolute_error, mean_squared_error, r2_score, roc_auc_score
 from torch import nn
 
 from reid_batch import log
+from reid_batch.artifacts import demographic_arch
+from reid_batch.data.datasets import ImageDataset, patient_split, read_source
+from reid_batch.formats import figure_png
+from reid_batch.layout import DEMOGRAPHICS_PREFIX, DEMOGRAPHICS_RESUME_KEY, MODEL_FILE
 from reid_batch.manifest import Manifest
-from reid_batch.recipes.common import (
+from reid_batch.models.demographics import DemographicNet, to_model_input
+from reid_batch.runtime import (
     EpochTimer,
     load_state,
     log_epoch,
@@ -34,10 +39,6 @@ from reid_batch.recipes.common import (
 AGE_BIN_EDGES = np.array([0, 20, 30, 40, 50, 60, 70, 80, 90, 100, np.inf])
 # Years are divided by this inside the loss only: same minimiser as MSE in years, better conditioned.
 AGE_SCALE = 20.0
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def age_bin_weights(ages: np.ndarray) -> np.ndarray:
     """Per-sample sampling weight = 1 / (count of its age bin): each bin drawn about equally often."""
     bins = np.digitize(ages, AGE_BIN_EDGES[1:-1])
@@ -46,8 +47,6 @@ def age_bin_weights(ages: np.ndarray) -> np.ndarray:
 
 
 def demographic_metrics(age_pred: np.ndarray, age_true: np.ndarray, sex_prob: np.ndarray, sex_true: np.ndarray) -> dict:
-    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score, roc_auc_score
-
     return {
         "age_mae": float(mean_absolute_error(age_true, age_pred)),
         "age_rmse": float(np.sqrt(mean_squared_error(age_true, age_pred))),
@@ -57,20 +56,9 @@ def demographic_metrics(age_pred: np.ndarray, age_true: np.ndarray, sex_prob: np
     }
 
 
-def to_model_input(images01: torch.Tensor) -> torch.Tensor:
-    """(N, 1, H, W) in [0, 1] -> (N, 3, H, W) normalised as torchvision's DenseNet expects."""
-    x = images01.expand(-1, 3, -1, -1)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def build_model(arch: str) -> nn.Module:
-    from reid_batch.models.demographics import DemographicNet
 
-    if arch == "densenet_tiny":
-        return DemographicNet(arch="densenet121", growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16)
-    return DemographicNet(arch=arch)
+    return DemographicNet(**demographic_arch(arch))
 
 
 @torch.inference_mode()
@@ -86,8 +74,6 @@ def predict(model: nn.Module, images01: torch.Tensor, device: torch.device, batc
 
 
 def _load_split(frame: pd.DataFrame, size: int, on_error: str, workers: int):
-    from reid_batch.datasets import ImageDataset
-
     loader = torch.utils.data.DataLoader(ImageDataset(frame, size=size, channels=1, on_error=on_error), batch_size=64, num_workers=workers)
     images, ages, sexes = [], [], []
     for batch in loader:
@@ -98,19 +84,15 @@ def _load_split(frame: pd.DataFrame, size: int, on_error: str, workers: int):
 
 
 def _plots(age_pred, age_true, sex_prob, sex_true) -> tuple[bytes, bytes]:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
+    import matplotlib.pyplot as plt  # pyplot only after the Agg backend is chosen
 
     figure, axis = plt.subplots(figsize=(6, 4))
     bins = np.arange(0, 101, 10)
     axis.hist([age_true, age_pred], bins=bins, label=["ground truth", "predicted"], color=["#555", "#c44"])
     axis.set(xlabel="age (years)", ylabel="validation images", title="Age: predicted vs true distribution")
     axis.legend()
-    age_png = io.BytesIO()
-    figure.savefig(age_png, format="png", dpi=100, bbox_inches="tight")
+    age_png = figure_png(figure, dpi=100, bbox_inches="tight")
     plt.close(figure)
 
     figure, axis = plt.subplots(figsize=(4, 4))
@@ -118,22 +100,19 @@ def _plots(age_pred, age_true, sex_prob, sex_true) -> tuple[bytes, bytes]:
         np.where(sex_true >= 0.5, "M", "F"), np.where(sex_prob >= 0.5, "M", "F"), labels=["F", "M"], ax=axis, colorbar=False
     )
     axis.set_title("Sex: confusion matrix (validation)")
-    sex_png = io.BytesIO()
-    figure.savefig(sex_png, format="png", dpi=100, bbox_inches="tight")
+    sex_png = figure_png(figure, dpi=100, bbox_inches="tight")
     plt.close(figure)
-    return age_png.getvalue(), sex_png.getvalue()
+    return age_png, sex_png
 
 
 def run(manifest: Manifest, target: str | None = None) -> int:
-    from reid_batch.datasets import patient_split, read_source
-
     spec = manifest.demographics
     if spec.train is None:
         log.event("train_demographics_skipped", reason="demographics.checkpoint is given")
         return 0
     store = run_store(manifest)
-    prefix = "demographics"
-    resume_key = "resume/train-demographics.pt"  # outside the prefix: a commit replaces the prefix
+    prefix = DEMOGRAPHICS_PREFIX
+    resume_key = DEMOGRAPHICS_RESUME_KEY
     if store.is_committed(prefix):
         log.event("train_demographics_skipped", reason="already committed")
         store.delete(resume_key)
@@ -209,7 +188,7 @@ def run(manifest: Manifest, target: str | None = None) -> int:
     record = {"arch": spec.arch, "image_size": spec.image_size, "kept_epoch": best["epoch"], "val": metrics,
               "train_images": len(train_frame), "val_images": len(val_frame), "history": history}
     with store.committed(prefix, {"stage": "train-demographics"}) as out:
-        out.write_bytes("model.safetensors", state_dict_bytes(model.state_dict()))
+        out.write_bytes(MODEL_FILE, state_dict_bytes(model.state_dict()))
         out.write_json("metrics.json", record)
         out.write_bytes("age_distribution.png", age_png)
         out.write_bytes("sex_confusion.png", sex_png)

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from sklearn.covariance import LedoitWolf
 from torch import Tensor
 
 from reid_batch import log
@@ -167,8 +168,6 @@ def from_gaussian(mean: Tensor, covariance: Tensor, epsilon: float = 1e-5, sourc
 
 def fit_ledoit_wolf(features: Tensor | np.ndarray, epsilon: float = 1e-5, source: str = "ledoit_wolf") -> MahalanobisModel:
     """Mean and Ledoit-Wolf shrunk covariance of reference features (n, D), as a model (regularised if needed)."""
-    from sklearn.covariance import LedoitWolf
-
     x = np.asarray(torch.as_tensor(features).detach().to("cpu", torch.float64).numpy())
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"need at least 2 reference feature vectors (n, D), got shape {x.shape}")

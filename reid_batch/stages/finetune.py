@@ -2,7 +2,7 @@
 its training data did (the study, section 3.3).
 
 Each step draws the step's global batch of latents, generates images, maps them to [0, 1] and to the target's
-input, and minimises the weighted objective (reid_batch.objectives: BatchNorm or LayerNorm statistics, feature
+input, and minimises the weighted objective (reid_batch.attack.objectives: BatchNorm or LayerNorm statistics, feature
 or CLS statistics, attention, class-conditional logits, total variation). The target is in eval mode with no
 parameter gradients; gradients flow through it into the generator, which Adam updates.
 
@@ -39,41 +39,38 @@ reference source, steps, seconds per step, world size, ...).
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
+import torch.distributed as dist
+from accelerate import Accelerator
 from torch import nn
+from torch.distributed.nn.functional import all_reduce
 
 from reid_batch import log, preemption
-from reid_batch.artifacts import attack_prefix
+from reid_batch.artifacts import load_attack_target, load_prior
+from reid_batch.attack.generation import generate_unit, id_latents, target_input_spec
+from reid_batch.attack.objectives import TargetObjective, assign_classes, condition_latents, needs_reference_stats
+from reid_batch.attack.reference import reference_stats
 from reid_batch.errors import InputError
+from reid_batch.formats import grid_png, parquet_bytes
+from reid_batch.layout import (FINETUNE_CHECKPOINT_PART, FINETUNE_STATE_FILE, GENERATOR_FILE, GRID_ID_OFFSET,
+                               attack_prefix, checkpoint_prefix, finetune_prefix)
 from reid_batch.manifest import FinetuneSpec, Manifest, TargetSpec
 from reid_batch.models.pggan import PGGANGenerator, generator_bytes, generator_to_unit, latents_for_ids
 from reid_batch.models.targets import TargetInput, to_target_input
-from reid_batch.recipes.common import load_state, pick_device, run_store, save_state
+from reid_batch.runtime import load_state, pick_device, run_store, save_state
+from reid_batch.storage import COMMIT_MARKER
 
-OUTPUT_PART = "finetune"
-CHECKPOINT_PART = "finetune-checkpoints"
-REFERENCE_FILE = "finetune-reference.safetensors"
-STATE_FILE = "state.pt"
-GENERATOR_FILE = "generator.safetensors"
 KEEP_CHECKPOINTS = 2
 GRID_SIDE = 4
-REFERENCE_BATCH = 32
-# Latent ids of the sample grids and of the prior-sampled ViT reference: far above any training step's ids
-# (step * batch_size + i), so neither set overlaps the latents the generator was trained on.
-GRID_LATENT_OFFSET = 1 << 60
-REFERENCE_LATENT_OFFSET = 1 << 61
 _CHECKPOINT_DIR = re.compile(r"^step-(\d{7,})$")
 
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]
@@ -84,8 +81,6 @@ ReduceSum = Callable[[torch.Tensor], torch.Tensor]
 
 def make_accelerator(manifest: Manifest):
     """The Accelerator for this launch; fails loudly when the launcher's world size did not take effect."""
-    from accelerate import Accelerator
-
     device = pick_device(manifest)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=manifest.finetune.mixed_precision)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -103,23 +98,8 @@ def differentiable_sum(num_processes: int) -> ReduceSum | None:
     """The objective's reduce_sum: a SUM all-reduce whose backward sums gradients over processes; None alone."""
     if num_processes == 1:
         return None
-    import torch.distributed as dist
-    from torch.distributed.nn.functional import all_reduce
 
     return lambda t: all_reduce(t, op=dist.ReduceOp.SUM)
-
-
-def _plain_sum(num_processes: int) -> ReduceSum | None:
-    if num_processes == 1:
-        return None
-    import torch.distributed as dist
-
-    def reduce(t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    return reduce
 
 
 def check_batch_size(batch_size: int, num_processes: int) -> int:
@@ -172,8 +152,6 @@ class Finetuner:
     def step(self, step: int) -> dict[str, float]:
         """Train on step `step`'s batch; returns the global unweighted terms, the weighted 'total' and the
         generator's gradient norm before clipping ('grad_norm')."""
-        from reid_batch.objectives import assign_classes, condition_latents
-
         accelerator = self.accelerator
         rank = accelerator.process_index
         ids = step_ids(step, self.spec.batch_size, rank, self.per_process)
@@ -202,176 +180,18 @@ class Finetuner:
 # ------------------------------------------------------------------------------------------------- images
 
 
-@torch.inference_mode()
-def generate_unit(generator: PGGANGenerator, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    device = next(generator.parameters()).device
-    out = [generator_to_unit(generator(latents[i:i + batch_size].to(device)).float(), generator.config.output_range)
-           for i in range(0, len(latents), batch_size)]
-    return torch.cat(out).cpu()
-
-
-def grid_latents(seed: int, latent_dim: int, side: int = GRID_SIDE) -> torch.Tensor:
-    return latents_for_ids(seed, GRID_LATENT_OFFSET + torch.arange(side * side), latent_dim)
-
-
-def grid_png(images01: torch.Tensor, side: int = GRID_SIDE) -> bytes:
-    """A side x side grid of [0, 1] images with 2-pixel white gutters, as PNG (grey or RGB as the images)."""
-    from PIL import Image
-
-    n, channels, h, w = images01.shape
-    pad = 2
-    canvas = torch.ones(channels, side * (h + pad) + pad, side * (w + pad) + pad)
-    for i in range(min(n, side * side)):
-        r, c = divmod(i, side)
-        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = images01[i]
-    pixels = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 # ------------------------------------------------------------------------------------------------- targets
-
-
-def target_input_spec(spec: TargetSpec) -> TargetInput:
-    return TargetInput(size=spec.input.size, channels=spec.input.channels, mean=tuple(spec.input.mean),
-                       std=tuple(spec.input.std))
-
-
-def load_frozen_target(manifest: Manifest, spec: TargetSpec) -> tuple[nn.Module, int]:
-    from reid_batch.artifacts import load_attack_target
-
-    return load_attack_target(manifest, spec)
-
-
-def weights_digest(module: nn.Module) -> str:
-    """SHA-256 of a module's state (names, dtypes, shapes, bytes): identifies the exact weights."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------- ViT reference
 
 
-def _shard(count: int, num_processes: int, rank: int) -> range:
-    bounds = np.linspace(0, count, num_processes + 1).round().astype(int)
-    return range(int(bounds[rank]), int(bounds[rank + 1]))
-
-
-def _prior_reference_batches(prior: PGGANGenerator, seed: int, ids: range, input_spec: TargetInput,
-                             device) -> Iterator[torch.Tensor]:
-    for start in range(ids.start, ids.stop, REFERENCE_BATCH):
-        batch_ids = REFERENCE_LATENT_OFFSET + torch.arange(start, min(start + REFERENCE_BATCH, ids.stop))
-        latents = latents_for_ids(seed, batch_ids, prior.config.latent_dim).to(device)
-        with torch.inference_mode():
-            image = generator_to_unit(prior(latents).float(), prior.config.output_range)
-            yield to_target_input(image, input_spec, check_range=False)
-
-
-def _public_reference_frame(manifest: Manifest, num_images: int, seed: int) -> pd.DataFrame:
-    from reid_batch.datasets import read_source
-
-    source = manifest.source("public")
-    frame = read_source(source.format, source.root, **({"csv_name": source.csv} if source.csv else {}))
-    frame = frame.sort_values("path").reset_index(drop=True)
-    if len(frame) > num_images:
-        frame = frame.sample(n=num_images, random_state=seed % 2**32).sort_values("path").reset_index(drop=True)
-    return frame
-
-
-def _public_reference_batches(manifest: Manifest, frame: pd.DataFrame, rows: range, input_spec: TargetInput,
-                              device) -> Iterator[torch.Tensor]:
-    from reid_batch.datasets import ImageDataset
-
-    dataset = ImageDataset(frame.iloc[rows.start:rows.stop], size=input_spec.size, channels=1,
-                           on_error=manifest.source("public").on_error)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=REFERENCE_BATCH,
-                                         num_workers=manifest.compute.num_workers)
-    for batch in loader:
-        yield to_target_input(batch["image"].to(device), input_spec, check_range=False)
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    if len(data) < 8:
-        return {}
-    length = int.from_bytes(data[:8], "little")
-    try:
-        header = json.loads(data[8:8 + length])
-    except ValueError:
-        return {}
-    return header.get("__metadata__") or {}
-
-
-def reference_stats(manifest: Manifest, spec: TargetSpec, model: nn.Module, prior: PGGANGenerator,
-                    accelerator, store) -> tuple[dict[str, torch.Tensor], dict]:
-    """The ViT's reference statistics, from the cache when it matches this target and source, else measured
-    (each process takes a share of the images; sums are combined) and cached by the main process."""
-    from safetensors.torch import load as load_tensors
-    from safetensors.torch import save as save_tensors
-
-    from reid_batch.objectives import compute_reference_stats
-
-    reference = spec.objective.reference
-    input_spec = target_input_spec(spec)
-    key = f"{spec.name}/{REFERENCE_FILE}"
-    identity = {"source": reference.source, "num_images": reference.num_images, "seed": manifest.finetune.seed,
-                "target": weights_digest(model), "input": spec.input.model_dump(mode="json")}
-    if reference.source == "prior":
-        identity["prior"] = weights_digest(prior)
-    else:
-        source = manifest.source("public")
-        identity["public"] = f"{source.format}:{source.root}:{source.csv}"
-    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    info = {"source": reference.source, "num_images": reference.num_images, "file": key}
-
-    accelerator.wait_for_everyone()
-    if store.exists(key):
-        data = store.read_bytes(key)
-        if _safetensors_metadata(data).get("fingerprint") == fingerprint:
-            stats = load_tensors(data)
-            info["images"] = int(stats["count"])
-            log.event("finetune_reference_cached", target=spec.name, uri=store.uri(key), source=reference.source)
-            return stats, {**info, "cached": True}
-        log.event("finetune_reference_stale", target=spec.name, uri=store.uri(key),
-                  reason="target, prior or reference settings changed")
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if reference.source == "prior":
-        count = reference.num_images
-        batches = _prior_reference_batches(prior.to(accelerator.device).eval(), manifest.finetune.seed,
-                                           _shard(count, world, rank), input_spec, accelerator.device)
-    else:
-        frame = _public_reference_frame(manifest, reference.num_images, manifest.finetune.seed)
-        count = len(frame)
-        batches = _public_reference_batches(manifest, frame, _shard(count, world, rank), input_spec,
-                                            accelerator.device)
-    if count < world:
-        where = f"targets[{manifest.targets.index(spec)}].objective.reference.num_images"
-        raise InputError(f"{count} reference image(s) cannot be shared by {world} processes", where=where)
-    stats = compute_reference_stats(model, batches, reduce_sum=_plain_sum(world))
-    stats = {k: v.detach().cpu().contiguous() for k, v in stats.items()}
-    if accelerator.is_main_process:
-        store.write_bytes(key, save_tensors(stats, metadata={"fingerprint": fingerprint,
-                                                             "identity": json.dumps(identity, sort_keys=True)}))
-    accelerator.wait_for_everyone()
-    info["images"] = int(stats["count"])
-    return stats, {**info, "cached": False}
-
-
 # ------------------------------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_prefix(target: str, step: int) -> str:
-    return f"{attack_prefix(target, CHECKPOINT_PART)}/step-{step:07d}"
 
 
 def list_checkpoints(store, target: str) -> tuple[list[int], list[int]]:
     """(committed steps, all steps with visible files), each sorted; staging `_tmp-` leftovers are invisible."""
-    root = attack_prefix(target, CHECKPOINT_PART)
+    root = attack_prefix(target, FINETUNE_CHECKPOINT_PART)
     committed, seen = set(), set()
     for key in store.list(root):
         parts = key[len(root) + 1:].split("/")
@@ -379,7 +199,7 @@ def list_checkpoints(store, target: str) -> tuple[list[int], list[int]]:
         if not match:
             continue
         seen.add(int(match.group(1)))
-        if parts[1:] == ["_COMMITTED"]:
+        if parts[1:] == [COMMIT_MARKER]:
             committed.add(int(match.group(1)))
     return sorted(committed), sorted(seen)
 
@@ -400,7 +220,7 @@ def prune_checkpoints(store, target: str, keep: int = KEEP_CHECKPOINTS) -> None:
         if step not in kept:
             _delete_checkpoint(store, target, step)
     if not keep:
-        store.delete(attack_prefix(target, CHECKPOINT_PART))
+        store.delete(attack_prefix(target, FINETUNE_CHECKPOINT_PART))
 
 
 def settings_fingerprint(manifest: Manifest, spec: TargetSpec) -> str:
@@ -413,12 +233,6 @@ def settings_fingerprint(manifest: Manifest, spec: TargetSpec) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- the shell
-
-
-def _parquet_bytes(rows: list[dict]) -> bytes:
-    buffer = io.BytesIO()
-    pd.DataFrame(rows).to_parquet(buffer, index=False)
-    return buffer.getvalue()
 
 
 def _train_step(trainer, step: int, rows: list[dict], seconds_before: float, started: float, name: str,
@@ -436,99 +250,32 @@ def _train_step(trainer, step: int, rows: list[dict], seconds_before: float, sta
     return done
 
 
-def finetune_target(manifest: Manifest, index: int, accelerator,
-                    on_checkpoint: Callable[[int], None] | None = None) -> dict:
-    """Fine-tune (or resume, or skip if committed) the generator for manifest.targets[index]; returns finetune.json.
-    `on_checkpoint(step)` runs on the main process after each committed checkpoint."""
-    from reid_batch.objectives import TargetObjective, needs_reference_stats
-    from reid_batch.recipes.train_prior import load_prior
-
-    spec = manifest.targets[index]
-    fs = manifest.finetune
-    store = run_store(manifest)
-    output = attack_prefix(spec.name, OUTPUT_PART)
-    if store.is_committed(output):
-        log.event("finetune_skipped", target=spec.name, reason="already committed", uri=store.uri(output))
-        return store.read_json(f"{output}/finetune.json")
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    per_process = check_batch_size(fs.batch_size, world)
-    device = accelerator.device
-
-    prior = load_prior(manifest)
-    model, num_classes = load_frozen_target(manifest, spec)
-    model = model.to(device).eval().requires_grad_(False)
-    latent_dim = prior.config.latent_dim
-    grid = grid_latents(fs.seed, latent_dim)
-    before_png = grid_png(generate_unit(prior.to(device), grid)) if main else b""
-
-    reference, reference_info = None, None
-    if needs_reference_stats(model, spec.family):
-        reference, reference_info = reference_stats(manifest, spec, model, prior, accelerator, store)
-    objective = TargetObjective(model, spec.terms, spec.objective, reference,
-                                field_prefix=f"targets[{index}].objective")
-
-    generator = prior.to(device).train()
-    trainable = freeze_unused_layers(generator)
-    optimizer = torch.optim.Adam(trainable, lr=fs.lr, betas=tuple(fs.betas))
-    fingerprint = settings_fingerprint(manifest, spec)
-    rows: list[dict] = []
-    start, seconds_before = 0, 0.0
+def resume_from_checkpoint(store, spec: TargetSpec, fs: FinetuneSpec, fingerprint: str, generator: nn.Module,
+                           optimizer) -> tuple[list[dict], int, float]:
+    """Load the newest committed checkpoint into the generator and optimizer, if there is one, refusing one of other
+    settings: (loss rows so far, steps done, seconds spent)."""
     committed, _ = list_checkpoints(store, spec.name)
-    if committed:
-        key = f"{checkpoint_prefix(spec.name, committed[-1])}/{STATE_FILE}"
-        state = load_state(store, key)
-        if state is None or state.get("fingerprint") != fingerprint:
-            raise InputError("this checkpoint was written with different finetune/target/generator settings; "
-                             "restore them, or delete the finetune-checkpoints folder to start over",
-                             where=store.uri(key))
-        if int(state["step"]) > fs.steps:
-            raise InputError(f"the latest checkpoint is at step {state['step']}, beyond the {fs.steps} steps asked "
-                             "for", where="finetune.steps")
-        generator.load_state_dict(state["generator"])
-        optimizer.load_state_dict(state["optimizer"])
-        rows = list(state["losses"])
-        start, seconds_before = int(state["step"]), float(state["seconds"])
-        log.event("finetune_resumed", target=spec.name, step=start, uri=store.uri(key))
-    # No process may see a checkpoint the main process writes during training as its starting point.
-    accelerator.wait_for_everyone()
+    if not committed:
+        return [], 0, 0.0
+    key = f"{checkpoint_prefix(spec.name, committed[-1])}/{FINETUNE_STATE_FILE}"
+    state = load_state(store, key)
+    if state is None or state.get("fingerprint") != fingerprint:
+        raise InputError("this checkpoint was written with different finetune/target/generator settings; "
+                         "restore them, or delete the finetune-checkpoints folder to start over",
+                         where=store.uri(key))
+    if int(state["step"]) > fs.steps:
+        raise InputError(f"the latest checkpoint is at step {state['step']}, beyond the {fs.steps} steps asked "
+                         "for", where="finetune.steps")
+    generator.load_state_dict(state["generator"])
+    optimizer.load_state_dict(state["optimizer"])
+    start = int(state["step"])
+    log.event("finetune_resumed", target=spec.name, step=start, uri=store.uri(key))
+    return list(state["losses"]), start, float(state["seconds"])
 
-    prepared_generator, prepared_optimizer = accelerator.prepare(generator, optimizer)
-    trainer = Finetuner(prepared_generator, prepared_optimizer, objective, accelerator, fs, target_input_spec(spec),
-                        tuple(generator.config.output_range), latent_dim, num_classes, trainable,
-                        differentiable_sum(world))
-    log.event("finetune_start", target=spec.name, arch=spec.arch, terms=objective.weights, steps=fs.steps,
-              from_step=start, batch_size=fs.batch_size, per_process=per_process, world_size=world, rank=rank,
-              device=str(device), mixed_precision=fs.mixed_precision)
-    started = time.perf_counter()
-    steps = range(start, fs.steps)
 
-    def save_checkpoint(done: int, seconds: float) -> None:
-        with store.committed(checkpoint_prefix(spec.name, done),
-                             {"stage": "finetune-checkpoint", "target": spec.name, "step": done}) as out:
-            save_state(out, STATE_FILE, {
-                "generator": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()},
-                "optimizer": prepared_optimizer.state_dict(),
-                "step": done, "losses": rows, "seconds": seconds, "fingerprint": fingerprint,
-            })
-        prune_checkpoints(store, spec.name)
-        if on_checkpoint is not None:
-            on_checkpoint(done)
-
-    # SIGTERM waits for the end of the step it lands in: that step is checkpointed, then the task stops.
-    with preemption.deferred_region():
-        for step in (log.progress(steps, desc=f"finetune {spec.name}", total=len(steps)) if main else steps):
-            done = _train_step(trainer, step, rows, seconds_before, started, spec.name, fs, start, main)
-            checkpoint_due = done % fs.checkpoint_every == 0 and done < fs.steps
-            if checkpoint_due and main:
-                save_checkpoint(done, rows[-1]["elapsed"])
-            if done < fs.steps and preemption.requested(accelerator):
-                if main and not checkpoint_due:
-                    save_checkpoint(done, rows[-1]["elapsed"])
-                accelerator.wait_for_everyone()
-                preemption.stop(f"finetune {spec.name} step {done}")
-    accelerator.wait_for_everyone()
-    total_seconds = seconds_before + time.perf_counter() - started
-
+def finetune_record(spec: TargetSpec, fs: FinetuneSpec, objective, num_classes: int, reference_info: dict | None,
+                    world: int, device, start: int, total_seconds: float, rows: list[dict]) -> dict:
+    """finetune.json: what was fine-tuned, how, and the first and last losses."""
     step_seconds = [r["seconds"] for r in rows]
     record = {
         "target": spec.name,
@@ -554,13 +301,91 @@ def finetune_target(manifest: Manifest, index: int, accelerator,
         "first": {k: v for k, v in rows[0].items() if k not in ("seconds", "elapsed")} if rows else None,
         "last": {k: v for k, v in rows[-1].items() if k not in ("seconds", "elapsed")} if rows else None,
     }
+    return record
+
+
+def finetune_target(manifest: Manifest, index: int, accelerator,
+                    on_checkpoint: Callable[[int], None] | None = None) -> dict:
+    """Fine-tune (or resume, or skip if committed) the generator for manifest.targets[index]; returns finetune.json.
+    `on_checkpoint(step)` runs on the main process after each committed checkpoint."""
+    spec = manifest.targets[index]
+    fs = manifest.finetune
+    store = run_store(manifest)
+    output = finetune_prefix(spec.name)
+    if store.is_committed(output):
+        log.event("finetune_skipped", target=spec.name, reason="already committed", uri=store.uri(output))
+        return store.read_json(f"{output}/finetune.json")
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    per_process = check_batch_size(fs.batch_size, world)
+    device = accelerator.device
+
+    prior = load_prior(manifest)
+    model, num_classes = load_attack_target(manifest, spec)
+    model = model.to(device).eval().requires_grad_(False)
+    latent_dim = prior.config.latent_dim
+    grid = id_latents(fs.seed, GRID_ID_OFFSET, GRID_SIDE * GRID_SIDE, latent_dim)
+    before_png = grid_png(generate_unit(prior.to(device), grid), GRID_SIDE) if main else b""
+
+    reference, reference_info = None, None
+    if needs_reference_stats(model, spec.family):
+        reference, reference_info = reference_stats(manifest, spec, model, prior, accelerator, store)
+    objective = TargetObjective(model, spec.terms, spec.objective, reference,
+                                field_prefix=f"targets[{index}].objective")
+
+    generator = prior.to(device).train()
+    trainable = freeze_unused_layers(generator)
+    optimizer = torch.optim.Adam(trainable, lr=fs.lr, betas=tuple(fs.betas))
+    fingerprint = settings_fingerprint(manifest, spec)
+    rows, start, seconds_before = resume_from_checkpoint(store, spec, fs, fingerprint, generator, optimizer)
+    # No process may see a checkpoint the main process writes during training as its starting point.
+    accelerator.wait_for_everyone()
+
+    prepared_generator, prepared_optimizer = accelerator.prepare(generator, optimizer)
+    trainer = Finetuner(prepared_generator, prepared_optimizer, objective, accelerator, fs, target_input_spec(spec),
+                        tuple(generator.config.output_range), latent_dim, num_classes, trainable,
+                        differentiable_sum(world))
+    log.event("finetune_start", target=spec.name, arch=spec.arch, terms=objective.weights, steps=fs.steps,
+              from_step=start, batch_size=fs.batch_size, per_process=per_process, world_size=world, rank=rank,
+              device=str(device), mixed_precision=fs.mixed_precision)
+    started = time.perf_counter()
+    steps = range(start, fs.steps)
+
+    def save_checkpoint(done: int, seconds: float) -> None:
+        with store.committed(checkpoint_prefix(spec.name, done),
+                             {"stage": "finetune-checkpoint", "target": spec.name, "step": done}) as out:
+            save_state(out, FINETUNE_STATE_FILE, {
+                "generator": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()},
+                "optimizer": prepared_optimizer.state_dict(),
+                "step": done, "losses": rows, "seconds": seconds, "fingerprint": fingerprint,
+            })
+        prune_checkpoints(store, spec.name)
+        if on_checkpoint is not None:
+            on_checkpoint(done)
+
+    # SIGTERM waits for the end of the step it lands in: that step is checkpointed, then the task stops.
+    with preemption.deferred_region():
+        for step in (log.progress(steps, desc=f"finetune {spec.name}", total=len(steps)) if main else steps):
+            done = _train_step(trainer, step, rows, seconds_before, started, spec.name, fs, start, main)
+            checkpoint_due = done % fs.checkpoint_every == 0 and done < fs.steps
+            if checkpoint_due and main:
+                save_checkpoint(done, rows[-1]["elapsed"])
+            if done < fs.steps and preemption.requested(accelerator):
+                if main and not checkpoint_due:
+                    save_checkpoint(done, rows[-1]["elapsed"])
+                accelerator.wait_for_everyone()
+                preemption.stop(f"finetune {spec.name} step {done}")
+    accelerator.wait_for_everyone()
+    total_seconds = seconds_before + time.perf_counter() - started
+
+    record = finetune_record(spec, fs, objective, num_classes, reference_info, world, device, start, total_seconds,
+                             rows)
     objective.close()
     if main:
         with store.committed(output, {"stage": "finetune", "target": spec.name, "steps": fs.steps}) as out:
             out.write_bytes(GENERATOR_FILE, generator_bytes(generator))
-            out.write_bytes("losses.parquet", _parquet_bytes(rows))
+            out.write_bytes("losses.parquet", parquet_bytes(rows))
             out.write_bytes("samples_before.png", before_png)
-            out.write_bytes("samples_after.png", grid_png(generate_unit(generator.eval(), grid)))
+            out.write_bytes("samples_after.png", grid_png(generate_unit(generator.eval(), grid), GRID_SIDE))
             out.write_json("finetune.json", record)
         # The output makes the resume state useless; a kill before this line only leaves it behind.
         prune_checkpoints(store, spec.name, keep=0)

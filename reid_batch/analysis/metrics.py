@@ -17,16 +17,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import pandas as pd
+from matplotlib.figure import Figure  # a bare Figure renders with Agg, never touching pyplot's global state
+from scipy import linalg, stats
+from scipy.stats import kurtosis
+from sklearn.decomposition import PCA
+from sklearn.metrics import roc_auc_score
+
+from torchvision.models import inception_v3
 
 from reid_batch import log
-
-if TYPE_CHECKING:
-    import pandas as pd
+from reid_batch.checkpoints import load_into, load_state_dict
+from reid_batch.formats import figure_png
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -58,18 +65,6 @@ def _unit_float(images: ArrayLike, dtype: torch.dtype = torch.float32) -> torch.
     return tensor.to(dtype)
 
 
-def _grey_levels(images: ArrayLike) -> torch.Tensor:
-    """(N, H*W) int64 grey levels 0..255 (channels averaged first for colour images)."""
-    tensor = _as_nchw(images)
-    if tensor.shape[1] > 1:
-        tensor = _unit_float(tensor).mean(dim=1, keepdim=True)
-    if tensor.dtype == torch.uint8:
-        levels = tensor.long()
-    else:
-        levels = torch.floor(_unit_float(tensor, torch.float64) * 255.0 + 0.5).clamp_(0, 255).long()
-    return levels.flatten(1)
-
-
 def _grey(images: ArrayLike, dtype: torch.dtype) -> torch.Tensor:
     tensor = _unit_float(images, dtype)
     return tensor.mean(dim=1, keepdim=True) if tensor.shape[1] > 1 else tensor
@@ -79,21 +74,58 @@ def _grey(images: ArrayLike, dtype: torch.dtype) -> torch.Tensor:
 # Pixel-space entropy
 
 
-def pixel_entropy(images: ArrayLike) -> np.ndarray:
-    """(N,) Shannon entropy in bits of each image's 256-bin grey-level histogram.
+# Pixels per histogram pass on a GPU: bounds the index tensor to ~512 MB of int64.
+_HISTOGRAM_PIXELS = 64 * 2**20
 
-    0 for a constant image, 8 for one using all 256 levels equally. Floats are binned as described in the
-    module docstring. One bincount over all images (each image's levels offset by 256 * its index).
+
+def pixel_entropy_on_device(images: torch.Tensor) -> torch.Tensor:
+    """(N,) float64 Shannon entropy in bits of each image's 256-bin grey-level histogram, on the images' device.
+
+    The one definition of pixel entropy (sampling's per-candidate column and evaluation's summaries both use it):
+    colour images are averaged over channels first, floats are binned as in the module docstring. On a CPU, one
+    bincount of one-byte levels per image; on a GPU, scatter_add_ (CUDA's bincount reads its maximum back to the
+    host, a sync per batch); adding ones is exact in float64 whatever the order.
     """
-    levels = _grey_levels(images)
-    count = levels.shape[0]
+    tensor = images.detach()
+    if tensor.ndim == 3:
+        tensor = tensor.unsqueeze(1)
+    if tensor.ndim != 4:
+        raise ValueError(f"expected images of shape (N, H, W) or (N, C, H, W), got {tuple(tensor.shape)}")
+    if tensor.dtype != torch.uint8 and not tensor.is_floating_point():
+        raise ValueError(f"images must be uint8 or float in [0, 1], got {tensor.dtype}")
+    if tensor.shape[1] > 1:
+        unit = tensor.float() / 255.0 if tensor.dtype == torch.uint8 else tensor.float()
+        tensor = unit.mean(dim=1, keepdim=True)
+    if tensor.dtype == torch.uint8:
+        levels = tensor
+    else:
+        levels = torch.floor(tensor.double() * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8)
+    count, pixels = levels.shape[0], levels[0].numel()
     if count == 0:
-        return np.zeros(0)
-    offsets = torch.arange(count, dtype=torch.long).unsqueeze(1) * 256
-    histograms = torch.bincount((levels + offsets).flatten(), minlength=256 * count).view(count, 256).double()
-    probabilities = histograms / histograms.sum(dim=1, keepdim=True)
+        return torch.zeros(0, dtype=torch.float64, device=levels.device)
+    if levels.device.type == "cpu":
+        histograms = torch.stack([torch.bincount(image.reshape(-1), minlength=256) for image in levels]).double()
+    else:
+        flat = levels.to(torch.int64).flatten(1)
+        histograms = torch.empty(count, 256, dtype=torch.float64, device=levels.device)
+        step = max(1, _HISTOGRAM_PIXELS // max(pixels, 1))
+        for at in range(0, count, step):
+            part = flat[at : at + step]
+            index = (part + torch.arange(part.shape[0], device=part.device).unsqueeze(1) * 256).reshape(-1)
+            ones = torch.ones(1, dtype=torch.float64, device=part.device).expand(index.shape[0])
+            histograms[at : at + step] = torch.zeros(part.shape[0] * 256, dtype=torch.float64,
+                                                     device=part.device).scatter_add_(0, index, ones).view(-1, 256)
+    probabilities = histograms / pixels
     # 0 * log 0 is taken as 0: xlogy does exactly that.
-    return (-torch.special.xlogy(probabilities, probabilities).sum(dim=1) / math.log(2.0)).numpy()
+    return -torch.special.xlogy(probabilities, probabilities).sum(dim=1) / math.log(2.0)
+
+
+def pixel_entropy(images: ArrayLike) -> np.ndarray:
+    """(N,) Shannon entropy in bits of each image's 256-bin grey-level histogram (see pixel_entropy_on_device).
+
+    0 for a constant image, 8 for one using all 256 levels equally.
+    """
+    return pixel_entropy_on_device(_as_nchw(images)).numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,8 +168,6 @@ def fit_pca(reference_images: ArrayLike, n_components: int, fitted_on: str = "re
     the report. PCA cannot have more components than min(images, pixels): a larger request is reduced to that
     and logged.
     """
-    from sklearn.decomposition import PCA
-
     flat = _flatten_images(reference_images)
     possible = min(flat.shape)
     if n_components > possible:
@@ -157,7 +187,6 @@ def fit_pca(reference_images: ArrayLike, n_components: int, fitted_on: str = "re
 
 
 def _excess_kurtosis(scores: np.ndarray, axis: int, bias: bool) -> np.ndarray:
-    from scipy.stats import kurtosis
 
     with np.errstate(divide="ignore", invalid="ignore"):
         return kurtosis(scores, axis=axis, fisher=True, bias=bias)
@@ -222,11 +251,6 @@ def kurtosis_curve_png(
 
     Returns the PNG bytes, and also writes them to `path` if one is given.
     """
-    import io
-
-    # A bare Figure renders with Agg and never touches pyplot's global backend state.
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(7, 4.5), dpi=100)
     axes = figure.add_subplot()
     for name, values in curves.items():
@@ -243,9 +267,7 @@ def kurtosis_curve_png(
     if curves:
         axes.legend()
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    png = buffer.getvalue()
+    png = figure_png(figure)
     if path is not None:
         with open(path, "wb") as handle:
             handle.write(png)
@@ -281,10 +303,6 @@ class InceptionFeatures:
         device: str | torch.device = "cpu",
         seed: int = 0,
     ):
-        from torchvision.models import inception_v3
-
-        from reid_batch.checkpoints import load_into, load_state_dict
-
         # Seeded so untrained features (and so relative FIDs) are the same from run to run.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -347,8 +365,6 @@ def frechet_distance(
     fewer images than dimensions), eps * I is added to both covariances and it is recomputed; a square root
     with a non-negligible imaginary part (> 1e-3 on the diagonal) is an error, a negligible one is dropped.
     """
-    from scipy import linalg
-
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
@@ -509,15 +525,13 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     Unlike the normal interval it stays inside [0, 1] and is sensible at 0 or n successes and small n.
     With n == 0 nothing is known: (0, 1).
     """
-    from scipy.stats import norm
-
     if n < 0 or not 0 <= successes <= n:
         raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if n == 0:
         return 0.0, 1.0
-    z = float(norm.ppf(0.5 + confidence / 2))
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
     proportion = successes / n
     denominator = 1 + z * z / n
     centre = (proportion + z * z / (2 * n)) / denominator
@@ -528,8 +542,6 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
 def membership_auc(distances_to_members: ArrayLike, distances_to_nonmembers: ArrayLike) -> float:
     """ROC AUC of "lower distance means member": the probability that a random member's distance is below a
     random non-member's (ties count half). 0.5 = no membership signal, 1 = members always closer."""
-    from sklearn.metrics import roc_auc_score
-
     members, nonmembers = _as_float64(distances_to_members).ravel(), _as_float64(distances_to_nonmembers).ravel()
     if members.size == 0 or nonmembers.size == 0:
         raise ValueError("membership AUC needs at least one member and one non-member distance")
@@ -606,11 +618,9 @@ def _sex_labels(values: ArrayLike | Sequence) -> np.ndarray:
 
 
 def _mean_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
-    from scipy.stats import t
-
     if values.size < 2:
         return float("nan"), float("nan")
-    half_width = float(t.ppf(0.5 + confidence / 2, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
+    half_width = float(stats.t.ppf(0.5 + confidence / 2, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
     centre = float(values.mean())
     return max(0.0, centre - half_width), centre + half_width
 
@@ -699,9 +709,6 @@ def reidentification(
     images the evidence is weaker than the sample count suggests: read the rate together with
     `distinct_train_patients`.
     """
-    import pandas as pd
-    from scipy.stats import binomtest
-
     train_ids, control_ids = np.asarray(train_patient_ids, dtype=object), np.asarray(control_patient_ids, dtype=object)
     train_array, control_array = _as_float64(train_features), _as_float64(control_features)
     if train_ids.shape[0] != train_array.shape[0] or control_ids.shape[0] != control_array.shape[0]:
@@ -729,7 +736,7 @@ def reidentification(
     })
     count, hits = int(reidentified.size), int(reidentified.sum())
     rate = hits / count if count else float("nan")
-    p_value = float(binomtest(hits, count, 0.5, alternative="greater").pvalue) if count else float("nan")
+    p_value = float(stats.binomtest(hits, count, 0.5, alternative="greater").pvalue) if count else float("nan")
     distinct = int(table.loc[table["reidentified"], "train_patient"].nunique())
     summary = {
         "rate": rate,
@@ -754,3 +761,16 @@ def reidentification(
         threshold=threshold,
         summary=summary,
     )
+
+
+def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy (threshold 0.5 on the probability) and ROC AUC of one-logit binary predictions."""
+    probabilities = torch.sigmoid(logits.float()).numpy()
+    y = labels.numpy().astype(int)
+    accuracy = float(((probabilities >= 0.5).astype(int) == y).mean()) if len(y) else float("nan")
+    auc = float(roc_auc_score(y, probabilities)) if len(np.unique(y)) == 2 else float("nan")
+    return {"accuracy": accuracy, "auc": auc}
+
+
+def to_grey(images01: torch.Tensor) -> torch.Tensor:
+    return images01.mean(dim=1, keepdim=True) if images01.shape[1] > 1 else images01

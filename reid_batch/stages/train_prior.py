@@ -44,10 +44,7 @@ reported as the floor a perfect generator would reach.
 from __future__ import annotations
 
 import copy
-import io
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -59,22 +56,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from reid_batch import log
+from reid_batch.analysis.metrics import feature_statistics, fit_pca, frechet_distance
+from reid_batch.artifacts import prior_config
+from reid_batch.attack.generation import generate_unit, id_latents
+from reid_batch.data.datasets import ImageDataset, read_source
 from reid_batch.errors import InputError
+from reid_batch.formats import grid_png, parquet_bytes
+from reid_batch.layout import GENERATOR_FILE, PRIOR_DISTANCE_ID_OFFSET, PRIOR_PREFIX, PRIOR_RESUME_KEY
 from reid_batch.manifest import Manifest, PriorTrainSpec
-from reid_batch.models.pggan import (
-    EqualizedLayer,
-    PGGANConfig,
-    PGGANGenerator,
-    generator_to_unit,
-    latents_for_ids,
-    load_generator,
-    generator_bytes,
-)
-from reid_batch.recipes.common import load_state, pick_device, run_store, save_state
+from reid_batch.models.pggan import EqualizedLayer, PGGANConfig, PGGANGenerator, generator_bytes
+from reid_batch.runtime import load_state, pick_device, run_store, save_state
 
-PREFIX = "prior"
-RESUME_KEY = f"{PREFIX}/resume.pt"
-GENERATOR_FILE = "generator.safetensors"
 
 ADAM_BETAS = (0.0, 0.99)
 DRIFT_WEIGHT = 0.001
@@ -86,15 +78,10 @@ GRID_SIDE = 8
 DISTANCE_COMPONENTS = 64
 DISTANCE_IMAGES = 512
 PCA_FIT_IMAGES = 2048
-# Latent ids of the distance's generated set, far from the sample grid's ids 0..63.
-DISTANCE_LATENT_OFFSET = 1_000_000
+GENERATION_BATCH = 128
 # Above this the public pool is read from disk batch by batch instead of being held in memory.
 IN_MEMORY_LIMIT_BYTES = 4 * 2**30
 LOG_EVERY = 50
-
-# Manifest format names that pggan spells differently.
-FORMAT_ALIASES = {"lightning": "segal_lightning"}
-
 
 # ------------------------------------------------------------------------------------------------ discriminator
 
@@ -250,8 +237,6 @@ class RealPool:
     loaded from disk for each batch."""
 
     def __init__(self, frame: pd.DataFrame, size: int, channels: int, on_error: str):
-        from reid_batch.datasets import ImageDataset
-
         self.dataset = ImageDataset(frame, size=size, channels=channels, on_error=on_error)
         if len(self.dataset) == 0:
             raise InputError("the public pool has no readable images to train the prior on", where="data.public")
@@ -397,20 +382,8 @@ class ProgressiveTrainer:
 
 def pca_frechet_distance(basis, a: torch.Tensor | np.ndarray, reference: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to the PCA scores of images `a` and precomputed `reference`."""
-    from reid_batch.metrics import feature_statistics, frechet_distance
-
     scores = a if isinstance(a, np.ndarray) else basis.project(a)
     return frechet_distance(*feature_statistics(scores), *feature_statistics(reference))
-
-
-@torch.no_grad()
-def generate_unit(generator: PGGANGenerator, latents: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """Full-resolution images in [0, 1] (what later stages see), on CPU."""
-    generator = generator.eval()
-    device = next(generator.parameters()).device
-    out = [generator_to_unit(generator(latents[i:i + batch_size].to(device)), generator.config.output_range).cpu()
-           for i in range(0, len(latents), batch_size)]
-    return torch.cat(out)
 
 
 class DistanceReference:
@@ -419,7 +392,6 @@ class DistanceReference:
     def __init__(self, pool: RealPool, seed: int, images: int = DISTANCE_IMAGES):
         order = torch.from_numpy(np.random.default_rng(seed).permutation(len(pool)))
         self.count = max(2, min(images, len(pool) // 2))
-        from reid_batch.metrics import fit_pca
 
         self.basis = fit_pca(pool.batch(order[: min(len(pool), PCA_FIT_IMAGES)]), DISTANCE_COMPONENTS, "public pool")
         self.reference = self.basis.project(pool.batch(order[: self.count]))
@@ -430,40 +402,20 @@ class DistanceReference:
         return pca_frechet_distance(self.basis, self.held_out, self.reference)
 
     def distance(self, generator: PGGANGenerator) -> float:
-        ids = torch.arange(DISTANCE_LATENT_OFFSET, DISTANCE_LATENT_OFFSET + self.count)
-        latents = latents_for_ids(self.seed, ids, generator.config.latent_dim)
-        return pca_frechet_distance(self.basis, generate_unit(generator, latents), self.reference)
+        latents = id_latents(self.seed, PRIOR_DISTANCE_ID_OFFSET, self.count, generator.config.latent_dim)
+        return pca_frechet_distance(self.basis, generate_unit(generator, latents, GENERATION_BATCH), self.reference)
 
 
 # ------------------------------------------------------------------------------------------------ outputs
 
 
 def sample_grid_png(generator: PGGANGenerator, seed: int, side: int = GRID_SIDE) -> bytes:
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    latents = latents_for_ids(seed, torch.arange(side * side), generator.config.latent_dim)
-    grid = make_grid(generate_unit(generator, latents), nrow=side, padding=2, pad_value=1.0)
-    pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    image = Image.fromarray(pixels[..., 0] if generator.config.out_channels == 1 else pixels)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _parquet_bytes(frame: pd.DataFrame) -> bytes:
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    return buffer.getvalue()
+    """The prior's side x side sample grid at ids 0 .. side^2 - 1 of the training seed."""
+    latents = id_latents(seed, 0, side * side, generator.config.latent_dim)
+    return grid_png(generate_unit(generator, latents, GENERATION_BATCH), side)
 
 
 # ------------------------------------------------------------------------------------------------ the shell
-
-
-def prior_config(manifest: Manifest) -> PGGANConfig:
-    spec = manifest.generator
-    return PGGANConfig(latent_dim=spec.latent_dim, depths=tuple(spec.depths), out_channels=spec.out_channels,
-                       output_range=tuple(spec.output_range), variant="segal", output_activation="none")
 
 
 def _fingerprint(manifest: Manifest, config: PGGANConfig) -> dict:
@@ -476,12 +428,10 @@ def _fingerprint(manifest: Manifest, config: PGGANConfig) -> dict:
 def train_prior(manifest: Manifest, on_checkpoint: Callable[[int], None] | None = None) -> dict:
     """Train, or resume, the prior; commit <run>/prior/. Returns metrics.json's content.
     `on_checkpoint(step)` runs after each resume state is written (tests kill the process there)."""
-    from reid_batch.datasets import read_source
-
     store = run_store(manifest)
-    if store.is_committed(PREFIX):
-        log.event("train_prior_skipped", reason="already committed", uri=store.uri(PREFIX))
-        return store.read_json(f"{PREFIX}/metrics.json")
+    if store.is_committed(PRIOR_PREFIX):
+        log.event("train_prior_skipped", reason="already committed", uri=store.uri(PRIOR_PREFIX))
+        return store.read_json(f"{PRIOR_PREFIX}/metrics.json")
     spec = manifest.generator.train
     if spec is None:
         raise InputError("the manifest gives a generator checkpoint; there is no prior to train",
@@ -494,11 +444,11 @@ def train_prior(manifest: Manifest, on_checkpoint: Callable[[int], None] | None 
 
     trainer = ProgressiveTrainer(config, spec, device)
     fingerprint = _fingerprint(manifest, config)
-    state = load_state(store, RESUME_KEY)
+    state = load_state(store, PRIOR_RESUME_KEY)
     seconds = 0.0
     if state is not None:
         if state.get("fingerprint") != fingerprint:
-            raise InputError(f"{store.uri(RESUME_KEY)} was written with different generator/training/data "
+            raise InputError(f"{store.uri(PRIOR_RESUME_KEY)} was written with different generator/training/data "
                              "settings; restore them, or delete the file to start over", where="generator")
         trainer.load_state_dict(state)
         seconds = float(state["seconds"])
@@ -516,7 +466,7 @@ def train_prior(manifest: Manifest, on_checkpoint: Callable[[int], None] | None 
                       images_seen=trainer.images_seen)
         if trainer.step % spec.checkpoint_every == 0 and not trainer.done:
             elapsed = seconds + time.perf_counter() - started
-            save_state(store, RESUME_KEY, {**trainer.state_dict(), "seconds": elapsed, "fingerprint": fingerprint})
+            save_state(store, PRIOR_RESUME_KEY, {**trainer.state_dict(), "seconds": elapsed, "fingerprint": fingerprint})
             if on_checkpoint is not None:
                 on_checkpoint(trainer.step)
     seconds += time.perf_counter() - started
@@ -539,73 +489,16 @@ def train_prior(manifest: Manifest, on_checkpoint: Callable[[int], None] | None 
         "train_seconds": round(seconds, 2),
         "device": str(device),
     }
-    with store.committed(PREFIX, {"stage": "train-prior"}) as out:
+    with store.committed(PRIOR_PREFIX, {"stage": "train-prior"}) as out:
         out.write_bytes(GENERATOR_FILE, generator_bytes(trainer.ema))
         out.write_bytes("samples_before.png", sample_grid_png(untrained, spec.seed))
         out.write_bytes("samples.png", sample_grid_png(trainer.ema, spec.seed))
         out.write_json("metrics.json", metrics)
-        out.write_bytes("losses.parquet", _parquet_bytes(pd.DataFrame(trainer.losses)))
-    store.delete(RESUME_KEY)
+        out.write_bytes("losses.parquet", parquet_bytes(pd.DataFrame(trainer.losses)))
+    store.delete(PRIOR_RESUME_KEY)
     log.event("train_prior_done", **{k: metrics[k] for k in ("untrained", "trained", "real_vs_real", "steps",
                                                               "train_seconds")})
     return metrics
-
-
-def _given(spec, name: str) -> bool:
-    """Whether the manifest sets `name` to something other than its default. Not model_fields_set: a manifest
-    re-parsed from model_dump() (the CLI's --output) has every field set."""
-    value = getattr(spec, name)
-    default = type(spec).model_fields[name].default
-    return (list(value) if isinstance(value, (list, tuple)) else value) != (
-        list(default) if isinstance(default, (list, tuple)) else default)
-
-
-def load_prior(manifest: Manifest) -> PGGANGenerator:
-    """The prior later stages start from, in eval mode on CPU.
-
-    With `generator.checkpoint`: that file, read by pggan.load_generator in the manifest's format ("lightning"
-    is accepted for pggan's "segal_lightning"); an output_range written in the manifest overrides the format's
-    declared one, the default [0, 1] does not (gan_zoo files are [-1, 1]); latent_dim, depths and out_channels
-    come from the weights and must match the manifest's where it gives non-default values.
-    Otherwise <run>/prior/generator.safetensors.
-    """
-    spec = manifest.generator
-    if spec.checkpoint is not None:
-        fmt = FORMAT_ALIASES.get(spec.format, spec.format)
-        override = tuple(spec.output_range) if _given(spec, "output_range") else None
-        generator, config = _load_checkpoint(manifest, spec.checkpoint, fmt, override)
-        mismatched = [f"{name}: manifest {want}, checkpoint {have}" for name, want, have in (
-            ("latent_dim", spec.latent_dim, config.latent_dim),
-            ("depths", list(spec.depths), list(config.depths)),
-            ("out_channels", spec.out_channels, config.out_channels)) if _given(spec, name) and want != have]
-        if mismatched:
-            raise InputError("the checkpoint's architecture differs from the manifest: " + "; ".join(mismatched),
-                             where="generator.checkpoint")
-        return generator
-    store = run_store(manifest)
-    if not store.is_committed(PREFIX):
-        raise InputError(f"no trained prior at {store.uri(PREFIX)}: run train-prior first", where="generator")
-    with tempfile.TemporaryDirectory() as directory:
-        path = os.path.join(directory, GENERATOR_FILE)
-        with open(path, "wb") as handle:
-            handle.write(store.read_bytes(f"{PREFIX}/{GENERATOR_FILE}"))
-        generator, _ = load_generator(path, "reid")
-    return generator
-
-
-def _load_checkpoint(manifest: Manifest, uri: str, fmt: str, output_range) -> tuple[PGGANGenerator, PGGANConfig]:
-    if not uri.startswith("s3://"):
-        return load_generator(uri.removeprefix("file://"), fmt, output_range=output_range)
-    from reid_batch.storage import S3Settings, open_store
-
-    parent, name = uri.rsplit("/", 1)
-    s3 = manifest.output.s3
-    store = open_store(parent, S3Settings(endpoint=s3.endpoint, region=s3.region))
-    with tempfile.TemporaryDirectory() as directory:
-        path = os.path.join(directory, name)
-        with open(path, "wb") as handle:
-            handle.write(store.read_bytes(name))
-        return load_generator(path, fmt, output_range=output_range)
 
 
 def run(manifest: Manifest, target: str | None = None) -> int:

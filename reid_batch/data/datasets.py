@@ -28,8 +28,13 @@ from typing import Callable, Iterable, Literal
 
 import numpy as np
 import pandas as pd
+import pydicom
 import torch
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut
 from PIL import Image, ImageFile
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 
 from reid_batch import log
 from reid_batch.errors import InputError
@@ -386,8 +391,6 @@ def read_dicom_folder(root: str | os.PathLike) -> pd.DataFrame:
     Header fields used: PatientID (falls back to the folder rule when blank), PatientAge, PatientSex (M/F else None),
     ViewPosition. A file that is not DICOM at all -> InputError naming it.
     """
-    import pydicom
-
     table = read_folder(root, extensions=(".dcm",))
     table["source"] = "dicom"
     for position, path in enumerate(table["path"]):
@@ -418,8 +421,6 @@ def _check_pixel_count(width: int, height: int, max_pixels: int, where: str) -> 
 
 def _first_value(value) -> float:
     """WindowCenter/WindowWidth may be multi-valued; the first pair is the one the modality recommends."""
-    from pydicom.multival import MultiValue
-
     if isinstance(value, (list, tuple, MultiValue)):
         value = value[0]
     return float(value)
@@ -434,9 +435,6 @@ def read_dicom(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     inverted after windowing. RGB DICOMs are converted to luminance. Multi-frame files, missing pixel data and
     undecodable files -> InputError naming the file.
     """
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
     where = str(path)
     try:
         ds = pydicom.dcmread(path)
@@ -557,9 +555,6 @@ def load_image(path: str | os.PathLike, size: int | None, channels: int = 1,
 
     image = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).unsqueeze(0)
     if size is not None and tuple(image.shape[-2:]) != (size, size):
-        from torchvision.transforms.v2 import InterpolationMode
-        from torchvision.transforms.v2 import functional as F
-
         image = F.resize(image, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
         image = image.clamp_(0.0, 1.0)
     if channels == 3:

@@ -1,1 +1,0 @@
-"""Self-contained training recipes, one per job, driven by the manifest."""

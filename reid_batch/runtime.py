@@ -1,0 +1,110 @@
+"""What every stage shares at run time: which device, which processes, resumable state, and the shell of a
+single-writer stage (one process works, the others wait) written once."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import save as save_tensors
+
+from reid_batch import log
+from reid_batch.errors import InputError
+from reid_batch.manifest import Manifest, TargetSpec
+from reid_batch.storage import run_store
+
+__all__ = ["run_store"]  # re-exported: the stages' one way to open the run's store
+
+
+def pick_device(manifest: Manifest) -> torch.device:
+    wanted = manifest.compute.device
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise InputError("CUDA was asked for but no GPU is visible", "compute.device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def save_state(store, key: str, state: dict[str, Any]) -> None:
+    """Write a resume checkpoint atomically; only tensors and plain containers, so it loads weights_only."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    store.write_bytes(key, buffer.getvalue())
+
+
+def load_state(store, key: str) -> dict[str, Any] | None:
+    if not store.exists(key):
+        return None
+    # Our own file, but still loaded without unpickling code: a tampered output store must not run code.
+    return torch.load(io.BytesIO(store.read_bytes(key)), map_location="cpu", weights_only=True)
+
+
+def state_dict_bytes(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    return save_tensors({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, metadata=metadata)
+
+
+@dataclass
+class EpochTimer:
+    """Wall time per epoch, for the training record."""
+
+    started: float = 0.0
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.started
+        return False
+
+
+def log_epoch(kind: str, model: str, **metrics) -> None:
+    log.event(f"{kind}_epoch", model=model, **{k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})
+
+
+def launched_state(manifest: Manifest):
+    """Accelerate's process state when this stage runs under a multi-process launcher, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState  # a 5 s import, paid only by a launched multi-process task
+
+    return PartialState(cpu=pick_device(manifest).type == "cpu")
+
+
+def chosen_targets(manifest: Manifest, target: str | None) -> list[TargetSpec]:
+    """`--target NAME`: that target; none given: every target of the manifest, in order."""
+    return [manifest.target(target)] if target else list(manifest.targets)
+
+
+def run_single_writer(manifest: Manifest, target: str | None, work: Callable[[TargetSpec], Any]) -> int:
+    """The shell of a single-writer stage (select, score, evaluate): under a multi-process launcher only the main
+    process does the work, target by target; every process returns once it is done, so a following stage on any
+    rank sees its outputs."""
+    state = launched_state(manifest)
+    if state is None or state.is_main_process:
+        for spec in chosen_targets(manifest, target):
+            work(spec)
+    if state is not None:
+        state.wait_for_everyone()
+    return 0
+
+
+def check_shard(shard: int | None, count: int) -> list[int]:
+    """The shards a task runs: the one given (checked against the manifest's count), or all of them in turn."""
+    if shard is None:
+        return list(range(count))
+    if not 0 <= shard < count:
+        raise InputError(f"shard {shard} is outside 0..{count - 1}", where="--shard")
+    return [shard]
