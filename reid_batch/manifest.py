@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticUndefined
 
 from reid_batch import MANIFEST_VERSION
-from reid_batch.archs import arch_family, known_names
+from reid_batch.archs import (  # noqa: F401 - the term tables are re-exported for the schema's readers
+    CNN_ALLOWED_TERMS, CNN_TERMS, DEFAULT_TERMS, FAMILY_TERMS, VIT_TERMS, arch_family, known_names)
 from reid_batch.errors import InputError
 from reid_batch.layout import RESERVED_NAMES
 
@@ -34,13 +35,6 @@ Weight = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 Probability = Annotated[float, Field(gt=0.0, le=1.0)]
 ImageSize = Annotated[int, Field(ge=16, le=4096)]
 
-CNN_TERMS = ("bn_stats", "feature_stats", "logits", "tv")
-CNN_ALLOWED_TERMS = ("bn_stats", "gn_stats", "feature_stats", "logits", "tv")
-VIT_TERMS = ("ln_stats", "cls_magnitude", "attn_entropy", "attn_diversity", "logits", "tv")
-DEFAULT_TERMS = {
-    "cnn": {"bn_stats": 1.0, "feature_stats": 1.0, "logits": 1.0, "tv": 1e-5},
-    "vit": {"ln_stats": 1.0, "cls_magnitude": 1.0, "attn_entropy": 1.0, "attn_diversity": 1.0, "logits": 1.0, "tv": 1e-5},
-}
 RESERVED_TARGET_NAMES = RESERVED_NAMES
 class Strict(BaseModel):
     # An unknown key is almost always a typo that would silently fall back to a default.
@@ -291,7 +285,7 @@ class TargetSpec(Strict):
             # fail inside DenseNet's concatenations: ResNets are the architectures DP-SGD is known to train here.
             raise ValueError("preset dp trains ResNets (resnet18..152) with Opacus; train other architectures "
                              "elsewhere and give the checkpoint")
-        allowed = CNN_ALLOWED_TERMS if self.family == "cnn" else VIT_TERMS
+        allowed = FAMILY_TERMS[self.family]
         if self.objective.terms is not None:
             unknown = sorted(set(self.objective.terms) - set(allowed))
             if unknown:

@@ -97,7 +97,7 @@ from torch import Tensor, nn
 
 from reid_batch import log
 from reid_batch.errors import InputError
-from reid_batch.manifest import CNN_ALLOWED_TERMS, CNN_TERMS, VIT_TERMS  # noqa: F401 - CNN_TERMS re-exported
+from reid_batch.archs import CNN_ALLOWED_TERMS, CNN_TERMS, FAMILY_TERMS, VIT_TERMS  # noqa: F401 - re-exported
 from reid_batch.models.targets import family as target_family
 
 # Stage 2 scores candidates by how well they match the target; image smoothness says nothing about that.
@@ -422,7 +422,7 @@ class TargetObjective:
         self.model = model
         self.family = family or target_family(model)
         self.field_prefix = field_prefix
-        allowed = CNN_ALLOWED_TERMS if self.family == "cnn" else VIT_TERMS
+        allowed = FAMILY_TERMS[self.family]
         unknown = sorted(set(terms) - set(allowed))
         if unknown:
             raise InputError(

@@ -45,7 +45,8 @@ from reid_batch.layout import (DEMOGRAPHICS_PREFIX, FIGURES, HTML_FILE, JSON_FIL
                                MITIGATION_FIGURE, MODEL_METRICS_FILE, TABLE_FILE, evaluation_prefix, pair_key,
                                report_prefix)
 from reid_batch.log import redact
-from reid_batch.manifest import CNN_ALLOWED_TERMS, VIT_TERMS, Manifest
+from reid_batch.archs import CNN_ALLOWED_TERMS, VIT_TERMS
+from reid_batch.manifest import Manifest
 from reid_batch.storage import run_store
 
 HTML_MAX_SAMPLES = 50
