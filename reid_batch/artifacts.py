@@ -20,6 +20,7 @@ from reid_batch.errors import InputError
 from reid_batch.manifest import Manifest, TargetSpec
 from reid_batch.models.demographics import DemographicNet, load_demographics
 from reid_batch.models.pggan import PGGANConfig, PGGANGenerator, load_generator
+from reid_batch.models.reid import ReidNet, load_reid
 from reid_batch.models.targets import load_target
 from reid_batch.storage import Store, input_path, run_store
 
@@ -73,6 +74,21 @@ def load_demographic_model(manifest: Manifest) -> DemographicNet:
     require_committed(store, layout.DEMOGRAPHICS_PREFIX, "train-demographics")
     return load_demographics(local_file(store, f"{layout.DEMOGRAPHICS_PREFIX}/{layout.MODEL_FILE}", ".safetensors"),
                              **arch)
+
+
+def load_reid_model(manifest: Manifest) -> ReidNet | None:
+    """The re-identification embedding (eval mode, CPU): reid.checkpoint, or what train-reid committed; None when
+    the manifest has no reid section."""
+    spec = manifest.reid
+    if spec is None:
+        return None
+    if spec.checkpoint is not None:
+        return load_reid(input_path(spec.checkpoint, manifest, "reid.checkpoint"), spec.arch, spec.embedding_dim,
+                         spec.width)
+    store = run_store(manifest)
+    require_committed(store, layout.REID_PREFIX, "train-reid")
+    return load_reid(local_file(store, f"{layout.REID_PREFIX}/{layout.MODEL_FILE}", ".safetensors"), spec.arch,
+                     spec.embedding_dim, spec.width)
 
 
 def load_finetuned_generator(manifest: Manifest, target: str) -> PGGANGenerator:

@@ -2,7 +2,8 @@
 
 The plan groups the stages into scheduler jobs, each run after the one before it succeeded:
 
-    prepare    make-phantoms, train-prior, train-target, train-demographics   one job, stages in sequence
+    prepare    make-phantoms, train-prior, train-target, train-demographics,   one job, stages in sequence
+               train-reid
     finetune   stage 1                                                       one job, multi-process/-node
     sample     an array over sampling.num_shards                             shard = task id / completion index
     select     stage 2's global thresholds                                   one job, no GPU
@@ -71,6 +72,9 @@ def shell_summary(manifest: Manifest) -> str:
         "score_shards": BY_NAME["score"].shard_count(manifest),
         "finetune_mixed_precision": manifest.finetune.mixed_precision,
         "output_uri": manifest.output.uri,
+        "jobs": " ".join(job.name for job in JOBS),
+        "stages": " ".join(stage.name for stage in STAGES),
+        **{f"{job.name}_stages": " ".join(job.stages) for job in JOBS},
     }
     return "".join(f"{key}={shlex.quote(str(value))}\n" for key, value in values.items())
 

@@ -6,6 +6,7 @@ Torch-free: `report`, `plan` and the tests read it cheaply.
     targets/<name>/ ................... trained target: model.safetensors, training.json, train_images.csv
     prior/ ............................ trained PGGAN prior: generator.safetensors, samples.png, metrics.json
     demographics/ ..................... age/sex model: model.safetensors, metrics.json, plots
+    reid/ ............................. re-identification embedding: model.safetensors, metrics.json
     <target>/finetune/ ................ stage 1 result: generator.safetensors, losses.parquet, samples PNGs
     <target>/finetune-checkpoints/ .... resumable stage 1 state, one committed prefix per checkpoint
     <target>/finetune-reference.safetensors  cached reference statistics (ViT, GroupNorm CNN)
@@ -48,13 +49,15 @@ PRIOR_PREFIX = "prior"
 PRIOR_RESUME_KEY = f"{PRIOR_PREFIX}/resume.pt"
 DEMOGRAPHICS_PREFIX = "demographics"
 DEMOGRAPHICS_RESUME_KEY = "resume/train-demographics.pt"  # outside the prefix: a commit replaces the prefix
+REID_PREFIX = "reid"
+REID_RESUME_KEY = "resume/train-reid.pt"
 MODEL_FILE = "model.safetensors"
 GENERATOR_FILE = "generator.safetensors"
 TRAIN_IMAGES_FILE = "train_images.csv"
 MODEL_METRICS_FILE = "metrics.json"
 
 # Target names become top-level folders: these would collide with run-level outputs.
-RESERVED_NAMES = frozenset({"targets", "prior", "demographics", "evaluation", "report", "resume", "world"})
+RESERVED_NAMES = frozenset({"targets", "prior", "demographics", "reid", "evaluation", "report", "resume", "world"})
 
 
 def target_prefix(name: str) -> str:

@@ -420,6 +420,35 @@ class DemographicsSpec(Strict):
         return self
 
 
+class ReidTrainSpec(Strict):
+    epochs: PositiveInt = 20
+    patients_per_batch: Annotated[int, Field(ge=2)] = 64
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
+    weight_decay: Weight = 1e-4
+    temperature: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 0.1
+    augment: Annotated[float, Field(ge=0, le=3, allow_inf_nan=False)] = 1.0
+    max_patients: PositiveInt | None = None
+    validate_every: PositiveInt = 5
+    seed: Seed = 0
+
+
+class ReidSpec(Strict):
+    arch: Literal["reid_small", "resnet18", "resnet50"] = "reid_small"
+    image_size: ImageSize = 64
+    embedding_dim: PositiveInt = 128
+    width: PositiveInt = 32
+    checkpoint: str | None = None
+    train: ReidTrainSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ReidSpec":
+        if self.checkpoint is None and self.train is None:
+            raise ValueError("give a checkpoint, or a train section to train the re-identification embedding")
+        if self.checkpoint is not None and self.train is not None:
+            raise ValueError("give either checkpoint or train, not both")
+        return self
+
+
 class EvaluationSpec(Strict):
     inception_weights: str | None = Field(None, description="Inception-v3 weights for FID; untrained if omitted")
     fid: bool = Field(True, description="compute FID (each needs a 2048 x 2048 matrix square root: slow on a CPU)")
@@ -452,6 +481,7 @@ class Manifest(Strict):
     sampling: SamplingSpec = SamplingSpec()
     selection: SelectionSpec = SelectionSpec()
     demographics: DemographicsSpec
+    reid: ReidSpec | None = None
     evaluation: EvaluationSpec = EvaluationSpec()
     compute: ComputeSpec = ComputeSpec()
 
@@ -577,6 +607,8 @@ def missing_files(manifest: Manifest) -> list[str]:
         check(t.checkpoint, f"targets[{i}].checkpoint")
     check(manifest.generator.checkpoint, "generator.checkpoint")
     check(manifest.demographics.checkpoint, "demographics.checkpoint")
+    if manifest.reid is not None:
+        check(manifest.reid.checkpoint, "reid.checkpoint")
     check(manifest.evaluation.inception_weights, "evaluation.inception_weights")
     return problems
 
@@ -634,6 +666,14 @@ FIELD_NOTES = {
     "selection.mahalanobis_quantile": "... and whose Mahalanobis distance is in the lowest q",
     "selection.mahalanobis.covariance": "diagonal (from running_var) or ledoit_wolf (shrinkage, from a reference set)",
     "demographics.arch": "densenet121 (the study) or densenet_tiny (tests)",
+    "reid": "the re-identification embedding (`train-reid`, public pool only); omit to skip the stage",
+    "reid.arch": "reid_small (a four-block CNN for small images, the demo) or a ResNet for study-sized images",
+    "reid.width": "channels of reid_small's first block (doubled per block)",
+    "reid.train.patients_per_batch": "patients per contrastive batch, two views each",
+    "reid.train.temperature": "NT-Xent temperature of the cosine similarities",
+    "reid.train.augment": "acquisition jitter strength (1 = +-5 degrees, +-4 % shift, +-5 % scale, gamma, contrast, noise)",
+    "reid.train.max_patients": "train on a seeded sample of this many public patients",
+    "reid.train.validate_every": "epochs between verification AUC / rank-1 measurements on held-out public patients",
     "demographics.num_shards": "array tasks for demographic scoring",
     "evaluation.pca_fit_on": "the ONE set the common PCA basis is fitted on",
     "evaluation.bootstrap": "bootstrap resamples for standard errors",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Submit the whole reid-batch pipeline for one job manifest as dependent Slurm jobs:
 #
-#   prepare   make-phantoms, train-prior, train-target, train-demographics (one job, in sequence)
+#   prepare   make-phantoms, train-prior, train-target, train-demographics, train-reid (one job, in sequence)
 #   finetune  srun + accelerate launch over --finetune-nodes x --finetune-gpus-per-node processes
 #   sample    array over sampling.num_shards       (shard = SLURM_ARRAY_TASK_ID)
 #   select    one CPU job
@@ -200,20 +200,14 @@ srun --nodes="\$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
 EOF
 }
 
-job_stages() {  # the stages of a job, filtered by --stages
-    local all
-    case $1 in
-        prepare) all="make-phantoms train-prior train-target train-demographics" ;;
-        report) all="evaluate report" ;;
-        *) all=$1 ;;
-    esac
+job_stages() {  # the stages of a job (from the stage registry, through `reid-batch plan`), filtered by --stages
     local stage
-    for stage in $all; do
+    for stage in ${info[${1}_stages]}; do
         if [[ -z $stages || ",$stages," == *",$stage,"* ]]; then printf '%s ' "$stage"; fi
     done
 }
 
-jobs=(prepare finetune sample select score report)
+read -ra jobs <<<"${info[jobs]}"
 if [[ -n $from ]]; then
     found=0
     for i in "${!jobs[@]}"; do [[ ${jobs[$i]} == "$from" ]] && { jobs=("${jobs[@]:$i}"); found=1; break; }; done
@@ -222,10 +216,7 @@ fi
 if [[ -n $stages ]]; then
     IFS=',' read -ra wanted <<<"$stages"
     for stage in "${wanted[@]}"; do
-        case $stage in
-            make-phantoms|train-prior|train-target|train-demographics|finetune|sample|select|score|evaluate|report) ;;
-            *) die "--stages: unknown stage $stage" ;;
-        esac
+        [[ " ${info[stages]} " == *" $stage "* ]] || die "--stages: unknown stage $stage"
     done
 fi
 

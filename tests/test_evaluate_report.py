@@ -378,3 +378,12 @@ def test_held_out_set_matches_the_training_label_mix():
     assert train[t].value_counts().to_dict() == {0: 20, 1: 8} and len(h) == 28
     t, h = matched_positions(train, None, seed=0)
     assert len(t) == len(h) == 0
+
+
+def test_report_shows_the_demographic_models_own_validation():
+    """train-demographics writes its validation under "val"; the report once read other keys and printed n/a."""
+    from reid_batch.stages.report import _html_risk_summary
+
+    document = {"targets": {}, "demographic_model": {"val": {"age_mae": 7.3705, "sex_accuracy": 0.9875}}}
+    text = "\n".join(_html_risk_summary(document))
+    assert "age MAE 7.37 years" in text and "sex accuracy 0.988" in text and "n/a" not in text

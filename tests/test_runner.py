@@ -24,7 +24,7 @@ def test_graph_orders_every_stage_of_every_target():
     manifest = _demo_manifest()
     graph = task_graph(manifest)
     names = [t.name for t in manifest.targets]
-    assert len(graph) == 4 + 6 * len(names)
+    assert len(graph) == 5 + 6 * len(names)  # 5 run-level tasks: phantoms, prior, demographics, reid, report
     for name in names:
         assert graph[Task("finetune", name)] == {Task("train-prior"), Task("train-target", name)}
         assert graph[Task("score", name)] == {Task("select", name), Task("train-demographics")}

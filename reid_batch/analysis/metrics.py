@@ -774,3 +774,58 @@ def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
 
 def to_grey(images01: torch.Tensor) -> torch.Tensor:
     return images01.mean(dim=1, keepdim=True) if images01.shape[1] > 1 else images01
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Re-identification embedding quality
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    """How well an embedding tells patients apart (Packhaeuser et al. 2022 report both)."""
+
+    auc: float  # same-patient vs different-patient image pairs, scored by cosine similarity
+    rank1: float  # share of images (of patients with >= 2) whose nearest other image is the same patient's
+    images: int
+    patients: int
+    positive_pairs: int
+    negative_pairs: int
+    probes: int  # images that took part in rank-1 (their patient has another image)
+
+
+def patient_verification(embeddings: ArrayLike, patients: Sequence, max_negative_pairs: int = 200_000,
+                         seed: int = 0) -> VerificationResult:
+    """Verification AUC and rank-1 of unit-length embeddings (N, D) of images with patient ids (N,).
+
+    AUC: every same-patient pair against every different-patient pair, or a seeded uniform sample of
+    `max_negative_pairs` of them when there are more. Rank-1: each image of a patient with at least two images is a
+    probe; the gallery is every other image. NaN where a quantity has no pairs or probes.
+    """
+    x = _as_float64(embeddings)
+    ids = np.asarray([str(p) for p in patients], dtype=object)
+    if x.ndim != 2 or x.shape[0] != ids.shape[0]:
+        raise ValueError(f"need one patient id per embedding row, got {x.shape} and {ids.shape}")
+    n = x.shape[0]
+    _, codes = np.unique(ids, return_inverse=True)
+    similarity = x @ x.T
+    upper_i, upper_j = np.triu_indices(n, k=1)
+    same = codes[upper_i] == codes[upper_j]
+    positives = similarity[upper_i[same], upper_j[same]]
+    negative_i, negative_j = upper_i[~same], upper_j[~same]
+    if len(negative_i) > max_negative_pairs:
+        chosen = np.random.default_rng(seed).choice(len(negative_i), size=max_negative_pairs, replace=False)
+        negative_i, negative_j = negative_i[chosen], negative_j[chosen]
+    negatives = similarity[negative_i, negative_j]
+    auc = (float(roc_auc_score(np.r_[np.ones(len(positives)), np.zeros(len(negatives))], np.r_[positives, negatives]))
+           if len(positives) and len(negatives) else float("nan"))
+    counts = np.bincount(codes, minlength=codes.max() + 1 if n else 0)
+    probes = np.flatnonzero(counts[codes] >= 2) if n else np.zeros(0, dtype=np.int64)
+    if len(probes):
+        scores = similarity[probes].copy()
+        scores[np.arange(len(probes)), probes] = -np.inf
+        rank1 = float((codes[scores.argmax(axis=1)] == codes[probes]).mean())
+    else:
+        rank1 = float("nan")
+    return VerificationResult(auc=auc, rank1=rank1, images=n, patients=int(len(np.unique(codes))),
+                              positive_pairs=int(len(positives)), negative_pairs=int(len(negatives)),
+                              probes=int(len(probes)))

@@ -64,15 +64,17 @@ def train_pool(spec: TargetSpec) -> str:
     return spec.train.pool if spec.train is not None else "private"
 
 
-def pool_frame(manifest: Manifest, pool: str) -> tuple[pd.DataFrame, str] | None:
-    """(labelled rows of a pool, on_error), or None when its images are not on this machine."""
+def pool_frame(manifest: Manifest, pool: str, labelled_only: bool = True) -> tuple[pd.DataFrame, str] | None:
+    """(rows of a pool, labelled ones only unless told, on_error), or None when its images are not on this machine."""
     if getattr(manifest.data, pool) is None:
         world = manifest.data.synthetic
         if world is None or not (Path(world.root) / pool).is_dir():
             return None
     source = manifest.source(pool)
     frame = read_source(source.format, source.root, **({"csv_name": source.csv} if source.csv else {}))
-    frame = frame[frame["label"].notna()].sort_values("path").reset_index(drop=True)
+    if labelled_only:
+        frame = frame[frame["label"].notna()]
+    frame = frame.sort_values("path").reset_index(drop=True)
     return frame, source.on_error
 
 

@@ -584,9 +584,11 @@ def _html_risk_summary(document: dict) -> list[str]:
                "patient.</p>")
     if document.get("demographic_model"):
         model = document["demographic_model"]
+        # train-demographics writes its validation under "val" (metrics.json); a checkpoint's record may be flat.
+        validation = model.get("val") or model
         out.append(f"<p class='note'>The age/sex model's own validation (public pool): age MAE "
-                   f"{esc(number(_get(model, 'age', 'mae') or model.get('age_mae'), 2))}, sex accuracy "
-                   f"{esc(number(_get(model, 'sex', 'accuracy') or model.get('sex_accuracy'), 3))}.</p>")
+                   f"{esc(number(validation.get('age_mae'), 2))} years, sex accuracy "
+                   f"{esc(number(validation.get('sex_accuracy'), 3))}.</p>")
     return out
 
 
