@@ -55,7 +55,7 @@ STAGES: tuple[Stage, ...] = (
           needs=("select", "train-demographics"), shards=lambda manifest: manifest.demographics.num_shards),
     Stage("evaluate", "metrics: entropy, PCA kurtosis, FID, SSIM, re-id", "evaluate:evaluate", needs=("score",)),
     Stage("report", "write the HTML/Markdown/JSON risk report", "report:report", per_target=False,
-          needs=("evaluate",)),
+          needs=("evaluate", "train-reid")),
 )
 BY_NAME = {stage.name: stage for stage in STAGES}
 

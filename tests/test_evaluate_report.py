@@ -387,3 +387,16 @@ def test_report_shows_the_demographic_models_own_validation():
     document = {"targets": {}, "demographic_model": {"val": {"age_mae": 7.3705, "sex_accuracy": 0.9875}}}
     text = "\n".join(_html_risk_summary(document))
     assert "age MAE 7.37 years" in text and "sex accuracy 0.988" in text and "n/a" not in text
+
+
+def test_report_states_its_instrument():
+    """The report opens with its ruler: the embedding's verification, or that there is none (pixel distances)."""
+    from reid_batch.stages.report import _html_instrument, instrument_summary
+
+    none = {"instrument": instrument_summary(None)}
+    assert "blind to identity" in "\n".join(_html_instrument(none))
+    record = {"arch": "reid_small", "image_size": 64, "train_patients": 640,
+              "verification": {"public_heldout": {"auc": 0.9985, "rank1": 0.872, "patients": 160, "images": 360},
+                               "private": {"auc": 0.9985, "rank1": 0.8125, "patients": 214, "images": 512}}}
+    text = "\n".join(_html_instrument({"instrument": instrument_summary(record)}))
+    assert "0.999" in text and "0.812" in text and "214" in text and "held-out public patients" in text

@@ -42,8 +42,8 @@ from reid_batch import log
 from reid_batch.errors import InputError
 from reid_batch.formats import clean_json, figure_png, software_versions
 from reid_batch.layout import (DEMOGRAPHICS_PREFIX, FIGURES, HTML_FILE, JSON_FILE, MARKDOWN_FILE, METRICS_FILE,
-                               MITIGATION_FIGURE, MODEL_METRICS_FILE, TABLE_FILE, evaluation_prefix, pair_key,
-                               report_prefix)
+                               MITIGATION_FIGURE, MODEL_METRICS_FILE, REID_PREFIX, TABLE_FILE, evaluation_prefix,
+                               pair_key, report_prefix)
 from reid_batch.log import redact
 from reid_batch.archs import CNN_ALLOWED_TERMS, VIT_TERMS
 from reid_batch.manifest import Manifest
@@ -132,7 +132,7 @@ def _sample_records(table: pd.DataFrame) -> list[dict]:
 
 
 def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd.DataFrame],
-                 manifest_document: dict, demographic_model: dict | None = None) -> dict:
+                 manifest_document: dict, demographic_model: dict | None = None, reid_model: dict | None = None) -> dict:
     """The machine-readable report: per target its metrics, risk summary and samples, plus the comparison."""
     controls = {n: m for n, m in evaluations.items() if m.get("train_pool") == "control"}
     targets = {}
@@ -187,6 +187,7 @@ def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd
         "targets": targets,
         "mitigation": mitigation_summary(targets),
         "demographic_model": demographic_model,
+        "instrument": instrument_summary(reid_model),
         "meanings": [{"metric": m, "shows": s, "does_not_show": d} for m, s, d in MEANINGS],
         "manifest": safe_manifest(manifest_document),
         "software": {"report": software_versions(),
@@ -539,9 +540,34 @@ def _image_html(png: bytes | None, alt: str, css_class: str = "figure") -> str:
     return f"<img class='{css_class}' alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
 
 
+def instrument_summary(reid_model: dict | None) -> dict:
+    """What the report says of its ruler: the re-identification embedding's own verification (reid/metrics.json)."""
+    if not reid_model:
+        return {"embedding": None, "note": "no re-identification embedding in this run (no reid section): "
+                                           "distances are measured in grey pixels, which are blind to identity"}
+    verification = reid_model.get("verification") or {}
+    return {"embedding": {"arch": reid_model.get("arch"), "image_size": reid_model.get("image_size"),
+                          "train_patients": reid_model.get("train_patients"),
+                          **{pool: {k: result.get(k) for k in ("auc", "rank1", "patients", "images")}
+                             for pool, result in verification.items()}},
+            "note": "verification AUC: same-patient image pairs against different-patient pairs by cosine similarity; "
+                    "rank-1: the nearest other image is the same patient's"}
+
+
+def instrument_rows(document: dict) -> tuple[list[str], list[list[str]]]:
+    embedding = (document.get("instrument") or {}).get("embedding") or {}
+    header = ["Patients", "Images", "Verification AUC", "Rank-1"]
+    names = {"public_heldout": "held-out public patients", "private": "private patients (2+ studies; validation only)"}
+    rows = [[names.get(pool, pool), str(result.get("patients")), str(result.get("images")),
+             number(result.get("auc"), 3), number(result.get("rank1"), 3)]
+            for pool, result in embedding.items() if isinstance(result, dict)]
+    return ["Set", *header], rows
+
+
 def render_html(document: dict, figures: dict[str, dict[str, bytes]], pairs: dict[str, dict[int, bytes]]) -> str:
     """The HTML report: one renderer per section, in reading order."""
     out = _html_header(document)
+    out += _html_instrument(document)
     out += _html_risk_summary(document)
     if document["mitigation"]["shown"]:
         out += _html_mitigations(document, figures)
@@ -566,6 +592,23 @@ def _html_header(document: dict) -> list[str]:
     out.append(f"<div class='box'><b>Threat model.</b> {esc(document['threat_model'] or '')}<br><b>Validation.</b> "
                f"{esc(document['validation_note'] or '')}<br><b>Sensitive content.</b> This report shows reconstructed "
                "and real patient images; keep it where the run's output is kept.</div>")
+    return out
+
+
+def _html_instrument(document: dict) -> list[str]:
+    """0. The instrument: how well the re-identification embedding tells patients apart."""
+    esc = html.escape
+    instrument = document.get("instrument") or {}
+    embedding = instrument.get("embedding")
+    out = ["<h2>0. Instrument</h2>"]
+    if not embedding:
+        out.append(f"<p class='note'>{esc(instrument.get('note') or 'not available')}.</p>")
+        return out
+    out.append(f"<p>Re-identification embedding {esc(str(embedding.get('arch')))} at {embedding.get('image_size')} px, "
+               f"trained on {embedding.get('train_patients')} public patients only.</p>")
+    header, rows = instrument_rows(document)
+    out.append(_table_html(header, rows))
+    out.append(f"<p class='note'>{esc(instrument.get('note') or '')}.</p>")
     return out
 
 
@@ -798,7 +841,10 @@ def render_markdown(document: dict) -> str:
     lines = [f"# Re-identification risk report: run {document['run_id']}", "",
              f"Generated {document['generated']}. Full report with images: `{HTML_FILE}`; all numbers: `{JSON_FILE}`.",
              "", f"**Threat model.** {document['threat_model']}", "", f"**Validation.** {document['validation_note']}",
-             "", "## Risk summary", ""]
+             "", "## Instrument", ""]
+    header, rows = instrument_rows(document)
+    lines.append(_table_markdown(header, rows) if rows else (document.get("instrument") or {}).get("note", ""))
+    lines += ["", "## Risk summary", ""]
     rows = risk_rows(document)
     if rows:
         lines.append(_table_markdown(list(rows[0]), [list(r.values()) for r in rows]))
@@ -841,6 +887,8 @@ def report(manifest: Manifest, target: str | None = None) -> int:
                          + " ".join(f"--target {n}" for n in missing[:1]) + " first",
                          where=store.uri(evaluation_prefix(missing[0])))
     inputs = {n: store.read_commit(evaluation_prefix(n))["created"] for n in names}
+    if store.is_committed(REID_PREFIX):  # the instrument section reads it: a new embedding means a new report
+        inputs[REID_PREFIX] = store.read_commit(REID_PREFIX)["created"]
     prefix = report_prefix(target)
     if store.is_committed(prefix):
         if store.read_commit(prefix).get("metadata", {}).get("inputs") == inputs:
@@ -860,7 +908,10 @@ def report(manifest: Manifest, target: str | None = None) -> int:
     model_metrics = f"{DEMOGRAPHICS_PREFIX}/{MODEL_METRICS_FILE}"
     demographic_model = store.read_json(model_metrics) \
         if store.is_committed(DEMOGRAPHICS_PREFIX) and store.exists(model_metrics) else None
-    document = build_report(manifest.run_id, evaluations, tables, manifest.model_dump(mode="json"), demographic_model)
+    reid_metrics = f"{REID_PREFIX}/{MODEL_METRICS_FILE}"
+    reid_model = store.read_json(reid_metrics) if store.is_committed(REID_PREFIX) and store.exists(reid_metrics) else None
+    document = build_report(manifest.run_id, evaluations, tables, manifest.model_dump(mode="json"), demographic_model,
+                            reid_model)
     plot = mitigation_png(document) if document["mitigation"]["shown"] else None
     page = render_html(document, {**figures, "_report": {"mitigation": plot}}, pairs)
     with store.committed(prefix, {"stage": "report", "targets": names, "inputs": inputs}) as out:
