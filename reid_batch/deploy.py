@@ -2,8 +2,8 @@
 
 The plan groups the stages into scheduler jobs, each run after the one before it succeeded:
 
-    prepare    make-phantoms, train-prior, train-target, train-demographics,   one job, stages in sequence
-               train-reid
+    prepare    make-phantoms, train-prior, train-reid, train-target,           one job, stages in sequence
+               train-demographics
     finetune   stage 1                                                       one job, multi-process/-node
     sample     an array over sampling.num_shards                             shard = task id / completion index
     select     stage 2's global thresholds                                   one job, no GPU

@@ -41,11 +41,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("make-phantoms", "write the synthetic chest-X-ray world", "make_phantoms:make_phantoms", per_target=False),
     Stage("train-prior", "train the PGGAN prior on the public pool", "train_prior:run", per_target=False,
           needs=("make-phantoms",)),
+    # The embedding trains longest after the prior: listed early so that `run --jobs` starts it early.
+    Stage("train-reid", "train the re-identification embedding on the public pool", "train_reid:run",
+          per_target=False, needs=("make-phantoms",)),
     Stage("train-target", "train the target model(s)", "train_target:run", needs=("make-phantoms",)),
     Stage("train-demographics", "train the age/sex model", "train_demographics:run", per_target=False,
           needs=("make-phantoms",)),
-    Stage("train-reid", "train the re-identification embedding on the public pool", "train_reid:run",
-          per_target=False, needs=("make-phantoms",)),
     Stage("finetune", "stage 1: fine-tune the generator toward a target", "finetune:run",
           needs=("train-prior", "train-target")),
     Stage("sample", "sample candidates, score them, write Parquet shards", "sample:sample", needs=("finetune",),
@@ -73,7 +74,7 @@ class Job:
 
 
 JOBS: tuple[Job, ...] = (
-    Job("prepare", ("make-phantoms", "train-prior", "train-target", "train-demographics", "train-reid")),
+    Job("prepare", ("make-phantoms", "train-prior", "train-reid", "train-target", "train-demographics")),
     Job("finetune", ("finetune",), distributed=True),
     Job("sample", ("sample",), array=True),
     Job("select", ("select",), uses_gpu=False),

@@ -4,7 +4,7 @@ On a cluster the scheduler runs the stages (slurm/, k8s/); on a laptop or a work
 the stages run one after another in this process. With N > 1 every task is its own `reid-batch <stage> MANIFEST
 --target T` process, started as soon as the tasks it needs have finished:
 
-    make-phantoms -> train-prior, train-demographics, train-reid, train-target[t]
+    make-phantoms -> train-prior, train-reid, train-target[t], train-demographics
     train-prior + train-target[t] -> finetune[t] -> sample[t] -> select[t]
     select[t] + train-demographics -> score[t] -> evaluate[t];  every evaluate[t] + train-reid -> report
 

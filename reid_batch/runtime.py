@@ -101,6 +101,16 @@ def run_single_writer(manifest: Manifest, target: str | None, work: Callable[[Ta
     return 0
 
 
+def already_committed(store, prefix: str, resume_key: str, stage: str, **fields) -> bool:
+    """The training stages' skip: a committed output is kept as it is (logged), and a resume state a kill left
+    behind after the commit is deleted."""
+    if not store.is_committed(prefix):
+        return False
+    log.event(f"{stage}_skipped", **fields, reason="already committed")
+    store.delete(resume_key)
+    return True
+
+
 def check_shard(shard: int | None, count: int) -> list[int]:
     """The shards a task runs: the one given (checked against the manifest's count), or all of them in turn."""
     if shard is None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Submit the whole reid-batch pipeline for one job manifest as dependent Slurm jobs:
 #
-#   prepare   make-phantoms, train-prior, train-target, train-demographics, train-reid (one job, in sequence)
+#   prepare   make-phantoms, train-prior, train-reid, train-target, train-demographics (one job, in sequence)
 #   finetune  srun + accelerate launch over --finetune-nodes x --finetune-gpus-per-node processes
 #   sample    array over sampling.num_shards       (shard = SLURM_ARRAY_TASK_ID)
 #   select    one CPU job

@@ -26,6 +26,7 @@ from reid_batch.layout import DEMOGRAPHICS_PREFIX, DEMOGRAPHICS_RESUME_KEY, MODE
 from reid_batch.manifest import Manifest
 from reid_batch.models.demographics import DemographicNet, to_model_input
 from reid_batch.runtime import (
+    already_committed,
     EpochTimer,
     load_state,
     log_epoch,
@@ -113,9 +114,7 @@ def run(manifest: Manifest, target: str | None = None) -> int:
     store = run_store(manifest)
     prefix = DEMOGRAPHICS_PREFIX
     resume_key = DEMOGRAPHICS_RESUME_KEY
-    if store.is_committed(prefix):
-        log.event("train_demographics_skipped", reason="already committed")
-        store.delete(resume_key)
+    if already_committed(store, prefix, resume_key, "train_demographics"):
         return 0
     train_cfg = spec.train
     device = pick_device(manifest)

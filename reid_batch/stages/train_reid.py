@@ -33,8 +33,8 @@ from reid_batch.data.datasets import ImageDataset, patient_split, read_source
 from reid_batch.layout import MODEL_FILE, REID_PREFIX, REID_RESUME_KEY
 from reid_batch.manifest import Manifest, ReidTrainSpec
 from reid_batch.models.reid import ReidNet, embed
-from reid_batch.runtime import (EpochTimer, load_state, log_epoch, pick_device, run_store, save_state,
-                                seed_everything, state_dict_bytes)
+from reid_batch.runtime import (EpochTimer, already_committed, load_state, log_epoch, pick_device, run_store,
+                                save_state, seed_everything, state_dict_bytes)
 
 LOADER_BATCH = 128
 VAL_FRACTION = 0.2
@@ -177,9 +177,7 @@ def run(manifest: Manifest, target: str | None = None) -> int:
         log.event("train_reid_skipped", reason="no reid section" if spec is None else "reid.checkpoint is given")
         return 0
     store = run_store(manifest)
-    if store.is_committed(REID_PREFIX):
-        log.event("train_reid_skipped", reason="already committed")
-        store.delete(REID_RESUME_KEY)
+    if already_committed(store, REID_PREFIX, REID_RESUME_KEY, "train_reid"):
         return 0
     settings = spec.train
     device = pick_device(manifest)

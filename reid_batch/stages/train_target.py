@@ -45,6 +45,7 @@ from reid_batch.layout import MODEL_FILE, TRAIN_IMAGES_FILE, target_prefix, targ
 from reid_batch.manifest import Manifest, TargetSpec
 from reid_batch.models.targets import build_target, to_target_input
 from reid_batch.runtime import (
+    already_committed,
     EpochTimer,
     load_state,
     log_epoch,
@@ -308,9 +309,7 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
     store = run_store(manifest)
     prefix = target_prefix(spec.name)
     resume_key = target_resume_key(spec.name)
-    if store.is_committed(prefix):
-        log.event("train_target_skipped", target=spec.name, reason="already committed")
-        store.delete(resume_key)
+    if already_committed(store, prefix, resume_key, "train_target", target=spec.name):
         return store.read_json(f"{prefix}/training.json")
 
     assert spec.train is not None
