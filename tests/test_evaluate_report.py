@@ -400,3 +400,11 @@ def test_report_states_its_instrument():
                                "private": {"auc": 0.9985, "rank1": 0.8125, "patients": 214, "images": 512}}}
     text = "\n".join(_html_instrument({"instrument": instrument_summary(record)}))
     assert "0.999" in text and "0.812" in text and "214" in text and "held-out public patients" in text
+
+
+def test_the_instrument_section_names_the_space_the_risk_numbers_use(pipeline):
+    manifest, _ = pipeline
+    store = run_store(manifest)
+    text = store.read_bytes("report/report.html").decode()
+    assert "0. Instrument" in text and "measured in: grey pixels" in text and "run `reid-batch train-reid`" in text
+    assert "measured in: grey pixels" in store.read_bytes("report/report.md").decode()

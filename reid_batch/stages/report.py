@@ -187,7 +187,7 @@ def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd
         "targets": targets,
         "mitigation": mitigation_summary(targets),
         "demographic_model": demographic_model,
-        "instrument": instrument_summary(reid_model),
+        "instrument": instrument_summary(reid_model, configured=_get(manifest_document, "reid") is not None),
         "meanings": [{"metric": m, "shows": s, "does_not_show": d} for m, s, d in MEANINGS],
         "manifest": safe_manifest(manifest_document),
         "software": {"report": software_versions(),
@@ -540,11 +540,12 @@ def _image_html(png: bytes | None, alt: str, css_class: str = "figure") -> str:
     return f"<img class='{css_class}' alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
 
 
-def instrument_summary(reid_model: dict | None) -> dict:
+def instrument_summary(reid_model: dict | None, configured: bool = False) -> dict:
     """What the report says of its ruler: the re-identification embedding's own verification (reid/metrics.json)."""
     if not reid_model:
-        return {"embedding": None, "note": "no re-identification embedding in this run (no reid section): "
-                                           "distances are measured in grey pixels, which are blind to identity"}
+        why = ("the manifest's reid section was not trained: run `reid-batch train-reid`" if configured else
+               "no re-identification embedding in this run (no reid section)")
+        return {"embedding": None, "note": why + "; grey-pixel distances are blind to identity"}
     verification = reid_model.get("verification") or {}
     return {"embedding": {"arch": reid_model.get("arch"), "image_size": reid_model.get("image_size"),
                           "train_patients": reid_model.get("train_patients"),
@@ -602,14 +603,20 @@ def _html_instrument(document: dict) -> list[str]:
     embedding = instrument.get("embedding")
     out = ["<h2>0. Instrument</h2>"]
     if not embedding:
-        out.append(f"<p class='note'>{esc(instrument.get('note') or 'not available')}.</p>")
+        out.append(f"<p class='note'>{esc(instrument.get('note') or 'not available')}. {esc(measured_in(document))}</p>")
         return out
     out.append(f"<p>Re-identification embedding {esc(str(embedding.get('arch')))} at {embedding.get('image_size')} px, "
                f"trained on {embedding.get('train_patients')} public patients only.</p>")
     header, rows = instrument_rows(document)
     out.append(_table_html(header, rows))
-    out.append(f"<p class='note'>{esc(instrument.get('note') or '')}.</p>")
+    out.append(f"<p class='note'>{esc(instrument.get('note') or '')}. {esc(measured_in(document))}</p>")
     return out
+
+
+def measured_in(document: dict) -> str:
+    """Which space this report's distances were measured in (evaluation records it per target)."""
+    spaces = sorted({str(_get(e, "metrics", "stage2", "feature_space")) for e in document.get("targets", {}).values()})
+    return f"The distances behind the risk numbers below are measured in: {'; '.join(spaces)}." if spaces else ""
 
 
 def _html_risk_summary(document: dict) -> list[str]:
@@ -844,7 +851,7 @@ def render_markdown(document: dict) -> str:
              "", "## Instrument", ""]
     header, rows = instrument_rows(document)
     lines.append(_table_markdown(header, rows) if rows else (document.get("instrument") or {}).get("note", ""))
-    lines += ["", "## Risk summary", ""]
+    lines += ["", measured_in(document), "", "## Risk summary", ""]
     rows = risk_rows(document)
     if rows:
         lines.append(_table_markdown(list(rows[0]), [list(r.values()) for r in rows]))
