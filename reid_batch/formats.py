@@ -44,11 +44,15 @@ def grid_png(images01: Tensor, side: int) -> bytes:
     return buffer.getvalue()
 
 
-def parquet_bytes(rows: list[dict] | pd.DataFrame) -> bytes:
-    """A Parquet file of a table (a DataFrame, or rows as dicts), as bytes."""
-    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+def parquet_bytes(rows: "list[dict] | pd.DataFrame | pa.Table") -> bytes:
+    """A Parquet file of a table (an Arrow table, a DataFrame, or rows as dicts), as bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pandas(
+        rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows), preserve_index=False)
     buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
+    pq.write_table(table, buffer)
     return buffer.getvalue()
 
 
@@ -107,3 +111,13 @@ def software_versions() -> dict:
         except PackageNotFoundError:
             found[package] = None
     return found
+
+
+def feature_matrix(column) -> np.ndarray:
+    """(N, D) float32 of an Arrow fixed-size-list column of features (records.parquet, leak_candidates.parquet)."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    width = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)

@@ -27,6 +27,8 @@ Latent ids: every image the attack generates is `latents_for_ids(seed, id)`; dis
     0 .. num_candidates-1 ............ sampling candidates (sampling.seed); fine-tuning steps (finetune.seed)
     PRIOR_DISTANCE_ID_OFFSET + k ..... train-prior's distance-to-data images (1e6 + k)
     STAGE1_ID_OFFSET + k ............. evaluate's stage-1 sets, prior and fine-tuned (2**40 + k)
+    LEAK_ID_OFFSET + k ............... evaluate's raw candidates for the leak statistic, every generator (2**50 + k)
+    CALIBRATION_ID_OFFSET + k ........ calibrate's prior candidates, CALIBRATION_ID_STRIDE per repeat (2**56 + k)
     GRID_ID_OFFSET + k ............... fine-tuning's before/after grids (2**60 + k)
     FINETUNE_REFERENCE_ID_OFFSET + k . reference statistics measured on prior samples (2**61 + k)
     MAHALANOBIS_REFERENCE_ID_OFFSET + k  Ledoit-Wolf reference features, prior samples (2**62 + k)
@@ -38,6 +40,9 @@ from __future__ import annotations
 
 PRIOR_DISTANCE_ID_OFFSET = 1_000_000
 STAGE1_ID_OFFSET = 2**40
+LEAK_ID_OFFSET = 2**50
+CALIBRATION_ID_OFFSET = 2**56
+CALIBRATION_ID_STRIDE = 2**32
 GRID_ID_OFFSET = 2**60
 FINETUNE_REFERENCE_ID_OFFSET = 2**61
 MAHALANOBIS_REFERENCE_ID_OFFSET = 2**62
@@ -163,6 +168,11 @@ def score_image_key(candidate_id: int) -> str:
 EVALUATION_PART = "evaluation"
 METRICS_FILE = "metrics.json"
 TABLE_FILE = "evaluation.parquet"
+RECORDS_FILE = "records.parquet"  # the target's member and non-member images, embedded
+LEAK_CANDIDATES_FILE = "leak_candidates.parquet"  # raw candidates of the attacked generator and the prior, embedded
+CALIBRATION_PART = "calibration"
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_FIGURE = "dose_response.png"
 FIGURES = {
     "kurtosis": "figures/kurtosis.png",
     "losses": "figures/losses.png",
@@ -173,6 +183,10 @@ FIGURES = {
 
 def evaluation_prefix(target: str) -> str:
     return attack_prefix(target, EVALUATION_PART)
+
+
+def calibration_prefix(target: str) -> str:
+    return attack_prefix(target, CALIBRATION_PART)
 
 
 def pair_key(candidate_id: int) -> str:

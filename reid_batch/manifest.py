@@ -244,6 +244,9 @@ class TargetSpec(Strict):
     input: InputSpec = InputSpec()
     vit: VitSpec | None = None
     objective: ObjectiveSpec = ObjectiveSpec()
+    training_list: str | None = Field(
+        None, description="checkpoint targets: a CSV naming what the checkpoint was trained on, by `patient_id` or "
+        "by image `path` in data.private; without it membership is reported as not available")
 
     @field_validator("name")
     @classmethod
@@ -274,6 +277,9 @@ class TargetSpec(Strict):
             raise ValueError("give a checkpoint, or a train section to train the target")
         if self.checkpoint is not None and self.train is not None:
             raise ValueError("give either checkpoint or train, not both")
+        if self.training_list is not None and self.train is not None:
+            raise ValueError("training_list is for checkpoint targets; a trained target's members are its own "
+                             "training list")
         if self.arch == "vit_custom" and self.vit is None:
             raise ValueError("arch vit_custom needs a vit section (patch_size, num_layers, ...)")
         if self.vit is not None and self.family != "vit":
@@ -460,9 +466,37 @@ class EvaluationSpec(Strict):
     pca_fit_on: Literal["reference", "pooled"] = "reference"
     bootstrap: NonNegativeInt = 200
     membership_candidates: PositiveInt = Field(
-        2000, description="candidates (ids 0..n-1) regenerated for record-level membership; capped at sampling.num_candidates"
+        2000, description="raw candidates per generator for the leak statistic (fresh latent ids, none used in "
+        "fine-tuning or sampling)"
     )
+    membership_patients: PositiveInt = Field(
+        1000, description="at most this many member patients, and as many non-members, in the leak statistic")
+    leak_bootstrap: Annotated[int, Field(ge=100)] = Field(
+        1000, description="resamples of patients and candidates for the leak statistic's interval")
+    leak_permutations: Annotated[int, Field(ge=100)] = Field(
+        1000, description="paired permutations for the leak statistic's p-value")
     seed: Seed = 0
+
+
+class CalibrationSpec(Strict):
+    """Spike-in calibration of the leak statistic (`reid-batch calibrate`)."""
+
+    fractions: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        [0.0, 0.01, 0.02, 0.05, 0.1], description="shares of the candidates replaced by images of member patients")
+    seeds: Annotated[int, Field(ge=1)] = Field(5, description="repeats per non-zero fraction")
+    null_seeds: Annotated[int, Field(ge=1)] = Field(20, description="repeats at fraction 0 (the false-positive rate)")
+    detect_share: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.8, description="a fraction is detectable when L's interval excludes 0 in at least this share of its seeds")
+    seed: Seed = 0
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if 0.0 not in v:
+            raise ValueError("fractions must include 0 (the false-positive rate)")
+        if len(set(v)) != len(v):
+            raise ValueError("fractions must not repeat")
+        return sorted(v)
 
 
 class ComputeSpec(Strict):
@@ -483,6 +517,7 @@ class Manifest(Strict):
     demographics: DemographicsSpec
     reid: ReidSpec | None = None
     evaluation: EvaluationSpec = EvaluationSpec()
+    calibration: CalibrationSpec = CalibrationSpec()
     compute: ComputeSpec = ComputeSpec()
 
     @field_validator("version")
@@ -605,6 +640,7 @@ def missing_files(manifest: Manifest) -> list[str]:
             check(source.root, f"data.{name}.root", "dir")
     for i, t in enumerate(manifest.targets):
         check(t.checkpoint, f"targets[{i}].checkpoint")
+        check(t.training_list, f"targets[{i}].training_list")
     check(manifest.generator.checkpoint, "generator.checkpoint")
     check(manifest.demographics.checkpoint, "demographics.checkpoint")
     if manifest.reid is not None:
@@ -677,8 +713,10 @@ FIELD_NOTES = {
     "demographics.num_shards": "array tasks for demographic scoring",
     "evaluation.pca_fit_on": "the ONE set the common PCA basis is fitted on",
     "evaluation.bootstrap": "bootstrap resamples for standard errors",
-    "evaluation.membership_candidates": "candidates regenerated for the record-level membership test: each training "
-                                        "and held-out image's distance to its closest one",
+    "evaluation.membership_candidates": "raw candidates per generator for the leak statistic (fresh latent ids, none "
+                                        "used in fine-tuning or sampling): a patient's score is its distance to the "
+                                        "closest one",
+    "calibration.seed": "seeds the spike positions, spiked patients and bootstrap of every repeat",
     "compute.device": "auto picks CUDA when present",
 }
 

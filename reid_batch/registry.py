@@ -54,9 +54,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("select", "stage 2: keep candidates low on objective and Mahalanobis", "select:select", needs=("sample",)),
     Stage("score", "predict age and sex of the selected candidates", "score:score",
           needs=("select", "train-demographics"), shards=lambda manifest: manifest.demographics.num_shards),
-    Stage("evaluate", "metrics: entropy, PCA kurtosis, FID, SSIM, re-id", "evaluate:evaluate", needs=("score",)),
+    Stage("evaluate", "metrics: entropy, PCA kurtosis, FID, SSIM, re-id, the leak statistic", "evaluate:evaluate",
+          needs=("score", "train-reid")),
+    # Once per run: every target's calibration uses the same prior candidates, generated and embedded once.
+    Stage("calibrate", "spike-in calibration: the smallest leak the instrument sees", "calibrate:calibrate",
+          per_target=False, needs=("evaluate",)),
     Stage("report", "write the HTML/Markdown/JSON risk report", "report:report", per_target=False,
-          needs=("evaluate", "train-reid")),
+          needs=("calibrate", "train-reid")),
 )
 BY_NAME = {stage.name: stage for stage in STAGES}
 
@@ -79,7 +83,7 @@ JOBS: tuple[Job, ...] = (
     Job("sample", ("sample",), array=True),
     Job("select", ("select",), uses_gpu=False),
     Job("score", ("score",), array=True),
-    Job("report", ("evaluate", "report")),
+    Job("report", ("evaluate", "calibrate", "report")),
 )
 
 

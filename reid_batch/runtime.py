@@ -3,6 +3,7 @@ single-writer stage (one process works, the others wait) written once."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -118,3 +119,22 @@ def check_shard(shard: int | None, count: int) -> list[int]:
     if not 0 <= shard < count:
         raise InputError(f"shard {shard} is outside 0..{count - 1}", where="--shard")
     return [shard]
+
+
+class SingleProcess:
+    """What the attack's helpers ask of an Accelerator (device, rank, share, barrier), for work done by one process
+    alone: evaluate scores the prior on the main process only, so no collective may run there."""
+
+    num_processes = 1
+    process_index = 0
+    is_main_process = True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def split_between_processes(self, items):
+        yield items

@@ -8,6 +8,7 @@ the stage wires them to the right data and that the report says what the Parquet
 from __future__ import annotations
 
 import base64
+from html import escape as html_escape
 import io
 import json
 import re
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 LATENT = 16
 DEPTHS = [32, 16, 8, 8]  # 4 -> 32 px
 SIZE = 32
-WORLD = {"seed": 0, "image_size": SIZE, "private_patients": 14, "public_patients": 1, "control_patients": 10,
+WORLD = {"seed": 0, "image_size": SIZE, "private_patients": 14, "public_patients": 8, "control_patients": 10,
          "max_studies_per_patient": 2}
 TARGETS = ("cnn", "cnn-control")
 
@@ -68,7 +69,12 @@ def make_manifest(root: Path, inputs: dict[str, Path], output: str, s3_endpoint:
                                 "image_size": SIZE, "num_shards": 2}
     # FID is off here: each FID needs a 2048 x 2048 matrix square root, about a minute on a loaded 2-core machine.
     # distribution_metrics' FID wiring is tested below on small features; the metric itself in test_metrics.py.
-    document["evaluation"] = {"num_images": 12, "pca_components": 5, "bootstrap": 20, "fid": False}
+    document["evaluation"] = {"num_images": 12, "pca_components": 5, "bootstrap": 20, "fid": False,
+                              "membership_candidates": 40, "leak_bootstrap": 200, "leak_permutations": 200}
+    # A tiny embedding (one epoch on 8 public patients): the wiring, not its quality, is tested here.
+    document["reid"] = {"arch": "reid_small", "image_size": SIZE, "embedding_dim": 16, "width": 8,
+                        "train": {"epochs": 1, "patients_per_batch": 4, "validate_every": 1}}
+    document["calibration"] = {"fractions": [0.0, 0.1], "seeds": 2, "null_seeds": 2}
     document["compute"] = {"device": "cpu"}
     return parse_manifest(document)
 
@@ -77,13 +83,14 @@ def make_manifest(root: Path, inputs: dict[str, Path], output: str, s3_endpoint:
 def pipeline(tmp_path_factory):
     """The whole pipeline run once, each stage called directly: (manifest, root)."""
     from reid_batch.data.phantoms import WorldConfig, write_world
-    from reid_batch.stages import finetune, train_target
-    from reid_batch.stages import evaluate, report, sample, score, select
+    from reid_batch.stages import finetune, train_reid, train_target
+    from reid_batch.stages import calibrate, evaluate, report, sample, score, select
 
     root = tmp_path_factory.mktemp("evaluate")
     manifest = make_manifest(root, _inputs(root), str(root / "out"))
     write_world(manifest.data.synthetic.root, WorldConfig(**WORLD, device_rate=0.3, workers=1))
     train_target.run(manifest)
+    train_reid.run(manifest)
     finetune.run(manifest)
     sample.sample(manifest)
     select.select(manifest)
@@ -94,6 +101,9 @@ def pipeline(tmp_path_factory):
         report.report(manifest)
     score.score(manifest)
     assert evaluate.evaluate(manifest) == 0
+    with pytest.raises(InputError, match="calibrate"):
+        report.report(manifest)
+    assert calibrate.calibrate(manifest) == 0
     assert report.report(manifest) == 0
     return manifest, root
 
@@ -139,12 +149,19 @@ def test_likely_samples_matched_to_the_targets_own_training_images(pipeline, nam
     images = regenerate_images(generator, table["id"].to_numpy(), manifest.sampling.seed, torch.device("cpu"))
     neighbours = torch.stack([load_image(p, SIZE, 1) for p in table["nn_path"]])
     np.testing.assert_allclose(table["ssim"], ssim(images, neighbours), atol=1e-6)
-    # ...and no training image is nearer in the stated feature space than the one reported.
+    # ...and no training image is nearer in the re-identification embedding than the one reported; the pixel
+    # distance to that neighbour is the secondary column.
     from reid_batch.analysis.metrics import pixel_features
+    from reid_batch.artifacts import load_reid_model
+    from reid_batch.models.reid import embed
 
+    assert "re-identification embedding" in metrics["stage2"]["feature_space"]
     everything = torch.stack([load_image(p, SIZE, 1) for p in training["path"]])
-    distances = np.linalg.norm(pixel_features(images)[:, None] - pixel_features(everything)[None], axis=2)
-    np.testing.assert_allclose(table["nn_distance"], distances.min(axis=1), rtol=1e-5)
+    model = load_reid_model(manifest)
+    distances = torch.cdist(embed(model, images), embed(model, everything)).numpy()
+    np.testing.assert_allclose(table["nn_distance"], distances.min(axis=1), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(table["nn_pixel_distance"],
+                               np.linalg.norm(pixel_features(images) - pixel_features(neighbours), axis=1), rtol=1e-5)
 
     # Demographics: the reconstruction's prediction is the score stage's, the truth is the neighbour's patient's.
     scores = pd.concat([store.read_parquet(f"{name}/scores/shard={i}/scores.parquet").to_pandas()
@@ -184,14 +201,7 @@ def test_reidentification_roles_follow_the_training_pool(pipeline, name):
     assert reid["membership_auc"] == pytest.approx(membership_auc(table["reid_train_distance"],
                                                                   table["reid_heldout_distance"]))
     assert reid["matched_on"] == "label counts"
-    records = reid["records"]
-    for generator in ("finetuned", "prior"):
-        assert records[generator]["members"] == records[generator]["nonmembers"] == reid["num_train"]
-        assert records[generator]["samples"] == min(manifest.evaluation.membership_candidates,
-                                                    manifest.sampling.num_candidates)
-        low, high = records[generator]["auc_ci"]
-        assert 0 <= low <= records[generator]["auc"] <= high <= 1
-    assert records["auc_gain_over_prior"] == pytest.approx(records["finetuned"]["auc"] - records["prior"]["auc"])
+    assert "re-identification embedding" in reid["feature_space"]
     # Calibrated on ~20 images of 32 px (a pacemaker is a few blurred pixels): it must say it cannot tell, not guess.
     devices = reid["devices"]
     assert devices["detector"] is not None and not devices["detector"]["reliable"] and not devices["available"]
@@ -200,6 +210,74 @@ def test_reidentification_roles_follow_the_training_pool(pipeline, name):
     truth = _truth(root, trained_on)
     assert table["truth_pacemaker"].tolist() == [bool(truth.loc[_number(p), "pacemaker"])
                                                   for p in table["reid_train_patient"]]
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_the_leak_statistic_uses_the_targets_own_members(pipeline, name):
+    """Records are patients: members from the training list, non-members the same pool's other patients with the
+    members' label mix; L is recomputed from the committed embeddings and candidate features."""
+    from reid_batch.analysis.roles import patient_labels
+    from reid_batch.analysis.leak import generator_scores, leak_test
+    from reid_batch.formats import feature_matrix
+    from reid_batch.layout import LEAK_ID_OFFSET
+
+    manifest, root = pipeline
+    store, metrics, _ = _outputs(manifest, name)
+    leak = metrics["leak"]
+    assert leak["available"] and leak["identity_sensitive"]
+    records = store.read_parquet(f"{name}/evaluation/records.parquet")
+    frame = records.drop(["features"]).to_pandas()
+    trained = set(pd.read_csv(io.BytesIO(store.read_bytes(f"targets/{name}/train_images.csv")))["patient_id"].astype(str))
+    members = set(frame.loc[frame["member"], "patient_id"])
+    nonmembers = set(frame.loc[~frame["member"], "patient_id"])
+    assert members <= trained and not nonmembers & trained and len(members) > 0 and len(nonmembers) > 0
+    assert (len(members), len(nonmembers)) == (leak["member_patients"], leak["nonmember_patients"])
+    labels = patient_labels(frame)
+    shares = [labels[sorted(side)].value_counts(normalize=True) for side in (members, nonmembers)]
+    assert (shares[0] - shares[1]).abs().max() <= 1 / len(nonmembers) + 1e-9
+    pool = "control" if name == "cnn-control" else "private"
+    assert {_number(p) for p in members | nonmembers} <= set(_truth(root, pool).index)
+    candidates = store.read_parquet(f"{name}/evaluation/leak_candidates.parquet")
+    ids = candidates.column("id").to_numpy()
+    assert ids.min() >= LEAK_ID_OFFSET  # fresh latents: none used in fine-tuning or sampling
+    generators = np.asarray(candidates.column("generator").to_pylist())
+    features = feature_matrix(records.column("features"))
+    patients = frame["patient"].to_numpy()
+    member = frame.groupby("patient")["member"].first().to_numpy()
+    scores = [generator_scores(features, patients, len(member), feature_matrix(candidates.column("features"))[
+        generators == g]) for g in ("attacked", "prior")]
+    settings = manifest.evaluation
+    again = leak_test(member, *scores, settings.leak_bootstrap, settings.leak_permutations, settings.seed)
+    raw = leak["raw"]["vs_prior"]
+    assert again["leak"] == pytest.approx(raw["leak"]) and again["ci"] == pytest.approx(raw["ci"])
+    assert raw["leak"] == pytest.approx(raw["auc_attacked"] - raw["auc_null"])
+    assert raw["candidates"] == {"attacked": settings.membership_candidates, "null": settings.membership_candidates}
+    # Stage 2's selection, against the prior's candidates through the same rule from a pool of the same size.
+    selected = leak["selected"]["vs_prior"]
+    assert selected["pool"] == min(manifest.sampling.num_candidates, settings.membership_candidates)
+    assert selected["compared"] == min(selected["selected_attacked"], selected["selected_null"]) > 0
+    assert selected["candidates"] == {"attacked": selected["compared"], "null": selected["compared"]}
+
+
+def test_calibration_spikes_member_patients_into_prior_candidates(pipeline):
+    from reid_batch.stages import calibrate
+
+    manifest, _ = pipeline
+    store = run_store(manifest)
+    settings = manifest.calibration
+    for name in TARGETS:
+        document = store.read_json(f"{name}/calibration/calibration.json")
+        assert document["available"] and document["spikes"].startswith("fresh renders")
+        runs = pd.DataFrame(document["runs"])
+        assert (runs["fraction"] == 0).sum() == settings.null_seeds
+        assert (runs["fraction"] == 0.1).sum() == settings.seeds
+        assert (runs["detected"] == (runs["ci_low"] > 0)).all()
+        assert document["false_positive_rate"] == runs.loc[runs["fraction"] == 0, "detected"].mean()
+        assert store.read_bytes(f"{name}/calibration/dose_response.png")[:4] == b"\x89PNG"
+    # Committed: a second call keeps it as it is.
+    before = store.read_commit("cnn/calibration")["created"]
+    assert calibrate.calibrate(manifest, target="cnn") == 0
+    assert store.read_commit("cnn/calibration")["created"] == before
 
 
 def test_stage1_sets_and_shared_prior(pipeline):
@@ -236,26 +314,27 @@ def test_report_agrees_with_the_parquet_outputs(pipeline):
         assert [s["id"] for s in entry["samples"]] == table.sort_values("id")["id"].tolist()
         for value in table["ssim"]:
             assert f"<td>{value:.3f}</td>" in page
-        auc = metrics["reidentification"]["records"]["finetuned"]["auc"]
-        assert entry["risk"]["record_auc"] == pytest.approx(auc)
-        assert f"record-level membership AUC {auc:.2f}" in page
-        summary = f"{entry['risk']['likely_samples']} of 64"
+        leak = entry["risk"]["leak"]
+        assert leak["vs_prior"] == metrics["leak"]["raw"]["vs_prior"]
+        assert report.leak_cell(leak["vs_prior"]) in page and report.leak_cell(leak["vs_prior"]) in markdown
+        assert html_escape(leak["verdict"]) in page and leak["verdict"] in markdown
+        calibration = store.read_json(f"{name}/calibration/calibration.json")
+        assert leak["calibration"]["false_positive_rate"] == calibration["false_positive_rate"]
+        summary = f"{entry['risk']['likely_samples']} likely sample(s) of 64 candidates"
         assert summary in page and summary in markdown
-    # The leak: the target's rate minus the control model's, with Newcombe's interval.
-    cnn, control = (document["targets"][n]["metrics"]["reidentification"] for n in TARGETS)
+    # The second null: the target's candidates against the control model's, scored on the TARGET's records.
     leak = document["targets"]["cnn"]["risk"]["leak"]
-    expected = report.newcombe_difference(cnn["rate"], cnn["rate_ci"], control["rate"], control["rate_ci"])
-    assert leak["control"] == "cnn-control" and [leak["difference"], *leak["ci"]] == pytest.approx(list(expected))
-    assert "control model" in document["targets"]["cnn-control"]["risk"]["leak"]["note"]
-    # The headline leak: record-level membership AUC minus the control model's, with a normal-approximation interval.
-    mine, theirs = cnn["records"]["finetuned"], control["records"]["finetuned"]
-    record_leak = document["targets"]["cnn"]["risk"]["record_leak"]
-    expected = report.auc_difference(mine["auc"], mine["auc_ci"], theirs["auc"], theirs["auc_ci"])
-    assert record_leak["control"] == "cnn-control" and [record_leak["difference"], *record_leak["ci"]] == \
-        pytest.approx(list(expected))
-    assert record_leak["ci"][0] < record_leak["difference"] < record_leak["ci"][1]
-    assert document["targets"]["cnn-control"]["risk"]["record_leak"] is None
-    assert report.record_leak_text(record_leak) in page
+    settings = manifest.evaluation
+    expected = report.control_leak(store.read_parquet("cnn/evaluation/records.parquet"),
+                                   store.read_parquet("cnn/evaluation/leak_candidates.parquet"),
+                                   store.read_parquet("cnn-control/evaluation/leak_candidates.parquet"),
+                                   settings.leak_bootstrap, settings.leak_permutations, settings.seed)
+    assert leak["control"] == "cnn-control" and leak["vs_control"]["leak"] == pytest.approx(expected["leak"])
+    assert leak["vs_control"]["ci"] == pytest.approx(expected["ci"])
+    assert document["targets"]["cnn-control"]["risk"]["leak"]["vs_control"] is None
+    # The summary is short: one headline risk per target; "leak vs control" of two AUCs is gone.
+    header = next(iter(report.risk_rows(document)))
+    assert len(header) <= 6 and "Record-level membership AUC (prior)" not in page and "record_leak" not in page
     # Risk summary first, then the comparison, the per-target sections, the meanings, and the manifest.
     headings = ["Threat model", "1. Risk summary", "2. Side-by-side comparison", "3.1 Target cnn",
                 "3.2 Target cnn-control", "4. What these numbers show", "5. Reproducibility", "Manifest (resolved)"]
@@ -287,8 +366,9 @@ def test_report_reads_and_writes_s3_and_needs_no_torch(pipeline, s3_bucket):
     uri, settings = s3_bucket
     remote = open_store(f"{uri}/{manifest.run_id}", settings)
     for name in TARGETS:
-        for key in local.list(f"{name}/evaluation"):
-            remote.write_bytes(key, local.read_bytes(key))
+        for part in ("evaluation", "calibration"):
+            for key in local.list(f"{name}/{part}"):
+                remote.write_bytes(key, local.read_bytes(key))
     document = manifest.model_dump(mode="json")
     document["output"] = {"uri": uri, "s3": {"endpoint": settings.endpoint, "region": "us-east-1"}}
     (root / "s3.json").write_text(json.dumps(document))
@@ -350,13 +430,9 @@ def test_device_detector_calibration():
     assert calibrate_device_detector(regions, np.zeros(40, bool)) is None
 
 
-def test_newcombe_interval_and_manifest_redaction(monkeypatch):
-    from reid_batch.analysis.metrics import wilson_interval
-    from reid_batch.stages.report import newcombe_difference, safe_manifest
+def test_manifest_redaction(monkeypatch):
+    from reid_batch.stages.report import safe_manifest
 
-    # Newcombe (1998), method 10, example (56/70 vs 48/80): 0.2 [0.0524, 0.3339].
-    difference, low, high = newcombe_difference(56 / 70, wilson_interval(56, 70), 48 / 80, wilson_interval(48, 80))
-    assert (difference, low, high) == pytest.approx((0.2, 0.0524, 0.3339), abs=1e-4)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value-123")
     cleaned = safe_manifest({"output": {"uri": "s3://user:pw@bucket/x", "note": "key AKIAABCDEFGHIJKLMNOP"},
                              "secret_key": "abc", "other": ["x very-secret-value-123 y", 3]})
@@ -399,12 +475,16 @@ def test_report_states_its_instrument():
               "verification": {"public_heldout": {"auc": 0.9985, "rank1": 0.872, "patients": 160, "images": 360},
                                "private": {"auc": 0.9985, "rank1": 0.8125, "patients": 214, "images": 512}}}
     text = "\n".join(_html_instrument({"instrument": instrument_summary(record)}))
-    assert "0.999" in text and "0.812" in text and "214" in text and "held-out public patients" in text
+    assert "0.9985" in text and "0.812" in text and "214" in text and "held-out public patients" in text
+    # Four digits: an AUC of 0.9997 is not shown as a perfect 1.000.
+    record["verification"]["private"]["auc"] = 0.99972
+    assert "0.9997" in "\n".join(_html_instrument({"instrument": instrument_summary(record)}))
 
 
 def test_the_instrument_section_names_the_space_the_risk_numbers_use(pipeline):
     manifest, _ = pipeline
     store = run_store(manifest)
     text = store.read_bytes("report/report.html").decode()
-    assert "0. Instrument" in text and "measured in: grey pixels" in text and "run `reid-batch train-reid`" in text
-    assert "measured in: grey pixels" in store.read_bytes("report/report.md").decode()
+    assert "0. Instrument" in text and "measured in: re-identification embedding" in text
+    assert "measured in: re-identification embedding" in store.read_bytes("report/report.md").decode()
+    assert "Calibration: the smallest leak this instrument sees" in text and "dose-response" in text

@@ -197,7 +197,7 @@ def test_resources_gpus_stage_order_and_names(rendered):
     assert list(study) == ["prepare", "finetune", "sample", "select", "score", "report"]
     assert [c["name"] for c in pod_containers(study["prepare"])] == \
         ["make-phantoms", "train-prior", "train-reid", "train-target", "train-demographics"]
-    assert [c["name"] for c in pod_containers(study["report"])] == ["evaluate", "report"]
+    assert [c["name"] for c in pod_containers(study["report"])] == ["evaluate", "calibrate", "report"]
     assert pod_containers(study["sample"])[0]["resources"]["limits"][deploy.GPU_RESOURCE] == 1
     assert deploy.GPU_RESOURCE not in pod_containers(study["select"])[0]["resources"]["limits"]
     assert all(job["metadata"]["namespace"] == "audit" for job in study.values())

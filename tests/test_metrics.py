@@ -360,26 +360,3 @@ def test_reidentification_rate_is_near_chance_for_unrelated_samples(rng):
         closer.extend(result.table["member_closer"])
     low, high = metrics.wilson_interval(int(np.sum(closer)), len(closer), confidence=0.999)
     assert low < 0.5 < high
-
-
-def test_record_membership_is_distance_to_closest_record(rng):
-    members, nonmembers = rng.normal(size=(30, 20)), rng.normal(size=(30, 20))
-    # Samples memorise half of the members: those members' closest-sample distance collapses (AUC about 0.75).
-    samples = np.concatenate([members[:15] + rng.normal(0, 0.01, (15, 20)), rng.normal(size=(50, 20))])
-    result = metrics.record_membership(members, nonmembers, samples, bootstrap=50, seed=1)
-    d_members = np.linalg.norm(members[:, None] - samples[None], axis=2).min(1)
-    d_nonmembers = np.linalg.norm(nonmembers[:, None] - samples[None], axis=2).min(1)
-    np.testing.assert_allclose(result["member_distances"], d_members)
-    assert result["auc"] == pytest.approx(metrics.membership_auc(d_members, d_nonmembers))
-    assert result["auc"] > 0.6 and result["auc_ci"][0] <= result["auc"] <= result["auc_ci"][1]
-    # At most floor(0.05 * 30) = 1 non-member lies below the threshold; the memorised members all do.
-    assert (d_nonmembers < result["threshold"]).sum() <= 1
-    assert result["members_flagged"] == (d_members < result["threshold"]).sum() >= 15
-    assert result["tpr_ci"] == pytest.approx(metrics.wilson_interval(result["members_flagged"], 30))
-
-
-def test_record_membership_is_at_chance_for_unrelated_samples(rng):
-    aucs = [metrics.record_membership(rng.normal(size=(40, 4)), rng.normal(size=(40, 4)), rng.normal(size=(100, 4)),
-                                      bootstrap=0)["auc"] for _ in range(30)]
-    # The mean of 30 AUCs of 40 x 40 records has a standard error of about 0.012.
-    assert abs(np.mean(aucs) - 0.5) < 0.05

@@ -48,7 +48,10 @@ def make_manifest(root: Path, inputs: dict[str, Path]):
                      "seed": 3},
         "selection": {"rule": "top_k", "top_k": 5},
         "demographics": {"arch": "densenet_tiny", "checkpoint": str(inputs["demographics"]), "image_size": SIZE},
-        "evaluation": {"num_images": 8, "pca_components": 4, "bootstrap": 10, "fid": False},
+        "evaluation": {"num_images": 8, "pca_components": 4, "bootstrap": 10, "fid": False,
+                       "membership_candidates": 32, "leak_bootstrap": 100, "leak_permutations": 100},
+        # No reid section: distances in grey pixels, which the report labels as blind to identity.
+        "calibration": {"fractions": [0.0, 0.1], "seeds": 1, "null_seeds": 1},
         "compute": {"device": "cpu"},
     }
     for target in document["targets"]:
@@ -60,7 +63,7 @@ def make_manifest(root: Path, inputs: dict[str, Path]):
 def pipeline(tmp_path_factory):
     from reid_batch.data.phantoms import WorldConfig, write_world
     from reid_batch.stages import finetune, train_target
-    from reid_batch.stages import evaluate, report, sample, score, select
+    from reid_batch.stages import calibrate, evaluate, report, sample, score, select
 
     root = tmp_path_factory.mktemp("mitigations")
     manifest = make_manifest(root, _inputs(root))
@@ -71,6 +74,7 @@ def pipeline(tmp_path_factory):
     select.select(manifest)
     score.score(manifest)
     assert evaluate.evaluate(manifest) == 0
+    assert calibrate.calibrate(manifest) == 0
     assert report.report(manifest) == 0
     return manifest, root
 
@@ -207,6 +211,7 @@ def test_report_sets_utility_beside_risk_for_every_target(pipeline):
         evaluation = store.read_json(f"{name}/evaluation/metrics.json")
         assert rows[name]["reidentification_rate"] == evaluation["reidentification"]["rate"]
         assert rows[name]["likely_samples"] == 5
+        assert rows[name]["leak"] == evaluation["leak"]["raw"]["vs_prior"]["leak"]
     markdown = store.read_bytes(f"{prefix}/report.md").decode()
     section = markdown.split("## Mitigations")[1].split("\n## ")[0]
     assert all(f"| {name} |" in section for name in TARGETS)

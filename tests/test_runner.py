@@ -24,11 +24,13 @@ def test_graph_orders_every_stage_of_every_target():
     manifest = _demo_manifest()
     graph = task_graph(manifest)
     names = [t.name for t in manifest.targets]
-    assert len(graph) == 5 + 6 * len(names)  # 5 run-level tasks: phantoms, prior, demographics, reid, report
+    assert len(graph) == 6 + 6 * len(names)  # run-level: phantoms, prior, demographics, reid, calibrate, report
     for name in names:
         assert graph[Task("finetune", name)] == {Task("train-prior"), Task("train-target", name)}
         assert graph[Task("score", name)] == {Task("select", name), Task("train-demographics")}
-    assert graph[Task("report")] == {Task("evaluate", n) for n in names} | {Task("train-reid")}
+        assert graph[Task("evaluate", name)] == {Task("score", name), Task("train-reid")}
+    assert graph[Task("calibrate")] == {Task("evaluate", n) for n in names}
+    assert graph[Task("report")] == {Task("calibrate"), Task("train-reid")}
     # Insertion order is a valid topological order: every task comes after what it needs.
     seen: set[Task] = set()
     for task, needs in graph.items():

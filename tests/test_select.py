@@ -10,6 +10,7 @@ from reid_batch.errors import InputError
 from reid_batch.manifest import SelectionSpec
 from reid_batch.runtime import run_store
 from reid_batch.stages import sample as sampling
+from reid_batch.attack import selection as rule
 from reid_batch.stages import select as selection
 from test_sample import all_rows, build_inputs, commit_finetuned, make_manifest
 
@@ -24,7 +25,7 @@ def inputs(tmp_path_factory):
 
 def test_ranks_are_ordinal_with_ties_by_id_and_non_finite_last():
     values = np.array([3.0, 1.0, np.nan, 1.0, -np.inf, 2.0])
-    assert selection.ordinal_ranks(values).tolist() == [4, 1, 5, 2, 6, 3]
+    assert rule.ordinal_ranks(values).tolist() == [4, 1, 5, 2, 6, 3]
 
 
 def test_ranks_of_a_few_ids_equal_the_full_ranking_with_ties_and_non_finite_values():
@@ -33,17 +34,17 @@ def test_ranks_of_a_few_ids_equal_the_full_ranking_with_ties_and_non_finite_valu
     values[rng.choice(4000, 40, replace=False)] = np.nan
     values[rng.choice(4000, 20, replace=False)] = np.inf
     values[rng.choice(4000, 20, replace=False)] = -np.inf
-    full = selection.ordinal_ranks(values)
+    full = rule.ordinal_ranks(values)
     for size in (1, 37, 400, 3000):
         ids = np.sort(rng.choice(4000, size, replace=False))
-        assert selection.ranks_at(values, ids).tolist() == full[ids].tolist()
+        assert rule.ranks_at(values, ids).tolist() == full[ids].tolist()
 
 
 def test_quantile_rule_uses_exact_order_statistics():
     rng = np.random.default_rng(0)
     objective, distance = rng.normal(size=1000), rng.gamma(2.0, size=1000)
     objective[[5, 17]] = np.nan
-    result = selection.select_candidates(objective, distance, SelectionSpec(objective_quantile=0.1, mahalanobis_quantile=0.2))
+    result = rule.select_candidates(objective, distance, SelectionSpec(objective_quantile=0.1, mahalanobis_quantile=0.2))
     finite = np.sort(objective[np.isfinite(objective)])
     assert result["thresholds"]["objective_total"] == finite[int(np.ceil(0.1 * 998)) - 1]
     assert result["thresholds"]["mahalanobis"] == np.sort(distance)[200 - 1]
@@ -59,16 +60,16 @@ def test_top_k_absolute_and_cap_keep_the_best_by_combined_rank():
     objective = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 9.0])
     distance = np.array([5.0, 0.1, 0.2, 0.3, 4.0, 0.0])
     # combined ranks: [1+6, 2+2, 3+3, 4+4, 5+5, 6+1] = [7, 4, 6, 8, 10, 7]
-    top = selection.select_candidates(objective, distance, SelectionSpec(rule="top_k", top_k=3))
+    top = rule.select_candidates(objective, distance, SelectionSpec(rule="top_k", top_k=3))
     assert top["selected"].tolist() == [0, 1, 2]  # 4, 6, then 7 (id 0 beats id 5 on the tie)
     assert top["thresholds"] == {"objective_total": 0.3, "mahalanobis": 5.0}
-    absolute = selection.select_candidates(
+    absolute = rule.select_candidates(
         objective, distance, SelectionSpec(rule="absolute", objective_max=0.45, mahalanobis_max=1.0))
     assert absolute["selected"].tolist() == [1, 2, 3]
-    capped = selection.select_candidates(
+    capped = rule.select_candidates(
         objective, distance, SelectionSpec(rule="absolute", objective_max=0.45, mahalanobis_max=1.0, max_selected=2))
     assert capped["selected"].tolist() == [1, 2] and capped["capped"] and capped["counts"]["before_cap"] == 3
-    nothing = selection.select_candidates(objective, distance, SelectionSpec(rule="absolute", objective_max=-1.0,
+    nothing = rule.select_candidates(objective, distance, SelectionSpec(rule="absolute", objective_max=-1.0,
                                                                              mahalanobis_max=1.0))
     assert nothing["selected"].tolist() == [] and nothing["counts"]["both"] == 0
 

@@ -96,8 +96,8 @@ def test_dry_run_chains_every_job_afterok_with_arrays_sized_from_the_manifest(tm
     assert [line.split()[:2] for line in prepare.splitlines() if line.startswith("reid-batch")] == \
         [["reid-batch", stage] for stage in ("make-phantoms", "train-prior", "train-reid", "train-target",
                                              "train-demographics")]
-    assert (tmp_path / "logs" / "jobs" / "report.sh").read_text().splitlines()[-2:] == \
-        ["reid-batch evaluate tiny.yaml", "reid-batch report tiny.yaml"]
+    assert (tmp_path / "logs" / "jobs" / "report.sh").read_text().splitlines()[-3:] == \
+        ["reid-batch evaluate tiny.yaml", "reid-batch calibrate tiny.yaml", "reid-batch report tiny.yaml"]
 
 
 def test_resubmitting_failed_tasks_starts_at_that_array_and_chains_what_follows(tmp_path):
@@ -378,6 +378,8 @@ def _normalised(path: Path, run_dir: Path):
             return _TIMESTAMP.sub("<time>", value.replace(str(run_dir), "<run>"))
         if isinstance(value, float) and value != value:
             return "NaN"  # NaN != NaN: compare missing values as equal
+        if hasattr(value, "tolist"):  # a list column (features) reads back as a numpy array per row
+            return value.tolist()
         return value
 
     if path.suffix == ".parquet":

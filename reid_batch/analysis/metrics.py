@@ -549,56 +549,6 @@ def membership_auc(distances_to_members: ArrayLike, distances_to_nonmembers: Arr
     return float(roc_auc_score(labels, -np.concatenate([members, nonmembers])))
 
 
-def record_membership(
-    member_features: ArrayLike,
-    nonmember_features: ArrayLike,
-    sample_features: ArrayLike,
-    bootstrap: int = 200,
-    seed: int = 0,
-    confidence: float = 0.95,
-    false_positive_rate: float = 0.05,
-) -> dict:
-    """Record-level membership: is each training image closer to the generated samples than an unseen image is?
-
-    For every member (training image) and non-member (held-out image of the same kind) this takes the distance
-    to its closest generated sample ("distance to closest record", as in GAN membership attacks), then
-    auc: membership_auc of those distances (0.5 = the samples are no closer to training images than to unseen
-        ones); auc_ci: percentile bootstrap over records (members and non-members resampled separately);
-    tpr_at_fpr: the fraction of members closer than the non-members' `false_positive_rate` quantile (members
-        an auditor would flag while flagging at most that fraction of unseen patients), with a Wilson interval.
-    Unlike a per-sample nearest-neighbour vote, every record counts once, so samples collapsing onto one "hub"
-    image cannot dominate. Needs equally composed member and non-member sets (same size, same label mix).
-    """
-    samples = _as_float64(sample_features)
-    if samples.shape[0] == 0:
-        raise ValueError("record membership needs at least one generated sample")
-    members = nearest_neighbours(member_features, samples, k=1)[0][:, 0]
-    nonmembers = nearest_neighbours(nonmember_features, samples, k=1)[0][:, 0]
-    auc = membership_auc(members, nonmembers)
-    rng = np.random.default_rng(seed)
-    resampled = [
-        membership_auc(members[rng.integers(0, members.size, members.size)],
-                       nonmembers[rng.integers(0, nonmembers.size, nonmembers.size)])
-        for _ in range(bootstrap)
-    ]
-    tail = (1 - confidence) / 2
-    ci = (float(np.quantile(resampled, tail)), float(np.quantile(resampled, 1 - tail))) if resampled else None
-    # Flag members strictly closer than the k-th closest non-member, k = floor(fpr * n): at most k non-members,
-    # i.e. a false-positive rate <= fpr, fall below that threshold.
-    ordered = np.sort(nonmembers)
-    threshold = ordered[min(int(np.floor(false_positive_rate * ordered.size)), ordered.size - 1)]
-    flagged = int((members < threshold).sum())
-    return {
-        "auc": auc, "auc_ci": ci, "bootstrap": bootstrap,
-        "members": int(members.size), "nonmembers": int(nonmembers.size), "samples": int(samples.shape[0]),
-        "member_distance_mean": float(members.mean()), "nonmember_distance_mean": float(nonmembers.mean()),
-        "false_positive_rate": false_positive_rate, "threshold": float(threshold),
-        "members_flagged": flagged, "tpr_at_fpr": flagged / members.size,
-        "tpr_ci": wilson_interval(flagged, int(members.size), confidence),
-        "member_distances": members, "nonmember_distances": nonmembers,
-    }
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Demographic errors
 

@@ -129,3 +129,126 @@ def matched_positions(train_labels: pd.Series | None, heldout_labels: pd.Series 
     if not train_parts:
         return np.zeros(0, int), np.zeros(0, int)
     return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(heldout_parts))
+
+
+# ------------------------------------------------------------------------------------------------ membership records
+
+NO_TRAINING_LIST = "no training list"
+
+
+def patient_labels(frame: pd.DataFrame) -> pd.Series:
+    """One label per patient (index: patient id as text): the most frequent label of its labelled images."""
+    labelled = frame[frame["label"].notna()] if "label" in frame else frame.iloc[:0]
+    if not len(labelled):
+        return pd.Series(dtype=object)
+    counts = labelled.groupby([labelled["patient_id"].astype(str), "label"]).size().rename("n").reset_index()
+    counts = counts.sort_values(["patient_id", "n", "label"], ascending=[True, False, True])
+    return counts.drop_duplicates("patient_id").set_index("patient_id")["label"]
+
+
+def _listed_members(manifest: Manifest, spec: TargetSpec, pool_rows: pd.DataFrame) -> set[str]:
+    """The patients a checkpoint target's `training_list` names (by `patient_id`, or by image `path` in the pool)."""
+    from reid_batch.errors import InputError
+    from reid_batch.storage import input_path
+
+    where = f"targets[{manifest.targets.index(spec)}].training_list"
+    path = input_path(spec.training_list, manifest, where)
+    try:
+        listed = pd.read_csv(path, dtype=str)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot read the training list: {error}", where=str(spec.training_list)) from error
+    if "patient_id" in listed:
+        members = set(listed["patient_id"].dropna().astype(str))
+        unknown = members - set(pool_rows["patient_id"].astype(str))
+        what = "patient(s)"
+    elif "path" in listed:
+        paths = set(listed["path"].dropna().astype(str))
+        known = pool_rows[pool_rows["path"].astype(str).isin(paths)]
+        unknown = paths - set(known["path"].astype(str))
+        members = set(known["patient_id"].astype(str))
+        what = "image(s)"
+    else:
+        raise InputError("the training list needs a `patient_id` or a `path` column", where=str(spec.training_list))
+    if unknown:
+        raise InputError(f"the training list names {len(unknown)} {what} not in data.private (e.g. "
+                         f"{sorted(unknown)[:3]}); it must list what the checkpoint was trained on, in the private "
+                         "pool's ids or paths", where=str(spec.training_list))
+    if not members:
+        raise InputError("the training list names no patient", where=str(spec.training_list))
+    return members
+
+
+def member_patients(manifest: Manifest, spec: TargetSpec, pool_rows: pd.DataFrame | None = None
+                    ) -> tuple[set[str] | None, str]:
+    """(the patients the target trained on, how that is known), or (None, why not): a trained target's training
+    list, a checkpoint target's `training_list`; never guessed."""
+    if spec.train is not None:
+        trained = reference_images(manifest, spec)
+        if trained is None:
+            return None, "the target's training list is not committed"
+        members = set(trained[0]["patient_id"].astype(str))
+        return members, f"the target's training list ({layout.TRAIN_IMAGES_FILE}, {len(members)} patients)"
+    if spec.training_list is None:
+        return None, NO_TRAINING_LIST
+    if pool_rows is None:
+        found = pool_frame(manifest, train_pool(spec))
+        if found is None:
+            return None, f"the {train_pool(spec)} pool's images are not available here"
+        pool_rows = found[0]
+    members = _listed_members(manifest, spec, pool_rows)
+    return members, f"training_list {spec.training_list} ({len(members)} patients)"
+
+
+def same_label_mix(reference: pd.Series, pool: pd.Series, cap: int, seed: int) -> np.ndarray:
+    """Sorted positions into `pool` (labels) of as many rows as possible, at most `cap`, whose label proportions are
+    those of `reference`; labels `pool` lacks are dropped (and should be dropped from the reference too)."""
+    wanted = reference.value_counts(normalize=True)
+    wanted = wanted[wanted.index.isin(set(pool.tolist()))]
+    if wanted.empty:
+        return np.zeros(0, dtype=np.int64)
+    wanted = wanted / wanted.sum()
+    values = pool.to_numpy()
+    available = {label: np.flatnonzero(values == label) for label in wanted.index}
+    total = min(cap, min(len(available[label]) / share for label, share in wanted.items()))
+    parts = []
+    for offset, (label, share) in enumerate(wanted.items()):
+        at = available[label]
+        parts.append(at[sample_positions(len(at), int(np.floor(total * share + 1e-9)), seed + offset)])
+    return np.sort(np.concatenate(parts))
+
+
+def membership_records(manifest: Manifest, spec: TargetSpec, max_patients: int, seed: int
+                       ) -> tuple[pd.DataFrame | None, str, str]:
+    """The target's records for the leak statistic: (images, how members are known, on_error) or (None, reason, "").
+
+    Members are the patients the target trained on (member_patients), at most `max_patients` of them (a seeded
+    sample). Non-members are the other labelled patients of the same pool, at most `max_patients`, sampled so that
+    their label mix (a patient's label: its most frequent) is the members'. The two sides need not be equal in
+    number: the AUC's chance level does not depend on group sizes (the old nearest-neighbour vote's did), and
+    measuring every member is what lets a leak spread over all training patients be seen. The images are every
+    labelled image of the chosen patients, with `member` (bool) and `patient` (0-based patient index) columns.
+    """
+    pool = train_pool(spec)
+    found = pool_frame(manifest, pool)
+    if found is None:
+        return None, f"the {pool} pool's images are not available here", ""
+    rows, on_error = found
+    members, known_by = member_patients(manifest, spec, rows)
+    if members is None:
+        return None, known_by, ""
+    labels = patient_labels(rows)
+    member_labels = labels[labels.index.isin(members)]
+    other_labels = labels[~labels.index.isin(members)]
+    if len(member_labels) > max_patients:
+        member_labels = member_labels.iloc[sample_positions(len(member_labels), max_patients, seed)]
+    other_labels = other_labels.iloc[same_label_mix(member_labels, other_labels, max_patients, seed)]
+    member_labels = member_labels[member_labels.isin(set(other_labels.tolist()))]
+    if len(other_labels) == 0 or len(member_labels) == 0:
+        return None, f"no patient of the {pool} pool outside the training list shares a label with a member", ""
+    chosen = pd.concat([pd.Series(True, index=member_labels.index), pd.Series(False, index=other_labels.index)])
+    images = rows[rows["patient_id"].astype(str).isin(chosen.index)].copy()
+    images["patient_id"] = images["patient_id"].astype(str)
+    order = {patient: i for i, patient in enumerate(chosen.index)}
+    images["patient"] = images["patient_id"].map(order).astype(np.int64)
+    images["member"] = images["patient_id"].map(chosen).astype(bool)
+    return images.sort_values(["patient", "path"]).reset_index(drop=True), known_by, on_error

@@ -8,9 +8,14 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
+from reid_batch import log
 from reid_batch.analysis.metrics import pixel_entropy_on_device
-from reid_batch.attack.generation import autocast_context, regenerate_images
-from reid_batch.attack.objectives import SCORING_EXCLUDES
+from reid_batch.artifacts import load_attack_target
+from reid_batch.attack.generation import (BatchSizer, autocast_context, effective_mixed_precision, prepare_models,
+                                          regenerate_images, target_input_spec)
+from reid_batch.attack.objectives import SCORING_EXCLUDES, TargetObjective, needs_reference_stats
+from reid_batch.attack.reference import feature_gaussian, vit_reference_stats
+from reid_batch.manifest import Manifest, TargetSpec
 from reid_batch.models.targets import to_target_input
 
 
@@ -110,3 +115,26 @@ def concat_columns(parts: list[dict]) -> dict[str, np.ndarray]:
         return {}
     return {k: torch.cat([p[k] for p in parts]).cpu().numpy() if isinstance(parts[0][k], Tensor)
             else np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def build_scorer(manifest: Manifest, spec: TargetSpec, generator, accelerator, sizer: BatchSizer) -> CandidateScorer:
+    """A generator (on the accelerator's device, eval mode) scored against the frozen target with the target's
+    objective terms and Mahalanobis model: sample's scorer for the fine-tuned generator, evaluate's for the prior."""
+    device = accelerator.device
+    model, num_classes = load_attack_target(manifest, spec)
+    generator, model = prepare_models(generator, model.to(device), device, manifest.sampling.compile)
+    reference = vit_reference_stats(manifest, spec, model, accelerator) \
+        if needs_reference_stats(model, spec.family) else None
+    index = manifest.targets.index(spec)
+    objective = TargetObjective(model, spec.terms, spec.objective, reference, family=spec.family,
+                                field_prefix=f"targets[{index}].objective")
+    if objective.fallback is not None:
+        log.event("scoring_objective_fallback", target=spec.name, **objective.fallback)
+    gaussian = feature_gaussian(manifest, spec, objective, accelerator, sizer)
+    log.event("mahalanobis_model", target=spec.name, **gaussian.summary())
+    precision = effective_mixed_precision(device, manifest.sampling.mixed_precision)
+    if precision != manifest.sampling.mixed_precision:
+        log.event("mixed_precision_not_used", asked=manifest.sampling.mixed_precision, device=str(device),
+                  reason="autocast is used on CUDA only (bf16 where the GPU supports it)")
+    return CandidateScorer(generator, objective, target_input_spec(spec), gaussian, num_classes,
+                           manifest.sampling.seed, device, precision)

@@ -118,6 +118,13 @@ class WorldConfig:
               "a number in 0..1")
         check("workers", 1 <= self.workers <= 64, "in 1..64")
 
+    @classmethod
+    def of(cls, section) -> "WorldConfig":
+        """The world a manifest's `data.synthetic` section describes (any object with these fields)."""
+        return cls(**{name: getattr(section, name) for name in (
+            "seed", "image_size", "private_patients", "public_patients", "control_patients",
+            "max_studies_per_patient")})
+
     def patients_in(self, pool: str) -> int:
         return getattr(self, f"{_check_pool(pool)}_patients")
 
@@ -283,6 +290,11 @@ def sample_patient(config: WorldConfig, pool: str, index: int) -> Patient:
         vessel_phase_left=round(float(rng.uniform(0, 2 * math.pi)), 4),
         texture_seed=int(rng.integers(0, 2**31 - 1)),
     )
+
+
+def patient_with_id(config: WorldConfig, pool: str, patient_id: int) -> Patient:
+    """The patient whose global id (as ground_truth.csv and the file names give it) is `patient_id`."""
+    return sample_patient(config, pool, int(patient_id) - _ID_BASE[_check_pool(pool)])
 
 
 def sample_patients(config: WorldConfig, pool: str) -> list[Patient]:

@@ -10,6 +10,7 @@ distances to training patients in this space instead of in grey pixels, which ar
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -67,16 +68,50 @@ class ReidNet(nn.Module):
         return F.normalize(self.head(x), dim=1)
 
 
+def augment(images01: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """One independent acquisition jitter per image of a [0, 1] batch (N, 1, H, W), drawn from `generator`: the
+    changes the embedding must ignore (small rotation, shift, scale; gamma, contrast, brightness, noise; never a
+    horizontal flip: laterality is anatomy)."""
+    n = images01.shape[0]
+    device = images01.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return (low + (high - low) * torch.rand(n, generator=generator)).to(device)
+
+    angle = uniform(-5.0, 5.0) * strength * math.pi / 180
+    scale = 1 + uniform(-0.05, 0.05) * strength
+    shift_x, shift_y = uniform(-0.04, 0.04) * strength, uniform(-0.04, 0.04) * strength
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+    grid = F.affine_grid(theta, list(images01.shape), align_corners=False)
+    # Border padding: the rim of a radiograph continues past the frame, it does not turn black.
+    x = F.grid_sample(images01, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    gamma = torch.exp(uniform(-0.2, 0.2) * strength).view(n, 1, 1, 1)
+    contrast = (1 + uniform(-0.15, 0.15) * strength).view(n, 1, 1, 1)
+    brightness = (uniform(-0.08, 0.08) * strength).view(n, 1, 1, 1)
+    x = x.clamp(1e-6, 1).pow(gamma)
+    x = (x - 0.5) * contrast + 0.5 + brightness
+    noise = uniform(0.0, 0.02 * strength).view(n, 1, 1, 1)
+    x = x + noise * torch.randn(x.shape, generator=generator).to(device)
+    return x.clamp(0, 1)
+
+
 @torch.inference_mode()
 def embed(model: ReidNet, images01: torch.Tensor, device: torch.device | str = "cpu",
-          batch_size: int = 256) -> torch.Tensor:
-    """Embeddings of [0, 1] images (N, C, H, W; colour is averaged to grey), float32 on the CPU, in eval mode."""
+          batch_size: int = 256, size: int | None = None) -> torch.Tensor:
+    """Embeddings of [0, 1] images (N, C, H, W; colour is averaged to grey), float32 on the CPU, in eval mode.
+
+    size: the side the embedding was trained at; other sizes are resized to it first (antialiased bilinear, as the
+    image loader resizes files)."""
     model.eval()
     parts = []
     for start in range(0, len(images01), batch_size):
         batch = images01[start:start + batch_size].to(device).float()
         if batch.shape[1] > 1:
             batch = batch.mean(dim=1, keepdim=True)
+        if size is not None and tuple(batch.shape[-2:]) != (size, size):
+            batch = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True,
+                                  align_corners=False).clamp(0, 1)
         parts.append(model(batch).float().cpu())
     dim = model.head.out_features
     return torch.cat(parts) if parts else torch.zeros(0, dim)

@@ -17,30 +17,39 @@ pooled; the pooled generated sets when no training images are known); FID betwee
 pool features of ONE Inception-v3 (`evaluation.inception_weights`, else seeded untrained weights: then FID is only a
 relative measure and metrics.json says so), with a warning when a set has fewer images than feature dimensions.
 
+Where images are compared (analysis.space): the re-identification embedding (train-reid's model or reid.checkpoint),
+in which two studies of one patient lie close whatever the acquisition; without a reid section, grey pixels
+area-averaged to 32 x 32, blind to identity, and every result says so.
+
 Stage 2, sample level (Figures 6-7). Each likely (selected) sample is regenerated from its id and matched to its
-nearest training image by Euclidean distance in `metrics.pixel_features` space (grey, area-averaged to 32 x 32);
-SSIM is computed between the sample and that neighbour at the generator's resolution.
+nearest training image in that space (`nn_distance`; the grey-pixel distance to the same image beside it,
+`nn_pixel_distance`); SSIM is computed between the sample and that neighbour at the generator's resolution.
 
 Demographics (Figures 8-9). Per likely sample: the demographic model's predicted age/sex of the reconstruction
 (`<target>/scores`) and of its nearest neighbour (`<target>/scores-reference`, matched by path), the neighbour's
 ground truth (the synthetic world's ground_truth.csv, else the training list's age/sex columns), absolute age
 errors and sex correctness; summarised with intervals by `metrics.demographic_errors`.
 
-Re-identification (when the held-out pool's images are available; patient truth and devices on the synthetic world).
-Roles follow each target's `train.pool` (a checkpoint target is taken as trained on the private pool): the
-training set is the target's training list, the held-out set a deterministic sample of the other pool's labelled
-cohort with the SAME label counts (`matched_positions`; where the held-out pool lacks images of a label, the training
-set is subsampled instead), because both tests are at chance 0.5 only for equal, alike sets (a class-balanced
-overfit training list against a held-out set at natural prevalence is not). A sample re-identifies when its nearest training
-image is closer than its nearest held-out image; the rate has a Wilson interval and a one-sided binomial p-value
-against 0.5. Membership AUC: `metrics.membership_auc` of the likely samples' distances to the training set against
-their distances to the held-out set. Record-level membership (`metrics.record_membership`, the
-"distance to closest record" test of GAN membership attacks): each training and held-out image's distance to its
-closest generated sample among the first `evaluation.membership_candidates` candidate ids, as an AUC with a
-bootstrap interval and the fraction of training images flagged at a 5% false-positive rate, for the fine-tuned
-generator AND for the prior (what the attack adds over a generic generator). Per-sample votes are dominated by
-"hub" images that many samples land next to; per-record, every patient counts once. The report compares each target's rate with a control model's (a target with
-`train.pool: control`), for which the pools swap roles.
+The leak statistic (the headline risk; analysis.leak, roles.membership_records). Records are patients: members are
+the patients the target trained on (its training list; a checkpoint target's `training_list`, else membership is
+not available), non-members the other labelled patients of the same pool, with the members' label mix. A
+patient's score under a generator is the distance from its closest image to the closest of
+`evaluation.membership_candidates` raw candidates (fresh latent ids LEAK_ID_OFFSET + k, used by no other step).
+L = AUC(fine-tuned generator) - AUC(prior) on the same patients, with a two-way bootstrap interval (patients and
+candidates), a paired permutation p-value and TPR at 1% / 5% FPR. The same for stage 2's selection: the manifest's
+rule applied to equal pools of both generators (the attacked candidates 0..P-1 and the prior's raw candidates, scored
+here against the target), the same number kept from each (`_selected_leak`). The records' and candidates' features are
+committed (records.parquet, leak_candidates.parquet): the report measures L against a control model's generator from
+them, and calibrate spikes into them.
+
+Re-identification, sample vote (when the held-out pool's images are available; patient truth and devices on the
+synthetic world). Roles follow each target's `train.pool` (a checkpoint target is taken as trained on the private
+pool): the training set is the target's training list, the held-out set a deterministic sample of the other pool's
+labelled cohort with the SAME label counts (`matched_positions`), because the vote is at chance 0.5 only for equal,
+alike sets. A sample re-identifies when its nearest training image is closer than its nearest held-out image; the
+rate has a Wilson interval and a one-sided binomial p-value against 0.5. Membership AUC: `metrics.membership_auc` of
+the likely samples' distances to the training set against their distances to the held-out set. Per-sample votes are
+dominated by "hub" images that many samples land next to: the report shows them per target, not as the headline.
 
 Devices (synthetic world). A deliberately simple pacemaker detector: the fraction of pixels in the upper chest on the
 image's right (the patient's left, where the world places the generator box) brighter than the 99.9th percentile
@@ -51,8 +60,8 @@ a pacemaker). On world images with known devices (120 patients) its AUC was 0.98
 device is reproduced when the matched training patient has a pacemaker AND the detector fires on the reconstruction.
 
 Output, committed: <target>/evaluation/ metrics.json, evaluation.parquet (one row per likely sample, columns in
-TABLE_SCHEMA), figures/{kurtosis,losses,stage1_examples,likely_samples}.png and pairs/<id:09d>.png (reconstruction |
-nearest training image). A committed evaluation is left as it is; delete it to evaluate again.
+TABLE_SCHEMA), records.parquet, leak_candidates.parquet, figures/{kurtosis,losses,stage1_examples,likely_samples}.png
+and pairs/<id:09d>.png (reconstruction | nearest training image). A committed evaluation is left as it is; delete it to evaluate again.
 """
 
 from __future__ import annotations
@@ -69,24 +78,29 @@ from matplotlib.figure import Figure
 from reid_batch import log
 from reid_batch.analysis.devices import (DETECTOR_MIN_AUC, DETECTOR_MIN_IMAGES, DEVICE_LEVEL_PERCENTILE, DEVICE_REGION,
                                          calibrate_device_detector, device_region)
+from reid_batch.analysis.leak import generator_scores, leak_test
 from reid_batch.analysis.metrics import (InceptionFeatures, demographic_errors, fid, fit_pca, kurtosis_curve_png,
                                          membership_auc, nearest_neighbours, pca_kurtosis, pixel_entropy,
-                                         pixel_features, record_membership, reidentification, ssim, to_grey)
-from reid_batch.analysis.roles import (OTHER_POOL, matched_positions, pool_frame, reference_images, sample_positions,
-                                       sex_code, train_pool, truth_for, world_truth)
-from reid_batch.artifacts import load_finetuned_generator, load_prior, require_committed
-from reid_batch.attack.generation import regenerate_images
+                                         pixel_features, reidentification, ssim, to_grey)
+from reid_batch.analysis.roles import (OTHER_POOL, matched_positions, membership_records, pool_frame,
+                                       reference_images, sample_positions, sex_code, train_pool, truth_for,
+                                       world_truth)
+from reid_batch.analysis.space import PIXEL_SIZE, FeatureSpace
+from reid_batch.artifacts import load_finetuned_generator, load_prior, load_reid_model, require_committed
+from reid_batch.attack.candidates import build_scorer, concat_columns
+from reid_batch.attack.generation import BatchSizer, regenerate_images
+from reid_batch.attack.selection import committed_summaries, read_scores, select_candidates
 from reid_batch.data.datasets import ImageDataset
 from reid_batch.errors import InputError
-from reid_batch.formats import clean_json, figure_png, grey_uint8, pair_png, software_versions
-from reid_batch.layout import (FIGURES, METRICS_FILE, SCORES_FILE, SELECTION_FILE, STAGE1_ID_OFFSET,
-                               TABLE_FILE, THRESHOLDS_FILE, evaluation_prefix, finetune_prefix, pair_key,
-                               reference_prefix, scores_prefix, selection_prefix, target_prefix)
+from reid_batch.formats import clean_json, figure_png, grey_uint8, pair_png, parquet_bytes, software_versions
+from reid_batch.layout import (FIGURES, LEAK_CANDIDATES_FILE, LEAK_ID_OFFSET, METRICS_FILE, RECORDS_FILE,
+                               SCORES_FILE, SELECTION_FILE, STAGE1_ID_OFFSET, TABLE_FILE, THRESHOLDS_FILE,
+                               evaluation_prefix, finetune_prefix, pair_key, reference_prefix, scores_prefix,
+                               selection_prefix, target_prefix)
 from reid_batch.manifest import Manifest, TargetSpec
-from reid_batch.runtime import pick_device, run_single_writer, run_store
+from reid_batch.runtime import SingleProcess, pick_device, run_single_writer, run_store
 from reid_batch.storage import input_path
 
-NN_FEATURE_SIZE = 32
 CONFIDENCE = 0.95
 GENERATION_BATCH = 64
 LOADER_BATCH = 64
@@ -97,8 +111,9 @@ THREAT_MODEL = (
     "age/sex model) but no image, label or record of the target's training patients."
 )
 VALIDATION_NOTE = (
-    "Validation only: nearest neighbours, SSIM, demographic ground truth and re-identification use the target's "
-    "training images (and, on the synthetic world, who each patient is), which an attacker would not have."
+    "Validation only: the leak statistic, nearest neighbours, SSIM, demographic ground truth and re-identification "
+    "use the target's training images (and, on the synthetic world, who each patient is), which an attacker would "
+    "not have."
 )
 
 TABLE_SCHEMA = pa.schema([
@@ -110,6 +125,7 @@ TABLE_SCHEMA = pa.schema([
     pa.field("nn_path", pa.string()),
     pa.field("nn_patient", pa.string()),
     pa.field("nn_distance", pa.float64()),
+    pa.field("nn_pixel_distance", pa.float64()),
     pa.field("ssim", pa.float64()),
     pa.field("recon_pred_age", pa.float64()),
     pa.field("recon_pred_sex_prob", pa.float64()),
@@ -196,11 +212,11 @@ def distribution_metrics(sets: dict[str, torch.Tensor], fit_on: str, components:
     return result, png
 
 
-def nearest_training_images(samples01: torch.Tensor, train_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distance, index) of each sample's nearest training image in pixel_features space."""
-    if samples01.shape[0] == 0 or len(train_features) == 0:
+def nearest_training_images(sample_features: np.ndarray, train_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distance, index) of each sample's nearest training image, both given as features of one space."""
+    if len(sample_features) == 0 or len(train_features) == 0:
         return np.zeros(0), np.zeros(0, dtype=np.int64)
-    distances, indices = nearest_neighbours(pixel_features(samples01, NN_FEATURE_SIZE), train_features, k=1)
+    distances, indices = nearest_neighbours(sample_features, train_features, k=1)
     return distances[:, 0], indices[:, 0]
 
 
@@ -273,20 +289,20 @@ class LoadedImages:
     """One pass over a table of real images: what evaluation needs from each, never all images at once."""
 
     frame: pd.DataFrame  # the rows that loaded, in order (positions index everything below)
-    features: np.ndarray  # (N, 32*32) pixel features
+    features: np.ndarray  # (N, D) features in the evaluation's FeatureSpace
     regions: np.ndarray  # (N, h, w) uint8 detector regions
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> (1, R, R) image, for `keep` positions
 
 
-def load_images(frame: pd.DataFrame, size: int, on_error: str, num_workers: int, keep: set[int], desc: str
-                ) -> LoadedImages:
+def load_images(frame: pd.DataFrame, size: int, on_error: str, num_workers: int, keep: set[int], desc: str,
+                space: FeatureSpace) -> LoadedImages:
 
     dataset = ImageDataset(frame.reset_index(drop=True), size=size, channels=1, on_error=on_error)
     loader = torch.utils.data.DataLoader(dataset, batch_size=LOADER_BATCH, num_workers=num_workers)
     features, regions, positions, kept = [], [], [], {}
     for batch in log.progress(loader, desc=desc, total=len(loader)):
         images = batch["image"]
-        features.append(pixel_features(images, NN_FEATURE_SIZE))
+        features.append(space(images))
         regions.append(device_region(images))
         for row, position in enumerate(batch["index"].tolist()):
             if position in keep:
@@ -298,7 +314,7 @@ def load_images(frame: pd.DataFrame, size: int, on_error: str, num_workers: int,
     empty_regions = np.zeros((0, 1, 1), dtype=np.uint8)
     return LoadedImages(
         frame=dataset.df.iloc[order].reset_index(drop=True),
-        features=np.concatenate(features) if features else np.zeros((0, NN_FEATURE_SIZE ** 2), np.float32),
+        features=np.concatenate(features) if features else np.zeros((0, space.dims), np.float32),
         regions=np.concatenate(regions) if regions else empty_regions,
         kept={remap[p]: image for p, image in kept.items()},
     )
@@ -331,11 +347,19 @@ def generate(generator, ids: np.ndarray, seed: int, device: torch.device) -> tor
 
 @dataclass
 class Shared:
-    """What every target of one `evaluate` call shares: the Inception network and the prior's image set."""
+    """What every target of one `evaluate` call shares: the Inception network, the feature space, the prior's image
+    set and its raw candidates' features."""
     inception: object | None = None
+    space: FeatureSpace | None = None
     prior_images: torch.Tensor | None = None
     prior_features: np.ndarray | None = None
     prior_candidate_features: np.ndarray | None = None
+
+    def feature_space(self, manifest: Manifest, device: torch.device) -> FeatureSpace:
+        if self.space is None:
+            self.space = FeatureSpace(load_reid_model(manifest), manifest.reid.image_size if manifest.reid else None,
+                                      device)
+        return self.space
 
 
 def _require_inputs(store, manifest: Manifest, spec: TargetSpec) -> None:
@@ -382,23 +406,27 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
     device = pick_device(manifest)
     notes: list[str] = []
     finetuned = load_finetuned_generator(manifest, spec.name).to(device).eval()
+    space = shared.feature_space(manifest, device)
+    resolution = finetuned.config.resolution
 
-    sets, training, origin, on_error = _stage1_sets(manifest, spec, shared, finetuned, device, notes)
+    sets, training, origin, on_error = _stage1_sets(manifest, spec, shared, finetuned, device, notes, space)
     stage1, kurtosis_png = _stage1_metrics(manifest, shared, sets, device)
-    likely = _likely_samples(store, manifest, spec, finetuned, device)
+    likely = _likely_samples(store, manifest, spec, finetuned, device, space)
     neighbours, stage2, demographics = _neighbours_and_demographics(manifest, spec, likely, training, origin,
-                                                                     on_error, finetuned.config.resolution, notes)
-    reid = _reidentify(manifest, spec, training, OTHER_POOL[train_pool(spec)], likely.reconstructions, likely.table,
-                       notes, finetuned.config.resolution, finetuned, shared, device)
-    metrics = _metrics_document(store, manifest, spec, likely, stage1, stage2, demographics, reid, notes,
-                                finetuned.config.resolution)
-    _write_outputs(store, manifest, spec, metrics, likely, neighbours, sets, kurtosis_png)
+                                                                     on_error, resolution, notes, space)
+    reid = _reidentify(manifest, spec, training, OTHER_POOL[train_pool(spec)], likely, notes, resolution, space)
+    leak, leak_tables = _leak(manifest, spec, finetuned, shared, space, resolution, device, notes)
+    metrics = _metrics_document(store, manifest, spec, likely, stage1, stage2, demographics, reid, leak, notes,
+                                resolution)
+    _write_outputs(store, manifest, spec, metrics, likely, neighbours, sets, kurtosis_png, leak_tables)
+    raw = leak.get("raw", {}).get("vs_prior", {})
     log.event("evaluate_done", target=spec.name, likely=len(likely.ids), ssim_mean=stage2.get("ssim_mean"),
-              reid_rate=reid.get("rate"), membership_auc=reid.get("membership_auc"))
+              reid_rate=reid.get("rate"), leak_vs_prior=raw.get("leak"), leak_ci=raw.get("ci"))
     return metrics
 
 
-def _stage1_sets(manifest: Manifest, spec: TargetSpec, shared: Shared, finetuned, device, notes: list[str]):
+def _stage1_sets(manifest: Manifest, spec: TargetSpec, shared: Shared, finetuned, device, notes: list[str],
+                 space: FeatureSpace):
     """Stage 1's image sets (prior and fine-tuned at the same latents, a sample of the training images), and the
     training images loaded once: (sets, training or None, where they came from, their on_error)."""
     settings = manifest.evaluation
@@ -418,7 +446,7 @@ def _stage1_sets(manifest: Manifest, spec: TargetSpec, shared: Shared, finetuned
         frame = frame.reset_index(drop=True)
         keep = set(sample_positions(len(frame), settings.num_images, settings.seed).tolist())
         training = load_images(frame, resolution, on_error, manifest.compute.num_workers, keep,
-                               f"{spec.name} training images")
+                               f"{spec.name} training images", space)
         if training.kept:
             sets["reference"] = torch.stack([training.kept[p] for p in sorted(training.kept)])
     else:
@@ -463,11 +491,13 @@ class LikelySamples:
     ids: np.ndarray
     thresholds: dict
     reconstructions: torch.Tensor
+    features: np.ndarray  # the reconstructions in the evaluation's FeatureSpace
     table: pd.DataFrame
     reference_scores: pd.DataFrame | None
 
 
-def _likely_samples(store, manifest: Manifest, spec: TargetSpec, finetuned, device) -> LikelySamples:
+def _likely_samples(store, manifest: Manifest, spec: TargetSpec, finetuned, device,
+                    space: FeatureSpace) -> LikelySamples:
     selection = store.read_parquet(f"{selection_prefix(spec.name)}/{SELECTION_FILE}").to_pandas().sort_values("id")
     thresholds = store.read_json(f"{selection_prefix(spec.name)}/{THRESHOLDS_FILE}")
     ids = selection["id"].to_numpy(dtype=np.int64)
@@ -487,12 +517,12 @@ def _likely_samples(store, manifest: Manifest, spec: TargetSpec, finetuned, devi
         "recon_pred_sex_prob": predicted["sex_prob"].to_numpy(dtype=np.float64),
         "recon_pred_sex": predicted["sex_label"].astype(object).to_numpy(),
     })
-    return LikelySamples(ids, thresholds, reconstructions, table, reference_scores)
+    return LikelySamples(ids, thresholds, reconstructions, space(reconstructions), table, reference_scores)
 
 
 def _neighbours_and_demographics(manifest: Manifest, spec: TargetSpec, likely: LikelySamples,
                                  training: LoadedImages | None, origin: str | None, on_error: str, resolution: int,
-                                 notes: list[str]) -> tuple[torch.Tensor, dict, dict]:
+                                 notes: list[str], space: FeatureSpace) -> tuple[torch.Tensor, dict, dict]:
     """Each likely sample's nearest training image, SSIM, and demographic errors against the neighbour's truth;
     adds their columns to the table. (neighbour images, stage-2 summary, demographics summary)."""
     table, reconstructions, reference_scores = likely.table, likely.reconstructions, likely.reference_scores
@@ -501,17 +531,19 @@ def _neighbours_and_demographics(manifest: Manifest, spec: TargetSpec, likely: L
     neighbours = torch.zeros(0, 1, resolution, resolution)
     demographics: dict = {"available": False}
     stage2: dict = {"likely": count, "candidates": likely.thresholds.get("counts", {}).get("candidates"),
-                    "feature_space": f"grey pixels area-averaged to {NN_FEATURE_SIZE}x{NN_FEATURE_SIZE}, Euclidean",
-                    "training_images": 0 if training is None else len(training.frame), "reference_source": origin}
+                    "feature_space": space.description, "training_images": 0 if training is None else len(training.frame), "reference_source": origin}
     if training is None or not len(training.frame):
         return neighbours, stage2, demographics
-    distance, index = nearest_training_images(reconstructions, training.features)
+    distance, index = nearest_training_images(likely.features, training.features)
     neighbours = load_rows(training.frame, index, resolution, on_error)
     rows = training.frame.iloc[index]
     table["nn_index"] = index
     table["nn_path"] = rows["path"].astype(str).to_numpy()
     table["nn_patient"] = rows["patient_id"].astype(str).to_numpy()
     table["nn_distance"] = distance
+    table["nn_pixel_distance"] = np.linalg.norm(
+        pixel_features(reconstructions, PIXEL_SIZE) - pixel_features(neighbours, PIXEL_SIZE), axis=1) \
+        if count else np.zeros(0)
     table["ssim"] = ssim(reconstructions, neighbours) if count else np.zeros(0)
     if reference_scores is not None:
         matched = reference_scores.reindex(table["nn_path"])
@@ -556,7 +588,8 @@ def _neighbours_and_demographics(manifest: Manifest, spec: TargetSpec, likely: L
 
 
 def _metrics_document(store, manifest: Manifest, spec: TargetSpec, likely: LikelySamples, stage1: dict,
-                      stage2: dict, demographics: dict, reid: dict, notes: list[str], resolution: int) -> dict:
+                      stage2: dict, demographics: dict, reid: dict, leak: dict, notes: list[str],
+                      resolution: int) -> dict:
     """metrics.json: every summary of this target's evaluation, with the records it was made from."""
     settings = manifest.evaluation
     thresholds = likely.thresholds
@@ -584,7 +617,7 @@ def _metrics_document(store, manifest: Manifest, spec: TargetSpec, likely: Likel
         "finetune": {"steps": int(len(losses)),
                      "first_total": float(losses["total"].iloc[0]) if len(losses) else None,
                      "last_total": float(losses["total"].iloc[-1]) if len(losses) else None},
-        "stage1": stage1, "stage2": stage2, "demographics": demographics, "reidentification": reid,
+        "stage1": stage1, "stage2": stage2, "demographics": demographics, "reidentification": reid, "leak": leak,
         "notes": notes, "figures": dict(FIGURES), "table": TABLE_FILE, "pairs": "pairs/<id:09d>.png",
         "evaluation": settings.model_dump(mode="json"), "software": software_versions(),
         "resolution": resolution,
@@ -593,7 +626,8 @@ def _metrics_document(store, manifest: Manifest, spec: TargetSpec, likely: Likel
 
 
 def _write_outputs(store, manifest: Manifest, spec: TargetSpec, metrics: dict, likely: LikelySamples,
-                   neighbours: torch.Tensor, sets: dict[str, torch.Tensor], kurtosis_png: bytes) -> None:
+                   neighbours: torch.Tensor, sets: dict[str, torch.Tensor], kurtosis_png: bytes,
+                   leak_tables: dict[str, bytes]) -> None:
     """One commit: the table, metrics.json, the figures and a reconstruction | neighbour pair per likely sample."""
     table, reconstructions = likely.table, likely.reconstructions
     losses = store.read_parquet(f"{finetune_prefix(spec.name)}/losses.parquet").to_pandas()
@@ -615,42 +649,140 @@ def _write_outputs(store, manifest: Manifest, spec: TargetSpec, metrics: dict, l
         out.write_bytes(FIGURES["losses"], losses_png(losses, f"{spec.name}: stage 1 fine-tuning"))
         out.write_bytes(FIGURES["stage1_examples"], stage1_examples_png(sets))
         out.write_bytes(FIGURES["likely_samples"], grid)
+        for name, data in leak_tables.items():
+            out.write_bytes(name, data)
         if len(neighbours):
             for row, candidate in enumerate(likely.ids.tolist()):
                 out.write_bytes(pair_key(candidate), pair_png(reconstructions[row], neighbours[row]))
 
 
-def generated_features(generator, ids: np.ndarray, seed: int, device: torch.device) -> np.ndarray:
-    """Nearest-neighbour features of generated images, batch by batch: never more than one batch of images."""
-    parts = [_features(generate(generator, ids[i:i + GENERATION_BATCH], seed, device))
+def generated_features(generator, ids: np.ndarray, seed: int, device: torch.device, space: FeatureSpace
+                       ) -> np.ndarray:
+    """Features of generated images, batch by batch: never more than one batch of images."""
+    parts = [space(generate(generator, ids[i:i + GENERATION_BATCH], seed, device))
              for i in range(0, len(ids), GENERATION_BATCH)]
-    return np.concatenate(parts) if parts else np.zeros((0, NN_FEATURE_SIZE ** 2), np.float32)
+    return np.concatenate(parts) if parts else np.zeros((0, space.dims), np.float32)
 
 
-def _record_membership(manifest: Manifest, finetuned, shared: Shared, device, train_features: np.ndarray,
-                       heldout_features: np.ndarray) -> dict:
-    """Record-level membership for the fine-tuned generator, and for the prior as the no-attack baseline."""
+def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space: FeatureSpace, resolution: int,
+          device, notes: list[str]) -> tuple[dict, dict[str, bytes]]:
+    """The leak statistic against the prior, on the target's member and non-member patients (analysis.leak), and
+    the tables it was computed from: the records' and the raw candidates' features (the report pairs them with a
+    control model's candidates; calibrate spikes into them)."""
     settings = manifest.evaluation
-    ids = np.arange(min(settings.membership_candidates, manifest.sampling.num_candidates), dtype=np.int64)
-    if shared.prior_candidate_features is None or len(shared.prior_candidate_features) != len(ids):
-        shared.prior_candidate_features = generated_features(load_prior(manifest).to(device).eval(), ids,
-                                                             manifest.sampling.seed, device)
-    result = {"candidates": f"ids 0..{len(ids) - 1} of sampling (seed {manifest.sampling.seed})"}
-    for name, features in (("finetuned", generated_features(finetuned, ids, manifest.sampling.seed, device)),
-                           ("prior", shared.prior_candidate_features)):
-        measured = record_membership(train_features, heldout_features, features, settings.bootstrap, settings.seed,
-                                     CONFIDENCE)
-        measured.pop("member_distances"), measured.pop("nonmember_distances")
-        result[name] = measured
-    result["auc_gain_over_prior"] = result["finetuned"]["auc"] - result["prior"]["auc"]
-    return result
+    records, known_by, on_error = membership_records(manifest, spec, settings.membership_patients, settings.seed)
+    if records is None:
+        notes.append(f"membership: not available ({known_by})")
+        return {"available": False, "reason": known_by}, {}
+    loaded = load_images(records, resolution, on_error, manifest.compute.num_workers, set(),
+                         f"{spec.name} member and non-member images", space)
+    frame = loaded.frame
+    codes, patient_ids = pd.factorize(frame["patient_id"].astype(str))
+    member = frame.groupby(codes)["member"].first().to_numpy(dtype=bool)
+    if member.all() or not member.any():
+        notes.append("membership: not available (the member or non-member images failed to load)")
+        return {"available": False, "reason": "the member or non-member images failed to load"}, {}
+    ids = LEAK_ID_OFFSET + np.arange(settings.membership_candidates, dtype=np.int64)
+    if shared.prior_candidate_features is None:
+        prior = load_prior(manifest).to(device).eval()
+        shared.prior_candidate_features = generated_features(prior, ids, manifest.sampling.seed, device, space)
+        del prior
+    attacked = generated_features(finetuned, ids, manifest.sampling.seed, device, space)
+    scores = {name: generator_scores(loaded.features, codes, len(patient_ids), features)
+              for name, features in (("attacked", attacked), ("prior", shared.prior_candidate_features))}
+    raw = leak_test(member, scores["attacked"], scores["prior"], settings.leak_bootstrap,
+                    settings.leak_permutations, settings.seed, CONFIDENCE)
+    selected = _selected_leak(manifest, spec, finetuned, shared, space, device, loaded.features, codes, member)
+    summary = {
+        "available": True, "feature_space": space.description, "identity_sensitive": space.identity_sensitive,
+        "members_known_by": known_by, "pool": train_pool(spec),
+        "nonmembers": f"other labelled patients of the {train_pool(spec)} pool, matched in number and label mix",
+        "member_patients": int(member.sum()), "nonmember_patients": int((~member).sum()),
+        "images": len(frame), "candidates": f"ids {LEAK_ID_OFFSET} + k, k < {len(ids)} (seed {manifest.sampling.seed}); "
+        "no latent of fine-tuning or sampling",
+        "raw": {"vs_prior": raw},
+        "selected": {"vs_prior": selected},
+        "statistic": "L = AUC(attacked) - AUC(null) on the same patients; a patient's score is the distance from its "
+                     "closest image to the closest candidate; two-way bootstrap (patients, candidates), paired "
+                     "permutation p-value",
+    }
+    records_table = pa.table({
+        "path": pa.array(frame["path"].astype(str).tolist()),
+        "patient_id": pa.array(frame["patient_id"].astype(str).tolist()),
+        "patient": pa.array(codes.astype(np.int64)),
+        "member": pa.array(frame["member"].to_numpy(dtype=bool)),
+        "label": pa.array(pd.to_numeric(frame["label"], errors="coerce").to_numpy(dtype=np.float64)),
+        "features": _feature_column(loaded.features),
+    })
+    candidates_table = pa.table({
+        "generator": pa.array(["attacked"] * len(ids) + ["prior"] * len(ids)),
+        "id": pa.array(np.concatenate([ids, ids])),
+        "features": _feature_column(np.concatenate([attacked, shared.prior_candidate_features])),
+    })
+    return summary, {RECORDS_FILE: parquet_bytes(records_table), LEAK_CANDIDATES_FILE: parquet_bytes(candidates_table)}
+
+
+def _selected_leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space: FeatureSpace, device,
+                   features: np.ndarray, codes: np.ndarray, member: np.ndarray) -> dict:
+    """L for stage 2's selection: the same rule applied to pools of equal size from both generators.
+
+    Pool: the attacked generator's candidates 0..P-1 (their committed scores) and the prior's raw leak candidates
+    0..P-1, scored here against the same target with the same objective terms and Mahalanobis model, P =
+    min(sampling.num_candidates, evaluation.membership_candidates). `selection`'s rule picks from each pool; the
+    same number from both (the best by combined rank) are compared. The prior is the null: a pool of the same
+    size, passed through the same filter, shows what selection finds without the attack."""
+    store = run_store(manifest)
+    sampling, settings = manifest.sampling, manifest.evaluation
+    pool = min(sampling.num_candidates, settings.membership_candidates)
+    summaries = committed_summaries(store, spec.name, sampling.num_candidates, sampling.num_shards)
+    objective, distance = read_scores(store, summaries, sampling.num_candidates)
+    attacked = select_candidates(objective[:pool], distance[:pool], manifest.selection)
+    null = select_candidates(*_prior_scores(manifest, spec, pool, device), manifest.selection)
+    compared = min(len(attacked["selected"]), len(null["selected"]))
+    counts = {"pool": pool, "rule": manifest.selection.rule, "selected_attacked": len(attacked["selected"]),
+              "selected_null": len(null["selected"]), "compared": compared}
+    if compared == 0:
+        return {"available": False, "reason": "the rule selects nothing from one of the pools", **counts}
+    attacked_ids = _best_by_combined_rank(attacked, compared)
+    null_positions = _best_by_combined_rank(null, compared)
+    attacked_features = generated_features(finetuned, attacked_ids, sampling.seed, device, space)
+    null_features = shared.prior_candidate_features[null_positions]
+    patients = len(member)
+    result = leak_test(member, generator_scores(features, codes, patients, attacked_features),
+                       generator_scores(features, codes, patients, null_features), settings.leak_bootstrap,
+                       settings.leak_permutations, settings.seed, CONFIDENCE)
+    return {"available": True, **result, **counts}
+
+
+def _best_by_combined_rank(selection: dict, count: int) -> np.ndarray:
+    """The `count` selected ids best by (combined rank, id)."""
+    selected, combined = selection["selected"], selection["ranks"][2]
+    return np.sort(selected[np.lexsort((selected, combined))[:count]])
+
+
+def _prior_scores(manifest: Manifest, spec: TargetSpec, pool: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """(objective_total, mahalanobis) of the prior's raw leak candidates 0..pool-1 against this target."""
+    prior = load_prior(manifest).to(device).eval()
+    sizer = BatchSizer(manifest.sampling.batch_size, device, pool, prior.config.resolution ** 2)
+    scorer = build_scorer(manifest, spec, prior, SingleProcess(device), sizer)
+    try:
+        ids = LEAK_ID_OFFSET + np.arange(pool, dtype=np.int64)
+        columns = concat_columns(sizer.run(ids, lambda batch: scorer.score(batch, shard=0)[0]))
+    finally:
+        scorer.objective.close()
+    return columns["objective_total"].astype(np.float64), columns["mahalanobis"].astype(np.float64)
+
+
+def _feature_column(features: np.ndarray) -> pa.FixedSizeListArray:
+    values = np.ascontiguousarray(features, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
 def _reidentify(manifest: Manifest, spec: TargetSpec, training: LoadedImages | None, heldout_pool: str,
-                reconstructions: torch.Tensor, table: pd.DataFrame, notes: list[str], resolution: int,
-                finetuned, shared: Shared, device) -> dict:
+                likely: LikelySamples, notes: list[str], resolution: int, space: FeatureSpace) -> dict:
     """Fill the table's re-identification and device columns; return the summary."""
     settings = manifest.evaluation
+    reconstructions, table = likely.reconstructions, likely.table
     pool = train_pool(spec)
     if training is None or not len(training.frame):
         return {"available": False, "reason": "the target's training images are not available here"}
@@ -672,11 +804,11 @@ def _reidentify(manifest: Manifest, spec: TargetSpec, training: LoadedImages | N
                      "pool has too few images of some label to match the training set's label mix (equal, alike "
                      "sets keep chance at 0.5)")
     heldout = load_images(heldout_frame.iloc[heldout_positions].reset_index(drop=True), resolution, heldout_on_error,
-                          manifest.compute.num_workers, set(), f"{spec.name} held-out images ({heldout_pool})")
+                          manifest.compute.num_workers, set(), f"{spec.name} held-out images ({heldout_pool})", space)
     train_features = training.features[train_positions]
     train_patients = training.frame["patient_id"].astype(str).to_numpy()[train_positions]
     result = reidentification(
-        _features(reconstructions), train_features, train_patients, heldout.features,
+        likely.features, train_features, train_patients, heldout.features,
         heldout.frame["patient_id"].astype(str).to_numpy(), confidence=CONFIDENCE,
     )
     reid_table = result.table
@@ -689,16 +821,11 @@ def _reidentify(manifest: Manifest, spec: TargetSpec, training: LoadedImages | N
     summary = {"available": True, **result.summary, "train_pool": pool, "heldout_pool": heldout_pool,
                "heldout_images": len(heldout.frame), "chance_rate": 0.5,
                "matched_on": "label counts" if labelled else "size only",
-               "records": _record_membership(manifest, finetuned, shared, device, train_features, heldout.features),
-               "feature_space": f"grey pixels area-averaged to {NN_FEATURE_SIZE}x{NN_FEATURE_SIZE}, Euclidean",
+               "feature_space": space.description,
                "membership_auc": membership_auc(table["reid_train_distance"], table["reid_heldout_distance"])
                if len(table) else None}
     summary["devices"] = _devices(manifest, training, heldout, pool, heldout_pool, reconstructions, table)
     return summary
-
-
-def _features(images01: torch.Tensor) -> np.ndarray:
-    return pixel_features(images01, NN_FEATURE_SIZE) if len(images01) else np.zeros((0, NN_FEATURE_SIZE ** 2))
 
 
 def _devices(manifest, training: LoadedImages, heldout: LoadedImages, pool: str, heldout_pool: str,

@@ -12,14 +12,6 @@ def make_phantoms(manifest: Manifest, target: str | None = None) -> int:
     if world is None:
         log.event("make_phantoms_skipped", reason="the manifest names real data sources")
         return 0
-    config = WorldConfig(
-        seed=world.seed,
-        image_size=world.image_size,
-        private_patients=world.private_patients,
-        public_patients=world.public_patients,
-        control_patients=world.control_patients,
-        max_studies_per_patient=world.max_studies_per_patient,
-    )
-    summary = write_world(world.root, config)
+    summary = write_world(world.root, WorldConfig.of(world))
     log.event("make_phantoms_done", **{k: v for k, v in summary.items() if k != "counts"}, counts=summary.get("counts"))
     return 0

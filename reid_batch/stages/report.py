@@ -1,7 +1,8 @@
 """`reid-batch report`: render the evaluation outputs as one risk report (HTML, Markdown, JSON).
 
-Reads only what `evaluate` committed (`<target>/evaluation/`: metrics.json, evaluation.parquet, figures, pairs) and,
-when present, the demographic model's `demographics/metrics.json`; it computes nothing heavy and imports no torch.
+Reads only what `evaluate` and `calibrate` committed (`<target>/evaluation/`: metrics.json, evaluation.parquet,
+records.parquet, leak_candidates.parquet, figures, pairs; `<target>/calibration/`) and, when present, the embedding's
+and the demographic model's metrics.json; it imports no torch.
 Output, committed: `<run>/report/` (every target of the manifest) or `<run>/report-<target>/` (one target):
   report.html  self-contained (figures embedded as base64 PNG): threat model, risk summary first, the side-by-side
                comparison, then per target: stage 1 table and figures, likely samples beside their nearest training
@@ -11,17 +12,21 @@ Output, committed: `<run>/report/` (every target of the manifest) or `<run>/repo
   report.json  everything machine-readable, including every likely sample's row.
 A committed report is re-rendered only when an evaluation it was made from has changed since (commit markers).
 
-The leak of a target is its record-level membership AUC minus a control model's (a target with `train.pool: control`,
-whose roles of training and held-out pool are swapped), preferring a control of the same architecture family, with a
-normal-approximation interval from the two bootstrap intervals. The per-sample vote (re-identification rate) and its
-difference from the control's (Newcombe's hybrid score interval from the Wilson intervals) are reported beside it,
-but not as the headline: likely samples crowd onto a few "hub" images, so one image's membership can decide that
-vote for dozens of samples (the demo's overfit ViT: 49 samples, 1 patient, 100%). Reconstructions are sensitive data: everything is written only under the run's output URI.
+The headline risk of a target is the leak statistic L (reid_batch.analysis.leak): the membership AUC of the attacked
+generator's raw candidates minus a null generator's, on the same member and non-member patients, in the
+re-identification embedding; with its two-way bootstrap interval, permutation p-value and TPR at 1% and 5% FPR.
+Nulls: the un-fine-tuned prior (evaluate computes it), and the generator fine-tuned against a control model (a target
+with `train.pool: control`, the same architecture family preferred), whose candidates this stage scores on the
+target's own records. The verdict is worded from the spike-in calibration: "leak detected" when L's interval against
+the prior lies above 0, else "no leak larger than <the minimum detectable effect> detected", never "no leak". The
+per-sample vote (re-identification rate) and the demographic errors are reported per target, not as the headline:
+likely samples crowd onto a few "hub" images, so one image's membership can decide that vote for dozens of samples.
+Reconstructions are sensitive data: everything is written only under the run's output URI.
 
 Mitigations: when the targets differ in training preset (a mitigation study: overfit, regularised, augmented, DP-SGD
 at several epsilons, a control), a side-by-side table sets each target's utility (validation AUC and accuracy)
-beside the attack's outcome (likely samples, nearest-neighbour SSIM, demographic accuracy, re-identification rate,
-leak vs control), with a risk-vs-utility plot (`mitigation.png`). Every target states the objective terms its attack
+beside the attack's outcome (the leak statistic, likely samples, nearest-neighbour SSIM, demographic accuracy,
+re-identification rate), with a risk-vs-utility plot (`mitigation.png`). Every target states the objective terms its attack
 used (a GroupNorm target's `bn_stats` falls back to `gn_stats`, see reid_batch.attack.objectives).
 """
 
@@ -35,15 +40,17 @@ from typing import Any
 
 import matplotlib
 import pandas as pd
+import pyarrow.compute as pc
 import yaml
-from scipy.stats import norm
 
 from reid_batch import log
+from reid_batch.analysis.leak import generator_scores, leak_test
 from reid_batch.errors import InputError
-from reid_batch.formats import clean_json, figure_png, software_versions
-from reid_batch.layout import (DEMOGRAPHICS_PREFIX, FIGURES, HTML_FILE, JSON_FILE, MARKDOWN_FILE, METRICS_FILE,
-                               MITIGATION_FIGURE, MODEL_METRICS_FILE, REID_PREFIX, TABLE_FILE, evaluation_prefix,
-                               pair_key, report_prefix)
+from reid_batch.formats import clean_json, feature_matrix, figure_png, software_versions
+from reid_batch.layout import (CALIBRATION_FIGURE, CALIBRATION_FILE, DEMOGRAPHICS_PREFIX, FIGURES, HTML_FILE,
+                               JSON_FILE, LEAK_CANDIDATES_FILE, MARKDOWN_FILE, METRICS_FILE, MITIGATION_FIGURE,
+                               MODEL_METRICS_FILE, RECORDS_FILE, REID_PREFIX, TABLE_FILE, calibration_prefix,
+                               evaluation_prefix, pair_key, report_prefix)
 from reid_batch.log import redact
 from reid_batch.archs import CNN_ALLOWED_TERMS, VIT_TERMS
 from reid_batch.manifest import Manifest
@@ -61,33 +68,35 @@ MEANINGS = [
      "images (compare prior vs reference with fine-tuned vs reference). Kurtosis curves share one PCA basis.",
      "Nothing about any individual patient. FID from untrained Inception weights is only a relative measure; with "
      "fewer images than 2048 it is biased upwards and comparable only between sets of equal size."),
+    ("Leak L (headline)",
+     "Membership AUC of the attacked generator minus a null generator's, on the same member and non-member "
+     "patients: a patient's score is the distance from its closest image to the closest raw candidate in the "
+     "re-identification embedding. Null: the un-fine-tuned prior; beside it, a generator attacked the same way against "
+     "a control model trained on other patients. 0 = the attack adds nothing; anything the two patient sets differ "
+     "in cancels.",
+     "A leak smaller than the smallest detectable leak: an interval covering 0 means 'no leak larger than that', "
+     "not 'no leak'. A stronger attack or a better embedding could see more."),
+    ("Smallest detectable leak (calibration)",
+     "The smallest share of candidates replaced by new images of member patients that the statistic detects (its "
+     "interval above 0) in most repeats, and how often it 'detects' a leak when none was planted.",
+     "What a real leak looks like: a generator can leak in ways other than reproducing whole patients."),
+    ("TPR at 1% / 5% FPR",
+     "The share of member patients an auditor flags while flagging at most 1% / 5% of non-members.",
+     "With few non-members the 1% threshold is the closest non-member itself: a coarse number."),
     ("Nearest neighbour and SSIM (validation only)",
-     "How close each likely sample is to the nearest real training image in a coarse pixel space (32 x 32 grey), "
-     "and their structural similarity.",
-     "Identity: a close neighbour can be a generic chest X-ray; low SSIM is usual even for genuine matches."),
+     "How close each likely sample is to the nearest real training image in the re-identification embedding (the "
+     "pixel distance to that image beside it), and their structural similarity.",
+     "That the neighbour is the same person; low SSIM is usual even for genuine matches."),
     ("Demographic accuracy (validation only)",
      "Age error and sex accuracy of the age/sex model on the reconstructions, against the nearest neighbour's true "
      "age and sex; the same model on the real neighbour image is the floor.",
      "That the reconstruction shows that person: a population-typical image can get age and sex right by chance. "
      "Few likely samples give wide intervals."),
-    ("Re-identification rate (synthetic ground truth)",
+    ("Re-identification rate (sample vote)",
      "The share of likely samples whose nearest image, among equally many training and held-out images, is a "
-     "training image. Chance is 0.5; compare with the control model's rate.",
+     "training image. Chance is 0.5.",
      "That a person could be named from a reconstruction in practice; samples collapsing onto a few patients make the "
      "evidence weaker than the count suggests (see distinct patients)."),
-    ("Membership AUC",
-     "Whether likely samples sit nearer the training images than the held-out images: 0.5 none, 1 always.",
-     "Membership of any particular patient."),
-    ("Record-level membership AUC",
-     "Whether training images lie closer to their closest generated candidate than equally many held-out images "
-     "with the same label mix do: 0.5 none, 1 always; in brackets the same test on the un-fine-tuned prior, so the "
-     "difference is what the attack extracted from the target.",
-     "Which generated image shows which patient; a value near 0.5 does not prove a model safe against a stronger "
-     "attack or a better feature space."),
-    ("Leak vs control (record AUC)",
-     "The target's record-level membership AUC minus a control model's (trained on other patients, attacked the "
-     "same way): the part of the signal that comes from THIS model's training patients. 0 = no leak.",
-     "A leak too small for the interval to exclude 0 at this number of training images."),
     ("Device reproduction (synthetic world)",
      "Whether a pacemaker of the matched training patient reappears in the reconstruction, by a simple calibrated "
      "brightness detector.",
@@ -96,15 +105,6 @@ MEANINGS = [
 
 
 # ------------------------------------------------------------------------------------------------ pure core
-
-
-def newcombe_difference(p1: float, ci1, p2: float, ci2) -> tuple[float, float, float]:
-    """(p1 - p2, lower, upper): Newcombe's hybrid score interval from two Wilson intervals."""
-    (l1, u1), (l2, u2) = ci1, ci2
-    difference = p1 - p2
-    lower = difference - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
-    upper = difference + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
-    return difference, max(-1.0, lower), min(1.0, upper)
 
 
 def safe_manifest(document: Any) -> Any:
@@ -120,9 +120,14 @@ def _get(mapping: Any, *path: str) -> Any:
     return mapping
 
 
-def _choose_control(metrics: dict, controls: dict[str, dict]) -> str | None:
-    usable = [name for name, m in controls.items() if _get(m, "reidentification", "available")]
-    same_family = [name for name in usable if controls[name].get("family") == metrics.get("family")]
+def choose_control(metrics: dict, evaluations: dict[str, dict]) -> str | None:
+    """The control model a target's leak is also measured against: a target trained on the control pool with a leak
+    statistic of its own (its candidates were embedded), the same architecture family first; None for a control."""
+    if metrics.get("train_pool") == "control":
+        return None
+    usable = [name for name, m in evaluations.items()
+              if m.get("train_pool") == "control" and _get(m, "leak", "available")]
+    same_family = [name for name in usable if evaluations[name].get("family") == metrics.get("family")]
     return (same_family or usable or [None])[0]
 
 
@@ -131,16 +136,58 @@ def _sample_records(table: pd.DataFrame) -> list[dict]:
     return [{k: clean_json(v) for k, v in row.items()} for row in table.sort_values("id").to_dict(orient="records")]
 
 
+def leak_verdict(leak: dict) -> str:
+    """The risk wording: from L against the prior and the calibration; never a bare "no leak"."""
+    if not leak.get("available"):
+        return f"membership: not available ({leak.get('reason')})"
+    raw = leak["vs_prior"]
+    if raw.get("ci") and raw["ci"][0] > 0:
+        return f"leak detected: L = {signed(raw['leak'])}{signed_interval(raw['ci'])} against the prior"
+    calibration = leak.get("calibration") or {}
+    if not calibration.get("available"):
+        return ("no leak detected; the instrument is not calibrated for this target (run `reid-batch calibrate`), so "
+                "the smallest leak it could see is unknown")
+    smallest = calibration.get("minimum_detectable_effect")
+    if smallest is None:
+        return (f"no leak detected, but the instrument did not reliably see even {percent(calibration['largest_fraction'])} "
+                "of candidates being member patients here: no conclusion")
+    return f"no leak larger than {percent(smallest)} of candidates being training patients detected"
+
+
+def leak_entry(metrics: dict, control_leak: dict | None, calibration: dict | None) -> dict:
+    """A target's headline risk: L against the prior and the control model, the calibration, the verdict."""
+    leak = metrics.get("leak") or {}
+    if not leak.get("available"):
+        entry = {"available": False, "reason": leak.get("reason", "the evaluation has no leak statistic")}
+    else:
+        entry = {"available": True, "vs_prior": leak["raw"]["vs_prior"], "feature_space": leak.get("feature_space"),
+                 "selected_vs_prior": (leak.get("selected") or {}).get("vs_prior"),
+                 "identity_sensitive": leak.get("identity_sensitive"),
+                 "members_known_by": leak.get("members_known_by"),
+                 "member_patients": leak.get("member_patients"), "nonmember_patients": leak.get("nonmember_patients")}
+        entry["control"] = (control_leak or {}).get("control")
+        entry["vs_control"] = control_leak
+        if calibration is not None:
+            entry["calibration"] = {k: calibration.get(k) for k in (
+                "available", "reason", "minimum_detectable_effect", "false_positive_rate", "null_repeats",
+                "largest_fraction", "detect_share", "fractions", "spikes")}
+    entry["verdict"] = leak_verdict(entry)
+    entry["detected"] = bool(entry.get("available") and (entry["vs_prior"].get("ci") or [0])[0] > 0)
+    return entry
+
+
 def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd.DataFrame],
-                 manifest_document: dict, demographic_model: dict | None = None, reid_model: dict | None = None) -> dict:
-    """The machine-readable report: per target its metrics, risk summary and samples, plus the comparison."""
-    controls = {n: m for n, m in evaluations.items() if m.get("train_pool") == "control"}
+                 manifest_document: dict, demographic_model: dict | None = None, reid_model: dict | None = None,
+                 calibrations: dict[str, dict] | None = None, control_leaks: dict[str, dict] | None = None) -> dict:
+    """The machine-readable report: per target its metrics, headline risk and samples, plus the comparison."""
+    calibrations, control_leaks = calibrations or {}, control_leaks or {}
     targets = {}
     for name, metrics in evaluations.items():
         table = tables[name]
         reid = metrics.get("reidentification") or {}
         demographics = metrics.get("demographics") or {}
         risk = {
+            "leak": leak_entry(metrics, control_leaks.get(name), calibrations.get(name)),
             "likely_samples": int(len(table)),
             "candidates": _get(metrics, "stage2", "candidates"),
             "age_mae": _get(demographics, "reconstruction", "age_mae"),
@@ -154,30 +201,10 @@ def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd
             "reidentification_p": reid.get("p_value") if reid.get("available") else None,
             "distinct_patients": reid.get("distinct_train_patients") if reid.get("available") else None,
             "membership_auc": reid.get("membership_auc") if reid.get("available") else None,
-            "record_auc": _get(reid, "records", "finetuned", "auc") if reid.get("available") else None,
-            "record_auc_ci": _get(reid, "records", "finetuned", "auc_ci") if reid.get("available") else None,
-            "record_auc_prior": _get(reid, "records", "prior", "auc") if reid.get("available") else None,
-            "record_tpr": _get(reid, "records", "finetuned", "tpr_at_fpr") if reid.get("available") else None,
             "ssim_mean": _get(metrics, "stage2", "ssim_mean"),
             "devices_reproduced": _get(reid, "devices", "reproduced")
             if _get(reid, "devices", "available") and _get(reid, "devices", "interpretable") else None,
-            "leak": None,
         }
-        if metrics.get("train_pool") == "control":
-            risk["leak"] = {"note": "this is a control model (trained on the control pool)"}
-        elif risk["reidentification_rate"] is not None and reid.get("num_samples"):
-            control = _choose_control(metrics, controls)
-            control_reid = _get(controls.get(control), "reidentification") or {}
-            if control is None or not control_reid.get("num_samples"):
-                risk["leak"] = {"note": "no control model with likely samples to compare with; add a target with "
-                                        "train.pool: control"}
-            else:
-                difference, lower, upper = newcombe_difference(reid["rate"], reid["rate_ci"], control_reid["rate"],
-                                                               control_reid["rate_ci"])
-                risk["leak"] = {"control": control, "control_rate": control_reid["rate"],
-                                "control_ci": control_reid["rate_ci"], "difference": difference,
-                                "ci": [lower, upper], "method": "Newcombe hybrid score interval, 95%"}
-        risk["record_leak"] = _record_leak(metrics, reid, controls)
         targets[name] = {"metrics": metrics, "risk": risk, "samples": _sample_records(table)}
     return clean_json({
         "run_id": run_id,
@@ -195,38 +222,21 @@ def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd
     })
 
 
-def auc_difference(auc: float, ci, other: float, other_ci, confidence: float = 0.95) -> tuple[float, float, float]:
-    """Difference of two independent AUCs with a normal-approximation interval from their bootstrap intervals."""
-    z = float(norm.ppf(0.5 + confidence / 2))
-    spread = [((high - low) / (2 * z)) if (low is not None and high is not None) else float("nan")
-              for low, high in (ci or (None, None), other_ci or (None, None))]
-    difference = auc - other
-    half = z * math.sqrt(spread[0] ** 2 + spread[1] ** 2)
-    return difference, difference - half, difference + half
-
-
-def _record_leak(metrics: dict, reid: dict, controls: dict[str, dict]) -> dict | None:
-    """The headline leak: the target's record-level membership AUC minus a control model's (0 = no leak)."""
-    mine = _get(reid, "records", "finetuned") if reid.get("available") else None
-    if metrics.get("train_pool") == "control" or mine is None:
+def control_leak(records, target_candidates, control_candidates, bootstrap: int, permutations: int, seed: int
+                 ) -> dict | None:
+    """L of the target's attacked candidates against a control model's, on the TARGET's records (Arrow tables of
+    records.parquet and leak_candidates.parquet); None when the two were embedded in different spaces."""
+    features = feature_matrix(records.column("features"))
+    patients = records.column("patient").to_numpy()
+    member = pd.Series(records.column("member").to_numpy(zero_copy_only=False)).groupby(patients).first()
+    attacked, null = (feature_matrix(t.filter(pc.equal(t.column("generator"), "attacked")).column("features"))
+                      for t in (target_candidates, control_candidates))
+    if attacked.shape[1] != features.shape[1] or null.shape[1] != features.shape[1]:
         return None
-    control = _choose_control(metrics, controls)
-    theirs = _get(controls.get(control), "reidentification", "records", "finetuned") if control else None
-    if theirs is None:
-        return {"note": "no control model to compare with; add a target with train.pool: control"}
-    difference, lower, upper = auc_difference(mine["auc"], mine["auc_ci"], theirs["auc"], theirs["auc_ci"])
-    return {"control": control, "control_auc": theirs["auc"], "control_ci": theirs["auc_ci"],
-            "difference": difference, "ci": [lower, upper],
-            "method": "difference of independent AUCs, normal approximation from each bootstrap interval, 95%"}
-
-
-def record_leak_text(leak: dict | None) -> str:
-    if not leak:
-        return "n/a"
-    if "difference" not in leak:
-        return leak.get("note", "n/a")
-    low, high = leak["ci"]
-    return f"{leak['difference']:+.2f} [{low:+.2f}, {high:+.2f}] vs {leak['control']} ({number(leak['control_auc'], 2)})"
+    count = len(member)
+    result = leak_test(member.to_numpy(dtype=bool), generator_scores(features, patients, count, attacked),
+                       generator_scores(features, patients, count, null), bootstrap, permutations, seed)
+    return result
 
 
 def _canonical(terms: dict) -> dict:
@@ -263,9 +273,10 @@ def mitigation_summary(targets: dict[str, dict]) -> dict:
             "likely_samples": risk["likely_samples"], "candidates": risk["candidates"],
             "ssim_mean": risk["ssim_mean"], "sex_accuracy": risk["sex_accuracy"], "age_mae": risk["age_mae"],
             "reidentification_rate": risk["reidentification_rate"], "reidentification_ci": risk["reidentification_ci"],
-            "leak": _get(risk, "leak", "difference"), "leak_ci": _get(risk, "leak", "ci"),
-            "record_auc": risk.get("record_auc"), "record_auc_ci": risk.get("record_auc_ci"),
-            "record_leak": _get(risk, "record_leak", "difference"), "record_leak_ci": _get(risk, "record_leak", "ci"),
+            "leak": _get(risk, "leak", "vs_prior", "leak"), "leak_ci": _get(risk, "leak", "vs_prior", "ci"),
+            "leak_vs_control": _get(risk, "leak", "vs_control", "leak"),
+            "leak_vs_control_ci": _get(risk, "leak", "vs_control", "ci"),
+            "verdict": _get(risk, "leak", "verdict"),
             "attack_terms": list(_canonical(_get(metrics, "attack_terms", "terms") or {})),
             "fallback": _get(metrics, "attack_terms", "fallback") is not None,
         })
@@ -274,31 +285,28 @@ def mitigation_summary(targets: dict[str, dict]) -> dict:
 
 
 def mitigation_rows(document: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["Target", "Preset", "ε (δ)", "Val AUC", "Val acc.", "Train acc.", "Likely samples", "NN SSIM",
-              "Sex accuracy", "Age MAE", "Record AUC", "Record leak vs control", "Re-id rate (sample vote)",
-              "Sample-vote leak", "Attack terms"]
+    header = ["Target", "Preset", "ε (δ)", "Val AUC", "Val acc.", "Train acc.", "Leak L vs prior",
+              "L vs control", "Likely samples", "NN SSIM", "Sex accuracy", "Age MAE", "Re-id rate (sample vote)",
+              "Attack terms"]
     rows = []
     for r in document["mitigation"]["rows"]:
         epsilon = f"{number(r['epsilon'], 2)} ({significant(r['delta'], 2)})" if r["epsilon"] is not None else "—"
         role = " (control)" if r["role"] == "control model" else ""
-        leak = "n/a" if r["leak"] is None else f"{100 * r['leak']:+.0f} pts [{100 * r['leak_ci'][0]:+.0f}, " \
-                                               f"{100 * r['leak_ci'][1]:+.0f}]"
         rows.append([r["target"], r["preset"] + role, epsilon, number(r["val_auc"], 3), number(r["val_accuracy"], 3),
-                     number(r["train_accuracy"], 3), f"{r['likely_samples']} of {r['candidates']}",
+                     number(r["train_accuracy"], 3), signed(r["leak"]) + signed_interval(r["leak_ci"]),
+                     signed(r["leak_vs_control"]) + signed_interval(r["leak_vs_control_ci"]),
+                     f"{r['likely_samples']} of {r['candidates']}",
                      number(r["ssim_mean"], 3), percent(r["sex_accuracy"]), number(r["age_mae"], 1),
-                     number(r["record_auc"], 2) + interval(r["record_auc_ci"], digits=2),
-                     "n/a" if r["record_leak"] is None else
-                     f"{r['record_leak']:+.2f} [{r['record_leak_ci'][0]:+.2f}, {r['record_leak_ci'][1]:+.2f}]",
                      percent(r["reidentification_rate"]) + interval(r["reidentification_ci"], as_percent=True),
-                     leak, ", ".join(r["attack_terms"]) + (" (fallback)" if r["fallback"] else "")])
+                     ", ".join(r["attack_terms"]) + (" (fallback)" if r["fallback"] else "")])
     return header, rows
 
 
 def mitigation_png(document: dict) -> bytes | None:
-    """Risk (record-level membership AUC, else the sample-vote rate; 95% CI) against utility (validation AUC)."""
+    """Risk (the leak L against the prior, else the sample-vote rate; 95% CI) against utility (validation AUC)."""
     rows = document["mitigation"]["rows"]
-    record = any(r["record_auc"] is not None for r in rows)
-    risk, risk_ci = ("record_auc", "record_auc_ci") if record else ("reidentification_rate", "reidentification_ci")
+    record = any(r["leak"] is not None for r in rows)
+    risk, risk_ci = ("leak", "leak_ci") if record else ("reidentification_rate", "reidentification_ci")
     rows = [r for r in rows if r["val_auc"] is not None and r[risk] is not None]
     if not rows:
         return None
@@ -318,9 +326,9 @@ def mitigation_png(document: dict) -> bytes | None:
         # Neighbours along the utility axis alternate above and below their point, so labels do not overlap.
         axes.annotate(label, (r["val_auc"], r[risk]), textcoords="offset points",
                       xytext=(5, 6 if i % 2 == 0 else -12), fontsize=8)
-    axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    axes.axhline(0.0 if record else 0.5, color="grey", linestyle=":", linewidth=1)
     axes.set(xlabel="utility: validation AUC",
-             ylabel="risk: " + ("record-level membership AUC" if record else "re-identification rate") + " (chance 0.5)",
+             ylabel="risk: " + ("leak L vs prior (none: 0)" if record else "re-identification rate (chance 0.5)"),
              title="Mitigations: risk vs utility")
     figure.tight_layout()
     png = figure_png(figure, dpi=110)
@@ -339,6 +347,16 @@ def number(value: Any, digits: int = 3) -> str:
     if isinstance(value, int):
         return str(value)
     return f"{value:.{digits}f}"
+
+
+def signed(value: Any, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:+.{digits}f}"
+
+
+def signed_interval(values: Any, digits: int = 3) -> str:
+    if not values or any(v is None for v in values):
+        return ""
+    return f" [{values[0]:+.{digits}f}, {values[1]:+.{digits}f}]"
 
 
 def significant(value: Any, digits: int = 4) -> str:
@@ -370,44 +388,31 @@ def inception_text(inception: dict | None) -> str:
     return f"FID features from Inception-v3 weights {inception.get('weights')} at {inception.get('image_size')} px."
 
 
-def leak_text(leak: dict | None) -> str:
-    if not leak:
+def leak_cell(result: dict | None) -> str:
+    """L [interval], p."""
+    if not result:
         return "n/a"
-    if "difference" not in leak:
-        return leak.get("note", "n/a")
-    low, high = leak["ci"]
-    return (f"{100 * leak['difference']:+.0f} points [{100 * low:+.0f}, {100 * high:+.0f}] vs "
-            f"{leak['control']} ({percent(leak['control_rate'])})")
+    return f"{signed(result['leak'])}{signed_interval(result.get('ci'))}, p {p_value(result.get('p_value'))}"
 
 
 def risk_rows(document: dict) -> list[dict[str, str]]:
-    """One row of display strings per target: the risk summary."""
+    """One row of display strings per target: the headline risk only (the rest is in the per-target sections)."""
     rows = []
     for name, entry in document["targets"].items():
-        metrics, risk = entry["metrics"], entry["risk"]
-        trained = metrics.get("target_training") or {}
+        metrics, leak = entry["metrics"], entry["risk"]["leak"]
+        calibration = leak.get("calibration") or {}
         rows.append({
             "Target": name,
-            "Model": f"{metrics.get('arch')} ({metrics.get('preset') or 'checkpoint'}), trained on "
-                     f"{metrics.get('train_pool')} pool",
-            "Train / val accuracy": f"{number(_get(trained, 'train', 'accuracy'), 2)} / "
-                                    f"{number(_get(trained, 'val', 'accuracy'), 2)}" if trained else "n/a",
-            "Likely samples": f"{risk['likely_samples']} of {risk['candidates']}",
-            "Age MAE (years)": number(risk["age_mae"], 1) + interval(risk["age_mae_ci"], digits=1),
-            "Sex accuracy": percent(risk["sex_accuracy"]) + interval(risk["sex_accuracy_ci"], as_percent=True),
-            "Re-identification rate": (percent(risk["reidentification_rate"])
-                                       + interval(risk["reidentification_ci"], as_percent=True)
-                                       + (f", p {p_value(risk['reidentification_p'])}"
-                                          if risk["reidentification_p"] is not None else ""))
-            if risk["reidentification_rate"] is not None else "n/a",
-            "Leak vs control (record AUC)": record_leak_text(risk.get("record_leak"))
-            if metrics.get("train_pool") != "control" else "control model",
-            "Sample-vote leak vs control": leak_text(risk["leak"]),
-            "Membership AUC": number(risk["membership_auc"], 2),
-            "Record-level membership AUC (prior)": (
-                number(risk["record_auc"], 2) + interval(risk["record_auc_ci"], digits=2)
-                + f" ({number(risk['record_auc_prior'], 2)})") if risk["record_auc"] is not None else "n/a",
-            "Mean SSIM": number(risk["ssim_mean"], 3),
+            "Model": f"{metrics.get('arch')} ({metrics.get('preset') or 'checkpoint'}, {metrics.get('train_pool')} "
+                     "pool)",
+            "Leak L vs prior [95% CI], p": leak_cell(leak.get("vs_prior")),
+            "L vs control model": (leak_cell(leak.get("vs_control")) + f" ({leak['control']})"
+                                   if leak.get("vs_control") else "control model"
+                                   if metrics.get("train_pool") == "control" else "n/a"),
+            "Smallest detectable leak": percent(calibration.get("minimum_detectable_effect"))
+            if calibration.get("available") and calibration.get("minimum_detectable_effect") is not None
+            else "not reached" if calibration.get("available") else "n/a",
+            "Verdict": leak["verdict"],
         })
     return rows
 
@@ -471,7 +476,18 @@ def reid_rows(samples: list[dict]) -> tuple[list[str], list[list[str]]]:
 def interpretation(name: str, entry: dict) -> str:
     """One cautious plain-language sentence per target for the top of the report."""
     risk, metrics = entry["risk"], entry["metrics"]
-    parts = [f"{risk['likely_samples']} likely sample(s) of {risk['candidates']} candidates"]
+    leak = risk["leak"]
+    parts = [leak["verdict"]]
+    if leak.get("available"):
+        raw = leak["vs_prior"]
+        parts.append(f"membership AUC {number(raw['auc_attacked'], 3)} for the attacked generator, "
+                     f"{number(raw['auc_null'], 3)} for the prior, on {raw['members']} member and {raw['nonmembers']} "
+                     f"non-member patients (p {p_value(raw.get('p_value'))})")
+        if leak.get("vs_control"):
+            other = leak["vs_control"]
+            parts.append(f"against control model {leak['control']}: L = {signed(other['leak'])}"
+                         f"{signed_interval(other.get('ci'))} ({'excludes' if other['ci'][0] > 0 or other['ci'][1] < 0 else 'includes'} 0)")
+    parts.append(f"{risk['likely_samples']} likely sample(s) of {risk['candidates']} candidates")
     rate = risk["reidentification_rate"]
     if rate is not None:
         low, high = risk["reidentification_ci"]
@@ -479,29 +495,14 @@ def interpretation(name: str, entry: dict) -> str:
         parts.append(f"{percent(rate)} nearer a training image than a held-out one (chance 50%; 95% CI "
                      f"{percent(low)}-{percent(high)}: {verdict}); the re-identified ones point at "
                      f"{risk['distinct_patients']} distinct training patient(s)")
-    if risk.get("record_auc") is not None:
-        low, high = risk["record_auc_ci"] or (float("nan"), float("nan"))
-        verdict = ("training images closer to the samples than unseen ones" if low > 0.5 else
-                   "unseen images closer" if high < 0.5 else "no record-level signal distinguishable from chance")
-        parts.append(f"record-level membership AUC {number(risk['record_auc'], 2)} (95% CI {number(low, 2)}-"
-                     f"{number(high, 2)}: {verdict}; the un-fine-tuned prior gives {number(risk['record_auc_prior'], 2)})")
-    record_leak = risk.get("record_leak") or {}
-    if "difference" in record_leak:
-        low, high = record_leak["ci"]
-        parts.append(f"record-level leak vs control model {record_leak['control']}: AUC {record_leak['difference']:+.2f} "
-                     f"({'excludes' if low > 0 or high < 0 else 'includes'} 0)")
-    leak = risk["leak"] or {}
-    if "difference" in leak:
-        low, high = leak["ci"]
-        parts.append(f"sample-vote leak vs control model {leak['control']}: {100 * leak['difference']:+.0f} points "
-                     f"({'excludes' if low > 0 or high < 0 else 'includes'} 0)")
     if risk["sex_accuracy"] is not None:
         parts.append(f"sex read correctly from {percent(risk['sex_accuracy'])} of reconstructions, age within "
                      f"{number(risk['age_mae'], 1)} years on average")
     if risk["devices_reproduced"] is not None:
         parts.append(f"{risk['devices_reproduced']} reconstruction(s) show the matched patient's pacemaker")
     if metrics.get("train_pool") == "control":
-        parts.append("control model: its numbers are the no-leak baseline")
+        parts.append("control model: its attacked generator is the second null of the targets trained on other "
+                     "patients")
     return f"{name}: " + "; ".join(parts) + "."
 
 
@@ -522,6 +523,8 @@ tr:nth-child(even) td{background:#fafafa}
 .note{color:#555;font-size:.9em}
 img.pair{image-rendering:pixelated;height:96px}
 img.figure{max-width:100%;border:1px solid #ddd;margin:.4em 0}
+.figures{display:flex;flex-wrap:wrap;gap:.4em}
+.figures img.figure{width:32%;min-width:280px}
 pre{background:#f6f6f6;border:1px solid #ddd;padding:.8em;overflow-x:auto;font-size:.8em}
 """
 
@@ -559,16 +562,43 @@ def instrument_rows(document: dict) -> tuple[list[str], list[list[str]]]:
     embedding = (document.get("instrument") or {}).get("embedding") or {}
     header = ["Patients", "Images", "Verification AUC", "Rank-1"]
     names = {"public_heldout": "held-out public patients", "private": "private patients (2+ studies; validation only)"}
+    # Four digits: 0.9997 is not 1.000.
     rows = [[names.get(pool, pool), str(result.get("patients")), str(result.get("images")),
-             number(result.get("auc"), 3), number(result.get("rank1"), 3)]
+             number(result.get("auc"), 4), number(result.get("rank1"), 3)]
             for pool, result in embedding.items() if isinstance(result, dict)]
     return ["Set", *header], rows
+
+
+def calibration_rows(document: dict) -> tuple[list[str], list[list[str]]]:
+    """Per target: the false-positive rate at f = 0, the detected share per spike fraction, the smallest detectable."""
+    fractions = sorted({row["fraction"] for entry in document["targets"].values()
+                        for row in (_get(entry, "risk", "leak", "calibration", "fractions") or [])})
+    header = ["Target", "Members / non-members", "False positives at 0%"] + \
+        [f"Detected at {100 * f:g}%" for f in fractions if f > 0] + ["Smallest detectable leak"]
+    rows = []
+    for name, entry in document["targets"].items():
+        leak = entry["risk"]["leak"]
+        calibration = leak.get("calibration") or {}
+        if not calibration.get("available"):
+            rows.append([name, "n/a", calibration.get("reason") or leak.get("reason") or "not calibrated"]
+                        + [""] * (len(header) - 3))
+            continue
+        by_fraction = {row["fraction"]: row for row in calibration["fractions"]}
+        null = by_fraction.get(0.0, {})
+        cells = [f"{by_fraction[f]['detected']} of {by_fraction[f]['repeats']} (L {signed(by_fraction[f]['leak_mean'])})"
+                 if f in by_fraction else "" for f in fractions if f > 0]
+        smallest = calibration.get("minimum_detectable_effect")
+        rows.append([name, f"{leak.get('member_patients')} / {leak.get('nonmember_patients')}",
+                     f"{null.get('detected')} of {null.get('repeats')}", *cells,
+                     percent(smallest) if smallest is not None else
+                     f"not reached by {percent(calibration.get('largest_fraction'))}"])
+    return header, rows
 
 
 def render_html(document: dict, figures: dict[str, dict[str, bytes]], pairs: dict[str, dict[int, bytes]]) -> str:
     """The HTML report: one renderer per section, in reading order."""
     out = _html_header(document)
-    out += _html_instrument(document)
+    out += _html_instrument(document, figures)
     out += _html_risk_summary(document)
     if document["mitigation"]["shown"]:
         out += _html_mitigations(document, figures)
@@ -596,7 +626,7 @@ def _html_header(document: dict) -> list[str]:
     return out
 
 
-def _html_instrument(document: dict) -> list[str]:
+def _html_instrument(document: dict, figures: dict[str, dict[str, bytes]] | None = None) -> list[str]:
     """0. The instrument: how well the re-identification embedding tells patients apart."""
     esc = html.escape
     instrument = document.get("instrument") or {}
@@ -604,18 +634,38 @@ def _html_instrument(document: dict) -> list[str]:
     out = ["<h2>0. Instrument</h2>"]
     if not embedding:
         out.append(f"<p class='note'>{esc(instrument.get('note') or 'not available')}. {esc(measured_in(document))}</p>")
+        if document.get("targets"):
+            out += _html_calibration(document, figures or {})
         return out
     out.append(f"<p>Re-identification embedding {esc(str(embedding.get('arch')))} at {embedding.get('image_size')} px, "
                f"trained on {embedding.get('train_patients')} public patients only.</p>")
     header, rows = instrument_rows(document)
     out.append(_table_html(header, rows))
     out.append(f"<p class='note'>{esc(instrument.get('note') or '')}. {esc(measured_in(document))}</p>")
+    if document.get("targets"):
+        out += _html_calibration(document, figures or {})
+    return out
+
+
+def _html_calibration(document: dict, figures: dict[str, dict[str, bytes]]) -> list[str]:
+    """Spike-in calibration per target: how large a leak the statistic sees, and how often it sees one that is not."""
+    out = ["<h3>Calibration: the smallest leak this instrument sees</h3>",
+           "<p class='note'>Prior candidates with a share of them replaced by new images of the target's member "
+           "patients, against other prior candidates: detected = L's 95% interval above 0. The smallest detectable "
+           "leak is the smallest share detected in most repeats; at 0% every detection is a false positive.</p>"]
+    header, rows = calibration_rows(document)
+    out.append(_table_html(header, rows))
+    plots = [_image_html(figures[name]["dose_response"], f"{name}: dose-response") for name in document["targets"]
+             if figures.get(name, {}).get("dose_response")]
+    if plots:
+        out.append("<div class='figures'>" + "".join(plots) + "</div>")
     return out
 
 
 def measured_in(document: dict) -> str:
     """Which space this report's distances were measured in (evaluation records it per target)."""
-    spaces = sorted({str(_get(e, "metrics", "stage2", "feature_space")) for e in document.get("targets", {}).values()})
+    spaces = sorted({str(_get(e, "metrics", "leak", "feature_space") or _get(e, "metrics", "stage2", "feature_space"))
+                     for e in document.get("targets", {}).values()})
     return f"The distances behind the risk numbers below are measured in: {'; '.join(spaces)}." if spaces else ""
 
 
@@ -629,9 +679,10 @@ def _html_risk_summary(document: dict) -> list[str]:
         out.append(_table_html(list(rows[0]), [list(r.values()) for r in rows]))
     out.append("<ul>" + "".join(f"<li>{esc(interpretation(n, e))}</li>" for n, e in document["targets"].items())
                + "</ul>")
-    out.append("<p class='note'>Intervals are 95%: Wilson for proportions, Student t for the age error, Newcombe for "
-               "the difference from the control model. Age and sex are judged against the nearest training image's "
-               "patient.</p>")
+    out.append("<p class='note'>L = membership AUC of the attacked generator's raw candidates minus the null's, on the "
+               "same member and non-member patients; 95% interval from a bootstrap over patients and candidates; p "
+               "from a paired permutation test. The verdict reads L against the prior with the calibration above. "
+               "Per target below: TPR at low FPR, the likely samples, demographics and the sample vote.</p>")
     if document.get("demographic_model"):
         model = document["demographic_model"]
         # train-demographics writes its validation under "val" (metrics.json); a checkpoint's record may be flat.
@@ -677,11 +728,49 @@ def _html_target(index: int, name: str, entry: dict, figures: dict[str, bytes], 
     ordered = sorted(samples, key=lambda s: (s.get("rank_combined") or 0, s["id"]))
     out = [f"<h2>3.{index} Target {esc(name)}</h2>", f"<p>{esc(interpretation(name, entry))}</p>",
            f"<p class='note'>Attack objective terms: {esc(attack_terms_text(metrics.get('attack_terms')))}</p>"]
+    out += _html_leak(entry["risk"]["leak"])
     out += _html_stage1(metrics["stage1"], figures)
     out += _html_likely_samples(metrics, ordered, len(samples), pairs)
     out += _html_demographics(metrics, ordered)
     out += _html_reidentification(metrics["reidentification"], ordered)
     out += _html_losses_and_selection(metrics, figures)
+    return out
+
+
+def leak_rows(leak: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["Candidates", "Null generator", "AUC attacked", "AUC null", "L [95% CI]", "p",
+              "TPR at 1% FPR (attacked / null)", "TPR at 5% FPR (attacked / null)", "Candidates (attacked / null)"]
+    rows = []
+    selected = leak.get("selected_vs_prior") or {}
+    for kind, label, result in (("raw", "prior (un-fine-tuned)", leak.get("vs_prior")),
+                          ("raw", f"control model {leak.get('control')}", leak.get("vs_control")),
+                          (f"selected (stage 2, from {selected.get('pool')} each)", "prior, same rule",
+                           selected if selected.get("available") else None)):
+        if not result:
+            continue
+        tpr = result.get("tpr_at_fpr") or {}
+        rows.append([kind, label, number(result["auc_attacked"], 3), number(result["auc_null"], 3),
+                     signed(result["leak"]) + signed_interval(result.get("ci")), p_value(result.get("p_value")),
+                     *[f"{percent(_get(tpr, 'attacked', k))} / {percent(_get(tpr, 'null', k))}" for k in ("0.01", "0.05")],
+                     f"{_get(result, 'candidates', 'attacked')} / {_get(result, 'candidates', 'null')}"])
+    return header, rows
+
+
+def _html_leak(leak: dict) -> list[str]:
+    """The headline risk in full: L against each null, TPR at low FPR, and who the members are."""
+    esc = html.escape
+    out = ["<h3>Leak statistic</h3>", f"<p><b>{esc(leak['verdict'])}.</b></p>"]
+    if not leak.get("available"):
+        return out
+    header, rows = leak_rows(leak)
+    out.append(_table_html(header, rows))
+    control = "" if leak.get("vs_control") else " No control model was available as a second null."
+    selected = leak.get("selected_vs_prior") or {}
+    if selected and not selected.get("available"):
+        control += f" Selected candidates: not compared ({selected.get('reason')})."
+    out.append(f"<p class='note'>Members: {esc(str(leak.get('members_known_by')))}; {leak.get('member_patients')} "
+               f"member and {leak.get('nonmember_patients')} non-member patients (same pool, same label mix). "
+               f"Feature space: {esc(str(leak.get('feature_space')))}.{control}</p>")
     return out
 
 
@@ -851,7 +940,10 @@ def render_markdown(document: dict) -> str:
              "", "## Instrument", ""]
     header, rows = instrument_rows(document)
     lines.append(_table_markdown(header, rows) if rows else (document.get("instrument") or {}).get("note", ""))
-    lines += ["", measured_in(document), "", "## Risk summary", ""]
+    lines += ["", measured_in(document), "", "### Calibration", ""]
+    header, rows = calibration_rows(document)
+    lines.append(_table_markdown(header, rows))
+    lines += ["", "## Risk summary", ""]
     rows = risk_rows(document)
     if rows:
         lines.append(_table_markdown(list(rows[0]), [list(r.values()) for r in rows]))
@@ -884,16 +976,42 @@ def render_markdown(document: dict) -> str:
 # ------------------------------------------------------------------------------------------------ the shell
 
 
+def _control_leaks(store, manifest: Manifest, evaluations: dict[str, dict], controls: dict[str, dict]
+                   ) -> dict[str, dict]:
+    """Per target with a leak statistic: L of its attacked candidates against its control model's, on its records."""
+    settings = manifest.evaluation
+    leaks = {}
+    for name, metrics in evaluations.items():
+        control = choose_control(metrics, {**controls, name: metrics})
+        if control is None or not _get(metrics, "leak", "available"):
+            continue
+        mine, theirs = evaluation_prefix(name), evaluation_prefix(control)
+        result = control_leak(store.read_parquet(f"{mine}/{RECORDS_FILE}"),
+                              store.read_parquet(f"{mine}/{LEAK_CANDIDATES_FILE}"),
+                              store.read_parquet(f"{theirs}/{LEAK_CANDIDATES_FILE}"),
+                              settings.leak_bootstrap, settings.leak_permutations, settings.seed)
+        if result is not None:
+            leaks[name] = {**result, "control": control}
+            log.event("report_leak_vs_control", target=name, control=control, leak=round(result["leak"], 4),
+                      ci=[round(v, 4) for v in result["ci"]])
+    return leaks
+
+
 def report(manifest: Manifest, target: str | None = None) -> int:
     """`reid-batch report`: render every target's evaluation (or one target's) into one report."""
     store = run_store(manifest)
     names = [manifest.target(target).name] if target else [t.name for t in manifest.targets]
-    missing = [n for n in names if not store.is_committed(evaluation_prefix(n))]
-    if missing:
-        raise InputError(f"no committed evaluation for target(s) {missing}; run `reid-batch evaluate` "
-                         + " ".join(f"--target {n}" for n in missing[:1]) + " first",
-                         where=store.uri(evaluation_prefix(missing[0])))
-    inputs = {n: store.read_commit(evaluation_prefix(n))["created"] for n in names}
+    for stage, prefix_of in (("evaluate", evaluation_prefix), ("calibrate", calibration_prefix)):
+        missing = [n for n in names if not store.is_committed(prefix_of(n))]
+        if missing:
+            raise InputError(f"no committed {stage} output for target(s) {missing}; run `reid-batch {stage}` "
+                             + " ".join(f"--target {n}" for n in missing[:1]) + " first",
+                             where=store.uri(prefix_of(missing[0])))
+    # Control models are read too (their candidates are the second null): a new one means a new report.
+    controls = [t.name for t in manifest.targets if t.train is not None and t.train.pool == "control"
+                and store.is_committed(evaluation_prefix(t.name))]
+    inputs = {n: store.read_commit(evaluation_prefix(n))["created"] for n in sorted(set(names) | set(controls))}
+    inputs.update({f"{n}/calibration": store.read_commit(calibration_prefix(n))["created"] for n in names})
     if store.is_committed(REID_PREFIX):  # the instrument section reads it: a new embedding means a new report
         inputs[REID_PREFIX] = store.read_commit(REID_PREFIX)["created"]
     prefix = report_prefix(target)
@@ -903,13 +1021,16 @@ def report(manifest: Manifest, target: str | None = None) -> int:
             return 0
         store.delete(store.commit_marker(prefix))
         store.delete(prefix)
-    evaluations, tables, figures, pairs = {}, {}, {}, {}
+    evaluations, tables, figures, pairs, calibrations = {}, {}, {}, {}, {}
     for name in names:
         base = evaluation_prefix(name)
         evaluations[name] = store.read_json(f"{base}/{METRICS_FILE}")
         tables[name] = store.read_parquet(f"{base}/{TABLE_FILE}").to_pandas()
         figures[name] = {key: store.read_bytes(f"{base}/{path}") for key, path in FIGURES.items()
                          if store.exists(f"{base}/{path}")}
+        calibrations[name] = store.read_json(f"{calibration_prefix(name)}/{CALIBRATION_FILE}")
+        if store.exists(f"{calibration_prefix(name)}/{CALIBRATION_FIGURE}"):
+            figures[name]["dose_response"] = store.read_bytes(f"{calibration_prefix(name)}/{CALIBRATION_FIGURE}")
         pairs[name] = {int(i): store.read_bytes(f"{base}/{pair_key(int(i))}") for i in tables[name]["id"]
                        if store.exists(f"{base}/{pair_key(int(i))}")}
     model_metrics = f"{DEMOGRAPHICS_PREFIX}/{MODEL_METRICS_FILE}"
@@ -917,8 +1038,10 @@ def report(manifest: Manifest, target: str | None = None) -> int:
         if store.is_committed(DEMOGRAPHICS_PREFIX) and store.exists(model_metrics) else None
     reid_metrics = f"{REID_PREFIX}/{MODEL_METRICS_FILE}"
     reid_model = store.read_json(reid_metrics) if store.is_committed(REID_PREFIX) and store.exists(reid_metrics) else None
+    control_metrics = {n: store.read_json(f"{evaluation_prefix(n)}/{METRICS_FILE}") for n in controls}
+    control_leaks = _control_leaks(store, manifest, evaluations, control_metrics)
     document = build_report(manifest.run_id, evaluations, tables, manifest.model_dump(mode="json"), demographic_model,
-                            reid_model)
+                            reid_model, calibrations, control_leaks)
     plot = mitigation_png(document) if document["mitigation"]["shown"] else None
     page = render_html(document, {**figures, "_report": {"mitigation": plot}}, pairs)
     with store.committed(prefix, {"stage": "report", "targets": names, "inputs": inputs}) as out:

@@ -65,11 +65,10 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from reid_batch import log, preemption
-from reid_batch.artifacts import finetune_identity, load_attack_target, load_finetuned_generator
-from reid_batch.attack.candidates import CandidateScorer, concat_columns
-from reid_batch.attack.generation import BatchSizer, effective_mixed_precision, prepare_models, target_input_spec
-from reid_batch.attack.objectives import TargetObjective, needs_reference_stats
-from reid_batch.attack.reference import feature_gaussian, gather_object_list, my_share, vit_reference_stats
+from reid_batch.artifacts import finetune_identity, load_finetuned_generator
+from reid_batch.attack.candidates import CandidateScorer, build_scorer, concat_columns
+from reid_batch.attack.generation import BatchSizer
+from reid_batch.attack.reference import gather_object_list, my_share
 from reid_batch.errors import InputError
 from reid_batch.formats import png_bytes
 from reid_batch.layout import (CHUNK_FILE, SUMMARY_FILE, chunk_bounds, chunk_prefix, image_key, shard_bounds,
@@ -175,28 +174,6 @@ def shard_progress(store, target: str, shard: int, plan: dict) -> ShardProgress:
 
 
 # ------------------------------------------------------------------------------------------------ the shell
-
-
-def _build_scorer(manifest: Manifest, spec: TargetSpec, accelerator, sizer: BatchSizer):
-    device = accelerator.device
-    model, num_classes = load_attack_target(manifest, spec)
-    generator = load_finetuned_generator(manifest, spec.name).to(device).eval()
-    generator, model = prepare_models(generator, model.to(device), device, manifest.sampling.compile)
-    reference = vit_reference_stats(manifest, spec, model, accelerator) \
-        if needs_reference_stats(model, spec.family) else None
-    index = manifest.targets.index(spec)
-    objective = TargetObjective(model, spec.terms, spec.objective, reference, family=spec.family,
-                                field_prefix=f"targets[{index}].objective")
-    if objective.fallback is not None:
-        log.event("sample_objective_fallback", target=spec.name, **objective.fallback)
-    gaussian = feature_gaussian(manifest, spec, objective, accelerator, sizer)
-    log.event("mahalanobis_model", target=spec.name, **gaussian.summary())
-    precision = effective_mixed_precision(device, manifest.sampling.mixed_precision)
-    if precision != manifest.sampling.mixed_precision:
-        log.event("mixed_precision_not_used", asked=manifest.sampling.mixed_precision, device=str(device),
-                  reason="autocast is used on CUDA only (bf16 where the GPU supports it)")
-    return CandidateScorer(generator, objective, target_input_spec(spec), gaussian, num_classes,
-                           manifest.sampling.seed, device, precision)
 
 
 @preemption.deferred  # SIGTERM: the chunk in progress is finished and committed, then the task stops
@@ -310,7 +287,8 @@ def sample_target(manifest: Manifest, spec: TargetSpec, shards: list[int], accel
     largest_share = -(-min(manifest.sampling.chunk_size, max(shard_ids)) // accelerator.num_processes)
     sizer = BatchSizer(manifest.sampling.batch_size, accelerator.device, largest_share,
                        manifest.generator.resolution**2)
-    scorer = _build_scorer(manifest, spec, accelerator, sizer)
+    generator = load_finetuned_generator(manifest, spec.name).to(accelerator.device).eval()
+    scorer = build_scorer(manifest, spec, generator, accelerator, sizer)
     try:
         summaries = [_sample_shard(manifest, spec, shard, plan, progress, scorer, accelerator, sizer)
                      for shard, plan, progress in todo]

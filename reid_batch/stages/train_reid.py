@@ -19,7 +19,6 @@ augmentations an uninterrupted one would (everything is seeded from (seed, epoch
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pandas as pd
@@ -32,7 +31,7 @@ from reid_batch.analysis.roles import pool_frame
 from reid_batch.data.datasets import ImageDataset, patient_split, read_source
 from reid_batch.layout import MODEL_FILE, REID_PREFIX, REID_RESUME_KEY
 from reid_batch.manifest import Manifest, ReidTrainSpec
-from reid_batch.models.reid import ReidNet, embed
+from reid_batch.models.reid import ReidNet, augment, embed
 from reid_batch.runtime import (EpochTimer, already_committed, load_state, log_epoch, pick_device, run_store,
                                 save_state, seed_everything, state_dict_bytes)
 
@@ -43,32 +42,6 @@ VERIFY_MAX_PATIENTS = 2000
 
 
 # ------------------------------------------------------------------------------------------------ the pure core
-
-
-def augment(images01: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
-    """One independent acquisition jitter per image of a [0, 1] batch (N, 1, H, W), drawn from `generator`."""
-    n = images01.shape[0]
-    device = images01.device
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return (low + (high - low) * torch.rand(n, generator=generator)).to(device)
-
-    angle = uniform(-5.0, 5.0) * strength * math.pi / 180
-    scale = 1 + uniform(-0.05, 0.05) * strength
-    shift_x, shift_y = uniform(-0.04, 0.04) * strength, uniform(-0.04, 0.04) * strength
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
-    grid = F.affine_grid(theta, list(images01.shape), align_corners=False)
-    # Border padding: the rim of a radiograph continues past the frame, it does not turn black.
-    x = F.grid_sample(images01, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    gamma = torch.exp(uniform(-0.2, 0.2) * strength).view(n, 1, 1, 1)
-    contrast = (1 + uniform(-0.15, 0.15) * strength).view(n, 1, 1, 1)
-    brightness = (uniform(-0.08, 0.08) * strength).view(n, 1, 1, 1)
-    x = x.clamp(1e-6, 1).pow(gamma)
-    x = (x - 0.5) * contrast + 0.5 + brightness
-    noise = uniform(0.0, 0.02 * strength).view(n, 1, 1, 1)
-    x = x + noise * torch.randn(x.shape, generator=generator).to(device)
-    return x.clamp(0, 1)
 
 
 def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:

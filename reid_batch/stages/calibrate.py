@@ -1,0 +1,279 @@
+"""`reid-batch calibrate`: how large a leak the instrument can see on this target's records, by spike-in.
+
+The leak statistic (analysis.leak) is only worth its interval if it (a) stays at 0 when nothing leaks and (b) moves
+when something does. Calibration measures both on the target's own members and non-members (evaluate's
+records.parquet, in the same feature space), with generators whose leak is known:
+
+  base       `membership_candidates` prior candidates (a generator that never saw the target);
+  spiked     the base with a share f of its candidates (positions drawn at random) replaced by images of member
+             patients that were not in the training set: on the synthetic world, fresh renders of the same patients
+             (new studies: new pose, exposure and noise); on real data, acquisition-augmented copies of the members'
+             images (models.reid.augment: what the embedding is trained to ignore). The spiked patients are drawn
+             from ALL the target's members, not only those the statistic measures: a leak spreads over the training
+             set, and a dose aimed at the measured few would overstate what the instrument can see;
+  null       as many OTHER prior candidates.
+
+For each f in `calibration.fractions` and each repeat (`calibration.seeds`, `calibration.null_seeds` at f = 0), L =
+AUC(spiked) - AUC(null) with the evaluation's interval. Each repeat draws its own base and null (latent ids
+CALIBRATION_ID_OFFSET + repeat * CALIBRATION_ID_STRIDE + k, disjoint from every other range), spike positions and
+spiked patients, so repeats are independent. Reported: per fraction, L and its interval per repeat and the share of
+repeats whose interval excludes 0 ("detected"); the false-positive rate (detected share at f = 0); the minimum
+detectable effect (the smallest f > 0 detected in at least `calibration.detect_share` of its repeats). The report
+words its verdict from it: "no leak larger than <MDE> detected", never "no leak".
+
+Output, committed: <target>/calibration/ calibration.json, dose_response.png. A committed calibration is kept; delete
+it to calibrate again.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision.transforms.functional as TF
+from matplotlib.figure import Figure
+from PIL import Image
+
+from reid_batch import log
+from reid_batch.analysis.leak import GeneratorScores, generator_scores, leak_test
+from reid_batch.analysis.metrics import to_grey
+from reid_batch.analysis.roles import member_patients, patient_number, pool_frame, train_pool
+from reid_batch.analysis.space import FeatureSpace
+from reid_batch.artifacts import load_prior, load_reid_model, require_committed
+from reid_batch.attack.generation import regenerate_images
+from reid_batch.data.datasets import ImageDataset
+from reid_batch.data.phantoms import WorldConfig, patient_with_id, render_study
+from reid_batch.errors import InputError
+from reid_batch.formats import clean_json, feature_matrix, figure_png
+from reid_batch.layout import (CALIBRATION_FIGURE, CALIBRATION_FILE, CALIBRATION_ID_OFFSET, CALIBRATION_ID_STRIDE,
+                               RECORDS_FILE, calibration_prefix, evaluation_prefix)
+from reid_batch.manifest import Manifest, TargetSpec
+from reid_batch.models.reid import augment
+from reid_batch.runtime import pick_device, run_single_writer, run_store
+
+GENERATION_BATCH = 256
+CONFIDENCE = 0.95
+# Fresh synthetic studies get study numbers far above any the world wrote (at most 20 per patient).
+FRESH_STUDY_BASE = 1000
+
+
+# ------------------------------------------------------------------------------------------------ the pure core
+
+
+def spiked(base: GeneratorScores, spikes: np.ndarray, fraction: float, rng: np.random.Generator) -> GeneratorScores:
+    """The base candidates with round(fraction * C) of them (random positions) replaced by the first spike columns.
+
+    base.distances (P, C); spikes (P, S) distances of the patients to the spike images, S >= round(fraction * C).
+    """
+    count = int(round(fraction * base.distances.shape[1]))
+    if count > spikes.shape[1]:
+        raise ValueError(f"{count} spikes wanted, {spikes.shape[1]} made")
+    distances = base.distances.copy()
+    if count:
+        distances[:, rng.choice(distances.shape[1], size=count, replace=False)] = spikes[:, :count]
+    return GeneratorScores(distances)
+
+
+def summarise(runs: list[dict], fractions: list[float], detect_share: float) -> dict:
+    """Per fraction: repeats, detected share, mean L; the false-positive rate and the minimum detectable effect."""
+    table = pd.DataFrame(runs)
+    per_fraction = []
+    for fraction in fractions:
+        rows = table[table["fraction"] == fraction]
+        per_fraction.append({
+            "fraction": fraction, "repeats": len(rows), "detected": int(rows["detected"].sum()),
+            "detected_share": float(rows["detected"].mean()),
+            "covers_zero": int(((rows["ci_low"] <= 0) & (rows["ci_high"] >= 0)).sum()),
+            "leak_mean": float(rows["leak"].mean()), "leak_sd": float(rows["leak"].std(ddof=1)) if len(rows) > 1
+            else None, "ci_low_mean": float(rows["ci_low"].mean()), "ci_high_mean": float(rows["ci_high"].mean()),
+        })
+    null = next(row for row in per_fraction if row["fraction"] == 0.0)
+    detectable = [row["fraction"] for row in per_fraction if row["fraction"] > 0
+                  and row["detected_share"] >= detect_share]
+    return {"fractions": per_fraction, "false_positive_rate": null["detected_share"],
+            "null_repeats": null["repeats"], "minimum_detectable_effect": min(detectable) if detectable else None,
+            "largest_fraction": max(fractions), "detect_share": detect_share}
+
+
+def dose_response_png(runs: list[dict], summary: dict, title: str) -> bytes:
+    table = pd.DataFrame(runs)
+    figure = Figure(figsize=(6.4, 3.8), dpi=100)
+    axes = figure.add_subplot(1, 1, 1)
+    jitter = np.random.default_rng(0)
+    for _, row in table.iterrows():
+        x = 100 * row["fraction"] + jitter.uniform(-0.12, 0.12)
+        colour = "C3" if row["detected"] else "grey"
+        axes.plot([x, x], [row["ci_low"], row["ci_high"]], color=colour, alpha=0.6, lw=1)
+        axes.plot(x, row["leak"], "o", color=colour, ms=3)
+    means = [(100 * r["fraction"], r["leak_mean"]) for r in summary["fractions"]]
+    axes.plot(*zip(*means), color="black", lw=1.5, label="mean L")
+    axes.axhline(0, color="black", lw=0.8, ls=":")
+    mde = summary["minimum_detectable_effect"]
+    if mde is not None:
+        axes.axvline(100 * mde, color="C3", lw=0.8, ls="--", label=f"minimum detectable effect {100 * mde:g}%")
+    axes.set(xlabel="candidates replaced by member patients (%)", ylabel="L = AUC(spiked) - AUC(null)", title=title)
+    axes.legend(fontsize=8, loc="upper left")
+    figure.tight_layout()
+    return figure_png(figure)
+
+
+# ------------------------------------------------------------------------------------------------ spike images
+
+
+def fresh_renders(manifest: Manifest, pool: str, patient_ids: list[str], first_study: int, resolution: int
+                  ) -> torch.Tensor:
+    """New studies of synthetic-world patients at `resolution`, through the writer's JPEG and the loader's resize."""
+    world = WorldConfig.of(manifest.data.synthetic)
+    images = []
+    for j, patient_id in enumerate(patient_ids):
+        patient = patient_with_id(world, pool, patient_number(patient_id))
+        pixels = render_study(patient, first_study + j, world.image_size, world.seed)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+        buffer.seek(0)
+        image = torch.from_numpy(np.asarray(Image.open(buffer).convert("L"), dtype=np.float32) / 255.0)[None]
+        if image.shape[-1] != resolution:
+            image = TF.resize(image, [resolution, resolution], antialias=True)
+        images.append(image.clamp(0, 1))
+    return torch.stack(images) if images else torch.zeros(0, 1, resolution, resolution)
+
+
+def augmented_copies(manifest: Manifest, pool: str, patient_ids: list[str], seed: int, resolution: int
+                     ) -> torch.Tensor:
+    """Acquisition-augmented copies of one image (the first by path) of each listed member patient (real data:
+    there are no fresh studies)."""
+    found = pool_frame(manifest, pool)
+    if found is None:
+        raise InputError(f"the {pool} pool's images are not available here", where=f"data.{pool}")
+    rows, on_error = found
+    rows = rows.assign(patient_id=rows["patient_id"].astype(str))
+    first = rows[rows["patient_id"].isin(set(patient_ids))].drop_duplicates("patient_id").reset_index(drop=True)
+    dataset = ImageDataset(first, size=resolution, channels=1, on_error="raise")
+    loaded = {first["patient_id"].iloc[i]: dataset[i]["image"] for i in range(len(dataset))}
+    originals = torch.stack([loaded[p] for p in patient_ids])
+    return augment(originals, torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------ the shell
+
+
+class Calibration:
+    """What every target of one `calibrate` call shares: the embedding, the prior, its candidates' features per
+    repeat (loaded on first use: a call whose targets are all committed loads nothing)."""
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+        self._loaded = False
+        self._candidates: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def load(self) -> "Calibration":
+        if not self._loaded:
+            self.device = pick_device(self.manifest)
+            reid = self.manifest.reid
+            self.features = FeatureSpace(load_reid_model(self.manifest), reid.image_size if reid else None, self.device)
+            self.prior = load_prior(self.manifest).to(self.device).eval()
+            self.resolution = self.prior.config.resolution
+            self._loaded = True
+        return self
+
+    def prior_features(self, ids: np.ndarray) -> np.ndarray:
+        parts = []
+        for start in range(0, len(ids), GENERATION_BATCH):
+            images = regenerate_images(self.prior, ids[start:start + GENERATION_BATCH], self.manifest.sampling.seed,
+                                       self.device)
+            parts.append(self.features(to_grey(images).float().cpu()))
+        return np.concatenate(parts)
+
+    def candidates(self, repeat: int) -> tuple[np.ndarray, np.ndarray]:
+        """(base, null) prior candidate features of one repeat."""
+        if repeat not in self._candidates:
+            count = self.manifest.evaluation.membership_candidates
+            first = CALIBRATION_ID_OFFSET + repeat * CALIBRATION_ID_STRIDE
+            ids = first + np.arange(2 * count, dtype=np.int64)
+            both = self.prior_features(ids)
+            self._candidates[repeat] = (both[:count], both[count:])
+        return self._candidates[repeat]
+
+
+def calibrate_target(manifest: Manifest, spec: TargetSpec, shared: Calibration) -> dict | None:
+    store = run_store(manifest)
+    prefix = calibration_prefix(spec.name)
+    if store.is_committed(prefix):
+        log.event("calibrate_skipped", target=spec.name, reason="already committed")
+        return store.read_json(f"{prefix}/{CALIBRATION_FILE}")
+    require_committed(store, evaluation_prefix(spec.name), f"evaluate --target {spec.name}")
+    shared.load()
+    settings, evaluation = manifest.calibration, manifest.evaluation
+    records_key = f"{evaluation_prefix(spec.name)}/{RECORDS_FILE}"
+    if not store.exists(records_key):
+        metrics = store.read_json(f"{evaluation_prefix(spec.name)}/metrics.json")
+        reason = (metrics.get("leak") or {}).get("reason", "no member and non-member records")
+        document = {"available": False, "reason": reason, "target": spec.name}
+        with store.committed(prefix, {"stage": "calibrate", "target": spec.name}) as out:
+            out.write_json(CALIBRATION_FILE, document)
+        log.event("calibrate_unavailable", target=spec.name, reason=reason)
+        return document
+    table = store.read_parquet(records_key)
+    records = table.drop(["features"]).to_pandas()
+    features = feature_matrix(table.column("features"))
+    codes = records["patient"].to_numpy(dtype=np.int64)
+    patients = records.drop_duplicates("patient").sort_values("patient")
+    member = patients["member"].to_numpy(dtype=bool)
+    pool = train_pool(spec)
+    members, _ = member_patients(manifest, spec)
+    member_ids = np.array(sorted(members))
+    synthetic = manifest.data.synthetic is not None and getattr(manifest.data, pool) is None
+    largest = int(round(max(settings.fractions) * evaluation.membership_candidates))
+
+    runs = []
+    for repeat in range(max(settings.seeds, settings.null_seeds)):
+        rng = np.random.default_rng([settings.seed, repeat])
+        base, null = shared.candidates(repeat)
+        base_scores = generator_scores(features, codes, len(member), base)
+        null_scores = generator_scores(features, codes, len(member), null)
+        fractions = [f for f in settings.fractions if (repeat < settings.null_seeds if f == 0 else
+                                                        repeat < settings.seeds)]
+        spike_scores = np.zeros((len(member), 0))
+        if largest and any(f > 0 for f in fractions):
+            chosen = rng.choice(member_ids, size=largest).tolist()
+            images = (fresh_renders(manifest, pool, chosen, FRESH_STUDY_BASE + repeat * largest, shared.resolution)
+                      if synthetic else augmented_copies(manifest, pool, chosen, settings.seed + repeat,
+                                                         shared.resolution))
+            spike_scores = generator_scores(features, codes, len(member), shared.features(images)).distances
+        for fraction in fractions:
+            result = leak_test(member, spiked(base_scores, spike_scores, fraction, rng), null_scores,
+                               evaluation.leak_bootstrap, permutations=0, seed=settings.seed + repeat,
+                               confidence=CONFIDENCE)
+            runs.append({"fraction": fraction, "repeat": repeat, "leak": result["leak"],
+                         "ci_low": result["ci"][0], "ci_high": result["ci"][1], "detected": result["detected"],
+                         "auc_spiked": result["auc_attacked"], "auc_null": result["auc_null"]})
+        log.event("calibrate_repeat", target=spec.name, repeat=repeat,
+                  **{f"leak_{100 * r['fraction']:g}pct": round(r["leak"], 4) for r in runs if r["repeat"] == repeat})
+    summary = summarise(runs, settings.fractions, settings.detect_share)
+    document = {
+        "available": True, "target": spec.name, "settings": settings.model_dump(mode="json"),
+        "candidates": evaluation.membership_candidates, "bootstrap": evaluation.leak_bootstrap,
+        "member_patients": int(member.sum()), "nonmember_patients": int((~member).sum()),
+        "spiked_from": f"all {len(member_ids)} member patients",
+        "spikes": "fresh renders of member patients (new studies)" if synthetic else
+        "acquisition-augmented copies of member images",
+        "base_and_null": f"prior candidates, ids {CALIBRATION_ID_OFFSET} + repeat * {CALIBRATION_ID_STRIDE} + k",
+        "feature_space": shared.features.description,
+        **summary, "runs": runs,
+    }
+    document = clean_json(document)
+    png = dose_response_png(runs, summary, f"{spec.name}: spike-in calibration")
+    with store.committed(prefix, {"stage": "calibrate", "target": spec.name}) as out:
+        out.write_json(CALIBRATION_FILE, document)
+        out.write_bytes(CALIBRATION_FIGURE, png)
+    log.event("calibrate_done", target=spec.name, false_positive_rate=summary["false_positive_rate"],
+              minimum_detectable_effect=summary["minimum_detectable_effect"])
+    return document
+
+
+def calibrate(manifest: Manifest, target: str | None = None) -> int:
+    """`reid-batch calibrate`: spike-in calibration for one target (None = every target); see the module docstring."""
+    shared = Calibration(manifest)
+    return run_single_writer(manifest, target, lambda spec: calibrate_target(manifest, spec, shared))
