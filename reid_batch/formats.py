@@ -18,6 +18,7 @@ from PIL import Image
 from reid_batch import __version__
 
 if TYPE_CHECKING:  # torch stays unimported here: `report` renders without it
+    import pyarrow as pa
     from torch import Tensor
 
 
@@ -44,7 +45,7 @@ def grid_png(images01: Tensor, side: int) -> bytes:
     return buffer.getvalue()
 
 
-def parquet_bytes(rows: "list[dict] | pd.DataFrame | pa.Table") -> bytes:
+def parquet_bytes(rows: list[dict] | pd.DataFrame | pa.Table) -> bytes:
     """A Parquet file of a table (an Arrow table, a DataFrame, or rows as dicts), as bytes."""
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -201,12 +201,17 @@ class TargetTrainSpec(Strict):
     max_grad_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
         None, description="dp preset: per-sample gradient clipping norm")
     accountant: Literal["rdp", "prv"] = Field("rdp", description="dp preset: Opacus privacy accountant")
+    norm: Literal["batch", "group"] | None = Field(
+        None, description="CNN normalisation: batch (default) or group (GroupNorm, as DP-SGD needs; dp is always "
+        "group): a non-DP GroupNorm arm separates 'DP protects' from 'the attack lost its BatchNorm statistics'")
     seed: Seed = 0
 
     @model_validator(mode="after")
     def _preset_fields(self) -> "TargetTrainSpec":
         if self.preset != "dp" and (self.target_epsilon is not None or self.max_grad_norm is not None):
             raise ValueError("target_epsilon and max_grad_norm apply to preset dp only")
+        if self.preset == "dp" and self.norm == "batch":
+            raise ValueError("preset dp trains GroupNorm models (Opacus cannot clip BatchNorm's per-sample gradients)")
         if self.preset == "dp" and self.target_epsilon is None:
             raise ValueError("preset dp needs target_epsilon")
         return self
@@ -215,14 +220,22 @@ class TargetTrainSpec(Strict):
 class FeatureTargetSpec(Strict):
     """Statistics the feature-activation term pushes the chosen layer towards (per channel, over N,H,W)."""
 
-    mean: float = Field(0.0, allow_inf_nan=False)
-    std: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    source: Literal["model", "fixed"] = Field(
+        "model", description="model: the statistics of the normalisation layer that reads feature_layer's output "
+        "(a BatchNorm's running statistics; a GroupNorm's reference statistics); fixed: mean and std below")
+    mean: float = Field(0.0, allow_inf_nan=False, description="the fixed target mean (source: fixed)")
+    std: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        1.0, description="the fixed target standard deviation (source: fixed)")
 
 
 class ReferenceSpec(Strict):
     """Where reference statistics come from for targets without running statistics (ViT, GroupNorm CNN)."""
 
-    source: Literal["prior", "public"] = "prior"
+    # Public images, not the prior's samples: statistics of the un-fine-tuned generator put it at the terms' minimum
+    # from the start, so they could only pull stage 1 back to where it began.
+    source: Literal["prior", "public"] = Field(
+        "public", description="public: images of the public pool (default); prior: the un-fine-tuned generator's "
+        "samples (its own statistics: the terms start at their minimum)")
     num_images: PositiveInt = 256
 
 
@@ -284,6 +297,8 @@ class TargetSpec(Strict):
             raise ValueError("arch vit_custom needs a vit section (patch_size, num_layers, ...)")
         if self.vit is not None and self.family != "vit":
             raise ValueError("a vit section only applies to ViT architectures")
+        if self.train is not None and self.train.norm == "group" and self.family != "cnn":
+            raise ValueError("train.norm: group applies to CNN targets")
         if self.vit is not None and self.input.size % self.vit.patch_size:
             raise ValueError("input.size must be divisible by vit.patch_size")
         if self.train is not None and self.train.preset == "dp" and not self.arch.startswith("resnet"):

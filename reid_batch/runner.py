@@ -6,10 +6,11 @@ the stages run one after another in this process. With N > 1 every task is its o
 
     make-phantoms -> train-prior, train-reid, train-target[t], train-demographics
     train-prior + train-target[t] -> finetune[t] -> sample[t] -> select[t]
-    select[t] + train-demographics -> score[t] -> evaluate[t];  every evaluate[t] + train-reid -> report
+    select[t] + train-demographics -> score[t] -> evaluate[t] (+ train-reid);  every evaluate[t] -> calibrate -> report
 
 Why processes and not threads: small convolutions use a second core poorly inside one PyTorch process, but two
-single-threaded processes use it fully (each child gets OMP_NUM_THREADS = cores // N unless the caller set it).
+single-threaded processes use it fully (each child gets OMP_NUM_THREADS = cores // N unless the caller set it; a
+task that runs alone, like calibrate and report at the end, gets every core).
 Every stage commits its outputs atomically and skips what is already committed, so a task is safe to re-run:
 after a failure or a kill, `run` again redoes only what is missing. The first failing task stops new starts; the
 running ones finish; the run returns the failure's exit code (2 for invalid input).
@@ -82,19 +83,24 @@ def resolve_jobs(jobs: str | int) -> int:
     return int(jobs)
 
 
-def run_graph(graph: dict[Task, frozenset[Task]], start: Callable[[Task], subprocess.Popen], jobs: int) -> int:
-    """Run the graph with at most `jobs` tasks at once; 0, or the exit code of the first task that failed."""
+def run_graph(graph: dict[Task, frozenset[Task]], start: Callable[[Task, bool], subprocess.Popen], jobs: int) -> int:
+    """Run the graph with at most `jobs` tasks at once; 0, or the exit code of the first task that failed.
+
+    start(task, alone): `alone` is True when nothing else runs or is ready, so nothing else can start before the
+    task ends (calibrate and report, at the end): the shell gives such a task every core."""
     pending = dict(graph)
     running: dict[Task, tuple[subprocess.Popen, float]] = {}
     done: set[Task] = set()
     failure = 0
     while running or (pending and not failure):
         if not failure:
-            for task in [t for t, needs in pending.items() if needs <= done]:
+            ready = [t for t, needs in pending.items() if needs <= done]
+            for task in ready:
                 if len(running) >= jobs:
                     break
-                log.event("task_start", task=task.label, running=len(running) + 1)
-                running[task] = (start(task), time.monotonic())
+                alone = not running and len(ready) == 1
+                log.event("task_start", task=task.label, running=len(running) + 1, alone=alone)
+                running[task] = (start(task, alone), time.monotonic())
                 del pending[task]
         if not running:
             break
@@ -121,16 +127,18 @@ def run_graph(graph: dict[Task, frozenset[Task]], start: Callable[[Task], subpro
 def run_parallel(manifest: Manifest, manifest_path: str, jobs: int, output: str | None = None) -> int:
     """The shell: one `python -m reid_batch` child per task."""
     environment = {k: v for k, v in os.environ.items() if k not in _ARRAY_VARIABLES}
-    environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    cores = os.cpu_count() or 1
+    chosen = "OMP_NUM_THREADS" in environment
     graph = task_graph(manifest)
 
-    def start(task: Task) -> subprocess.Popen:
+    def start(task: Task, alone: bool) -> subprocess.Popen:
         command = [sys.executable, "-m", "reid_batch", task.stage, manifest_path]
         if task.target is not None:
             command += ["--target", task.target]
         if output is not None:
             command += ["--output", output]
-        return subprocess.Popen(command, env=environment)
+        threads = environment["OMP_NUM_THREADS"] if chosen else str(cores if alone else max(1, cores // jobs))
+        return subprocess.Popen(command, env={**environment, "OMP_NUM_THREADS": threads})
 
     began = time.monotonic()
     code = run_graph(graph, start, jobs)

@@ -232,3 +232,18 @@ def test_readme_field_reference_is_generated_from_the_schema():
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- manifest-reference:start -->\n", 1)[1].split("<!-- manifest-reference:end -->", 1)[0]
     assert block.strip() == reference_markdown().strip(), "regenerate the README's field reference"
+
+
+def test_reference_statistics_default_to_public_images():
+    """The prior's own samples as reference put stage 1 at the terms' minimum from the start: public is the default,
+    and the report says where the reference came from."""
+    from reid_batch.manifest import ReferenceSpec
+    from reid_batch.stages.report import attack_terms_text
+
+    assert ReferenceSpec().source == "public"
+    terms = {"ln_stats": 1.0, "logits": 1.0}
+    text = attack_terms_text({"terms": terms, "reference": {"source": "public", "images": 256}})
+    assert text.endswith("reference statistics from 256 public-pool images")
+    assert "the terms start at their minimum" in attack_terms_text(
+        {"terms": terms, "reference": {"source": "prior", "num_images": 13}})
+    assert "BatchNorm running statistics" in attack_terms_text({"terms": {"bn_stats": 1.0}, "reference": None})

@@ -251,3 +251,31 @@ def test_dp_preset_needs_an_epsilon_and_a_resnet(tmp_path):
         broken = {**document, "targets": [{**document["targets"][0], **change}]}
         with pytest.raises(InputError, match=message):
             parse_manifest(broken)
+
+
+def test_a_groupnorm_arm_without_dp(tmp_path):
+    """GroupNorm alone, no DP: the control that separates 'DP protects' from 'the attack lost bn_stats'."""
+    from reid_batch.errors import InputError
+    from reid_batch.models.targets import build_target
+    from reid_batch.stages.train_target import resolve_recipe
+
+    inputs = {"prior": tmp_path / "prior.safetensors", "demographics": tmp_path / "demographics.safetensors"}
+    document = make_manifest(tmp_path, inputs).model_dump(mode="json")
+    arm = {"name": "groupnorm", "arch": "resnet18", "input": {"size": SIZE},
+           "train": {"preset": "normal", "norm": "group", "epochs": 1}}
+    spec = parse_manifest({**document, "targets": [arm]}).targets[0]
+    recipe = resolve_recipe(spec)
+    assert recipe.norm == "group" and recipe.target_epsilon is None and recipe.max_grad_norm is None
+    model = build_target(spec.arch, 1, image_size=SIZE, norm=recipe.norm)
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    normal = parse_manifest({**document, "targets": [{**arm, "train": {"preset": "normal"}}]}).targets[0]
+    assert resolve_recipe(normal).norm == "batch"
+    dp = {**arm, "train": {"preset": "dp", "target_epsilon": 8.0, "norm": "batch"}}
+    with pytest.raises(InputError, match="GroupNorm"):
+        parse_manifest({**document, "targets": [dp]})
+    vit = {"name": "vit", "arch": "vit_custom", "input": {"size": SIZE},
+           "vit": {"patch_size": 4, "num_layers": 1, "num_heads": 2, "hidden_dim": 8, "mlp_dim": 16},
+           "train": {"preset": "normal", "norm": "group"}}
+    with pytest.raises(InputError, match="CNN targets"):
+        parse_manifest({**document, "targets": [vit]})

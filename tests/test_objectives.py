@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -156,7 +157,7 @@ def test_first_bn_multiplier_weighs_only_the_stem(cnn):
 def test_feature_stats_against_hand_computation(layer, cnn):
     model = cnn
     x = _inputs(_images())
-    options = {"feature_layer": layer, "feature_target": {"mean": 0.2, "std": 0.7}}
+    options = {"feature_layer": layer, "feature_target": {"source": "fixed", "mean": 0.2, "std": 0.7}}
     record = _Record(model, [layer], "output")
     with TargetObjective(model, {"feature_stats": 1.0}, options) as objective:
         result = objective(x)
@@ -167,6 +168,40 @@ def test_feature_stats_against_hand_computation(layer, cnn):
         expected = ((mu - 0.2) ** 2).mean(-1) + ((sigma - 0.7) ** 2).mean(-1)
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
     assert result.per_sample["feature_stats"].shape == (6,)
+
+
+def test_feature_stats_target_comes_from_the_following_batchnorm_and_agrees_with_bn_stats(cnn):
+    """feature_stats reads layer4.1.conv2's output, the input of layer4.1.bn2. With the model's own target (bn2's
+    running statistics) both terms are at their minimum where that layer's batch statistics equal the running
+    ones; the old fixed target (mean 0, std 1) still pulled away from there, fighting bn_stats."""
+    model = copy.deepcopy(cnn)
+    x = _inputs(_images())
+    record = _Record(model, ["layer4.1.conv2"], "output")
+    model(x)
+    record.close()
+    out = record.seen["layer4.1.conv2"]
+    model.layer4[1].bn2.running_mean.copy_(out.mean((0, 2, 3)))
+    model.layer4[1].bn2.running_var.copy_(out.var((0, 2, 3), unbiased=False))
+    options = {"feature_layer": "layer4.1.conv2"}
+    with TargetObjective(model, {"feature_stats": 1.0}, options) as objective:
+        assert objective.feature_target_from == "running statistics of layer4.1.bn2"
+        at_running = objective(x).terms["feature_stats"]
+    with TargetObjective(model, {"bn_stats": 1.0}) as objective:
+        bn = objective(x)
+    record = _Record(model, ["layer4.1.bn2"], "input")
+    model(x)
+    record.close()
+    assert torch.allclose(record.seen["layer4.1.bn2"].mean((0, 2, 3)), model.layer4[1].bn2.running_mean, atol=1e-5)
+    assert at_running < 1e-6  # the minimum, where bn_stats' bn2 share is zero too
+    fixed = {"feature_layer": "layer4.1.conv2", "feature_target": {"source": "fixed", "mean": 0.0, "std": 1.0}}
+    with TargetObjective(model, {"feature_stats": 1.0}, fixed) as objective:
+        assert objective(x).terms["feature_stats"] > 100 * at_running + 1e-3
+    assert torch.isfinite(bn.terms["bn_stats"])
+    # A layer no normalisation reads: the model gives no target, so the manifest must state one.
+    with pytest.raises(InputError, match="feature_target.source"):
+        TargetObjective(model, {"feature_stats": 1.0}, {"feature_layer": "layer4"})
+    TargetObjective(model, {"feature_stats": 1.0}, {"feature_layer": "layer4", "feature_target": {"source": "fixed"}}
+                    ).close()
 
 
 def test_logits_binary_and_multiclass():
@@ -242,13 +277,14 @@ def test_recomputed_attention_equals_multihead_attention_weights():
     assert torch.allclose(attention_probabilities(seq_first, y), reference, atol=1e-6)
 
 
-def test_vit_attention_terms_from_the_blocks_own_inputs():
+def test_vit_attention_terms_from_the_blocks_own_inputs_relative_to_the_reference():
     model = _vit()
     x = _inputs(_images(4))
+    reference = _reference(model)
     block_names = [f"encoder.layers.encoder_layer_{i}" for i in range(2)]
     record = _Record(model, [f"{b}.ln_1" for b in block_names], "output")
     untouched = model(x)
-    with TargetObjective(model, {"attn_entropy": 1.0, "attn_diversity": 1.0}) as objective:
+    with TargetObjective(model, {"attn_entropy": 1.0, "attn_diversity": 1.0}, reference_stats=reference) as objective:
         result = objective(x)
         # "all" means each block's attention once, not the block and its self_attention child twice.
         assert len(objective._attn_keys) == TINY_VIT["num_layers"]
@@ -259,15 +295,35 @@ def test_vit_attention_terms_from_the_blocks_own_inputs():
     for b in block_names:
         h = record.seen[f"{b}.ln_1"]
         _, p = modules[b].self_attention(h, h, h, need_weights=True, average_attn_weights=False)
-        entropies.append(-(p * p.clamp_min(1e-30).log()).sum(-1).mean((1, 2)))
+        entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean((1, 2))
         flat = p.flatten(2)
-        similarities.append(F.cosine_similarity(flat[:, 0], flat[:, 1], dim=-1))
+        similarity = F.cosine_similarity(flat[:, 0], flat[:, 1], dim=-1)
+        assert 0 < float(reference[f"{b}.self_attention".replace(b, "attn/" + b) + "/entropy"]) <= math.log(
+            (SIZE // 8) ** 2 + 1) + 1e-5
+        entropies.append((entropy / reference[f"attn/{b}.self_attention/entropy"] - 1).square())
+        similarities.append((similarity / reference[f"attn/{b}.self_attention/diversity"] - 1).square())
     assert torch.allclose(result.per_sample["attn_entropy"], torch.stack(entropies).mean(0), atol=1e-5)
     assert torch.allclose(result.per_sample["attn_diversity"], torch.stack(similarities).mean(0), atol=1e-5)
-    tokens = (SIZE // 8) ** 2 + 1
-    assert (result.per_sample["attn_entropy"] > 0).all()
-    assert (result.per_sample["attn_entropy"] <= math.log(tokens) + 1e-5).all()
-    assert ((result.per_sample["attn_diversity"] >= 0) & (result.per_sample["attn_diversity"] <= 1 + 1e-6)).all()
+
+
+def test_attention_terms_are_at_their_minimum_at_the_reference_level_not_at_one_hot_attention():
+    """The raw terms were minimised by one-hot, orthogonal attention no real image produces; relative to the
+    reference, the images the reference was measured on sit at (about) the minimum."""
+    model = _vit()
+    x = _inputs(_images(6))
+    reference = compute_reference_stats(model, [x])
+    with TargetObjective(model, {"attn_entropy": 1.0, "attn_diversity": 1.0}, reference_stats=reference) as objective:
+        at_reference = objective(x).terms
+        elsewhere = objective(_inputs(_images(6) ** 4)).terms
+    for term in ("attn_entropy", "attn_diversity"):
+        # At the reference images only their spread around the reference level remains.
+        assert at_reference[term] < 0.01 and at_reference[term] < elsewhere[term]
+    # What the raw terms rewarded most, fully focused attention (entropy 0), is now as far as it gets: (0 - 1)^2.
+    level = float(reference["attn/encoder.layers.encoder_layer_0.self_attention/entropy"])
+    focused = torch.eye(5).expand(1, 2, 5, 5).clamp_min(1e-12).log()
+    assert (_attention_terms(focused)[0] / level - 1).square().item() == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="reference_stats"):
+        TargetObjective(model, {"attn_entropy": 1.0})
 
 
 def test_attention_terms_signs_reward_focus_and_diversity():

@@ -54,7 +54,7 @@ def test_a_failure_stops_new_starts_and_is_returned():
     manifest = _demo_manifest()
     graph = task_graph(manifest)
     started: list[Task] = []
-    code = run_graph(graph, lambda task: _Child(2 if task.stage == "train-prior" else 0, started, task), jobs=2)
+    code = run_graph(graph, lambda task, alone: _Child(2 if task.stage == "train-prior" else 0, started, task), jobs=2)
     assert code == 2
     assert Task("train-prior") in started
     assert not any(t.stage in {"finetune", "sample", "report"} for t in started)
@@ -87,6 +87,22 @@ def test_parallel_run_matches_the_pipeline_contract(tmp_path):
     # Every shard of every sharded stage ran (the SLURM variable did not reach the children).
     assert store.read_json(f"{name}/selection/thresholds.json")["counts"]["candidates"] == 64
     assert store.read_json("report/report.json")["targets"][name]["risk"]["likely_samples"] == 7
+
+
+def test_a_task_that_runs_alone_is_told_so():
+    """calibrate and report start when nothing else runs or waits: the shell gives them every core."""
+    manifest = _demo_manifest()
+    graph = task_graph(manifest)
+    alone: dict[str, bool] = {}
+
+    def start(task, by_itself):
+        alone[task.label] = by_itself
+        return _Child(0, [], task)
+
+    assert run_graph(graph, start, jobs=2) == 0
+    assert alone["calibrate"] and alone["report"]
+    assert alone["make-phantoms"] and not alone["train-prior"]  # phantoms first, then prior, targets... side by side
+    assert sum(alone.values()) < len(alone) / 2
 
 
 @pytest.mark.parametrize("jobs", ["0", "-1", "many"])

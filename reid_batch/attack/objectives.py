@@ -15,8 +15,14 @@ CNN terms (torchvision ResNet / DenseNet)
     statistics describe the whole training set, and one image's spatial statistics need not match them (a 1x1
     map has zero spatial variance), but it ranks candidates by how typical their activations are.
 `feature_stats`: the OUTPUT of `feature_layer` (default "layer4.1.conv2") has per-channel mean mu_c and standard
-    deviation sigma_c = sqrt(biased var_c + 1e-8) over (N, H, W), pushed to the manifest's `feature_target`
-    (m, s):  mean_c (mu_c - m)^2 + mean_c (sigma_c - s)^2.  Per sample: over (H, W) only.
+    deviation sigma_c = sqrt(biased var_c + 1e-8) over (N, H, W), pushed to per-channel targets (m_c, s_c):
+        mean_c (mu_c - m_c)^2 + mean_c (sigma_c - s_c)^2.   Per sample: over (H, W) only.
+    `feature_target.source: model` (default) takes the targets from the model: the normalisation layer that reads
+    the feature layer's output (the module registered right after it: `<block>.convK` -> `<block>.bnK`,
+    `downsample.0` -> `downsample.1`, DenseNet's `denseblock4` -> `norm5`), m = its running mean, s = sqrt(running var + eps) for a BatchNorm, or its
+    reference statistics for a GroupNorm. The term then pulls the same way as that layer's share of `bn_stats`
+    (a fixed target of mean 0, std 1 made the two fight: the layer's running statistics are not 0 and 1).
+    `source: fixed` uses the manifest's `mean` and `std` for every channel.
 `logits`: class-conditional. The target's head reveals C: C = 1 is binary with one logit (binary cross-entropy
     with logits toward class 0 or 1); C > 1 is cross-entropy toward the assigned class. `assign_classes`
     alternates classes (sample i gets class (offset + i) mod K, K = 2 if C == 1 else C), so every run of K
@@ -63,10 +69,12 @@ chooses (public X-rays or the prior generator's samples); the result is a plain 
     q, k = x W_q^T + b_q, x W_k^T + b_k split into heads, P = softmax(q k^T / sqrt(head_dim)), (N, heads, T, T),
     exactly what nn.MultiheadAttention(need_weights=True, average_attn_weights=False) returns; the model's own
     forward and outputs are untouched.
-    attn_entropy = mean over blocks, heads and query rows of -sum_j P_ij log P_ij (nats, in [0, log T]);
-        minimising it makes each token attend to a few others (focused attention).
-    attn_diversity = mean over blocks and unordered head pairs (h, h') of cos(P_h, P_h') with the maps flattened
-        to T*T; in [0, 1] since probabilities are non-negative; minimising it makes heads look at different things.
+    entropy_b = mean over heads and query rows of -sum_j P_ij log P_ij (nats, in [0, log T]) and
+    similarity_b = mean over unordered head pairs (h, h') of cos(P_h, P_h') with the maps flattened to T*T (in
+    [0, 1]) are measured per block b and compared with the same block's level on the reference images:
+        attn_entropy = mean over blocks of (entropy_b / ref_entropy_b - 1)^2, attn_diversity likewise,
+    as `cls_magnitude` is. Minimising the raw values pushed toward one-hot, orthogonal attention that no real image
+    produces; the target's attention on real images is what a training image looks like to it.
     Per sample: the same means within one sample; the batch loss is the mean over samples. Means (not sums) over
     blocks keep both in a fixed range whatever the depth.
 `logits` and `tv` as for CNNs (the head is `heads.head`; its outputs are the model's outputs).
@@ -437,8 +445,10 @@ class TargetObjective:
             raise InputError("at least one term needs a positive weight", where=f"{field_prefix}.terms")
         self.first_bn_multiplier = float(_option(options, "first_bn_multiplier", 1.0))
         feature_target = _option(options, "feature_target", None)
-        self.feature_target_mean = float(_option(feature_target, "mean", 0.0))
-        self.feature_target_std = float(_option(feature_target, "std", 1.0))
+        self.feature_target_source = str(_option(feature_target, "source", "model"))
+        self.feature_target_mean: float | Tensor = float(_option(feature_target, "mean", 0.0))
+        self.feature_target_std: float | Tensor = float(_option(feature_target, "std", 1.0))
+        self.feature_target_from: str | None = None
         self._recorder = _Recorder()
         self._bn_keys: list[tuple[str, nn.BatchNorm2d]] = []
         self._last_bn: tuple[str, nn.BatchNorm2d] | None = None
@@ -447,6 +457,7 @@ class TargetObjective:
         self._reference: dict[str, Tensor] = {}
         self._ln_keys: list[tuple[str, str]] = []
         self._attn_keys: list[tuple[str, nn.MultiheadAttention]] = []
+        self._attn_levels: list[tuple[float, float]] = []  # per block: reference (entropy, head similarity)
         self._gn_keys: list[tuple[str, str]] = []
         self._last_gn: tuple[str, str] | None = None
         self.fallback: dict | None = None
@@ -527,6 +538,42 @@ class TargetObjective:
                 self.model, layer_name, f"{self.field_prefix}.feature_layer", lambda m: True, "module"
             )
             self._feature_key = self._recorder.output_of(layer_name, layer)
+            if self.feature_target_source == "model":
+                self._feature_target_from_model(layer_name, layer, reference_stats)
+            else:
+                self.feature_target_from = f"fixed mean {self.feature_target_mean:g}, std {self.feature_target_std:g}"
+
+    def _feature_target_from_model(self, layer_name: str, layer: nn.Module, reference_stats) -> None:
+        """Per-channel feature targets from the normalisation layer that reads `layer`'s output."""
+        where = f"{self.field_prefix}.feature_target.source"
+        # The normalisation layer registered right after the feature layer's own submodules: torchvision's ResNets
+        # (conv2 -> bn2, downsample.0 -> downsample.1), DenseNets (denseblock4 -> norm5) and VGG-BN read it next.
+        names = [name for name, _ in self.model.named_modules()]
+        modules = dict(self.model.named_modules())
+        after = [n for n in names[names.index(layer_name) + 1:] if not n.startswith(layer_name + ".")]
+        follower = after[0] if after else None
+        norm = modules.get(follower) if follower else None
+        channels = getattr(layer, "out_channels", None)
+        if channels is not None and getattr(norm, "num_features", getattr(norm, "num_channels", channels)) != channels:
+            norm = None
+        if isinstance(norm, nn.BatchNorm2d) and norm.running_mean is not None:
+            self.feature_target_mean = norm.running_mean.detach().clone()
+            self.feature_target_std = (norm.running_var.detach() + norm.eps).sqrt()
+            self.feature_target_from = f"running statistics of {follower}"
+        elif isinstance(norm, nn.GroupNorm) and reference_stats is not None and f"gn/{follower}/mean" in reference_stats:
+            self.feature_target_mean = reference_stats[f"gn/{follower}/mean"].detach().float().clone()
+            self.feature_target_std = (reference_stats[f"gn/{follower}/var"].detach().float() + norm.eps).sqrt()
+            self.feature_target_from = f"reference statistics of {follower}"
+        elif isinstance(norm, nn.GroupNorm):
+            # A GroupNorm keeps no statistics, and none were measured: the stated fixed target is all there is.
+            self.feature_target_from = (f"fixed mean {self.feature_target_mean:g}, std {self.feature_target_std:g} "
+                                        f"({follower} is a GroupNorm and no reference statistics were given)")
+            log.event("feature_target_fixed", layer=layer_name, follower=follower, reason="no reference statistics")
+        else:
+            raise InputError(f"feature_stats takes its target from the normalisation layer after '{layer_name}', but "
+                             f"found none with statistics ('{follower}'); choose a convolution followed by a "
+                             "BatchNorm (or a GroupNorm with reference statistics), or set feature_target.source: "
+                             "fixed with mean and std", where=where)
 
     def _setup_vit(self, options, reference_stats) -> None:
         encoder = getattr(self.model, "encoder", None)
@@ -553,6 +600,7 @@ class TargetObjective:
             if float(reference_stats["cls/rms"]) <= 0:
                 raise InputError("reference CLS rms must be positive", where=f"{self.field_prefix}.reference")
         if "attn_entropy" in self.weights or "attn_diversity" in self.weights:
+            paths = {id(m): n for n, m in self.model.named_modules()}
             chosen = _option(options, "attention_blocks", "all")
             where = f"{self.field_prefix}.attention_blocks"
             blocks = _resolve_list(
@@ -578,6 +626,15 @@ class TargetObjective:
                         where=f"{self.field_prefix}.terms",
                     )
                 self._attn_keys.append((self._recorder.self_attention_input(name, mha), mha))
+                levels = []
+                for measure in ("entropy", "diversity"):
+                    key = f"attn/{paths[id(mha)]}/{measure}"
+                    self._check_reference(reference_stats, key, ())
+                    levels.append(float(reference_stats[key]))
+                if levels[0] <= 0 or ("attn_diversity" in self.weights and levels[1] <= 0):
+                    raise InputError(f"the reference attention of '{name}' is degenerate (entropy {levels[0]:.3g}, "
+                                     f"head similarity {levels[1]:.3g})", where=f"{self.field_prefix}.reference")
+                self._attn_levels.append((levels[0], max(levels[1], 1e-6)))
 
     def _check_reference(self, reference_stats, key: str, shape) -> None:
         where = f"{self.field_prefix}.reference"
@@ -741,8 +798,12 @@ class TargetObjective:
 
     def _feature_term(self, out: Tensor) -> tuple[Tensor, list[Tensor], Callable[..., Tensor]]:
         x = _channels_first(out, 1)
-        m, s = self.feature_target_mean, self.feature_target_std
-        s1, s2, positions = _shifted_sums(x, torch.full((x.shape[1],), m, device=x.device))
+        if isinstance(self.feature_target_mean, Tensor) and self.feature_target_mean.numel() != x.shape[1]:
+            raise InputError(f"feature_stats' target has {self.feature_target_mean.numel()} channels, the feature layer "
+                             f"{x.shape[1]}", where=f"{self.field_prefix}.feature_target.source")
+        m = torch.as_tensor(self.feature_target_mean, dtype=x.dtype, device=x.device).expand(x.shape[1])
+        s = torch.as_tensor(self.feature_target_std, dtype=x.dtype, device=x.device).expand(x.shape[1])
+        s1, s2, positions = _shifted_sums(x, m)
 
         def loss(mean_dev: Tensor, var: Tensor) -> Tensor:
             std = (var.clamp_min(0) + FEATURE_STD_EPS).sqrt()
@@ -759,11 +820,12 @@ class TargetObjective:
         return per_sample, [s1.sum(0), s2.sum(0), count], finish
 
     def _attention_per_sample(self, values) -> tuple[Tensor, Tensor]:
+        """Per sample: mean over blocks of (entropy_b / reference_b - 1)^2 and the same for head similarity."""
         entropies, diversities = [], []
-        for key, mha in self._attn_keys:
+        for (key, mha), (entropy_level, diversity_level) in zip(self._attn_keys, self._attn_levels):
             entropy, diversity = _attention_terms(attention_log_probabilities(mha, values[key]))
-            entropies.append(entropy)
-            diversities.append(diversity)
+            entropies.append((entropy / entropy_level - 1).square())
+            diversities.append((diversity / diversity_level - 1).square())
         return torch.stack(entropies).mean(0), torch.stack(diversities).mean(0)
 
     # ------------------------------------------------------------------------------------------- lifetime
@@ -852,7 +914,9 @@ def compute_reference_stats(
           tokens of all images, (hidden,);
       "gn/<path>/mean", "gn/<path>/var": the same for a GroupNorm's input over all positions of all images, (C,);
       ViT only: "cls/rms": mean over images of rms(CLS) after encoder.ln, (); "cls/mean", "cls/var": per-channel
-          mean and variance of that CLS token, (hidden,), for Mahalanobis distances;
+          mean and variance of that CLS token, (hidden,), for Mahalanobis distances; "attn/<path>/entropy",
+          "attn/<path>/diversity": per attention layer, the mean over images of its attention entropy and head
+          similarity (`_attention_terms`), ();
       "count": number of images, ().
     Accumulated in float64. reduce_sum (identity by default) combines the sums of all processes.
     """
@@ -868,6 +932,8 @@ def compute_reference_stats(
     try:
         keys = [(recorder.input_of(n, m), f"{kind}/{n}", kind) for n, m, kind in norms]
         encoder_key = recorder.output_of("encoder", encoder) if vit else None
+        attentions = [(recorder.self_attention_input(n, m), n, m) for n, m in model.named_modules()
+                      if vit and isinstance(m, nn.MultiheadAttention)]
         acc: dict[str, Tensor] = {}
 
         def add(key: str, value: Tensor) -> None:
@@ -892,6 +958,10 @@ def compute_reference_stats(
                     add("cls/rms_sum", _cls_rms(cls).double().sum())
                     add("cls/s1", cls.sum(0))
                     add("cls/s2", cls.square().sum(0))
+                for key, name, mha in attentions:
+                    entropy, diversity = _attention_terms(attention_log_probabilities(mha, recorder.values[key]))
+                    add(f"attn/{name}/entropy_sum", entropy.double().sum())
+                    add(f"attn/{name}/diversity_sum", diversity.double().sum())
                 add("count", torch.tensor(float(batch.shape[0]), dtype=torch.float64, device=batch.device))
                 recorder.values.clear()
         if not acc:
@@ -917,6 +987,9 @@ def compute_reference_stats(
         stats["cls/rms"] = (acc["cls/rms_sum"] / count).float()
         stats["cls/mean"] = cls_mean.float()
         stats["cls/var"] = (acc["cls/s2"] / count - cls_mean.square()).clamp_min(0).float()
+    for _, name, _ in attentions:
+        for measure in ("entropy", "diversity"):
+            stats[f"attn/{name}/{measure}"] = (acc[f"attn/{name}/{measure}_sum"] / count).float()
     stats["count"] = count.float()
     log.event("reference_stats_computed", images=int(count), layernorms=sum(k == "ln" for *_, k in keys),
               groupnorms=sum(k == "gn" for *_, k in keys))

@@ -1,8 +1,9 @@
 """Reference statistics: what the attack compares generated images with when the target stores no statistics.
 
 * Objective reference (ViT LayerNorm/CLS/attention statistics, GroupNorm CNNs): measured once through the frozen
-  target on the prior's samples (`objective.reference.source: prior`, latent ids layout.FINETUNE_REFERENCE_ID_OFFSET
-  + k) or on public-pool images (`public`), shared out over the processes, and cached at
+  target on public-pool images (`objective.reference.source: public`, the default) or on the prior's samples
+  (`prior`, latent ids layout.FINETUNE_REFERENCE_ID_OFFSET + k: the generator's own statistics, which put stage 1
+  at the terms' minimum from the start), shared out over the processes, and cached at
   <target>/finetune-reference.safetensors with a fingerprint of the target's and the source's weights and
   settings, so a changed target or prior is never compared with stale statistics. Stage 1 and sampling read the
   same cache, so both stages compare with the same numbers.
@@ -117,7 +118,9 @@ def reference_stats(manifest: Manifest, spec: TargetSpec, model: nn.Module, prio
     reference = spec.objective.reference
     input_spec = target_input_spec(spec)
     key = finetune_reference_key(spec.name)
-    identity = {"source": reference.source, "num_images": reference.num_images, "seed": manifest.finetune.seed,
+    # "statistics" names what the cache holds: caches from before attention levels were measured are stale.
+    identity = {"statistics": "norms, cls, attention levels", "source": reference.source,
+                "num_images": reference.num_images, "seed": manifest.finetune.seed,
                 "target": weights_digest(model), "input": spec.input.model_dump(mode="json")}
     if reference.source == "prior":
         identity["prior"] = weights_digest(prior)

@@ -604,7 +604,8 @@ def _metrics_document(store, manifest: Manifest, spec: TargetSpec, likely: Likel
     finetune_record = store.read_json(f"{finetune_prefix(spec.name)}/finetune.json")
     attack_terms = {"terms": finetune_record.get("terms"), "configured": finetune_record.get("terms_configured"),
                     "fallback": finetune_record.get("objective_fallback"),
-                    "reference": finetune_record.get("reference")}
+                    "reference": finetune_record.get("reference"),
+                    "feature_target": finetune_record.get("feature_target")}
     metrics = {
         "target": spec.name, "arch": spec.arch, "family": spec.family,
         "preset": spec.train.preset if spec.train is not None else None,

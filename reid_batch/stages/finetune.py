@@ -286,6 +286,7 @@ def finetune_record(spec: TargetSpec, fs: FinetuneSpec, objective, num_classes: 
         "objective_fallback": objective.fallback,
         "num_classes": num_classes,
         "reference": reference_info,
+        "feature_target": objective.feature_target_from if "feature_stats" in objective.weights else None,
         "steps": fs.steps,
         "batch_size": fs.batch_size,
         "lr": fs.lr,

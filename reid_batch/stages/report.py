@@ -251,10 +251,22 @@ def attack_terms_text(attack: dict | None) -> str:
         return "n/a"
     used = ", ".join(f"{t} {w:g}" for t, w in _canonical(attack["terms"]).items())
     fallback = attack.get("fallback")
-    if not fallback:
-        return used
-    added = f", replaced by {', '.join(fallback['added'])}" if fallback.get("added") else ""
-    return f"{used} (fallback: {', '.join(fallback['dropped'])} dropped{added}: {fallback.get('reason')})"
+    if fallback:
+        added = f", replaced by {', '.join(fallback['added'])}" if fallback.get("added") else ""
+        used += f" (fallback: {', '.join(fallback['dropped'])} dropped{added}: {fallback.get('reason')})"
+    target = f"; feature_stats target: {attack['feature_target']}" if attack.get("feature_target") else ""
+    return f"{used}; {reference_text(attack.get('reference'))}{target}"
+
+
+def reference_text(reference: dict | None) -> str:
+    """Where the statistics the attack pulls toward came from (finetune.json's `reference`)."""
+    if not reference:
+        return "statistics compared with: the target's own BatchNorm running statistics"
+    count = reference.get("images", reference.get("num_images"))
+    if reference.get("source") == "prior":
+        return (f"reference statistics from {count} samples of the un-fine-tuned prior (its own statistics: the terms "
+                "start at their minimum)")
+    return f"reference statistics from {count} public-pool images"
 
 
 def mitigation_summary(targets: dict[str, dict]) -> dict:

@@ -16,7 +16,8 @@ Mitigations (the same data and split, one defence each):
                gradients clipped to `max_grad_norm` (1.0), Gaussian noise calibrated so that the planned epochs
                reach `target_epsilon` at delta = 1 / training images. The accountant's epsilon for the steps
                actually taken is recorded in training.json (`privacy`). ResNets only.
-`patience` applies to any preset that keeps the best validation AUC.
+`patience` applies to any preset that keeps the best validation AUC. `norm: group` trains a CNN preset with GroupNorm
+in place of BatchNorm and no DP: the mitigation study's control for what GroupNorm alone does to the attack.
 
 Outputs under <run>/targets/<name>/: model.safetensors, training.json (accuracy/AUC on train and validation,
 generalisation gap, history), train_images.csv (the exact training list, needed to measure what the attack
@@ -106,6 +107,7 @@ def resolve_recipe(spec: TargetSpec) -> Recipe:
         target_epsilon=train.target_epsilon,
         max_grad_norm=train.max_grad_norm or base.max_grad_norm,
         accountant=train.accountant,
+        norm=train.norm or base.norm,
     )
 
 
