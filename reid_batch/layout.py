@@ -15,7 +15,9 @@ Torch-free: `report`, `plan` and the tests read it cheaply.
     <target>/selection/ ............... stage 2: selected ids, thresholds
     <target>/scores/shard=<I>/ ........ demographic predictions of the selected candidates (+ PNGs)
     <target>/scores-reference/ ........ the same model on the target's training images
-    <target>/evaluation/ .............. metrics.json, evaluation.parquet, figures/, pairs/
+    <target>/evaluation/ .............. metrics.json, evaluation.parquet, records.parquet, leak_candidates.parquet,
+                                        figures/, pairs/
+    <target>/calibration/ ............. spike-in calibration: calibration.json, dose_response.png
     report/ (report-<target>/) ........ the risk report: report.html, report.md, report.json
     resume/ ........................... in-progress training state (deleted once a stage commits)
 
