@@ -118,3 +118,18 @@ def generate_unit(generator: PGGANGenerator, latents: Tensor, batch_size: int = 
 def id_latents(seed: int, first_id: int, count: int, latent_dim: int) -> Tensor:
     """Latents of ids first_id .. first_id + count - 1 (a figure's or a reference set's reserved range)."""
     return latents_for_ids(seed, first_id + torch.arange(count), latent_dim)
+
+
+def generated_features(generator, ids: np.ndarray, seed: int, device, features: Callable[[Tensor], np.ndarray],
+                       batch_size: int) -> np.ndarray:
+    """features() of the grey [0, 1] CPU images of latent ids, `batch_size` at a time: never more than one batch of
+    images in memory, whatever the number of ids (evaluate's leak candidates, calibrate's prior sets)."""
+    parts = []
+    for start in range(0, len(ids), batch_size):
+        images = regenerate_images(generator, ids[start:start + batch_size], seed, device)
+        grey = images.mean(dim=1, keepdim=True) if images.shape[1] > 1 else images
+        parts.append(features(grey.float().cpu()))
+    if parts:
+        return np.concatenate(parts)
+    size = generator.config.resolution
+    return features(torch.zeros(0, 1, size, size))

@@ -37,16 +37,15 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from reid_batch import log
-from reid_batch.analysis.leak import GeneratorScores, generator_scores, leak_test
-from reid_batch.analysis.metrics import to_grey
+from reid_batch.analysis.leak import GeneratorScores, committed_records, generator_scores, leak_test
 from reid_batch.analysis.roles import member_patients, patient_number, pool_frame, train_pool
 from reid_batch.analysis.space import FeatureSpace
 from reid_batch.artifacts import load_prior, load_reid_model, require_committed
-from reid_batch.attack.generation import regenerate_images
+from reid_batch.attack.generation import generated_features
 from reid_batch.data.datasets import ImageDataset
 from reid_batch.data.phantoms import WorldConfig, patient_with_id, render_study
 from reid_batch.errors import InputError
-from reid_batch.formats import clean_json, feature_matrix, figure_png
+from reid_batch.formats import clean_json, figure_png
 from reid_batch.layout import (CALIBRATION_FIGURE, CALIBRATION_FILE, CALIBRATION_ID_OFFSET, CALIBRATION_ID_STRIDE,
                                RECORDS_FILE, calibration_prefix, evaluation_prefix)
 from reid_batch.manifest import Manifest, TargetSpec
@@ -178,21 +177,14 @@ class Calibration:
             self._loaded = True
         return self
 
-    def prior_features(self, ids: np.ndarray) -> np.ndarray:
-        parts = []
-        for start in range(0, len(ids), GENERATION_BATCH):
-            images = regenerate_images(self.prior, ids[start:start + GENERATION_BATCH], self.manifest.sampling.seed,
-                                       self.device)
-            parts.append(self.features(to_grey(images).float().cpu()))
-        return np.concatenate(parts)
-
     def candidates(self, repeat: int) -> tuple[np.ndarray, np.ndarray]:
         """(base, null) prior candidate features of one repeat."""
         if repeat not in self._candidates:
             count = self.manifest.evaluation.membership_candidates
             first = CALIBRATION_ID_OFFSET + repeat * CALIBRATION_ID_STRIDE
             ids = first + np.arange(2 * count, dtype=np.int64)
-            both = self.prior_features(ids)
+            both = generated_features(self.prior, ids, self.manifest.sampling.seed, self.device, self.features,
+                                      GENERATION_BATCH)
             self._candidates[repeat] = (both[:count], both[count:])
         return self._candidates[repeat]
 
@@ -215,12 +207,7 @@ def calibrate_target(manifest: Manifest, spec: TargetSpec, shared: Calibration) 
             out.write_json(CALIBRATION_FILE, document)
         log.event("calibrate_unavailable", target=spec.name, reason=reason)
         return document
-    table = store.read_parquet(records_key)
-    records = table.drop(["features"]).to_pandas()
-    features = feature_matrix(table.column("features"))
-    codes = records["patient"].to_numpy(dtype=np.int64)
-    patients = records.drop_duplicates("patient").sort_values("patient")
-    member = patients["member"].to_numpy(dtype=bool)
+    features, codes, member = committed_records(store.read_parquet(records_key))
     pool = train_pool(spec)
     members, _ = member_patients(manifest, spec)
     member_ids = np.array(sorted(members))

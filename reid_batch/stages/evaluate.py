@@ -88,7 +88,7 @@ from reid_batch.analysis.roles import (OTHER_POOL, matched_positions, membership
 from reid_batch.analysis.space import PIXEL_SIZE, FeatureSpace
 from reid_batch.artifacts import load_finetuned_generator, load_prior, load_reid_model, require_committed
 from reid_batch.attack.candidates import build_scorer, concat_columns
-from reid_batch.attack.generation import BatchSizer, regenerate_images
+from reid_batch.attack.generation import BatchSizer, generated_features, regenerate_images
 from reid_batch.attack.selection import committed_summaries, read_scores, select_candidates
 from reid_batch.data.datasets import ImageDataset
 from reid_batch.errors import InputError
@@ -657,14 +657,6 @@ def _write_outputs(store, manifest: Manifest, spec: TargetSpec, metrics: dict, l
                 out.write_bytes(pair_key(candidate), pair_png(reconstructions[row], neighbours[row]))
 
 
-def generated_features(generator, ids: np.ndarray, seed: int, device: torch.device, space: FeatureSpace
-                       ) -> np.ndarray:
-    """Features of generated images, batch by batch: never more than one batch of images."""
-    parts = [space(generate(generator, ids[i:i + GENERATION_BATCH], seed, device))
-             for i in range(0, len(ids), GENERATION_BATCH)]
-    return np.concatenate(parts) if parts else np.zeros((0, space.dims), np.float32)
-
-
 def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space: FeatureSpace, resolution: int,
           device, notes: list[str]) -> tuple[dict, dict[str, bytes]]:
     """The leak statistic against the prior, on the target's member and non-member patients (analysis.leak), and
@@ -686,9 +678,10 @@ def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space
     ids = LEAK_ID_OFFSET + np.arange(settings.membership_candidates, dtype=np.int64)
     if shared.prior_candidate_features is None:
         prior = load_prior(manifest).to(device).eval()
-        shared.prior_candidate_features = generated_features(prior, ids, manifest.sampling.seed, device, space)
+        shared.prior_candidate_features = generated_features(prior, ids, manifest.sampling.seed, device, space,
+                                                             GENERATION_BATCH)
         del prior
-    attacked = generated_features(finetuned, ids, manifest.sampling.seed, device, space)
+    attacked = generated_features(finetuned, ids, manifest.sampling.seed, device, space, GENERATION_BATCH)
     scores = {name: generator_scores(loaded.features, codes, len(patient_ids), features)
               for name, features in (("attacked", attacked), ("prior", shared.prior_candidate_features))}
     raw = leak_test(member, scores["attacked"], scores["prior"], settings.leak_bootstrap,
@@ -746,7 +739,8 @@ def _selected_leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shar
         return {"available": False, "reason": "the rule selects nothing from one of the pools", **counts}
     attacked_ids = _best_by_combined_rank(attacked, compared)
     null_positions = _best_by_combined_rank(null, compared)
-    attacked_features = generated_features(finetuned, attacked_ids, sampling.seed, device, space)
+    attacked_features = generated_features(finetuned, attacked_ids, sampling.seed, device, space,
+                                           GENERATION_BATCH)
     null_features = shared.prior_candidate_features[null_positions]
     patients = len(member)
     result = leak_test(member, generator_scores(features, codes, patients, attacked_features),

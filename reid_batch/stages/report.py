@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 import yaml
 
 from reid_batch import log
-from reid_batch.analysis.leak import generator_scores, leak_test
+from reid_batch.analysis.leak import committed_records, generator_scores, leak_test
 from reid_batch.errors import InputError
 from reid_batch.formats import clean_json, feature_matrix, figure_png, software_versions
 from reid_batch.layout import (CALIBRATION_FIGURE, CALIBRATION_FILE, DEMOGRAPHICS_PREFIX, FIGURES, HTML_FILE,
@@ -226,15 +226,13 @@ def control_leak(records, target_candidates, control_candidates, bootstrap: int,
                  ) -> dict | None:
     """L of the target's attacked candidates against a control model's, on the TARGET's records (Arrow tables of
     records.parquet and leak_candidates.parquet); None when the two were embedded in different spaces."""
-    features = feature_matrix(records.column("features"))
-    patients = records.column("patient").to_numpy()
-    member = pd.Series(records.column("member").to_numpy(zero_copy_only=False)).groupby(patients).first()
+    features, patients, member = committed_records(records)
     attacked, null = (feature_matrix(t.filter(pc.equal(t.column("generator"), "attacked")).column("features"))
                       for t in (target_candidates, control_candidates))
     if attacked.shape[1] != features.shape[1] or null.shape[1] != features.shape[1]:
         return None
     count = len(member)
-    result = leak_test(member.to_numpy(dtype=bool), generator_scores(features, patients, count, attacked),
+    result = leak_test(member, generator_scores(features, patients, count, attacked),
                        generator_scores(features, patients, count, null), bootstrap, permutations, seed)
     return result
 
