@@ -114,6 +114,14 @@ def software_versions() -> dict:
     return found
 
 
+def feature_column(features: np.ndarray):
+    """An Arrow fixed-size-list column of (N, D) float32 features; feature_matrix reads it back."""
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(features, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
 def feature_matrix(column) -> np.ndarray:
     """(N, D) float32 of an Arrow fixed-size-list column of features (records.parquet, leak_candidates.parquet)."""
     import pyarrow as pa

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from reid_batch.formats import feature_matrix
+
 DEFAULT_FPRS = (0.01, 0.05)
 DISTANCE_CHUNK = 4096
 
@@ -186,8 +188,6 @@ def excludes_zero(result: dict) -> bool:
 
 def committed_records(table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features (R, D), patient (R,) 0..P-1, member (P,) per patient) of evaluate's records.parquet (an Arrow table)."""
-    from reid_batch.formats import feature_matrix
-
     patients = table.column("patient").to_numpy().astype(np.int64)
     flags = table.column("member").to_numpy(zero_copy_only=False).astype(bool)
     member = np.zeros(int(patients.max()) + 1 if len(patients) else 0, bool)

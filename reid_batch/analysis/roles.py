@@ -15,8 +15,9 @@ import pandas as pd
 
 from reid_batch import layout
 from reid_batch.data.datasets import read_source
+from reid_batch.errors import InputError
 from reid_batch.manifest import Manifest, TargetSpec
-from reid_batch.storage import run_store
+from reid_batch.storage import input_path, run_store
 
 
 def reference_images(manifest: Manifest, spec: TargetSpec) -> tuple[pd.DataFrame, str, str] | None:
@@ -148,9 +149,6 @@ def patient_labels(frame: pd.DataFrame) -> pd.Series:
 
 def _listed_members(manifest: Manifest, spec: TargetSpec, pool_rows: pd.DataFrame) -> set[str]:
     """The patients a checkpoint target's `training_list` names (by `patient_id`, or by image `path` in the pool)."""
-    from reid_batch.errors import InputError
-    from reid_batch.storage import input_path
-
     where = f"targets[{manifest.targets.index(spec)}].training_list"
     path = input_path(spec.training_list, manifest, where)
     try:

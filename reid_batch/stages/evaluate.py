@@ -92,7 +92,8 @@ from reid_batch.attack.generation import BatchSizer, generated_features, regener
 from reid_batch.attack.selection import committed_summaries, read_scores, select_candidates
 from reid_batch.data.datasets import ImageDataset
 from reid_batch.errors import InputError
-from reid_batch.formats import clean_json, figure_png, grey_uint8, pair_png, parquet_bytes, software_versions
+from reid_batch.formats import (clean_json, feature_column, figure_png, grey_uint8, pair_png, parquet_bytes,
+                                software_versions)
 from reid_batch.layout import (FIGURES, LEAK_CANDIDATES_FILE, LEAK_ID_OFFSET, METRICS_FILE, RECORDS_FILE,
                                SCORES_FILE, SELECTION_FILE, STAGE1_ID_OFFSET, TABLE_FILE, THRESHOLDS_FILE,
                                evaluation_prefix, finetune_prefix, pair_key, reference_prefix, scores_prefix,
@@ -706,12 +707,12 @@ def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space
         "patient": pa.array(codes.astype(np.int64)),
         "member": pa.array(frame["member"].to_numpy(dtype=bool)),
         "label": pa.array(pd.to_numeric(frame["label"], errors="coerce").to_numpy(dtype=np.float64)),
-        "features": _feature_column(loaded.features),
+        "features": feature_column(loaded.features),
     })
     candidates_table = pa.table({
         "generator": pa.array(["attacked"] * len(ids) + ["prior"] * len(ids)),
         "id": pa.array(np.concatenate([ids, ids])),
-        "features": _feature_column(np.concatenate([attacked, shared.prior_candidate_features])),
+        "features": feature_column(np.concatenate([attacked, shared.prior_candidate_features])),
     })
     return summary, {RECORDS_FILE: parquet_bytes(records_table), LEAK_CANDIDATES_FILE: parquet_bytes(candidates_table)}
 
@@ -766,11 +767,6 @@ def _prior_scores(manifest: Manifest, spec: TargetSpec, pool: int, device) -> tu
     finally:
         scorer.objective.close()
     return columns["objective_total"].astype(np.float64), columns["mahalanobis"].astype(np.float64)
-
-
-def _feature_column(features: np.ndarray) -> pa.FixedSizeListArray:
-    values = np.ascontiguousarray(features, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
 def _reidentify(manifest: Manifest, spec: TargetSpec, training: LoadedImages | None, heldout_pool: str,
