@@ -181,11 +181,6 @@ def leak_test(member: np.ndarray, attacked: GeneratorScores, null: GeneratorScor
     }
 
 
-def excludes_zero(result: dict) -> bool:
-    """Whether the interval of L lies above 0 (a leak detected at the interval's confidence)."""
-    return bool(result.get("ci") is not None and result["ci"][0] > 0)
-
-
 def committed_records(table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features (R, D), patient (R,) 0..P-1, member (P,) per patient) of evaluate's records.parquet (an Arrow table)."""
     patients = table.column("patient").to_numpy().astype(np.int64)
