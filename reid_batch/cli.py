@@ -122,7 +122,7 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     objects = deploy.render_kubernetes(manifest, text, options, deploy.plan(manifest, stages, args.start))
     warning = deploy.local_output_warning(manifest, options)
     if warning:
-        print(f"reid-batch k8s: warning: {warning}", file=sys.stderr)
+        log.write_line(f"reid-batch k8s: warning: {warning}")
     if args.out is None:
         print(deploy.to_yaml([obj for _, obj in objects]), end="")
         return EXIT_OK
@@ -255,20 +255,20 @@ def main(argv: list[str] | None = None) -> int:
         with handle_termination():
             return args.handler(args)
     except Preempted as e:
-        print(f"reid-batch: {describe(e)}", file=sys.stderr)
+        log.write_line(f"reid-batch: {describe(e)}")
         return e.exit_code
     except InputError as e:
-        print(f"reid-batch: invalid input: {e}", file=sys.stderr)
+        log.write_line(f"reid-batch: invalid input: {e}")
         return EXIT_INVALID_INPUT
     except StorageError as e:
         # Expected in operations (an outage, a full disk): the message names the location, a traceback adds nothing.
-        print(f"reid-batch: storage failed: {e}", file=sys.stderr)
+        log.write_line(f"reid-batch: storage failed: {e}")
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - the last line of defence: say what broke, exit 1
         traceback.print_exc(file=sys.stderr)
-        print(f"reid-batch: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        log.write_line(f"reid-batch: failed: {type(e).__name__}: {e}")
         return EXIT_FAILURE
 
 

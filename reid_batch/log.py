@@ -48,15 +48,22 @@ def _redact(fields: dict) -> dict:
     return redact(fields)
 
 
+def write_line(line: str) -> None:
+    # One write per record, newline included: under PYTHONUNBUFFERED (our image sets it) print() issues the text and
+    # its newline as two writes, and processes sharing a pipe (`run --jobs`) then interleave records on one line.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def event(name: str, /, **fields) -> None:
     """Emit one log record: human-readable on a terminal, JSON on a pipe or file."""
     fields = _redact(fields)
     if _interactive():
         detail = " ".join(f"{k}={v}" for k, v in fields.items())
-        print(f"[reid-batch] {name} {detail}".rstrip(), file=sys.stderr, flush=True)
+        write_line(f"[reid-batch] {name} {detail}".rstrip())
     else:
         record = {"ts": round(time.time(), 3), "event": name, **fields}
-        print(json.dumps(record, default=str), file=sys.stderr, flush=True)
+        write_line(json.dumps(record, default=str))
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None, every: int = 50) -> Iterator[T]:
