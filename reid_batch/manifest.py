@@ -182,8 +182,25 @@ class VitSpec(Strict):
         return self
 
 
+class IdentitySpec(Strict):
+    """The identity-class positive control (preset identity): a classifier whose classes are patients."""
+
+    patients: Annotated[int, Field(ge=2, le=1000)] = Field(
+        10, description="K: classes, one patient each (half men, half women)")
+    studies: Annotated[int, Field(ge=2, le=200)] = Field(
+        24, description="studies rendered per patient to train on (the world's own studies of these patients stay "
+        "held out: they are what the attack's samples are matched against)")
+    validation_studies: Annotated[int, Field(ge=1, le=50)] = Field(
+        4, description="further rendered studies per patient for validation accuracy")
+    role: Literal["positive", "negative"] = Field(
+        "positive", description="positive: classes are the pool's first K identity patients; negative: K others, "
+        "of the same sexes class by class, scored against the positive's patients (it must stay at chance)")
+    seed: Seed = Field(0, description="which patients are drawn (the same seed gives positive and negative sets "
+                                      "that never overlap)")
+
+
 class TargetTrainSpec(Strict):
-    preset: Literal["normal", "overfit", "regularised", "augmented", "dp"] = "normal"
+    preset: Literal["normal", "overfit", "regularised", "augmented", "dp", "identity"] = "normal"
     pool: Literal["private", "control"] = Field(
         "private", description="which patients the target trains on; 'control' makes a control model"
     )
@@ -204,10 +221,20 @@ class TargetTrainSpec(Strict):
     norm: Literal["batch", "group"] | None = Field(
         None, description="CNN normalisation: batch (default) or group (GroupNorm, as DP-SGD needs; dp is always "
         "group): a non-DP GroupNorm arm separates 'DP protects' from 'the attack lost its BatchNorm statistics'")
+    identity: IdentitySpec | None = Field(
+        None, description="preset identity: K patients as K classes (synthetic world only; defaults if omitted)")
     seed: Seed = 0
 
     @model_validator(mode="after")
     def _preset_fields(self) -> "TargetTrainSpec":
+        if self.identity is not None and self.preset != "identity":
+            raise ValueError("an identity section applies to preset identity only")
+        if self.preset == "identity":
+            if self.identity is None:
+                self.identity = IdentitySpec()
+            if self.images_per_class is not None or self.max_images is not None:
+                raise ValueError("preset identity trains on identity.studies per patient; images_per_class and "
+                                 "max_images do not apply")
         if self.preset != "dp" and (self.target_epsilon is not None or self.max_grad_norm is not None):
             raise ValueError("target_epsilon and max_grad_norm apply to preset dp only")
         if self.preset == "dp" and self.norm == "batch":
@@ -247,6 +274,13 @@ class ObjectiveSpec(Strict):
     layernorm_layers: Literal["all"] | list[str] = "all"
     attention_blocks: Literal["all"] | list[str] = "all"
     reference: ReferenceSpec = ReferenceSpec()
+    # Off by default: the study's method conditions only through z_0. With K > 2 classes that collapsed stage 1 onto
+    # one patient (issue 17); a learned offset per class gives each class its own region of latent space.
+    class_offsets: bool = Field(
+        False, description="learn a latent offset per class beside the generator (the class is still read from z_0): "
+        "the fix for stage 1 collapsing many classes onto one; off = the study's method")
+    class_offset_lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        0.01, description="Adam learning rate of the class offsets (the latents are N(0, 1) per coordinate)")
 
 
 class TargetSpec(Strict):
@@ -306,6 +340,8 @@ class TargetSpec(Strict):
             # fail inside DenseNet's concatenations: ResNets are the architectures DP-SGD is known to train here.
             raise ValueError("preset dp trains ResNets (resnet18..152) with Opacus; train other architectures "
                              "elsewhere and give the checkpoint")
+        if self.objective.class_offsets and "logits" not in self.terms:
+            raise ValueError("objective.class_offsets needs the logits term (the classes are what it conditions on)")
         allowed = FAMILY_TERMS[self.family]
         if self.objective.terms is not None:
             unknown = sorted(set(self.objective.terms) - set(allowed))
@@ -552,6 +588,10 @@ class Manifest(Strict):
             for t in self.targets:
                 if t.train is not None and t.train.pool == "control":
                     raise ValueError(f"target {t.name!r} trains on the control pool but data.control is not given")
+        for t in self.targets:
+            if t.train is not None and t.train.preset == "identity" and self.data.synthetic is None:
+                raise ValueError(f"target {t.name!r}: preset identity renders extra studies of its patients and "
+                                 "needs data.synthetic")
         return self
 
     def source(self, pool: str) -> SourceSpec:
@@ -694,7 +734,7 @@ FIELD_NOTES = {
     "targets[].input.size": "side of the square input the target expects",
     "targets[].input.mean": "per-channel normalisation mean (images in [0, 1] before it)",
     "targets[].input.std": "per-channel normalisation std",
-    "targets[].train.preset": "normal (best validation AUC), overfit (few images per class, to 100% train accuracy), or a mitigation: regularised, augmented, dp (Opacus DP-SGD, BatchNorm -> GroupNorm; ResNets)",
+    "targets[].train.preset": "normal (best validation AUC), overfit (few images per class, to 100% train accuracy), or a mitigation: regularised, augmented, dp (Opacus DP-SGD, BatchNorm -> GroupNorm; ResNets), or the positive control identity (K patients as K classes; synthetic world)",
     "targets[].train.freeze_backbone": "train only the head (the study's overfit ViT); default trains the whole model",
     "targets[].objective.first_bn_multiplier": "extra weight on the first BatchNorm layer's term",
     "targets[].objective.feature_layer": "module path whose output the feature term reads (CNN)",

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 LATENT = 16
 DEPTHS = [32, 16, 8, 8]  # 4 -> 32 px
 SIZE = 32
-WORLD = {"seed": 0, "image_size": SIZE, "private_patients": 14, "public_patients": 8, "control_patients": 10,
+WORLD = {"seed": 0, "image_size": SIZE, "private_patients": 16, "public_patients": 8, "control_patients": 10,
          "max_studies_per_patient": 2}
 TARGETS = ("cnn", "cnn-control")
 
@@ -58,6 +58,10 @@ def make_manifest(root: Path, inputs: dict[str, Path], output: str, s3_endpoint:
     document["targets"] = [
         {"name": "cnn", "arch": "resnet18", "train": train, "input": {"size": SIZE}},
         {"name": "cnn-control", "arch": "resnet18", "train": {**train, "pool": "control"}, "input": {"size": SIZE}},
+        # P1 at its smallest: 2 patients as 2 classes, attacked with the per-class latent offsets.
+        {"name": "identity", "arch": "resnet18", "input": {"size": SIZE}, "objective": {"class_offsets": True},
+         "train": {"preset": "identity", "epochs": 1, "batch_size": 4,
+                   "identity": {"patients": 2, "studies": 4, "validation_studies": 1}}},
     ]
     document["generator"] = {"checkpoint": str(inputs["prior"]), "format": "reid", "latent_dim": LATENT,
                              "depths": DEPTHS, "out_channels": 1}
@@ -280,6 +284,51 @@ def test_calibration_spikes_member_patients_into_prior_candidates(pipeline):
     assert store.read_commit("cnn/calibration")["created"] == before
 
 
+def test_identity_control_matches_samples_to_held_out_studies(pipeline):
+    """P1 wired end to end: the fine-tuned generator carries its class offsets, every likely sample asks for the
+    class its z_0 encodes, and the gallery is the world's own studies of the scored patients and distractors (never
+    trained on); the committed numbers are recomputed from those images."""
+    from reid_batch.analysis.identity import identity_control
+    from reid_batch.analysis.roles import identity_sets
+    from reid_batch.artifacts import load_finetuned_generator, load_reid_model
+    from reid_batch.attack.objectives import requested_classes
+    from reid_batch.data.datasets import load_image, read_chexpert
+    from reid_batch.models.pggan import latents_for_ids
+    from reid_batch.models.reid import embed
+
+    manifest, root = pipeline
+    store, metrics, table = _outputs(manifest, "identity")
+    control = metrics["identity_control"]
+    assert control["role"] == "positive" and control["classes"] == 2
+    generator = load_finetuned_generator(manifest, "identity")
+    assert generator.config.class_offsets == 2 and generator.class_offsets.abs().sum() > 0  # trained, not zero
+    sets = identity_sets(manifest, manifest.target("identity"))
+    patients = sets.scored + sets.distractors
+    assert control["scored_against"] == [f"patient{p.patient_id:05d}" for p in sets.scored]
+    rows = read_chexpert(str(root / "world" / "private"))
+    number = {f"patient{p.patient_id:05d}": i for i, p in enumerate(patients)}
+    gallery = rows[rows["patient_id"].isin(number)].sort_values("path")
+    trained = set(pd.read_csv(io.BytesIO(store.read_bytes("targets/identity/train_images.csv")))["path"])
+    assert len(gallery) >= 4 and not trained & set(gallery["path"])
+    model = load_reid_model(manifest)
+    gallery_features = embed(model, torch.stack([load_image(p, SIZE, 1) for p in gallery["path"]])).numpy()
+    ids = table["id"].to_numpy()
+    from reid_batch.attack.generation import regenerate_images
+
+    images = regenerate_images(generator, ids, manifest.sampling.seed, torch.device("cpu"))
+    classes = requested_classes(latents_for_ids(manifest.sampling.seed, ids, LATENT), 2).numpy()
+    settings = manifest.evaluation
+    again = identity_control(embed(model, images).numpy(), classes, gallery_features,
+                             gallery["patient_id"].map(number).to_numpy(), np.arange(2),
+                             np.array([p.sex for p in sets.scored]), bootstrap=settings.leak_bootstrap,
+                             seed=settings.seed)
+    likely = control["likely"]
+    assert likely["samples"] == len(table) == 7
+    assert (likely["top1"], likely["distinct"], likely["p_value"]) == pytest.approx(
+        (again["top1"], again["distinct"], again["p_value"]), abs=1e-6)
+    assert control["raw"]["samples"] == control["prior_raw"]["samples"] == settings.membership_candidates
+
+
 def test_stage1_sets_and_shared_prior(pipeline):
     manifest, _ = pipeline
     stage1 = {name: _outputs(manifest, name)[1]["stage1"] for name in TARGETS}
@@ -355,6 +404,22 @@ def test_report_agrees_with_the_parquet_outputs(pipeline):
     assert store.read_commit("report") == marker
 
 
+def test_report_has_a_controls_section(pipeline):
+    from reid_batch.stages import report
+
+    manifest, _ = pipeline
+    store = run_store(manifest)
+    document = store.read_json("report/report.json")
+    page = store.read_bytes("report/report.html").decode("utf-8")
+    markdown = store.read_bytes("report/report.md").decode("utf-8")
+    assert list(document["controls"]) == ["identity"]
+    header, rows = report.control_rows(document)
+    assert len(rows) == 3 and "Permutation p" in header
+    for row in rows:
+        assert all(html_escape(cell) in page for cell in row) and all(cell in markdown for cell in row)
+    assert html_escape(report.control_sentence("identity", document["controls"]["identity"])) in page
+
+
 def test_report_reads_and_writes_s3_and_needs_no_torch(pipeline, s3_bucket):
     """The rendered report on S3 from the same evaluation outputs, in a process that never imports torch."""
     from reid_batch.storage import open_store
@@ -365,7 +430,7 @@ def test_report_reads_and_writes_s3_and_needs_no_torch(pipeline, s3_bucket):
     local = run_store(manifest)
     uri, settings = s3_bucket
     remote = open_store(f"{uri}/{manifest.run_id}", settings)
-    for name in TARGETS:
+    for name in (t.name for t in manifest.targets):
         for part in ("evaluation", "calibration"):
             for key in local.list(f"{name}/{part}"):
                 remote.write_bytes(key, local.read_bytes(key))

@@ -14,9 +14,11 @@ from reid_batch.models.pggan import (
     PGGANGenerator,
     export_state_dict,
     generator_to_unit,
+    latent_bins,
     latents_for_ids,
     load_generator,
     save_generator,
+    with_class_offsets,
     write_checkpoint,
 )
 
@@ -238,6 +240,26 @@ def test_reid_safetensors_round_trip(tmp_path):
     assert loaded.checkpoint_fade_alpha == pytest.approx(0.75)
     with torch.no_grad():
         assert torch.equal(loaded(latents()), generator(latents()))
+
+
+def test_class_offsets_move_only_their_class_and_survive_a_round_trip(tmp_path):
+    """The collapse fix: a latent offset per class (z_0's bin). Zero offsets draw what the prior draws; an offset for
+    class 2 changes the images of latents in bin 2 and no other; the reid format keeps offsets and class count."""
+    prior = random_generator(12)
+    conditioned = with_class_offsets(prior, 4)
+    z = latents_for_ids(3, torch.arange(64), LATENT)
+    with torch.no_grad():
+        assert torch.equal(conditioned(z), prior(z))
+        conditioned.class_offsets[2] = 0.5
+        changed = (conditioned(z) - prior(z)).flatten(1).abs().amax(1) > 0
+    assert torch.equal(changed, latent_bins(z[:, 0], 4) == 2) and changed.any() and not changed.all()
+    save_generator(conditioned, tmp_path / "g.safetensors")
+    loaded, config = load_generator(tmp_path / "g.safetensors")
+    assert config.class_offsets == 4
+    with torch.no_grad():
+        assert torch.equal(loaded(z), conditioned(z))
+    with pytest.raises(ValueError, match="offsets"):
+        export_state_dict(conditioned, "segal")
 
 
 def test_exports_refuse_to_change_declared_semantics():

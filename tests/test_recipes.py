@@ -126,6 +126,44 @@ def kill_and_resume_equals_clean_run(tmp_path: Path, stage: str, make_manifest, 
         torch.testing.assert_close(resumed[key], clean[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_identity_preset_trains_k_patients_as_k_classes_on_extra_studies(tiny_world, tmp_path):
+    """P1's target: K patients as K classes, trained on rendered studies beyond the world's own (which stay held
+    out); the negative's patients are others, of the same sex class by class."""
+    from reid_batch.artifacts import load_attack_target
+    from reid_batch.data.datasets import read_chexpert
+    from reid_batch.data.phantoms import EXTRA_STUDY_FROM
+    from reid_batch.stages.train_target import run
+
+    identity = {"patients": 4, "studies": 6, "validation_studies": 2}
+    document = tiny_manifest(tiny_world, tmp_path, preset="identity", epochs=3, batch_size=8, identity=identity)
+    negative = copy.deepcopy(document["targets"][0])
+    negative.update(name="cnn-negative")
+    negative["train"]["identity"] = {**identity, "role": "negative"}
+    document["targets"].append(negative)
+    manifest = parse_manifest(document)
+    assert run(manifest) == 0
+
+    lists = {}
+    for name in ("cnn", "cnn-negative"):
+        out = tmp_path / "demo" / "targets" / name
+        record = yaml.safe_load((out / "training.json").read_text())
+        assert record["num_classes"] == 4 and record["recipe"]["keep"] == "best_val_accuracy"
+        assert record["train_images"] == 24 and record["val_images"] == 8
+        listed = pd.read_csv(out / "train_images.csv")
+        assert sorted(listed["class"].value_counts().tolist()) == [6, 6, 6, 6]
+        assert (listed["study"] > EXTRA_STUDY_FROM).all() and all(Path(p).is_file() for p in listed["path"])
+        assert listed.groupby("class")["patient_id"].nunique().eq(1).all()
+        lists[name] = listed.drop_duplicates("class").sort_values("class")
+        model, num_classes = load_attack_target(manifest, manifest.target(name))
+        assert num_classes == 4
+    positive, negative = lists["cnn"], lists["cnn-negative"]
+    assert list(positive["sex"]) == list(negative["sex"]) == ["M", "M", "F", "F"]
+    assert not set(positive["patient_id"]) & set(negative["patient_id"])
+    # The world's own studies of these patients are not trained on: they are the held-out studies.
+    world_paths = set(read_chexpert(str(tiny_world / "private"))["path"])
+    assert not world_paths & set(pd.read_csv(tmp_path / "demo" / "targets" / "cnn" / "train_images.csv")["path"])
+
+
 def test_train_target_resumes_after_sigkill_to_the_same_weights(tiny_world, tmp_path):
     kill_and_resume_equals_clean_run(
         tmp_path, "train-target", lambda output: tiny_manifest(tiny_world, output, epochs=2, max_images=32),

@@ -722,6 +722,19 @@ def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
     return {"accuracy": accuracy, "auc": auc}
 
 
+def classifier_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy and ROC AUC: one-logit binary, or K outputs (accuracy of the argmax, one-vs-rest macro AUC)."""
+    if logits.shape[1] == 1:
+        return binary_metrics(logits[:, 0], labels)
+    y = labels.numpy().astype(int)
+    probabilities = torch.softmax(logits.float(), dim=1).numpy()
+    accuracy = float((probabilities.argmax(1) == y).mean()) if len(y) else float("nan")
+    present = len(np.unique(y)) == logits.shape[1]
+    scores = probabilities[:, 1] if logits.shape[1] == 2 else probabilities  # sklearn reads two classes as binary
+    auc = float(roc_auc_score(y, scores, multi_class="ovr")) if present else float("nan")
+    return {"accuracy": accuracy, "auc": auc}
+
+
 def to_grey(images01: torch.Tensor) -> torch.Tensor:
     return images01.mean(dim=1, keepdim=True) if images01.shape[1] > 1 else images01
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pandas as pd
 
 from reid_batch import layout
 from reid_batch.data.datasets import read_source
+from reid_batch.data.phantoms import WorldConfig, sample_patients, sex_balanced_sets
 from reid_batch.errors import InputError
 from reid_batch.manifest import Manifest, TargetSpec
 from reid_batch.storage import input_path, run_store
@@ -39,6 +41,34 @@ def reference_images(manifest: Manifest, spec: TargetSpec) -> tuple[pd.DataFrame
 
 
 OTHER_POOL = {"private": "control", "control": "private"}
+
+
+@dataclass(frozen=True)
+class IdentitySets:
+    """Who an identity-class control is about. `classes[k]` is the patient class k was trained on; `scored[k]` the
+    patient class k is scored against (the positive's patients, for either role); `distractors` K further patients
+    the samples may land on instead. All three lists have men first, then women, and the same sex at each k."""
+
+    classes: list
+    scored: list
+    distractors: list
+    role: str
+
+
+def identity_sets(manifest: Manifest, spec: TargetSpec) -> IdentitySets:
+    """The patients of an identity-class target (preset identity), drawn from the labelled patients of its pool:
+    three disjoint sex-balanced sets (positive, negative, distractors) by `train.identity.seed`."""
+    identity = spec.train.identity
+    pool = train_pool(spec)
+    found = pool_frame(manifest, pool)
+    if found is None:
+        raise InputError(f"the synthetic world's {pool} pool is not on this machine (run make-phantoms first)",
+                         where=f"data.synthetic.root ({manifest.data.synthetic.root})")
+    labelled = set(found[0]["patient_id"].astype(str))
+    patients = [p for p in sample_patients(WorldConfig.of(manifest.data.synthetic), pool)
+                if f"patient{p.patient_id:05d}" in labelled]
+    positive, negative, distractors = sex_balanced_sets(patients, identity.patients, 3, identity.seed)
+    return IdentitySets(positive if identity.role == "positive" else negative, positive, distractors, identity.role)
 
 
 def patient_number(patient_id) -> int | None:

@@ -106,6 +106,7 @@ from torch import Tensor, nn
 from reid_batch import log
 from reid_batch.errors import InputError
 from reid_batch.archs import CNN_ALLOWED_TERMS, CNN_TERMS, FAMILY_TERMS, VIT_TERMS  # noqa: F401 - re-exported
+from reid_batch.models.pggan import latent_bins
 from reid_batch.models.targets import family as target_family
 
 # Stage 2 scores candidates by how well they match the target; image smoothness says nothing about that.
@@ -143,6 +144,12 @@ def condition_latents(latents: Tensor, classes: Tensor, num_classes: int) -> Ten
     within = torch.special.ndtr(latents[:, 0].double()).clamp(1e-12, 1 - 1e-12)
     out[:, 0] = torch.special.ndtri((classes.double() + within) / k).clamp(-8, 8).to(latents.dtype)
     return out
+
+
+def requested_classes(latents: Tensor, num_classes: int) -> Tensor:
+    """The class each latent asks for under `condition_latents`: the equal-probability bin of the standard normal
+    that z_0 falls in (the inverse of that function; any N(0, 1) latent, conditioned or not, asks for one)."""
+    return latent_bins(latents[:, 0], 2 if num_classes == 1 else num_classes)
 
 
 def predicted_classes(logits: Tensor) -> Tensor:

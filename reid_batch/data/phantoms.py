@@ -733,6 +733,52 @@ def _write_tables(root: Path, pool: str, csv_rows: list[dict], truth_rows: list[
 
 
 # ====================================================================================================================
+# Extra studies: identity-class controls need many studies of a few patients
+
+
+# The most studies a world gives a patient (max_studies_per_patient <= 20): extra studies start here, so they never
+# repeat a study the world's files hold, and those files stay held-out studies of the same patients.
+EXTRA_STUDY_FROM = 20
+EXTRA_STUDIES_DIR = "extra-studies"
+
+
+def sex_balanced_sets(patients: list[Patient], size: int, count: int, seed: int) -> list[list[Patient]]:
+    """`count` disjoint sets of `size` patients, each (size + 1) // 2 men then size // 2 women, drawn in a seeded
+    order; set j's k-th patient has the sex of every other set's k-th (sex alone carries identity: a control whose
+    classes differ in sex from the patients they are scored against would look like a leak)."""
+    order = np.random.default_rng(seed).permutation(len(patients))
+    men = [patients[i] for i in order if patients[i].sex == "M"]
+    women = [patients[i] for i in order if patients[i].sex == "F"]
+    want_men, want_women = (size + 1) // 2, size // 2
+    if len(men) < count * want_men or len(women) < count * want_women:
+        raise InputError(f"{count} sets of {size} patients need {count * want_men} men and {count * want_women} women; "
+                         f"the pool has {len(men)} and {len(women)}", where="identity_patients")
+    return [men[j * want_men:(j + 1) * want_men] + women[j * want_women:(j + 1) * want_women] for j in range(count)]
+
+
+def write_extra_studies(root: str | os.PathLike, config: WorldConfig, patients: list[Patient], count: int,
+                        first: int = EXTRA_STUDY_FROM) -> list[dict]:
+    """Render studies first .. first + count - 1 of each patient as CheXpert-style JPEGs under
+    ``<root>/<pool>/extra-studies/patientNNNNN/studyK/view1_frontal.jpg``; returns one row per image (path, patient_id
+    as read_chexpert names it, age, sex, label, study 1-based, view). Deterministic and idempotent: a file already
+    there is kept (the same bytes), and each file appears whole (written beside it, then renamed)."""
+    rows = []
+    for patient in patients:
+        for study_index in range(first, first + count):
+            study = sample_study(patient, study_index, config.seed)
+            path = (Path(root) / patient.pool / EXTRA_STUDIES_DIR / f"patient{patient.patient_id:05d}"
+                    / f"study{study_index + 1}" / "view1_frontal.jpg")
+            if not path.is_file():
+                partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.jpg")
+                _save(render_study(patient, study_index, config.image_size, config.seed), partial, jpeg=True)
+                os.replace(partial, path)
+            rows.append({"path": str(path.resolve()), "patient_id": f"patient{patient.patient_id:05d}",
+                         "age": float(patient.age), "sex": patient.sex, "label": patient.label,
+                         "study": study_index + 1, "view": study.view_position})
+    return rows
+
+
+# ====================================================================================================================
 # The shell: write a whole world atomically
 
 

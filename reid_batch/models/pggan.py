@@ -99,6 +99,9 @@ class PGGANConfig:
     variant: str = "segal"
     output_activation: str = "none"
     leakiness: float = 0.2
+    # K > 0: a learned offset per class is added to each latent, the class being the equal-probability bin of the
+    # standard normal that z_0 falls in (attack.objectives.condition_latents). Only fine-tuned generators have them.
+    class_offsets: int = 0
 
     def __post_init__(self) -> None:
         self.depths = tuple(int(d) for d in self.depths)
@@ -109,6 +112,9 @@ class PGGANConfig:
             raise InputError(f"depths must be positive channel counts, got {self.depths}", where="pggan.depths")
         if self.latent_dim <= 0 or self.out_channels <= 0:
             raise InputError("latent_dim and out_channels must be positive", where="pggan")
+        if not isinstance(self.class_offsets, int) or self.class_offsets < 0 or self.class_offsets == 1:
+            raise InputError(f"class_offsets must be 0 or a class count >= 2, got {self.class_offsets!r}",
+                             where="pggan.class_offsets")
         if len(self.output_range) != 2 or not self.output_range[1] > self.output_range[0]:
             raise InputError(f"output_range must be (low, high) with high > low, got {self.output_range}",
                              where="pggan.output_range")
@@ -194,6 +200,8 @@ class PGGANGenerator(nn.Module):
         self.register_buffer("current_size", torch.tensor(cfg.resolution))
         self.register_buffer("current_depth", torch.tensor(len(cfg.depths) - 1))
         self.register_buffer("alpha", torch.tensor(0.0))
+        if cfg.class_offsets:
+            self.class_offsets = nn.Parameter(torch.zeros(cfg.class_offsets, cfg.latent_dim))
 
     @property
     def resolution(self) -> int:
@@ -216,6 +224,8 @@ class PGGANGenerator(nn.Module):
         x = z.reshape(z.shape[0], -1)
         if x.shape[1] != self.config.latent_dim:
             raise ValueError(f"expected latents of dimension {self.config.latent_dim}, got {tuple(z.shape)}")
+        if self.config.class_offsets:
+            x = x + self.class_offsets[latent_bins(x[:, 0].detach(), self.config.class_offsets)].to(x.dtype)
         x = self.latent_linear(self.pixel_norm(x)).view(x.shape[0], -1, 4, 4)
         if self.config.variant == "gan_zoo":
             x = self.pixel_norm(x)
@@ -229,6 +239,22 @@ class PGGANGenerator(nn.Module):
             upsampled = F.interpolate(self.toRGB[depth - 1](coarser), scale_factor=2, mode="nearest")
             image = alpha * image + (1.0 - alpha) * upsampled
         return self.output_activation(image)
+
+
+def latent_bins(z0: torch.Tensor, classes: int) -> torch.Tensor:
+    """The equal-probability bin (0..classes-1) of the standard normal that each z_0 falls in."""
+    return (torch.special.ndtr(z0.double()) * classes).floor().clamp(0, classes - 1).long()
+
+
+def with_class_offsets(generator: PGGANGenerator, classes: int) -> PGGANGenerator:
+    """A copy of `generator` (same weights and buffers, same device) with a zero latent offset per class: it draws
+    exactly what `generator` draws until the offsets are trained."""
+    config = dataclasses.replace(generator.config, class_offsets=classes)
+    device = next(generator.parameters()).device
+    out = PGGANGenerator(config).to(device)
+    missing, unexpected = out.load_state_dict(generator.state_dict(), strict=False)
+    assert missing == ["class_offsets"] and not unexpected, (missing, unexpected)
+    return out
 
 
 def generator_to_unit(images: torch.Tensor, output_range: Sequence[float]) -> torch.Tensor:
@@ -261,7 +287,11 @@ def latents_for_ids(seed: int, ids: torch.Tensor | Sequence[int], latent_dim: in
     """
     if isinstance(ids, torch.Tensor) and ids.is_floating_point():
         raise TypeError("ids must be integers")
-    id_values = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu().numpy().view(np.uint64)
+    if isinstance(ids, torch.Tensor):
+        ids = ids.cpu().numpy()
+    if np.asarray(ids).dtype.kind == "f":
+        raise TypeError("ids must be integers")
+    id_values = np.array(ids, dtype=np.int64).reshape(-1).view(np.uint64)  # a copy: read-only arrays are fine
     pairs = (int(latent_dim) + 1) // 2
     with np.errstate(over="ignore"):
         seed_key = _splitmix64_mix(np.array([int(seed) % 2**64], dtype=np.uint64) + _GOLDEN_GAMMA)
@@ -571,7 +601,8 @@ def _extract(fmt: str, loaded: object, metadata: dict[str, str] | None, where: s
         return _gan_zoo_to_segal_keys(state), label, _gan_zoo_declared(fields, where), fade
     if fmt == "reid":
         config = PGGANConfig.from_json(metadata[_REID_METADATA_KEY], where)
-        declared = {k: getattr(config, k) for k in ("variant", "output_range", "output_activation", "leakiness")}
+        declared = {k: getattr(config, k) for k in ("variant", "output_range", "output_activation", "leakiness",
+                                                    "class_offsets")}
         return dict(loaded), "reid", declared, None
     raise AssertionError(fmt)
 
@@ -628,6 +659,8 @@ def _weights(generator: PGGANGenerator) -> OrderedDict:
 
 def _require_export_semantics(generator: PGGANGenerator, fmt: str) -> None:
     cfg = generator.config
+    if cfg.class_offsets:
+        raise ValueError(f"format {fmt!r} cannot hold per-class latent offsets (use save_generator)")
     if fmt in ("segal", "segal_lightning"):
         ok = cfg.variant == "segal" and cfg.output_range == (0.0, 1.0) and cfg.output_activation == "none"
         need = "variant 'segal', output_range (0, 1), no output activation"

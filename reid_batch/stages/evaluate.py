@@ -42,6 +42,14 @@ here against the target), the same number kept from each (`_selected_leak`). The
 committed (records.parquet, leak_candidates.parquet): the report measures L against a control model's generator from
 them, and calibrate spikes into them.
 
+Identity-class control (targets of preset identity; analysis.identity). Every likely sample, every raw leak
+candidate of the attacked generator and, as the baseline, of the prior asks for the class its latent's z_0 encodes
+(attack.objectives.requested_classes). Each is matched in the embedding against the world's own studies (never
+trained on) of the K patients the classes are scored against and K distractors: top-1, top-5, distinct patients
+hit, a within-sex label-permutation p-value and a class-bootstrap interval; plus how often the target itself
+predicts the requested class for the likely samples (a stage 1 that cannot separate the classes leaves it at
+chance). metrics.json: `identity_control`.
+
 Re-identification, sample vote (when the held-out pool's images are available; patient truth and devices on the
 synthetic world). Roles follow each target's `train.pool` (a checkpoint target is taken as trained on the private
 pool): the training set is the target's training list, the held-out set a deterministic sample of the other pool's
@@ -78,17 +86,20 @@ from matplotlib.figure import Figure
 from reid_batch import log
 from reid_batch.analysis.devices import (DETECTOR_MIN_AUC, DETECTOR_MIN_IMAGES, DEVICE_LEVEL_PERCENTILE, DEVICE_REGION,
                                          calibrate_device_detector, device_region)
+from reid_batch.analysis.identity import identity_control
 from reid_batch.analysis.leak import generator_scores, leak_test
 from reid_batch.analysis.metrics import (InceptionFeatures, demographic_errors, fid, fit_pca, kurtosis_curve_png,
                                          membership_auc, nearest_neighbours, pca_kurtosis, pixel_entropy,
                                          pixel_features, reidentification, ssim, to_grey)
-from reid_batch.analysis.roles import (OTHER_POOL, matched_positions, membership_records, pool_frame,
-                                       reference_images, sample_positions, sex_code, train_pool, truth_for,
+from reid_batch.analysis.roles import (OTHER_POOL, identity_sets, matched_positions, membership_records,
+                                       pool_frame, reference_images, sample_positions, sex_code, train_pool, truth_for,
                                        world_truth)
 from reid_batch.analysis.space import PIXEL_SIZE, FeatureSpace
-from reid_batch.artifacts import load_finetuned_generator, load_prior, load_reid_model, require_committed
+from reid_batch.artifacts import (load_attack_target, load_finetuned_generator, load_prior, load_reid_model,
+                                  require_committed)
 from reid_batch.attack.candidates import build_scorer, concat_columns
-from reid_batch.attack.generation import BatchSizer, generated_features, regenerate_images
+from reid_batch.attack.generation import BatchSizer, generated_features, regenerate_images, target_input_spec
+from reid_batch.attack.objectives import requested_classes
 from reid_batch.attack.selection import committed_summaries, read_scores, select_candidates
 from reid_batch.data.datasets import ImageDataset
 from reid_batch.errors import InputError
@@ -99,6 +110,8 @@ from reid_batch.layout import (FIGURES, LEAK_CANDIDATES_FILE, LEAK_ID_OFFSET, ME
                                evaluation_prefix, finetune_prefix, pair_key, reference_prefix, scores_prefix,
                                selection_prefix, target_prefix)
 from reid_batch.manifest import Manifest, TargetSpec
+from reid_batch.models.pggan import latents_for_ids
+from reid_batch.models.targets import to_target_input
 from reid_batch.runtime import SingleProcess, pick_device, run_single_writer, run_store
 from reid_batch.storage import input_path
 
@@ -416,9 +429,12 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
     neighbours, stage2, demographics = _neighbours_and_demographics(manifest, spec, likely, training, origin,
                                                                      on_error, resolution, notes, space)
     reid = _reidentify(manifest, spec, training, OTHER_POOL[train_pool(spec)], likely, notes, resolution, space)
-    leak, leak_tables = _leak(manifest, spec, finetuned, shared, space, resolution, device, notes)
+    leak, leak_tables, raw_features = _leak(manifest, spec, finetuned, shared, space, resolution, device, notes)
+    identity = _identity(manifest, spec, likely, raw_features, shared, space, finetuned.config.latent_dim, device)
     metrics = _metrics_document(store, manifest, spec, likely, stage1, stage2, demographics, reid, leak, notes,
                                 resolution)
+    if identity is not None:
+        metrics["identity_control"] = clean_json(identity)
     _write_outputs(store, manifest, spec, metrics, likely, neighbours, sets, kurtosis_png, leak_tables)
     raw = leak.get("raw", {}).get("vs_prior", {})
     log.event("evaluate_done", target=spec.name, likely=len(likely.ids), ssim_mean=stage2.get("ssim_mean"),
@@ -667,7 +683,7 @@ def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space
     records, known_by, on_error = membership_records(manifest, spec, settings.membership_patients, settings.seed)
     if records is None:
         notes.append(f"membership: not available ({known_by})")
-        return {"available": False, "reason": known_by}, {}
+        return {"available": False, "reason": known_by}, {}, None
     loaded = load_images(records, resolution, on_error, manifest.compute.num_workers, set(),
                          f"{spec.name} member and non-member images", space)
     frame = loaded.frame
@@ -675,7 +691,7 @@ def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space
     member = frame.groupby(codes)["member"].first().to_numpy(dtype=bool)
     if member.all() or not member.any():
         notes.append("membership: not available (the member or non-member images failed to load)")
-        return {"available": False, "reason": "the member or non-member images failed to load"}, {}
+        return {"available": False, "reason": "the member or non-member images failed to load"}, {}, None
     ids = LEAK_ID_OFFSET + np.arange(settings.membership_candidates, dtype=np.int64)
     if shared.prior_candidate_features is None:
         prior = load_prior(manifest).to(device).eval()
@@ -714,7 +730,65 @@ def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space
         "id": pa.array(np.concatenate([ids, ids])),
         "features": feature_column(np.concatenate([attacked, shared.prior_candidate_features])),
     })
-    return summary, {RECORDS_FILE: parquet_bytes(records_table), LEAK_CANDIDATES_FILE: parquet_bytes(candidates_table)}
+    tables = {RECORDS_FILE: parquet_bytes(records_table), LEAK_CANDIDATES_FILE: parquet_bytes(candidates_table)}
+    return summary, tables, attacked
+
+
+def _identity(manifest: Manifest, spec: TargetSpec, likely: LikelySamples, raw_features: np.ndarray | None,
+              shared: Shared, space: FeatureSpace, latent_dim: int, device) -> dict | None:
+    """The identity-class control's measures (analysis.identity) for a target of preset identity: the likely
+    samples, the leak statistic's raw candidates of the attacked generator and, as the baseline, the prior's; each
+    sample asks for the class its latent's z_0 encodes. Also how often the target itself sees the requested class
+    in the likely samples (a collapsed stage 1 leaves it at chance)."""
+    if spec.train is None or spec.train.preset != "identity":
+        return None
+    settings, seed = manifest.evaluation, manifest.sampling.seed
+    sets = identity_sets(manifest, spec)
+    k = len(sets.scored)
+    gallery_patients = sets.scored + sets.distractors
+    number = {f"patient{p.patient_id:05d}": i for i, p in enumerate(gallery_patients)}
+    rows, on_error = pool_frame(manifest, train_pool(spec))
+    resolution = likely.reconstructions.shape[-1]
+    gallery = load_images(rows[rows["patient_id"].astype(str).isin(number)], resolution, on_error,
+                          manifest.compute.num_workers, set(), f"{spec.name} identity gallery", space)
+    gallery_patient = gallery.frame["patient_id"].astype(str).map(number).to_numpy(dtype=np.int64)
+    sexes = np.array([p.sex for p in sets.scored])
+
+    def measure(features: np.ndarray, ids: np.ndarray) -> dict:
+        classes = requested_classes(latents_for_ids(seed, ids, latent_dim), k).numpy()
+        return identity_control(features, classes, gallery.features, gallery_patient, np.arange(k), sexes,
+                                bootstrap=settings.leak_bootstrap, seed=settings.seed, confidence=CONFIDENCE)
+
+    model, _ = load_attack_target(manifest, spec)
+    model = model.to(device).eval()
+    with torch.inference_mode():
+        logits = torch.cat([model(to_target_input(likely.reconstructions[i:i + GENERATION_BATCH].to(device),
+                                                  target_input_spec(spec))).float().cpu()
+                            for i in range(0, len(likely.ids), GENERATION_BATCH)]) if len(likely.ids) else \
+            torch.zeros(0, k)
+    asked = requested_classes(latents_for_ids(seed, likely.ids, latent_dim), k)
+    probabilities = torch.softmax(logits, dim=1)
+    result = {
+        "role": sets.role, "classes": k,
+        "attack": "stage 1 with a learned latent offset per class" if spec.objective.class_offsets
+        else "the study's stage 1 (classes through z_0 only)",
+        "patients": [f"patient{p.patient_id:05d}" for p in sets.classes],
+        "scored_against": [f"patient{p.patient_id:05d}" for p in sets.scored],
+        "distractors": [f"patient{p.patient_id:05d}" for p in sets.distractors],
+        "gallery": "the world's own studies of these patients (never trained on), in the re-identification embedding",
+        "permutation": "class -> patient assignment permuted within sex",
+        "likely": measure(likely.features, likely.ids),
+        "target_agrees": float((probabilities.argmax(1) == asked).float().mean()) if len(asked) else None,
+        "target_confidence": float(probabilities[torch.arange(len(asked)), asked].mean()) if len(asked) else None,
+    }
+    if raw_features is not None:
+        ids = LEAK_ID_OFFSET + np.arange(len(raw_features), dtype=np.int64)
+        result["raw"] = measure(raw_features, ids)
+        result["prior_raw"] = measure(shared.prior_candidate_features, ids)
+    log.event("identity_control", target=spec.name, role=sets.role, top1=result["likely"]["top1"],
+              distinct=result["likely"]["distinct"], p_value=result["likely"]["p_value"],
+              raw_top1=result.get("raw", {}).get("top1"), target_agrees=result["target_agrees"])
+    return result
 
 
 def _selected_leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space: FeatureSpace, device,

@@ -64,7 +64,8 @@ from reid_batch.formats import grid_png, parquet_bytes
 from reid_batch.layout import (FINETUNE_CHECKPOINT_PART, FINETUNE_STATE_FILE, GENERATOR_FILE, GRID_ID_OFFSET,
                                attack_prefix, checkpoint_prefix, finetune_prefix)
 from reid_batch.manifest import FinetuneSpec, Manifest, TargetSpec
-from reid_batch.models.pggan import PGGANGenerator, generator_bytes, generator_to_unit, latents_for_ids
+from reid_batch.models.pggan import (PGGANGenerator, generator_bytes, generator_to_unit, latents_for_ids,
+                                     with_class_offsets)
 from reid_batch.models.targets import TargetInput, to_target_input
 from reid_batch.runtime import load_state, pick_device, run_store, save_state
 from reid_batch.storage import COMMIT_MARKER
@@ -334,8 +335,14 @@ def finetune_target(manifest: Manifest, index: int, accelerator,
                                 field_prefix=f"targets[{index}].objective")
 
     generator = prior.to(device).train()
+    if spec.objective.class_offsets:
+        generator = with_class_offsets(generator, 2 if num_classes == 1 else num_classes).train()
     trainable = freeze_unused_layers(generator)
-    optimizer = torch.optim.Adam(trainable, lr=fs.lr, betas=tuple(fs.betas))
+    offsets = [p for p in trainable if p is getattr(generator, "class_offsets", None)]
+    groups = [{"params": [p for p in trainable if not any(p is o for o in offsets)]}]
+    if offsets:
+        groups.append({"params": offsets, "lr": spec.objective.class_offset_lr})
+    optimizer = torch.optim.Adam(groups, lr=fs.lr, betas=tuple(fs.betas))
     fingerprint = settings_fingerprint(manifest, spec)
     rows, start, seconds_before = resume_from_checkpoint(store, spec, fs, fingerprint, generator, optimizer)
     # No process may see a checkpoint the main process writes during training as its starting point.

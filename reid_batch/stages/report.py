@@ -213,6 +213,8 @@ def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd
         "validation_note": next(iter(evaluations.values()))["validation_note"] if evaluations else None,
         "targets": targets,
         "mitigation": mitigation_summary(targets),
+        "controls": {name: entry["metrics"]["identity_control"] for name, entry in targets.items()
+                     if entry["metrics"].get("identity_control")},
         "demographic_model": demographic_model,
         "instrument": instrument_summary(reid_model, configured=_get(manifest_document, "reid") is not None),
         "meanings": [{"metric": m, "shows": s, "does_not_show": d} for m, s, d in MEANINGS],
@@ -427,6 +429,57 @@ def risk_rows(document: dict) -> list[dict[str, str]]:
     return rows
 
 
+CONTROL_SETS = (("likely", "likely samples"), ("raw", "raw candidates"), ("prior_raw", "prior (no attack)"))
+
+
+def control_rows(document: dict) -> tuple[list[str], list[list[str]]]:
+    """Identity-class controls (P1): per target and sample set, top-1 with its interval against the permutation
+    null and uniform chance, top-5, distinct patients hit, the permutation p-value."""
+    header = ["Control", "Samples", "n", "Top-1 [95% CI]", "Null top-1 / uniform", "Top-5", "Distinct patients",
+              "Permutation p"]
+    rows = []
+    for name, control in (document.get("controls") or {}).items():
+        for key, label in CONTROL_SETS:
+            result = control.get(key)
+            if not result:
+                continue
+            rows.append([f"{name} ({control.get('role')}; {control.get('attack')})", label, str(result.get("samples")),
+                         percent(result.get("top1")) + interval(result.get("ci"), as_percent=True),
+                         f"{percent(result.get('null_top1'))} / {percent(result.get('chance_top1'))}",
+                         percent(result.get("top5")),
+                         f"{result.get('distinct')} of {result.get('gallery_patients')}",
+                         p_value(result.get("p_value"))])
+    return header, rows
+
+
+def control_sentence(name: str, control: dict) -> str:
+    """What one identity control means for the study's targets."""
+    likely = control.get("likely") or {}
+    raw = control.get("raw") or {}
+    # The stronger of the two sample sets speaks for the attack (the report's table shows both).
+    best = min((r for r in (likely, raw) if r.get("p_value") is not None), key=lambda r: r["p_value"], default=None)
+    if best is None:
+        return f"{name}: no samples to score."
+    # Two sets tested: the positive must pass at 0.01 / 2 (Bonferroni); the negative fails at 0.01 on either.
+    found = best["p_value"] <= (0.01 if control.get("role") == "negative" else 0.005)
+    numbers = (f"top-1 {percent(best.get('top1'))} against a null of {percent(best.get('null_top1'))}, "
+               f"{best.get('distinct')} of {best.get('gallery_patients')} patients hit, p {p_value(best['p_value'])}")
+    agrees = control.get("target_agrees")
+    agreement = (f"; the target itself sees the requested class in {percent(agrees)} of the likely samples"
+                 if agrees is not None else "")
+    name = f"{name}, {control.get('attack')}"
+    if control.get("role") == "negative":
+        return (f"{name} (negative): {numbers}{agreement}. " + (
+            "Within chance, as it must be: the measure does not invent identities." if not found else
+            "ABOVE chance although this model never saw these patients: the measure is biased (e.g. by sex or "
+            "pose), and the positive control cannot be read."))
+    return (f"{name} (positive): {numbers}{agreement}. " + (
+        "The attack reproduced the requested patients: where a model encodes identity, this attack can extract it, "
+        "so a null on the study's targets is informative." if found else
+        "The attack did NOT reproduce the requested patients although the model encodes them: a null on the "
+        "study's targets is therefore weak evidence of safety, bounded by this attack's reach."))
+
+
 def stage1_rows(document: dict) -> tuple[list[str], list[list[str]]]:
     """The study's Figure 4: per target 'prior -> fine-tuned' and 'reference' columns."""
     header = ["Metric"]
@@ -610,6 +663,8 @@ def render_html(document: dict, figures: dict[str, dict[str, bytes]], pairs: dic
     out = _html_header(document)
     out += _html_instrument(document, figures)
     out += _html_risk_summary(document)
+    if document.get("controls"):
+        out += _html_controls(document)
     if document["mitigation"]["shown"]:
         out += _html_mitigations(document, figures)
     out += _html_comparison(document)
@@ -700,6 +755,23 @@ def _html_risk_summary(document: dict) -> list[str]:
         out.append(f"<p class='note'>The age/sex model's own validation (public pool): age MAE "
                    f"{esc(number(validation.get('age_mae'), 2))} years, sex accuracy "
                    f"{esc(number(validation.get('sex_accuracy'), 3))}.</p>")
+    return out
+
+
+def _html_controls(document: dict) -> list[str]:
+    """1a. Positive and negative controls: can this attack extract an identity where a model encodes one?"""
+    esc = html.escape
+    out = ["<h2>1a. Controls: targets known to leak</h2>",
+           "<p class='note'>Identity-class controls: a classifier whose classes are patients, attacked like the "
+           "targets above. Each sample asks for the class its latent encodes; it hits when its nearest patient, "
+           "in the re-identification embedding, among the scored patients and as many distractors (held-out studies "
+           "only), is the requested one. The null permutes which class belongs to which patient within sex; "
+           "uniform chance is 1 / patients in the gallery. The negative control's classes are other patients of "
+           "the same sexes, scored against the positive's patients.</p>"]
+    header, rows = control_rows(document)
+    out.append(_table_html(header, rows))
+    out.append("<ul>" + "".join(f"<li>{esc(control_sentence(n, c))}</li>"
+                                for n, c in document["controls"].items()) + "</ul>")
     return out
 
 
@@ -958,6 +1030,11 @@ def render_markdown(document: dict) -> str:
     if rows:
         lines.append(_table_markdown(list(rows[0]), [list(r.values()) for r in rows]))
     lines += [""] + [f"- {interpretation(n, e)}" for n, e in document["targets"].items()]
+    if document.get("controls"):
+        lines += ["", "## Controls: targets known to leak", ""]
+        header, rows = control_rows(document)
+        lines.append(_table_markdown(header, rows))
+        lines += [""] + [f"- {control_sentence(n, c)}" for n, c in document["controls"].items()]
     if document["mitigation"]["shown"]:
         lines += ["", "## Mitigations: utility and risk side by side", ""]
         header, rows = mitigation_rows(document)

@@ -16,6 +16,11 @@ Mitigations (the same data and split, one defence each):
                gradients clipped to `max_grad_norm` (1.0), Gaussian noise calibrated so that the planned epochs
                reach `target_epsilon` at delta = 1 / training images. The accountant's epsilon for the steps
                actually taken is recorded in training.json (`privacy`). ResNets only.
+Positive control (issue 17, P1):
+  identity     K patients as K classes (`train.identity`): `studies` rendered studies per patient to train on and
+               `validation_studies` more to validate on (synthetic world, `phantoms.write_extra_studies`), so the
+               world's own studies of these patients stay held out. Cross-entropy over K outputs; Adam lr 1e-3,
+               batch 32, 15 epochs, keep the best validation accuracy. Attacking class k asks for patient k.
 `patience` applies to any preset that keeps the best validation AUC. `norm: group` trains a CNN preset with GroupNorm
 in place of BatchNorm and no DP: the mitigation study's control for what GroupNorm alone does to the attack.
 
@@ -31,6 +36,7 @@ import time
 from importlib.metadata import version
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -38,9 +44,11 @@ from torch import nn
 from torchvision.transforms import v2
 
 from reid_batch import log
-from reid_batch.analysis.metrics import binary_metrics
+from reid_batch.analysis.metrics import classifier_metrics
+from reid_batch.analysis.roles import identity_sets
 from reid_batch.attack.generation import target_input_spec
 from reid_batch.data.datasets import ImageDataset, patient_split, read_source
+from reid_batch.data.phantoms import EXTRA_STUDY_FROM, WorldConfig, write_extra_studies
 from reid_batch.errors import InputError
 from reid_batch.layout import MODEL_FILE, TRAIN_IMAGES_FILE, target_prefix, target_resume_key
 from reid_batch.manifest import Manifest, TargetSpec
@@ -69,7 +77,7 @@ class Recipe:
     weight_decay: float
     images_per_class: int | None
     stop_at_perfect_train: bool
-    keep: str  # "best_val_auc" or "last"
+    keep: str  # "best_val_auc", "best_val_accuracy" or "last"
     optimizer: str = "adam"  # or "adamw" (decoupled weight decay)
     dropout: float | None = None  # dropout before the classifier; None leaves the architecture's own
     patience: int | None = None
@@ -78,6 +86,7 @@ class Recipe:
     target_epsilon: float | None = None
     max_grad_norm: float | None = None
     accountant: str = "rdp"
+    num_classes: int = 1  # one logit (binary) or K outputs (identity)
 
 
 def resolve_recipe(spec: TargetSpec) -> Recipe:
@@ -93,6 +102,9 @@ def resolve_recipe(spec: TargetSpec) -> Recipe:
         base = replace(normal, weight_decay=0.05, optimizer="adamw", dropout=0.5, patience=3)
     elif train.preset == "augmented":
         base = replace(normal, augment=True)
+    elif train.preset == "identity":
+        base = replace(normal, epochs=15, batch_size=32, lr=1e-3 if not vit else 3e-4,
+                       num_classes=train.identity.patients, keep="best_val_accuracy")
     else:
         base = replace(normal, batch_size=64, weight_decay=0.0, norm="group", max_grad_norm=1.0)
     return replace(
@@ -126,14 +138,24 @@ def choose_training_images(frame: pd.DataFrame, recipe: Recipe, max_images: int 
 
 
 def load_tensors(frame: pd.DataFrame, size: int, on_error: str, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of a split as one (N, 1, size, size) tensor in [0, 1], plus float labels (N,)."""
+    """All images of a split as one (N, 1, size, size) tensor in [0, 1], plus float labels (N,): the `class` column
+    where there is one (identity targets), else `label`."""
     dataset = ImageDataset(frame, size=size, channels=1, on_error=on_error)
     loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=num_workers)
-    images, labels = [], []
+    images, positions = [], []
     for batch in loader:
         images.append(batch["image"])
-        labels.append(torch.as_tensor(batch["label"]).float())
-    return torch.cat(images), torch.cat(labels)
+        positions.append(batch["index"].numpy())
+    column = "class" if "class" in dataset.df.columns else "label"
+    labels = dataset.df[column].to_numpy(dtype=np.float32)[np.concatenate(positions)] if positions else np.zeros(0)
+    return torch.cat(images), torch.as_tensor(labels, dtype=torch.float32)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy on one logit, cross-entropy over K outputs."""
+    if logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits.reshape(-1), labels)
+    return F.cross_entropy(logits, labels.long())
 
 
 @torch.inference_mode()
@@ -142,8 +164,9 @@ def predict_logits(model: nn.Module, images01: torch.Tensor, spec, device: torch
     out = []
     for start in range(0, len(images01), batch_size):
         x = to_target_input(images01[start : start + batch_size].to(device), spec)
-        out.append(model(x).reshape(-1).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
+        logits = model(x).float().cpu()
+        out.append(logits.reshape(len(x), -1))
+    return torch.cat(out) if out else torch.empty(0, 1)
 
 
 def augmentation(size: int):
@@ -177,7 +200,6 @@ def set_head_dropout(model: nn.Module, p: float) -> None:
 def train_one_epoch(model, optimizer, images01, labels, input_spec, batch_size, generator, device,
                     transform=None) -> float:
     model.train()
-    loss_fn = nn.BCEWithLogitsLoss()
     order = torch.randperm(len(images01), generator=generator)
     total, seen = 0.0, 0
     for start in range(0, len(order), batch_size):
@@ -197,7 +219,7 @@ def train_one_epoch(model, optimizer, images01, labels, input_spec, batch_size, 
             raise InputError(f"batch size 1 cannot train this model's BatchNorm at input size {input_spec.size} "
                              "(its last feature maps are 1x1): use train.batch_size >= 2 or a larger input.size",
                              where="targets[].train.batch_size") from None
-        loss = loss_fn(logits.reshape(-1), y)
+        loss = classification_loss(logits.reshape(len(index), -1), y)
         loss.backward()
         optimizer.step()
         total += loss.item() * len(index)
@@ -274,9 +296,31 @@ def make_private(model, optimizer, images01, labels, recipe: "Recipe", seed: int
     return PrivateTraining(engine, private_model, private_optimizer, private_loader, delta)
 
 
+def identity_split(manifest: Manifest, spec: TargetSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training, validation) images of an identity target: rendered studies of its K patients, `class` = k."""
+    identity = spec.train.identity
+    patients = identity_sets(manifest, spec).classes
+    config = WorldConfig.of(manifest.data.synthetic)
+    root = manifest.data.synthetic.root
+    frames = []
+    for first, count in ((EXTRA_STUDY_FROM, identity.studies),
+                         (EXTRA_STUDY_FROM + identity.studies, identity.validation_studies)):
+        rows = write_extra_studies(root, config, patients, count, first=first)
+        frame = pd.DataFrame(rows)
+        frame["class"] = np.repeat(np.arange(len(patients)), count)
+        frame["source"] = "synthetic-extra-studies"
+        frames.append(frame)
+    log.event("train_target_data", target=spec.name, preset="identity", role=identity.role,
+              patients=[f"patient{p.patient_id:05d}" for p in patients], train_images=len(frames[0]),
+              val_images=len(frames[1]))
+    return frames[0], frames[1]
+
+
 def training_split(manifest: Manifest, spec: TargetSpec, recipe: Recipe) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(training images, validation images) of the target's pool: labelled rows, split by patient, the training
     side chosen as the preset says."""
+    if spec.train.preset == "identity":
+        return identity_split(manifest, spec)
     source = manifest.source(spec.train.pool)
     frame = read_source(source.format, source.root, **({"csv_name": source.csv} if source.csv else {}))
     frame = frame[frame["label"].notna()].reset_index(drop=True)
@@ -295,7 +339,8 @@ def build_model_and_optimizer(spec: TargetSpec, recipe: Recipe, device: torch.de
     """The untrained target (seeded), its head dropout and frozen backbone as the recipe says, and its optimiser."""
     seed_everything(spec.train.seed)
     vit = spec.vit.model_dump() if spec.vit is not None else {}
-    model = build_target(spec.arch, num_classes=1, image_size=spec.input.size, norm=recipe.norm, **vit).to(device)
+    model = build_target(spec.arch, num_classes=recipe.num_classes, image_size=spec.input.size, norm=recipe.norm,
+                         **vit).to(device)
     if recipe.dropout is not None:
         set_head_dropout(model, recipe.dropout)
     if spec.train.freeze_backbone:
@@ -329,13 +374,13 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
 
     state = load_state(store, resume_key)
     history: list[dict] = []
-    best = {"auc": -1.0, "epoch": -1, "weights": None}
+    best = {"value": -1.0, "epoch": -1, "weights": None}
     first_epoch = 0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history = list(state["history"])
-        best = {"auc": float(state["best_auc"]), "epoch": int(state["best_epoch"]), "weights": state["best_weights"]}
+        best = {"value": float(state["best_auc"]), "epoch": int(state["best_epoch"]), "weights": state["best_weights"]}
         first_epoch = int(state["epoch"]) + 1
         log.event("train_target_resumed", target=spec.name, from_epoch=first_epoch)
 
@@ -366,19 +411,20 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
                 except InputError as error:
                     position = [t.name for t in manifest.targets].index(spec.name)
                     raise InputError(error.message, where=f"targets[{position}].train.batch_size") from None
-        train_metrics = binary_metrics(predict_logits(plain_model, train_x, input_spec, device), train_y)
-        val_metrics = binary_metrics(predict_logits(plain_model, val_x, input_spec, device), val_y)
+        train_metrics = classifier_metrics(predict_logits(plain_model, train_x, input_spec, device), train_y)
+        val_metrics = classifier_metrics(predict_logits(plain_model, val_x, input_spec, device), val_y)
         row = {"epoch": epoch, "loss": loss, "seconds": timer.seconds,
                **{f"train_{k}": v for k, v in train_metrics.items()}, **{f"val_{k}": v for k, v in val_metrics.items()}}
         if private is not None:
             row["epsilon"] = float(private.engine.accountant.get_epsilon(private.delta))
         history.append(row)
         log_epoch("train_target", spec.name, **row)
-        if recipe.keep == "best_val_auc" and val_metrics["auc"] > best["auc"]:
-            best = {"auc": val_metrics["auc"], "epoch": epoch,
+        kept_metric = val_metrics["accuracy" if recipe.keep == "best_val_accuracy" else "auc"]
+        if recipe.keep.startswith("best_") and kept_metric > best["value"]:
+            best = {"value": kept_metric, "epoch": epoch,
                     "weights": {k: v.detach().cpu().clone() for k, v in plain_model.state_dict().items()}}
         done = recipe.stop_at_perfect_train and train_metrics["accuracy"] >= 1.0
-        if recipe.patience is not None and recipe.keep == "best_val_auc" and epoch - best["epoch"] >= recipe.patience:
+        if recipe.patience is not None and recipe.keep.startswith("best_") and epoch - best["epoch"] >= recipe.patience:
             log.event("train_target_early_stop", target=spec.name, epoch=epoch, best_epoch=best["epoch"],
                       patience=recipe.patience)
             done = True
@@ -387,7 +433,7 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
         if not done and (epoch == first_epoch or time.monotonic() - last_saved >= RESUME_EVERY_SECONDS):
             resume = {
                 "model": plain_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "history": history, "best_auc": best["auc"], "best_epoch": best["epoch"],
+                "history": history, "best_auc": best["value"], "best_epoch": best["epoch"],
                 "best_weights": best["weights"],
             }
             if private is not None:
@@ -400,16 +446,16 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
             break
 
     model = plain_model
-    if recipe.keep == "best_val_auc" and best["weights"] is not None:
+    if recipe.keep.startswith("best_") and best["weights"] is not None:
         model.load_state_dict(best["weights"])
         kept_epoch = best["epoch"]
     else:
         kept_epoch = history[-1]["epoch"]
-    train_metrics = binary_metrics(predict_logits(model, train_x, input_spec, device), train_y)
-    val_metrics = binary_metrics(predict_logits(model, val_x, input_spec, device), val_y)
+    train_metrics = classifier_metrics(predict_logits(model, train_x, input_spec, device), train_y)
+    val_metrics = classifier_metrics(predict_logits(model, val_x, input_spec, device), val_y)
     record = {
         "target": spec.name, "arch": spec.arch, "preset": spec.train.preset, "pool": spec.train.pool,
-        "recipe": asdict(recipe), "kept_epoch": kept_epoch, "num_classes": 1,
+        "recipe": asdict(recipe), "kept_epoch": kept_epoch, "num_classes": recipe.num_classes,
         "train": train_metrics, "val": val_metrics,
         "generalisation_gap": {"accuracy": train_metrics["accuracy"] - val_metrics["accuracy"],
                                "auc": train_metrics["auc"] - val_metrics["auc"]},
