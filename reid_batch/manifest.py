@@ -199,6 +199,30 @@ class IdentitySpec(Strict):
                                       "that never overlap)")
 
 
+class CohortSpec(Strict):
+    """A demographic slice of the pool to train on (P4, cohort skew): the target's patients are only these."""
+
+    sex: Literal["M", "F"] | None = Field(None, description="only patients of this sex")
+    min_age: Annotated[float, Field(ge=0, le=120)] | None = Field(None, description="only patients at least this old")
+    max_age: Annotated[float, Field(ge=0, le=120)] | None = Field(None, description="only patients at most this old")
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> "CohortSpec":
+        if self.sex is None and self.min_age is None and self.max_age is None:
+            raise ValueError("give sex, min_age or max_age")
+        if self.min_age is not None and self.max_age is not None and self.min_age > self.max_age:
+            raise ValueError("min_age is above max_age")
+        return self
+
+    def describe(self) -> str:
+        parts = [{"M": "men", "F": "women"}[self.sex]] if self.sex else ["patients"]
+        if self.min_age is not None:
+            parts.append(f"aged {self.min_age:g}+" if self.max_age is None else f"aged {self.min_age:g}-{self.max_age:g}")
+        elif self.max_age is not None:
+            parts.append(f"aged up to {self.max_age:g}")
+        return " ".join(parts)
+
+
 class TargetTrainSpec(Strict):
     preset: Literal["normal", "overfit", "regularised", "augmented", "dp", "identity"] = "normal"
     pool: Literal["private", "control"] = Field(
@@ -223,6 +247,8 @@ class TargetTrainSpec(Strict):
         "group): a non-DP GroupNorm arm separates 'DP protects' from 'the attack lost its BatchNorm statistics'")
     identity: IdentitySpec | None = Field(
         None, description="preset identity: K patients as K classes (synthetic world only; defaults if omitted)")
+    cohort: CohortSpec | None = Field(
+        None, description="train (and validate) on this demographic slice of the pool only (P4, cohort skew)")
     seed: Seed = 0
 
     @model_validator(mode="after")
@@ -232,9 +258,9 @@ class TargetTrainSpec(Strict):
         if self.preset == "identity":
             if self.identity is None:
                 self.identity = IdentitySpec()
-            if self.images_per_class is not None or self.max_images is not None:
-                raise ValueError("preset identity trains on identity.studies per patient; images_per_class and "
-                                 "max_images do not apply")
+            if self.images_per_class is not None or self.max_images is not None or self.cohort is not None:
+                raise ValueError("preset identity trains on identity.studies per patient; images_per_class, "
+                                 "max_images and cohort do not apply")
         if self.preset != "dp" and (self.target_epsilon is not None or self.max_grad_norm is not None):
             raise ValueError("target_epsilon and max_grad_norm apply to preset dp only")
         if self.preset == "dp" and self.norm == "batch":
@@ -526,6 +552,9 @@ class EvaluationSpec(Strict):
         1000, description="resamples of patients and candidates for the leak statistic's interval")
     leak_permutations: Annotated[int, Field(ge=100)] = Field(
         1000, description="paired permutations for the leak statistic's p-value")
+    population_shift: bool = Field(
+        False, description="predict age and sex of the raw leak candidates of the attacked generator and the prior: "
+        "the shift of their means (P4, cohort skew); costs a demographic-model pass over 2 x membership_candidates")
     seed: Seed = 0
 
 

@@ -74,7 +74,8 @@ def make_manifest(root: Path, inputs: dict[str, Path], output: str, s3_endpoint:
     # FID is off here: each FID needs a 2048 x 2048 matrix square root, about a minute on a loaded 2-core machine.
     # distribution_metrics' FID wiring is tested below on small features; the metric itself in test_metrics.py.
     document["evaluation"] = {"num_images": 12, "pca_components": 5, "bootstrap": 20, "fid": False,
-                              "membership_candidates": 40, "leak_bootstrap": 200, "leak_permutations": 200}
+                              "membership_candidates": 40, "leak_bootstrap": 200, "leak_permutations": 200,
+                              "population_shift": True}
     # A tiny embedding (one epoch on 8 public patients): the wiring, not its quality, is tested here.
     document["reid"] = {"arch": "reid_small", "image_size": SIZE, "embedding_dim": 16, "width": 8,
                         "train": {"epochs": 1, "patients_per_batch": 4, "validate_every": 1}}
@@ -404,6 +405,37 @@ def test_report_agrees_with_the_parquet_outputs(pipeline):
     assert store.read_commit("report") == marker
 
 
+def test_population_shift_is_the_attacked_minus_the_prior_predictions(pipeline):
+    """P4's measure: the demographic model's mean age and male share on the raw leak candidates, attacked minus
+    prior, recomputed here; and the truth it is read against (the members' and the pool's)."""
+    from reid_batch.artifacts import load_demographic_model, load_finetuned_generator, load_prior
+    from reid_batch.attack.generation import regenerate_images
+    from reid_batch.layout import LEAK_ID_OFFSET
+    from reid_batch.models.demographics import predict_demographics
+
+    manifest, root = pipeline
+    _, metrics, _ = _outputs(manifest, "cnn")
+    shift = metrics["population_shift"]
+    assert shift["cohort"] == "the whole pool" and shift["candidates"] == manifest.evaluation.membership_candidates
+    ids = LEAK_ID_OFFSET + np.arange(shift["candidates"])
+    model = load_demographic_model(manifest).eval()
+    predicted = {}
+    for name, generator in (("attacked", load_finetuned_generator(manifest, "cnn")), ("prior", load_prior(manifest))):
+        with torch.inference_mode():
+            images = regenerate_images(generator.eval(), ids, manifest.sampling.seed, torch.device("cpu"))
+            predicted[name] = predict_demographics(model, images, manifest.demographics.image_size)
+    assert shift["age"]["shift"] == pytest.approx(predicted["attacked"]["age"].mean() - predicted["prior"]["age"].mean(),
+                                                  abs=1e-4)
+    assert shift["male_share"]["shift"] == pytest.approx(
+        predicted["attacked"]["sex"].mean() - predicted["prior"]["sex"].mean(), abs=1e-9)
+    assert shift["age"]["ci"][0] <= shift["age"]["shift"] <= shift["age"]["ci"][1]
+    members = pd.read_csv(io.BytesIO(run_store(manifest).read_bytes("targets/cnn/train_images.csv")))
+    truth = _truth(root, "private")
+    ages = [truth.loc[_number(p), "age"] for p in members["patient_id"].unique()]
+    assert shift["truth_members"]["patients"] == len(ages)
+    assert shift["truth_members"]["age"] == pytest.approx(np.mean(ages))
+
+
 def test_report_has_a_controls_section(pipeline):
     from reid_batch.stages import report
 
@@ -414,10 +446,15 @@ def test_report_has_a_controls_section(pipeline):
     markdown = store.read_bytes("report/report.md").decode("utf-8")
     assert list(document["controls"]) == ["identity"]
     header, rows = report.control_rows(document)
-    assert len(rows) == 3 and "Permutation p" in header
+    assert [row[1] for row in rows] == ["likely samples", "raw candidates", "prior (no attack)"]
+    assert "Permutation p" in header
     for row in rows:
         assert all(html_escape(cell) in page for cell in row) and all(cell in markdown for cell in row)
     assert html_escape(report.control_sentence("identity", document["controls"]["identity"])) in page
+    header, rows = report.population_rows(document)
+    assert [row[0] for row in rows] == [t.name for t in manifest.targets]
+    for row in rows:
+        assert all(html_escape(cell) in page for cell in row) and all(cell in markdown for cell in row)
 
 
 def test_report_reads_and_writes_s3_and_needs_no_torch(pipeline, s3_bucket):

@@ -88,6 +88,8 @@ BROKEN = [
     ("identity-section-on-normal", lambda d: _set(d, "targets.0.train.identity", {"patients": 4}), "targets[0].train"),
     ("identity-one-patient", lambda d: _set(d, "targets.4.train.identity.patients", 1), "targets[4].train.identity.patients"),
     ("identity-without-world", lambda d: _set(d, "data", {k: {"format": "folder", "root": "."} for k in ("private", "public", "control")}), "needs data.synthetic"),
+    ("cohort-empty", lambda d: _set(d, "targets.0.train.cohort", {}), "targets[0].train.cohort"),
+    ("cohort-ages-reversed", lambda d: _set(d, "targets.0.train.cohort", {"min_age": 70, "max_age": 60}), "targets[0].train.cohort"),
     ("class-offsets-without-logits", lambda d: _set(d, "targets.0.objective", {"terms": {"bn_stats": 1.0}, "class_offsets": True}), "targets[0]"),
     ("vit-custom-without-shape", lambda d: _set(d, "targets.0.arch", "vit_custom"), "targets[0]"),
     ("vit-patch-not-dividing", lambda d: _set(d, "targets.0", {"name": "v", "arch": "vit_custom", "train": {}, "input": {"size": 64}, "vit": {"patch_size": 7, "num_layers": 2, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64}}), "targets[0]"),

@@ -360,3 +360,14 @@ def test_reidentification_rate_is_near_chance_for_unrelated_samples(rng):
         closer.extend(result.table["member_closer"])
     low, high = metrics.wilson_interval(int(np.sum(closer)), len(closer), confidence=0.999)
     assert low < 0.5 < high
+
+
+def test_mean_shift_interval_covers_the_true_shift_and_zero_under_the_null():
+    from reid_batch.analysis.metrics import mean_shift
+
+    rng = np.random.default_rng(0)
+    null = rng.normal(50, 10, 2000)
+    shifted = mean_shift(rng.normal(53, 10, 2000), null, bootstrap=500, seed=1)
+    assert shifted["ci"][0] > 2.0 and shifted["ci"][1] < 4.0
+    same = mean_shift(rng.normal(50, 10, 2000), null, bootstrap=500, seed=1)
+    assert same["ci"][0] < 0 < same["ci"][1]

@@ -164,6 +164,18 @@ def test_identity_preset_trains_k_patients_as_k_classes_on_extra_studies(tiny_wo
     assert not world_paths & set(pd.read_csv(tmp_path / "demo" / "targets" / "cnn" / "train_images.csv")["path"])
 
 
+def test_cohort_trains_on_a_demographic_slice_only(tiny_world, tmp_path):
+    """P4's target: only the slice's patients train and validate."""
+    from reid_batch.stages.train_target import run
+
+    manifest = parse_manifest(tiny_manifest(tiny_world, tmp_path, epochs=1, cohort={"sex": "F", "min_age": 40}))
+    assert run(manifest) == 0
+    out = tmp_path / "demo" / "targets" / "cnn"
+    for listing in ("train_images.csv", "val_images.csv"):
+        frame = pd.read_csv(out / listing)
+        assert len(frame) > 0 and (frame["sex"] == "F").all() and (frame["age"] >= 40).all()
+
+
 def test_train_target_resumes_after_sigkill_to_the_same_weights(tiny_world, tmp_path):
     kill_and_resume_equals_clean_run(
         tmp_path, "train-target", lambda output: tiny_manifest(tiny_world, output, epochs=2, max_images=32),

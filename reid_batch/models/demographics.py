@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -113,3 +114,20 @@ def to_model_input(images01: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def demographic_input(images01: torch.Tensor, size: int) -> torch.Tensor:
+    """[0, 1] images (N, 1|3, H, W) -> the demographic model's input (N, 3, size, size)."""
+    x = images01.float()
+    if x.shape[1] == 3:  # BT.601 luma, as datasets.load_image reads RGB files for the model's training
+        x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    return to_model_input(x)
+
+
+def predict_demographics(model, images01: torch.Tensor, size: int) -> dict[str, np.ndarray]:
+    """age, sex_prob, sex for a batch of [0, 1] images (on the model's device)."""
+    out = model.predict(demographic_input(images01, size))
+    return {"age": out["age"].float().cpu().numpy(), "sex_prob": out["sex_prob"].float().cpu().numpy(),
+            "sex": out["sex"].to(torch.int8).cpu().numpy()}

@@ -89,14 +89,14 @@ from reid_batch.analysis.devices import (DETECTOR_MIN_AUC, DETECTOR_MIN_IMAGES, 
 from reid_batch.analysis.identity import identity_control
 from reid_batch.analysis.leak import generator_scores, leak_test
 from reid_batch.analysis.metrics import (InceptionFeatures, demographic_errors, fid, fit_pca, kurtosis_curve_png,
-                                         membership_auc, nearest_neighbours, pca_kurtosis, pixel_entropy,
-                                         pixel_features, reidentification, ssim, to_grey)
-from reid_batch.analysis.roles import (OTHER_POOL, identity_sets, matched_positions, membership_records,
-                                       pool_frame, reference_images, sample_positions, sex_code, train_pool, truth_for,
-                                       world_truth)
+                                         mean_shift, membership_auc, nearest_neighbours, pca_kurtosis,
+                                         pixel_entropy, pixel_features, reidentification, ssim, to_grey)
+from reid_batch.analysis.roles import (OTHER_POOL, identity_sets, matched_positions, member_patients,
+                                       membership_records, pool_frame, reference_images, sample_positions, sex_code,
+                                       train_pool, truth_for, world_truth)
 from reid_batch.analysis.space import PIXEL_SIZE, FeatureSpace
-from reid_batch.artifacts import (load_attack_target, load_finetuned_generator, load_prior, load_reid_model,
-                                  require_committed)
+from reid_batch.artifacts import (load_attack_target, load_demographic_model, load_finetuned_generator, load_prior,
+                                  load_reid_model, require_committed)
 from reid_batch.attack.candidates import build_scorer, concat_columns
 from reid_batch.attack.generation import BatchSizer, generated_features, regenerate_images, target_input_spec
 from reid_batch.attack.objectives import requested_classes
@@ -110,6 +110,7 @@ from reid_batch.layout import (FIGURES, LEAK_CANDIDATES_FILE, LEAK_ID_OFFSET, ME
                                evaluation_prefix, finetune_prefix, pair_key, reference_prefix, scores_prefix,
                                selection_prefix, target_prefix)
 from reid_batch.manifest import Manifest, TargetSpec
+from reid_batch.models.demographics import predict_demographics
 from reid_batch.models.pggan import latents_for_ids
 from reid_batch.models.targets import to_target_input
 from reid_batch.runtime import SingleProcess, pick_device, run_single_writer, run_store
@@ -368,6 +369,7 @@ class Shared:
     prior_images: torch.Tensor | None = None
     prior_features: np.ndarray | None = None
     prior_candidate_features: np.ndarray | None = None
+    prior_candidate_demographics: dict[str, np.ndarray] | None = None
 
     def feature_space(self, manifest: Manifest, device: torch.device) -> FeatureSpace:
         if self.space is None:
@@ -435,6 +437,8 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
                                 resolution)
     if identity is not None:
         metrics["identity_control"] = clean_json(identity)
+    if manifest.evaluation.population_shift:
+        metrics["population_shift"] = clean_json(_population_shift(manifest, spec, finetuned, shared, device))
     _write_outputs(store, manifest, spec, metrics, likely, neighbours, sets, kurtosis_png, leak_tables)
     raw = leak.get("raw", {}).get("vs_prior", {})
     log.event("evaluate_done", target=spec.name, likely=len(likely.ids), ssim_mean=stage2.get("ssim_mean"),
@@ -732,6 +736,46 @@ def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space
     })
     tables = {RECORDS_FILE: parquet_bytes(records_table), LEAK_CANDIDATES_FILE: parquet_bytes(candidates_table)}
     return summary, tables, attacked
+
+
+def _candidate_demographics(manifest: Manifest, generator, ids: np.ndarray, device) -> dict[str, np.ndarray]:
+    """Predicted age and sex (1 = M) of the candidates `ids`, batch by batch."""
+    model = load_demographic_model(manifest).to(device).eval()
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(ids), GENERATION_BATCH):
+            images = regenerate_images(generator, ids[start:start + GENERATION_BATCH], manifest.sampling.seed, device)
+            parts.append(predict_demographics(model, images, manifest.demographics.image_size))
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("age", "sex")}
+
+
+def _population_shift(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, device) -> dict:
+    """P4, population attribute leakage: how far the attack moved the predicted age and male share of the raw leak
+    candidates from the prior's, beside the truth of what the target trained on (its members) and of its pool."""
+    settings = manifest.evaluation
+    ids = LEAK_ID_OFFSET + np.arange(settings.membership_candidates, dtype=np.int64)
+    if shared.prior_candidate_demographics is None:
+        shared.prior_candidate_demographics = _candidate_demographics(manifest, load_prior(manifest).to(device).eval(),
+                                                                      ids, device)
+    attacked = _candidate_demographics(manifest, finetuned, ids, device)
+    prior = shared.prior_candidate_demographics
+    result = {"candidates": len(ids), "cohort": spec.train.cohort.describe() if spec.train and spec.train.cohort
+              else "the whole pool",
+              "age": mean_shift(attacked["age"], prior["age"], settings.leak_bootstrap, settings.seed, CONFIDENCE),
+              "male_share": mean_shift(attacked["sex"], prior["sex"], settings.leak_bootstrap, settings.seed + 1,
+                                       CONFIDENCE)}
+    found = pool_frame(manifest, train_pool(spec))
+    members, _ = member_patients(manifest, spec, found[0] if found else None)
+    if found is not None and members:
+        patients = found[0].drop_duplicates("patient_id").set_index("patient_id")
+        inside = patients.index.astype(str).isin(members)
+        for name, values in (("members", patients[inside]), ("pool", patients)):
+            result[f"truth_{name}"] = {"age": float(values["age"].mean()),
+                                       "male_share": float((values["sex"] == "M").mean()), "patients": len(values)}
+    log.event("population_shift", target=spec.name, cohort=result["cohort"], age_shift=result["age"]["shift"],
+              age_ci=result["age"]["ci"], male_shift=result["male_share"]["shift"],
+              male_ci=result["male_share"]["ci"])
+    return result
 
 
 def _identity(manifest: Manifest, spec: TargetSpec, likely: LikelySamples, raw_features: np.ndarray | None,

@@ -215,6 +215,8 @@ def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd
         "mitigation": mitigation_summary(targets),
         "controls": {name: entry["metrics"]["identity_control"] for name, entry in targets.items()
                      if entry["metrics"].get("identity_control")},
+        "population_shift": {name: entry["metrics"]["population_shift"] for name, entry in targets.items()
+                             if entry["metrics"].get("population_shift")},
         "demographic_model": demographic_model,
         "instrument": instrument_summary(reid_model, configured=_get(manifest_document, "reid") is not None),
         "meanings": [{"metric": m, "shows": s, "does_not_show": d} for m, s, d in MEANINGS],
@@ -437,18 +439,62 @@ def control_rows(document: dict) -> tuple[list[str], list[list[str]]]:
     null and uniform chance, top-5, distinct patients hit, the permutation p-value."""
     header = ["Control", "Samples", "n", "Top-1 [95% CI]", "Null top-1 / uniform", "Top-5", "Distinct patients",
               "Permutation p"]
-    rows = []
+    rows, priors = [], set()
     for name, control in (document.get("controls") or {}).items():
         for key, label in CONTROL_SETS:
             result = control.get(key)
             if not result:
                 continue
+            if key == "prior_raw":  # one prior: its row repeats for every control scored against the same patients
+                seen = (tuple(control.get("scored_against") or ()), result.get("top1"), result.get("p_value"))
+                if seen in priors:
+                    continue
+                priors.add(seen)
             rows.append([f"{name} ({control.get('role')}; {control.get('attack')})", label, str(result.get("samples")),
                          percent(result.get("top1")) + interval(result.get("ci"), as_percent=True),
                          f"{percent(result.get('null_top1'))} / {percent(result.get('chance_top1'))}",
                          percent(result.get("top5")),
                          f"{result.get('distinct')} of {result.get('gallery_patients')}",
                          p_value(result.get("p_value"))])
+    return header, rows
+
+
+def population_rows(document: dict) -> tuple[list[str], list[list[str]]]:
+    """P4, cohort skew: the shift of the attacked generator's predicted age and male share from the prior's, beside
+    what the target trained on and its pool."""
+    header = ["Target", "Trained on", "Age shift [95% CI]", "Male share shift [95% CI]", "Members: age, male share",
+              "Pool: age, male share"]
+    rows = []
+    for name, shift in (document.get("population_shift") or {}).items():
+        members, pool = shift.get("truth_members") or {}, shift.get("truth_pool") or {}
+        rows.append([name, str(shift.get("cohort")),
+                     f"{signed(_get(shift, 'age', 'shift'), 1)} y{signed_interval(_get(shift, 'age', 'ci'), 1)}",
+                     f"{signed(_get(shift, 'male_share', 'shift'), 3)}"
+                     f"{signed_interval(_get(shift, 'male_share', 'ci'), 3)}",
+                     f"{number(members.get('age'), 1)} y, {percent(members.get('male_share'))}",
+                     f"{number(pool.get('age'), 1)} y, {percent(pool.get('male_share'))}"])
+    return header, rows
+
+
+def dose_rows(document: dict) -> tuple[list[str], list[list[str]]]:
+    """P3, dose-response: L against the prior for targets of one recipe trained on fewer or more images per class
+    (overfit targets by images per class; a normal target of the same architecture as 'all')."""
+    header = ["Target", "Images per class", "Training images", "Leak L vs prior [95% CI], p", "Verdict"]
+    entries = []
+    for name, entry in document["targets"].items():
+        metrics = entry["metrics"]
+        training = metrics.get("target_training") or {}
+        if metrics.get("train_pool") != "private" or metrics.get("preset") not in ("overfit", "normal"):
+            continue
+        per_class = _get(training, "recipe", "images_per_class") if metrics.get("preset") == "overfit" else None
+        entries.append((str(metrics.get("arch")), per_class if per_class is not None else float("inf"), name,
+                        training, entry))
+    # A dose-response needs one architecture at two or more sizes; a lone overfit target beside others is not one.
+    doses = {arch: {e[1] for e in entries if e[0] == arch and e[1] != float("inf")} for arch, *_ in entries}
+    rows = [[name, "all" if per_class == float("inf") else str(per_class), str(training.get("train_images")),
+             leak_cell(_get(entry, "risk", "leak", "vs_prior")), str(_get(entry, "risk", "leak", "verdict"))]
+            for arch, per_class, name, training, entry in sorted(entries, key=lambda e: (e[0], e[1], e[2]))
+            if len(doses[arch]) >= 2]
     return header, rows
 
 
@@ -663,7 +709,7 @@ def render_html(document: dict, figures: dict[str, dict[str, bytes]], pairs: dic
     out = _html_header(document)
     out += _html_instrument(document, figures)
     out += _html_risk_summary(document)
-    if document.get("controls"):
+    if has_controls(document):
         out += _html_controls(document)
     if document["mitigation"]["shown"]:
         out += _html_mitigations(document, figures)
@@ -758,10 +804,36 @@ def _html_risk_summary(document: dict) -> list[str]:
     return out
 
 
+def has_controls(document: dict) -> bool:
+    return bool(document.get("controls") or document.get("population_shift") or dose_rows(document)[1])
+
+
 def _html_controls(document: dict) -> list[str]:
     """1a. Positive and negative controls: can this attack extract an identity where a model encodes one?"""
     esc = html.escape
-    out = ["<h2>1a. Controls: targets known to leak</h2>",
+    out = ["<h2>1a. Controls: targets known to leak</h2>"]
+    if document.get("controls"):
+        out += _html_identity_controls(document)
+    header, rows = dose_rows(document)
+    if rows:
+        out.append("<h3>Dose-response: the leak against training-set size</h3>")
+        out.append(_table_html(header, rows))
+        out.append("<p class='note'>The same recipe on fewer or more images per class; privacy risk is expected to "
+                   "fall as examples per class grow. Each L has its own interval: read the trend against them.</p>")
+    header, rows = population_rows(document)
+    if rows:
+        out.append("<h3>Cohort skew: population attributes of the reconstructions</h3>")
+        out.append(_table_html(header, rows))
+        out.append("<p class='note'>Predicted by the demographic model on the raw leak candidates of the attacked "
+                   "generator and of the prior; a shift toward the members' age and male share that a whole-pool "
+                   "target does not show is a population-level leak (the study's re-identification claim, with "
+                   "ground truth).</p>")
+    return out
+
+
+def _html_identity_controls(document: dict) -> list[str]:
+    esc = html.escape
+    out = ["<h3>Identity classes</h3>",
            "<p class='note'>Identity-class controls: a classifier whose classes are patients, attacked like the "
            "targets above. Each sample asks for the class its latent encodes; it hits when its nearest patient, "
            "in the re-identification embedding, among the scored patients and as many distractors (held-out studies "
@@ -1030,11 +1102,14 @@ def render_markdown(document: dict) -> str:
     if rows:
         lines.append(_table_markdown(list(rows[0]), [list(r.values()) for r in rows]))
     lines += [""] + [f"- {interpretation(n, e)}" for n, e in document["targets"].items()]
-    if document.get("controls"):
+    if has_controls(document):
         lines += ["", "## Controls: targets known to leak", ""]
-        header, rows = control_rows(document)
-        lines.append(_table_markdown(header, rows))
-        lines += [""] + [f"- {control_sentence(n, c)}" for n, c in document["controls"].items()]
+        for title, (header, rows) in (("Identity classes", control_rows(document)),
+                                      ("Dose-response", dose_rows(document)),
+                                      ("Cohort skew", population_rows(document))):
+            if rows:
+                lines += [f"### {title}", "", _table_markdown(header, rows), ""]
+        lines += [f"- {control_sentence(n, c)}" for n, c in (document.get("controls") or {}).items()]
     if document["mitigation"]["shown"]:
         lines += ["", "## Mitigations: utility and risk side by side", ""]
         header, rows = mitigation_rows(document)

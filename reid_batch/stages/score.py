@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
 from reid_batch import log
 from reid_batch.analysis.roles import reference_images
@@ -34,7 +33,7 @@ from reid_batch.data.datasets import ImageDataset
 from reid_batch.formats import png_bytes
 from reid_batch.layout import SCORES_FILE, reference_prefix, score_image_key, scores_prefix
 from reid_batch.manifest import Manifest, TargetSpec
-from reid_batch.models.demographics import to_model_input
+from reid_batch.models.demographics import predict_demographics
 from reid_batch.runtime import check_shard, pick_device, run_single_writer, run_store
 
 SCORE_SCHEMA = pa.schema([
@@ -44,23 +43,6 @@ SCORE_SCHEMA = pa.schema([
 
 
 # ------------------------------------------------------------------------------------------------ pure core
-
-
-def demographic_input(images01: torch.Tensor, size: int) -> torch.Tensor:
-    """[0, 1] images (N, 1|3, H, W) -> the demographic model's input (N, 3, size, size)."""
-    x = images01.float()
-    if x.shape[1] == 3:  # BT.601 luma, as datasets.load_image reads RGB files for the model's training
-        x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    if tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-    return to_model_input(x)
-
-
-def predict_demographics(model, images01: torch.Tensor, size: int) -> dict[str, np.ndarray]:
-    """age, sex_prob, sex for a batch of [0, 1] images (on the model's device)."""
-    out = model.predict(demographic_input(images01, size))
-    return {"age": out["age"].float().cpu().numpy(), "sex_prob": out["sex_prob"].float().cpu().numpy(),
-            "sex": out["sex"].to(torch.int8).cpu().numpy()}
 
 
 def _with_labels(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -324,6 +324,18 @@ def training_split(manifest: Manifest, spec: TargetSpec, recipe: Recipe) -> tupl
     source = manifest.source(spec.train.pool)
     frame = read_source(source.format, source.root, **({"csv_name": source.csv} if source.csv else {}))
     frame = frame[frame["label"].notna()].reset_index(drop=True)
+    cohort = spec.train.cohort
+    if cohort is not None:
+        keep = pd.Series(True, index=frame.index)
+        if cohort.sex is not None:
+            keep &= frame["sex"] == cohort.sex
+        if cohort.min_age is not None:
+            keep &= frame["age"] >= cohort.min_age
+        if cohort.max_age is not None:
+            keep &= frame["age"] <= cohort.max_age
+        log.event("train_target_cohort", target=spec.name, cohort=cohort.describe(), kept=int(keep.sum()),
+                  of=len(frame))
+        frame = frame[keep].reset_index(drop=True)
     if frame["patient_id"].nunique() < 2:
         raise InputError(f"{len(frame)} labelled image(s) of {frame['patient_id'].nunique()} patient(s) after the "
                          "cohort rules; training and validation need at least two patients",
