@@ -57,6 +57,9 @@ PRIOR_RESUME_KEY = f"{PRIOR_PREFIX}/resume.pt"
 DEMOGRAPHICS_PREFIX = "demographics"
 DEMOGRAPHICS_RESUME_KEY = "resume/train-demographics.pt"  # outside the prefix: a commit replaces the prefix
 REID_PREFIX = "reid"
+PRIOR_QUALITY_PREFIX = "prior-quality"  # calibrate: how well the prior draws chest X-rays (quality.json, strip.png)
+PRIOR_QUALITY_FILE = "quality.json"
+PRIOR_QUALITY_STRIP = "strip.png"
 REID_RESUME_KEY = "resume/train-reid.pt"
 MODEL_FILE = "model.safetensors"
 GENERATOR_FILE = "generator.safetensors"
@@ -64,7 +67,8 @@ TRAIN_IMAGES_FILE = "train_images.csv"
 MODEL_METRICS_FILE = "metrics.json"
 
 # Target names become top-level folders: these would collide with run-level outputs.
-RESERVED_NAMES = frozenset({"targets", "prior", "demographics", "reid", "evaluation", "report", "resume", "world"})
+RESERVED_NAMES = frozenset({"targets", "prior", "prior-quality", "demographics", "reid", "evaluation", "report",
+                            "resume", "world"})
 
 
 def target_prefix(name: str) -> str:

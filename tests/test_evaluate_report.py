@@ -330,6 +330,27 @@ def test_identity_control_matches_samples_to_held_out_studies(pipeline):
     assert control["raw"]["samples"] == control["prior_raw"]["samples"] == settings.membership_candidates
 
 
+def test_prior_quality_is_measured_once_and_reported(pipeline):
+    """calibrate's prior-quality: the prior's samples against public images in the embedding, with the real-vs-real
+    floor and the classifier two-sample test; the report's instrument section shows the numbers and the strip."""
+    from reid_batch.stages import report
+
+    manifest, _ = pipeline
+    store = run_store(manifest)
+    quality = store.read_json("prior-quality/quality.json")
+    frechet, classifier = quality["frechet"], quality["classifier"]
+    assert frechet["images"] == [quality["images"]] * 3 and frechet["floor"] > 0
+    assert frechet["ratio"] == pytest.approx(frechet["distance"] / frechet["floor"])
+    assert classifier["test_images"] + classifier["train_images"] == 2 * quality["images"]
+    assert store.read_bytes("prior-quality/strip.png")[:4] == b"\x89PNG"
+    document = store.read_json("report/report.json")
+    page = store.read_bytes("report/report.html").decode("utf-8")
+    markdown = store.read_bytes("report/report.md").decode("utf-8")
+    header, rows = report.prior_rows(document)
+    assert rows and all(html_escape(cell) in page for cell in rows[0]) and all(cell in markdown for cell in rows[0])
+    assert page.count("prior samples (top) over public images") == 1
+
+
 def test_stage1_sets_and_shared_prior(pipeline):
     manifest, _ = pipeline
     stage1 = {name: _outputs(manifest, name)[1]["stage1"] for name in TARGETS}

@@ -23,6 +23,12 @@ words its verdict from it: "no leak larger than <MDE> detected", never "no leak"
 
 Output, committed: <target>/calibration/ calibration.json, dose_response.png. A committed calibration is kept; delete
 it to calibrate again.
+
+The other half of what a null means: whether the attack's generator prior draws chest X-rays at all
+(analysis.prior_quality), measured once per run before the targets: PRIOR_QUALITY_IMAGES prior samples (train-prior's
+distance ids, PRIOR_DISTANCE_ID_OFFSET + k) against as many public images, and a second disjoint public set for the
+floor: the Fréchet distance in the embedding, the classifier two-sample test, and a strip of samples over real images.
+Output, committed: prior-quality/ quality.json, strip.png.
 """
 
 from __future__ import annotations
@@ -41,12 +47,14 @@ from reid_batch.analysis.leak import GeneratorScores, committed_records, generat
 from reid_batch.analysis.roles import member_patients, patient_number, pool_frame, train_pool
 from reid_batch.analysis.space import FeatureSpace
 from reid_batch.artifacts import load_prior, load_reid_model, require_committed
-from reid_batch.attack.generation import generated_features
+from reid_batch.attack.generation import generate_unit, generated_features, id_latents
 from reid_batch.data.datasets import ImageDataset
 from reid_batch.data.phantoms import WorldConfig, patient_with_id, render_study
 from reid_batch.errors import InputError
+from reid_batch.analysis.prior_quality import embedding_frechet, two_sample_classifier
 from reid_batch.formats import clean_json, figure_png
 from reid_batch.layout import (CALIBRATION_FIGURE, CALIBRATION_FILE, CALIBRATION_ID_OFFSET, CALIBRATION_ID_STRIDE,
+                               PRIOR_DISTANCE_ID_OFFSET, PRIOR_QUALITY_FILE, PRIOR_QUALITY_PREFIX, PRIOR_QUALITY_STRIP,
                                RECORDS_FILE, calibration_prefix, evaluation_prefix)
 from reid_batch.manifest import Manifest, TargetSpec
 from reid_batch.models.reid import augment
@@ -56,6 +64,9 @@ GENERATION_BATCH = 256
 CONFIDENCE = 0.95
 # Fresh synthetic studies get study numbers far above any the world wrote (at most 20 per patient).
 FRESH_STUDY_BASE = 1000
+# Per set: the prior's samples, the real set they are compared with, and the second real set of the floor.
+PRIOR_QUALITY_IMAGES = 500
+STRIP_COLUMNS = 8
 
 
 # ------------------------------------------------------------------------------------------------ the pure core
@@ -260,7 +271,67 @@ def calibrate_target(manifest: Manifest, spec: TargetSpec, shared: Calibration) 
     return document
 
 
+def measure_prior(manifest: Manifest, shared: Calibration) -> dict | None:
+    """prior-quality/: how far the prior's samples are from real public images (module docstring); once per run."""
+    store = run_store(manifest)
+    if store.is_committed(PRIOR_QUALITY_PREFIX):
+        return store.read_json(f"{PRIOR_QUALITY_PREFIX}/{PRIOR_QUALITY_FILE}")
+    found = pool_frame(manifest, "public", labelled_only=False)
+    if found is None:
+        log.event("prior_quality_skipped", reason="the public pool's images are not available here")
+        return None
+    rows, on_error = found
+    count = min(PRIOR_QUALITY_IMAGES, len(rows) // 2)
+    if count < 4:
+        log.event("prior_quality_skipped", reason=f"{len(rows)} public images: too few for two real sets")
+        return None
+    shared.load()
+    order = np.random.default_rng(manifest.calibration.seed).permutation(len(rows))[:2 * count]
+    dataset = ImageDataset(rows.iloc[order].reset_index(drop=True), size=shared.resolution, channels=1,
+                           on_error=on_error)
+    real = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    latents = id_latents(manifest.sampling.seed, PRIOR_DISTANCE_ID_OFFSET, count, shared.prior.config.latent_dim)
+    samples = generate_unit(shared.prior, latents, GENERATION_BATCH)
+    samples = samples.mean(dim=1, keepdim=True) if samples.shape[1] > 1 else samples
+    real_a, real_b = real[:count], real[count:2 * count]
+    result = {
+        "images": count, "resolution": shared.resolution, "feature_space": shared.features.description,
+        "frechet": embedding_frechet(shared.features(samples), shared.features(real_a), shared.features(real_b)),
+        "classifier": two_sample_classifier(samples, real_a, seed=manifest.calibration.seed),
+        "samples": f"prior ids {PRIOR_DISTANCE_ID_OFFSET} + k, k < {count} (seed {manifest.sampling.seed})",
+        "real": f"{2 * count} public images drawn with calibration.seed {manifest.calibration.seed}",
+    }
+    strip = torch.cat([samples[:STRIP_COLUMNS], real_a[:STRIP_COLUMNS]])
+    with store.committed(PRIOR_QUALITY_PREFIX, {"stage": "calibrate", "part": "prior-quality"}) as out:
+        out.write_json(PRIOR_QUALITY_FILE, clean_json(result))
+        out.write_bytes(PRIOR_QUALITY_STRIP, _strip_png(strip, STRIP_COLUMNS))
+    log.event("prior_quality", frechet=round(result["frechet"]["distance"], 4),
+              floor=round(result["frechet"]["floor"], 4), classifier_accuracy=result["classifier"]["accuracy"])
+    return result
+
+
+def _strip_png(images01: torch.Tensor, columns: int) -> bytes:
+    """Grey [0, 1] images in rows of `columns` with 2-pixel white gutters (here: the prior's samples over real
+    images)."""
+    rows, pad = (len(images01) + columns - 1) // columns, 2
+    h, w = images01.shape[-2:]
+    canvas = np.full((pad + rows * (h + pad), pad + columns * (w + pad)), 255, dtype=np.uint8)
+    pixels = (images01[:, 0].clamp(0, 1) * 255).round().byte().numpy()
+    for i, image in enumerate(pixels):
+        r, c = divmod(i, columns)
+        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = image
+    buffer = io.BytesIO()
+    Image.fromarray(canvas).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def calibrate(manifest: Manifest, target: str | None = None) -> int:
-    """`reid-batch calibrate`: spike-in calibration for one target (None = every target); see the module docstring."""
+    """`reid-batch calibrate`: spike-in calibration for one target (None = every target), and once per run the
+    prior's quality; see the module docstring."""
     shared = Calibration(manifest)
-    return run_single_writer(manifest, target, lambda spec: calibrate_target(manifest, spec, shared))
+
+    def work(spec: TargetSpec) -> dict | None:
+        measure_prior(manifest, shared)  # committed after the first target: a lookup
+        return calibrate_target(manifest, spec, shared)
+
+    return run_single_writer(manifest, target, work)

@@ -778,6 +778,16 @@ def _population_shift(manifest: Manifest, spec: TargetSpec, finetuned, shared: S
     return result
 
 
+@torch.inference_mode()
+def _target_probabilities(manifest: Manifest, spec: TargetSpec, images01: torch.Tensor, classes: int,
+                          device) -> torch.Tensor:
+    """(N, classes) softmax of the frozen target on [0, 1] images, batch by batch."""
+    model = load_attack_target(manifest, spec)[0].to(device).eval()
+    logits = [model(to_target_input(images01[i:i + GENERATION_BATCH].to(device), target_input_spec(spec))).float().cpu()
+              for i in range(0, len(images01), GENERATION_BATCH)]
+    return torch.softmax(torch.cat(logits), dim=1) if logits else torch.zeros(0, classes)
+
+
 def _identity(manifest: Manifest, spec: TargetSpec, likely: LikelySamples, raw_features: np.ndarray | None,
               shared: Shared, space: FeatureSpace, latent_dim: int, device) -> dict | None:
     """The identity-class control's measures (analysis.identity) for a target of preset identity: the likely
@@ -803,15 +813,8 @@ def _identity(manifest: Manifest, spec: TargetSpec, likely: LikelySamples, raw_f
         return identity_control(features, classes, gallery.features, gallery_patient, np.arange(k), sexes,
                                 bootstrap=settings.leak_bootstrap, seed=settings.seed, confidence=CONFIDENCE)
 
-    model, _ = load_attack_target(manifest, spec)
-    model = model.to(device).eval()
-    with torch.inference_mode():
-        logits = torch.cat([model(to_target_input(likely.reconstructions[i:i + GENERATION_BATCH].to(device),
-                                                  target_input_spec(spec))).float().cpu()
-                            for i in range(0, len(likely.ids), GENERATION_BATCH)]) if len(likely.ids) else \
-            torch.zeros(0, k)
+    probabilities = _target_probabilities(manifest, spec, likely.reconstructions, k, device)
     asked = requested_classes(latents_for_ids(seed, likely.ids, latent_dim), k)
-    probabilities = torch.softmax(logits, dim=1)
     result = {
         "role": sets.role, "classes": k,
         "attack": "stage 1 with a learned latent offset per class" if spec.objective.class_offsets

@@ -49,7 +49,8 @@ from reid_batch.errors import InputError
 from reid_batch.formats import clean_json, feature_matrix, figure_png, software_versions
 from reid_batch.layout import (CALIBRATION_FIGURE, CALIBRATION_FILE, DEMOGRAPHICS_PREFIX, FIGURES, HTML_FILE,
                                JSON_FILE, LEAK_CANDIDATES_FILE, MARKDOWN_FILE, METRICS_FILE, MITIGATION_FIGURE,
-                               MODEL_METRICS_FILE, RECORDS_FILE, REID_PREFIX, TABLE_FILE, calibration_prefix,
+                               MODEL_METRICS_FILE, PRIOR_QUALITY_FILE, PRIOR_QUALITY_PREFIX, PRIOR_QUALITY_STRIP,
+                               RECORDS_FILE, REID_PREFIX, TABLE_FILE, calibration_prefix,
                                evaluation_prefix, pair_key, report_prefix)
 from reid_batch.log import redact
 from reid_batch.archs import CNN_ALLOWED_TERMS, VIT_TERMS
@@ -678,6 +679,20 @@ def instrument_rows(document: dict) -> tuple[list[str], list[list[str]]]:
     return ["Set", *header], rows
 
 
+def prior_rows(document: dict) -> tuple[list[str], list[list[str]]]:
+    """How well the attack's prior draws chest X-rays (calibrate's prior-quality)."""
+    quality = document.get("prior_quality")
+    if not quality:
+        return [], []
+    frechet, classifier = quality.get("frechet") or {}, quality.get("classifier") or {}
+    header = ["Images per set", "Fréchet distance in the embedding", "Real-vs-real floor", "Ratio",
+              "Two-sample classifier accuracy [95% CI]"]
+    ratio = frechet.get("ratio")
+    return header, [[str(quality.get("images")), number(frechet.get("distance"), 4), number(frechet.get("floor"), 4),
+                     f"{ratio:.1f}x" if ratio is not None else "n/a",
+                     number(classifier.get("accuracy"), 3) + interval(classifier.get("ci"), digits=3)]]
+
+
 def calibration_rows(document: dict) -> tuple[list[str], list[list[str]]]:
     """Per target: the false-positive rate at f = 0, the detected share per spike fraction, the smallest detectable."""
     fractions = sorted({row["fraction"] for entry in document["targets"].values()
@@ -753,9 +768,23 @@ def _html_instrument(document: dict, figures: dict[str, dict[str, bytes]] | None
     header, rows = instrument_rows(document)
     out.append(_table_html(header, rows))
     out.append(f"<p class='note'>{esc(instrument.get('note') or '')}. {esc(measured_in(document))}</p>")
+    out += _html_prior(document, figures or {})
     if document.get("targets"):
         out += _html_calibration(document, figures or {})
     return out
+
+
+def _html_prior(document: dict, figures: dict[str, dict[str, bytes]]) -> list[str]:
+    """The attack's reach: how well its prior draws chest X-rays, with a strip of samples over real images."""
+    header, rows = prior_rows(document)
+    if not rows:
+        return []
+    return ["<h3>The generator prior: what the attack can draw</h3>", _table_html(header, rows),
+            _image_html(figures.get("_report", {}).get("prior_strip"), "prior samples (top) over public images"),
+            "<p class='note'>Top row: the prior's samples; bottom row: public images. The Fréchet distance compares "
+            "Gaussians fitted to both sets in the re-identification embedding; the floor is the distance between "
+            "two disjoint real sets. A small CNN trained to tell samples from real images scores 0.5 when it "
+            "cannot. The attack can only reconstruct what this prior can draw.</p>"]
 
 
 def _html_calibration(document: dict, figures: dict[str, dict[str, bytes]]) -> list[str]:
@@ -1094,7 +1123,11 @@ def render_markdown(document: dict) -> str:
              "", "## Instrument", ""]
     header, rows = instrument_rows(document)
     lines.append(_table_markdown(header, rows) if rows else (document.get("instrument") or {}).get("note", ""))
-    lines += ["", measured_in(document), "", "### Calibration", ""]
+    lines += ["", measured_in(document), ""]
+    header, rows = prior_rows(document)
+    if rows:
+        lines += ["### The generator prior", "", _table_markdown(header, rows), ""]
+    lines += ["### Calibration", ""]
     header, rows = calibration_rows(document)
     lines.append(_table_markdown(header, rows))
     lines += ["", "## Risk summary", ""]
@@ -1174,8 +1207,9 @@ def report(manifest: Manifest, target: str | None = None) -> int:
                 and store.is_committed(evaluation_prefix(t.name))]
     inputs = {n: store.read_commit(evaluation_prefix(n))["created"] for n in sorted(set(names) | set(controls))}
     inputs.update({f"{n}/calibration": store.read_commit(calibration_prefix(n))["created"] for n in names})
-    if store.is_committed(REID_PREFIX):  # the instrument section reads it: a new embedding means a new report
-        inputs[REID_PREFIX] = store.read_commit(REID_PREFIX)["created"]
+    for read in (REID_PREFIX, PRIOR_QUALITY_PREFIX):  # the instrument section reads them: new ones, a new report
+        if store.is_committed(read):
+            inputs[read] = store.read_commit(read)["created"]
     prefix = report_prefix(target)
     if store.is_committed(prefix):
         if store.read_commit(prefix).get("metadata", {}).get("inputs") == inputs:
@@ -1204,8 +1238,12 @@ def report(manifest: Manifest, target: str | None = None) -> int:
     control_leaks = _control_leaks(store, manifest, evaluations, control_metrics)
     document = build_report(manifest.run_id, evaluations, tables, manifest.model_dump(mode="json"), demographic_model,
                             reid_model, calibrations, control_leaks)
+    prior_strip = None
+    if store.is_committed(PRIOR_QUALITY_PREFIX):
+        document["prior_quality"] = store.read_json(f"{PRIOR_QUALITY_PREFIX}/{PRIOR_QUALITY_FILE}")
+        prior_strip = store.read_bytes(f"{PRIOR_QUALITY_PREFIX}/{PRIOR_QUALITY_STRIP}")
     plot = mitigation_png(document) if document["mitigation"]["shown"] else None
-    page = render_html(document, {**figures, "_report": {"mitigation": plot}}, pairs)
+    page = render_html(document, {**figures, "_report": {"mitigation": plot, "prior_strip": prior_strip}}, pairs)
     with store.committed(prefix, {"stage": "report", "targets": names, "inputs": inputs}) as out:
         out.write_bytes(HTML_FILE, page.encode("utf-8"))
         out.write_bytes(MARKDOWN_FILE, render_markdown(document).encode("utf-8"))
