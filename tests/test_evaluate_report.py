@@ -478,6 +478,25 @@ def test_report_has_a_controls_section(pipeline):
         assert all(html_escape(cell) in page for cell in row) and all(cell in markdown for cell in row)
 
 
+def test_dose_response_rows_need_one_architecture_at_two_sizes():
+    """P3: overfit targets by images per class, the normal one of the same architecture as "all"; a lone overfit
+    target of another architecture is not a dose-response."""
+    from reid_batch.stages.report import dose_rows
+
+    def entry(arch, preset, per_class, leak):
+        return {"metrics": {"arch": arch, "preset": preset, "train_pool": "private",
+                            "target_training": {"recipe": {"images_per_class": per_class}, "train_images": 7}},
+                "risk": {"leak": {"vs_prior": {"leak": leak, "ci": [leak - 0.1, leak + 0.1], "p_value": 0.5},
+                                  "verdict": "v"}}}
+
+    document = {"targets": {"all": entry("resnet18", "normal", None, 0.0), "o20": entry("resnet18", "overfit", 20, 0.1),
+                            "o2": entry("resnet18", "overfit", 2, 0.3), "vit": entry("vit_custom", "overfit", 20, 0.2)}}
+    header, rows = dose_rows(document)
+    assert [(row[0], row[1]) for row in rows] == [("o2", "2"), ("o20", "20"), ("all", "all")]
+    del document["targets"]["o2"]
+    assert dose_rows(document)[1] == []
+
+
 def test_report_reads_and_writes_s3_and_needs_no_torch(pipeline, s3_bucket):
     """The rendered report on S3 from the same evaluation outputs, in a process that never imports torch."""
     from reid_batch.storage import open_store

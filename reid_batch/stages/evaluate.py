@@ -621,7 +621,7 @@ def _metrics_document(store, manifest: Manifest, spec: TargetSpec, likely: Likel
         record = store.read_json(f"{target_prefix(spec.name)}/training.json")
         training_record = {k: record.get(k) for k in ("preset", "pool", "train", "val", "generalisation_gap",
                                                         "train_images", "val_images", "kept_epoch", "norm",
-                                                        "privacy")}
+                                                        "privacy", "recipe")}
     finetune_record = store.read_json(f"{finetune_prefix(spec.name)}/finetune.json")
     attack_terms = {"terms": finetune_record.get("terms"), "configured": finetune_record.get("terms_configured"),
                     "fallback": finetune_record.get("objective_fallback"),
