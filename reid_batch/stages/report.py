@@ -632,6 +632,7 @@ tr:nth-child(even) td{background:#fafafa}
 .box{border:1px solid #c9a227;background:#fff8e1;padding:.6em 1em;margin:1em 0}
 .note{color:#555;font-size:.9em}
 img.pair{image-rendering:pixelated;height:96px}
+img.strip{image-rendering:pixelated;width:66%;min-width:420px;border:1px solid #ddd}
 img.figure{max-width:100%;border:1px solid #ddd;margin:.4em 0}
 .figures{display:flex;flex-wrap:wrap;gap:.4em}
 .figures img.figure{width:32%;min-width:280px}
@@ -780,7 +781,7 @@ def _html_prior(document: dict, figures: dict[str, dict[str, bytes]]) -> list[st
     if not rows:
         return []
     return ["<h3>The generator prior: what the attack can draw</h3>", _table_html(header, rows),
-            _image_html(figures.get("_report", {}).get("prior_strip"), "prior samples (top) over public images"),
+            _image_html(figures.get("_report", {}).get("prior_strip"), "prior samples (top) over public images", "strip"),
             "<p class='note'>Top row: the prior's samples; bottom row: public images. The Fréchet distance compares "
             "Gaussians fitted to both sets in the re-identification embedding; the floor is the distance between "
             "two disjoint real sets. A small CNN trained to tell samples from real images scores 0.5 when it "
