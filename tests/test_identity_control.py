@@ -69,3 +69,17 @@ def test_within_sex_permutations_never_mix_sexes():
     assert (SEXES[rows] == SEXES[None, :]).all()
     assert all(sorted(row) == list(range(K)) for row in rows)
     assert len({tuple(row) for row in rows}) > 250
+
+
+def test_the_null_in_blocks_equals_the_null_at_once(monkeypatch):
+    """Bounded memory: permutations are compared a block at a time, with the same p-value as all at once."""
+    from reid_batch.analysis import identity
+
+    rng = np.random.default_rng(5)
+    centres, gallery, patients = _gallery(rng)
+    classes = rng.integers(0, K, 300)
+    samples = centres[rng.integers(0, 2 * K, 300)] + rng.normal(size=(300, 16)) * 0.5
+    at_once = _run(samples, classes, gallery, patients)
+    monkeypatch.setattr(identity, "NULL_BLOCK_CELLS", 1000)  # 3 permutations per block
+    in_blocks = _run(samples, classes, gallery, patients)
+    assert (in_blocks["p_value"], in_blocks["null_top1"]) == (at_once["p_value"], at_once["null_top1"])

@@ -56,6 +56,7 @@ def within_sex_permutations(sexes: np.ndarray, count: int, rng: np.random.Genera
 
 # Cheap (one comparison per sample and permutation), and a p-value floor of 1e-4 keeps "at the floor" rare.
 PERMUTATIONS = 9999
+NULL_BLOCK_CELLS = 4_000_000  # permutations x samples compared at once (~4 MB of booleans, ~32 MB of indices)
 
 
 def identity_control(sample_features: np.ndarray, sample_classes: np.ndarray, gallery_features: np.ndarray,
@@ -84,8 +85,10 @@ def identity_control(sample_features: np.ndarray, sample_classes: np.ndarray, ga
 
     rng = np.random.default_rng(seed)
     permuted = within_sex_permutations(np.asarray(sexes), permutations, rng)
-    # nearest == scored[perm[class]] for every permutation at once
-    null = (nearest[None, :] == scored[permuted[:, sample_classes]]).mean(axis=1)
+    # nearest == scored[perm[class]], a block of permutations at a time: memory stays bounded with many samples
+    block = max(1, NULL_BLOCK_CELLS // len(sample_classes))
+    null = np.concatenate([(nearest[None, :] == scored[permuted[i:i + block][:, sample_classes]]).mean(axis=1)
+                           for i in range(0, permutations, block)])
     p_value = float((1 + np.sum(null >= top1 - 1e-12)) / (1 + permutations))
 
     present = np.unique(sample_classes)
