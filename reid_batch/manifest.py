@@ -24,6 +24,7 @@ from pydantic_core import PydanticUndefined
 from reid_batch import MANIFEST_VERSION
 from reid_batch.archs import (  # noqa: F401 - the term tables are re-exported for the schema's readers
     CNN_ALLOWED_TERMS, CNN_TERMS, DEFAULT_TERMS, FAMILY_TERMS, VIT_TERMS, arch_family, known_names)
+from reid_batch.data.phantoms import CANARY_CAPACITY, canary_room
 from reid_batch.errors import InputError
 from reid_batch.layout import RESERVED_NAMES
 
@@ -223,6 +224,25 @@ class CohortSpec(Strict):
         return " ".join(parts)
 
 
+class CanarySpec(Strict):
+    """Canaries in the study's task (P2): atypical patients, each put in the training set by its own coin flip (the
+    ones left out are the in-model control), with `d` training studies for each d of `duplicates`. Every canary is
+    scored by a further study of it that no model trained on."""
+
+    per_dose: Annotated[int, Field(ge=2, le=1000)] = Field(
+        12, description="canary patients per duplication level; each is included with probability 1/2")
+    duplicates: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+        [1, 4, 16], min_length=1, description="training studies per included canary, one group of canaries per value")
+    flip_label: bool = Field(False, description="train the included canaries with the other class's label")
+    seed: Seed = Field(0, description="the coin flips (the canaries themselves are fixed by the world's seed)")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "CanarySpec":
+        if len(set(self.duplicates)) != len(self.duplicates):
+            raise ValueError("duplicates must be distinct")
+        return self
+
+
 class TargetTrainSpec(Strict):
     preset: Literal["normal", "overfit", "regularised", "augmented", "dp", "identity"] = "normal"
     pool: Literal["private", "control"] = Field(
@@ -249,6 +269,8 @@ class TargetTrainSpec(Strict):
         None, description="preset identity: K patients as K classes (synthetic world only; defaults if omitted)")
     cohort: CohortSpec | None = Field(
         None, description="train (and validate) on this demographic slice of the pool only (P4, cohort skew)")
+    canaries: CanarySpec | None = Field(
+        None, description="add atypical canary patients to the training set by coin flip (P2; synthetic world only)")
     seed: Seed = 0
 
     @model_validator(mode="after")
@@ -261,6 +283,8 @@ class TargetTrainSpec(Strict):
             if self.images_per_class is not None or self.max_images is not None or self.cohort is not None:
                 raise ValueError("preset identity trains on identity.studies per patient; images_per_class, "
                                  "max_images and cohort do not apply")
+            if self.canaries is not None:
+                raise ValueError("canaries apply to the study's task (cardiomegaly), not to preset identity")
         if self.preset != "dp" and (self.target_epsilon is not None or self.max_grad_norm is not None):
             raise ValueError("target_epsilon and max_grad_norm apply to preset dp only")
         if self.preset == "dp" and self.norm == "batch":
@@ -621,6 +645,15 @@ class Manifest(Strict):
             if t.train is not None and t.train.preset == "identity" and self.data.synthetic is None:
                 raise ValueError(f"target {t.name!r}: preset identity renders extra studies of its patients and "
                                  "needs data.synthetic")
+            if t.train is not None and t.train.canaries is not None:
+                pool = t.train.pool
+                if self.data.synthetic is None or getattr(self.data, pool) is not None:
+                    raise ValueError(f"target {t.name!r}: canaries are synthetic patients rendered into the world; "
+                                     f"they need data.synthetic as the {pool} pool")
+                most = canary_room(pool)
+                if getattr(self.data.synthetic, f"{pool}_patients") > most:
+                    raise ValueError(f"target {t.name!r}: with canaries, data.synthetic.{pool}_patients may be at "
+                                     f"most {most} (the pool's last {CANARY_CAPACITY:,} ids are the canaries')")
         return self
 
     def source(self, pool: str) -> SourceSpec:

@@ -56,7 +56,9 @@ def make_manifest(root: Path, inputs: dict[str, Path], output: str, s3_endpoint:
     document["data"] = {"synthetic": {"root": str(root / "world"), **WORLD}, "val_fraction": 0.2, "split_seed": 0}
     train = {"preset": "normal", "epochs": 1, "batch_size": 8}
     document["targets"] = [
-        {"name": "cnn", "arch": "resnet18", "train": train, "input": {"size": SIZE}},
+        # P2 at its smallest: 3 canaries at 1 and 3 at 2 training studies; coin seed 0 puts canaries on both sides.
+        {"name": "cnn", "arch": "resnet18", "input": {"size": SIZE},
+         "train": {**train, "canaries": {"per_dose": 3, "duplicates": [1, 2], "seed": 0}}},
         {"name": "cnn-control", "arch": "resnet18", "train": {**train, "pool": "control"}, "input": {"size": SIZE}},
         # P1 at its smallest: 2 patients as 2 classes, attacked with the per-class latent offsets.
         {"name": "identity", "arch": "resnet18", "input": {"size": SIZE}, "objective": {"class_offsets": True},
@@ -330,6 +332,45 @@ def test_identity_control_matches_samples_to_held_out_studies(pipeline):
     assert control["raw"]["samples"] == control["prior_raw"]["samples"] == settings.membership_candidates
 
 
+def test_canaries_train_by_their_coins_and_are_scored_by_a_held_out_study(pipeline):
+    """P2: every included canary trains on exactly `d` studies and no excluded one on any; each AUC is recomputed
+    from the held-out studies and the committed raw leak candidates."""
+    from reid_batch.analysis.canaries import canary_tests
+    from reid_batch.analysis.roles import canary_sets
+    from reid_batch.artifacts import load_reid_model
+    from reid_batch.data.datasets import load_image
+    from reid_batch.data.phantoms import CANARY_HELDOUT_STUDY
+    from reid_batch.formats import feature_matrix
+    from reid_batch.layout import LEAK_CANDIDATES_FILE, evaluation_prefix
+    from reid_batch.models.reid import embed
+
+    manifest, root = pipeline
+    store, metrics, _ = _outputs(manifest, "cnn")
+    sets = canary_sets(manifest, manifest.target("cnn"))
+    assert sets.included.any() and not sets.included.all()
+    trained = pd.read_csv(io.BytesIO(store.read_bytes("targets/cnn/train_images.csv")))
+    per_patient = trained[trained["canary_dose"].notna()].groupby("patient_id").size()
+    expected = {f"patient{p.patient_id:05d}": int(d)
+                for p, d, inside in zip(sets.patients, sets.doses, sets.included) if inside}
+    assert per_patient.to_dict() == expected
+    assert not trained["path"].str.contains(f"/study{CANARY_HELDOUT_STUDY + 1}/").any()
+
+    canaries = metrics["canaries"]
+    assert canaries["included"] == sets.included.tolist() and set(canaries["raw"]) == {"1", "2"}
+    held_out = [root / "world" / "private" / "extra-studies" / name / f"study{CANARY_HELDOUT_STUDY + 1}" /
+                "view1_frontal.jpg" for name in canaries["patients"]]
+    features = embed(load_reid_model(manifest), torch.stack([load_image(str(p), SIZE, 1) for p in held_out])).numpy()
+    candidates = store.read_parquet(f"{evaluation_prefix('cnn')}/{LEAK_CANDIDATES_FILE}")
+    attacked = feature_matrix(candidates.column("features"))[
+        np.asarray(candidates.column("generator").to_pylist()) == "attacked"]
+    scores = np.sqrt(((features[:, None, :] - attacked[None]) ** 2).sum(-1)).min(1)
+    settings = manifest.evaluation
+    again = canary_tests(scores, sets.included, sets.doses, bootstrap=settings.leak_bootstrap, seed=settings.seed)
+    for dose, result in again.items():
+        assert canaries["raw"][dose]["auc"] == pytest.approx(result["auc"], abs=1e-9)
+        assert canaries["raw"][dose]["p_value"] == pytest.approx(result["p_value"], abs=1e-9)
+
+
 def test_prior_quality_is_measured_once_and_reported(pipeline):
     """calibrate's prior-quality: the prior's samples against public images in the embedding, with the real-vs-real
     floor and the classifier two-sample test; the report's instrument section shows the numbers and the strip."""
@@ -451,6 +492,7 @@ def test_population_shift_is_the_attacked_minus_the_prior_predictions(pipeline):
         predicted["attacked"]["sex"].mean() - predicted["prior"]["sex"].mean(), abs=1e-9)
     assert shift["age"]["ci"][0] <= shift["age"]["shift"] <= shift["age"]["ci"][1]
     members = pd.read_csv(io.BytesIO(run_store(manifest).read_bytes("targets/cnn/train_images.csv")))
+    members = members[members["canary_dose"].isna()]  # the pool's truth: canaries are not pool patients
     truth = _truth(root, "private")
     ages = [truth.loc[_number(p), "age"] for p in members["patient_id"].unique()]
     assert shift["truth_members"]["patients"] == len(ages)

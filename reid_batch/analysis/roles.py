@@ -16,7 +16,7 @@ import pandas as pd
 
 from reid_batch import layout
 from reid_batch.data.datasets import read_source
-from reid_batch.data.phantoms import WorldConfig, sample_patients, sex_balanced_sets
+from reid_batch.data.phantoms import WorldConfig, canary_patient, sample_patients, sex_balanced_sets
 from reid_batch.errors import InputError
 from reid_batch.manifest import Manifest, TargetSpec
 from reid_batch.storage import input_path, run_store
@@ -66,9 +66,34 @@ def identity_sets(manifest: Manifest, spec: TargetSpec) -> IdentitySets:
                          where=f"data.synthetic.root ({manifest.data.synthetic.root})")
     labelled = set(found[0]["patient_id"].astype(str))
     patients = [p for p in sample_patients(WorldConfig.of(manifest.data.synthetic), pool)
-                if f"patient{p.patient_id:05d}" in labelled]
+                if p.name in labelled]
     positive, negative, distractors = sex_balanced_sets(patients, identity.patients, 3, identity.seed)
     return IdentitySets(positive if identity.role == "positive" else negative, positive, distractors, identity.role)
+
+
+@dataclass(frozen=True)
+class CanarySets:
+    """The canaries of a target (`train.canaries`): patient i has `doses[i]` training studies if `included[i]`."""
+
+    patients: list
+    doses: np.ndarray  # (n,) int
+    included: np.ndarray  # (n,) bool
+    flip_label: bool
+
+
+def canary_sets(manifest: Manifest, spec: TargetSpec) -> CanarySets | None:
+    """Per duplication level d, `per_dose` canaries of the target's pool, each included by its own fair coin
+    (seeded by `canaries.seed`); None for a target without canaries. Every target with canaries in one world uses
+    the same canary patients; only the coins differ by seed."""
+    canaries = spec.train.canaries if spec.train is not None else None
+    if canaries is None:
+        return None
+    config = WorldConfig.of(manifest.data.synthetic)
+    count = canaries.per_dose * len(canaries.duplicates)
+    patients = [canary_patient(config, train_pool(spec), number) for number in range(count)]
+    doses = np.repeat(np.asarray(canaries.duplicates, np.int64), canaries.per_dose)
+    included = np.random.default_rng(canaries.seed).random(count) < 0.5
+    return CanarySets(patients, doses, included, canaries.flip_label)
 
 
 def patient_number(patient_id) -> int | None:

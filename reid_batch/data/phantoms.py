@@ -33,7 +33,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -186,6 +186,11 @@ class Patient:
     def label(self) -> int:
         """1 = cardiomegaly (CTR > 0.5), 0 = no finding."""
         return int(self.ctr > 0.5)
+
+    @property
+    def name(self) -> str:
+        """The id as the CheXpert layout's folders, and so read_chexpert's patient_id, spell it: "patient00012"."""
+        return f"patient{self.patient_id:05d}"
 
 
 @dataclass(frozen=True)
@@ -649,7 +654,7 @@ def _write_chexpert_patient(root: Path, patient: Patient, config: WorldConfig) -
         study = sample_study(patient, study_index, config.seed)
         label_rng = _rng(config.seed, _POOL_CODE[patient.pool], patient.index, 1 + study_index, 3)
         labels = _chexpert_labels(patient, study, label_rng)
-        folder = f"{CHEXPERT_DIR}/{patient.split}/patient{patient.patient_id:05d}/study{study_index + 1}"
+        folder = f"{CHEXPERT_DIR}/{patient.split}/{patient.name}/study{study_index + 1}"
         frontal_path = f"{folder}/view1_frontal.jpg"
         _save(render_study(patient, study_index, config.image_size, config.seed), root / frontal_path, jpeg=True)
         csv_rows.append({"Path": frontal_path, "Sex": "Unknown" if study.cohort_variant == "unknown_sex" else sex_text,
@@ -766,16 +771,66 @@ def write_extra_studies(root: str | os.PathLike, config: WorldConfig, patients: 
     for patient in patients:
         for study_index in range(first, first + count):
             study = sample_study(patient, study_index, config.seed)
-            path = (Path(root) / patient.pool / EXTRA_STUDIES_DIR / f"patient{patient.patient_id:05d}"
+            path = (Path(root) / patient.pool / EXTRA_STUDIES_DIR / patient.name
                     / f"study{study_index + 1}" / "view1_frontal.jpg")
             if not path.is_file():
                 partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.jpg")
                 _save(render_study(patient, study_index, config.image_size, config.seed), partial, jpeg=True)
                 os.replace(partial, path)
-            rows.append({"path": str(path.resolve()), "patient_id": f"patient{patient.patient_id:05d}",
+            rows.append({"path": str(path.resolve()), "patient_id": patient.name,
                          "age": float(patient.age), "sex": patient.sex, "label": patient.label,
                          "study": study_index + 1, "view": study.view_position})
     return rows
+
+
+# Canaries (issue 17, P2): atypical patients outside every pool's table, rendered only when a target trains on them.
+# They take the last CANARY_CAPACITY indices of their pool's id range, which no world's table reaches (a world may
+# hold at most `_ID_CAPACITY - CANARY_CAPACITY` patients in a pool that has canaries). Training studies start at
+# EXTRA_STUDY_FROM; the study every canary is scored by is CANARY_HELDOUT_STUDY, beyond any training dose.
+CANARY_CAPACITY = 10_000
+CANARY_HELDOUT_STUDY = EXTRA_STUDY_FROM + 100
+
+
+def _rare_traits(patient: Patient, rng: np.random.Generator) -> dict:
+    """What makes a canary atypical: each trait lies at an edge of the population's range (or is a device
+    configuration few patients have), and each canary gets two of them, so canaries differ from the population and
+    from one another."""
+    traits = {
+        "both_devices": {"pacemaker": True, "sternal_wires": True},
+        "lung_asymmetry": {"lung_asymmetry": float(rng.choice([-0.06, 0.06]))},
+        "clavicle_angle": {"clavicle_angle_deg": float(rng.choice([4.0, 26.0]))},
+        "high_apex": {"lung_top": -0.72},
+        "large_aortic_knob": {"aortic_knob_radius": 0.11, "aortic_calcification": 1.0},
+        "narrow_mediastinum": {"mediastinum_half_width": 0.07},
+        "tall_heart": {"heart_half_height": 0.34},
+    }
+    names = sorted(traits)
+    chosen = rng.choice(len(names), 2, replace=False)
+    changes = {}
+    for i in sorted(chosen):
+        changes.update(traits[names[i]])
+    return changes
+
+
+def canary_room(pool: str) -> int:
+    """The most patients a world may hold in `pool` when that pool has canaries."""
+    return _ID_CAPACITY[_check_pool(pool)] - CANARY_CAPACITY
+
+
+def canary_patient(config: WorldConfig, pool: str, number: int) -> Patient:
+    """Canary `number` (0-based) of `pool`: a patient drawn as any other, at an index no world table holds, then
+    given two rare traits. Deterministic in (world seed, pool, number); pacemaker detection and re-identification
+    see it like any patient."""
+    _check_pool(pool)
+    if not 0 <= number < CANARY_CAPACITY:
+        raise InputError(f"canary number must be in 0..{CANARY_CAPACITY - 1}, got {number}", where="canaries")
+    if config.patients_in(pool) > canary_room(pool):
+        raise InputError(f"a pool with canaries holds at most {canary_room(pool)} patients "
+                         f"(the last {CANARY_CAPACITY} ids are the canaries'); the {pool} pool has "
+                         f"{config.patients_in(pool)}", where=f"data.synthetic.{pool}_patients")
+    index = canary_room(pool) + number
+    patient = sample_patient(config, pool, index)
+    return replace(patient, split="train", **_rare_traits(patient, _rng(config.seed, _POOL_CODE[pool], index, 2)))
 
 
 # ====================================================================================================================

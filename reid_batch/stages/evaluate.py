@@ -86,12 +86,13 @@ from matplotlib.figure import Figure
 from reid_batch import log
 from reid_batch.analysis.devices import (DETECTOR_MIN_AUC, DETECTOR_MIN_IMAGES, DEVICE_LEVEL_PERCENTILE, DEVICE_REGION,
                                          calibrate_device_detector, device_region)
+from reid_batch.analysis.canaries import canary_tests
 from reid_batch.analysis.identity import identity_control
-from reid_batch.analysis.leak import generator_scores, leak_test
+from reid_batch.analysis.leak import generator_scores, leak_test, pairwise_min_distance
 from reid_batch.analysis.metrics import (InceptionFeatures, demographic_errors, fid, fit_pca, kurtosis_curve_png,
                                          mean_shift, membership_auc, nearest_neighbours, pca_kurtosis,
                                          pixel_entropy, pixel_features, reidentification, ssim, to_grey)
-from reid_batch.analysis.roles import (OTHER_POOL, identity_sets, matched_positions, member_patients,
+from reid_batch.analysis.roles import (OTHER_POOL, canary_sets, identity_sets, matched_positions, member_patients,
                                        membership_records, pool_frame, reference_images, sample_positions, sex_code,
                                        train_pool, truth_for, world_truth)
 from reid_batch.analysis.space import PIXEL_SIZE, FeatureSpace
@@ -102,6 +103,7 @@ from reid_batch.attack.generation import BatchSizer, generated_features, regener
 from reid_batch.attack.objectives import requested_classes
 from reid_batch.attack.selection import committed_summaries, read_scores, select_candidates
 from reid_batch.data.datasets import ImageDataset
+from reid_batch.data.phantoms import CANARY_HELDOUT_STUDY, WorldConfig, write_extra_studies
 from reid_batch.errors import InputError
 from reid_batch.formats import (clean_json, feature_column, figure_png, grey_uint8, pair_png, parquet_bytes,
                                 software_versions)
@@ -370,6 +372,8 @@ class Shared:
     prior_features: np.ndarray | None = None
     prior_candidate_features: np.ndarray | None = None
     prior_candidate_demographics: dict[str, np.ndarray] | None = None
+    demographic_model: object | None = None
+    prior_identity: dict = field(default_factory=dict)  # the prior's identity-control result, per gallery
 
     def feature_space(self, manifest: Manifest, device: torch.device) -> FeatureSpace:
         if self.space is None:
@@ -433,10 +437,13 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
     reid = _reidentify(manifest, spec, training, OTHER_POOL[train_pool(spec)], likely, notes, resolution, space)
     leak, leak_tables, raw_features = _leak(manifest, spec, finetuned, shared, space, resolution, device, notes)
     identity = _identity(manifest, spec, likely, raw_features, shared, space, finetuned.config.latent_dim, device)
+    canaries = _canaries(manifest, spec, likely, raw_features, shared, space)
     metrics = _metrics_document(store, manifest, spec, likely, stage1, stage2, demographics, reid, leak, notes,
                                 resolution)
     if identity is not None:
         metrics["identity_control"] = clean_json(identity)
+    if canaries is not None:
+        metrics["canaries"] = clean_json(canaries)
     if manifest.evaluation.population_shift:
         metrics["population_shift"] = clean_json(_population_shift(manifest, spec, finetuned, shared, device))
     _write_outputs(store, manifest, spec, metrics, likely, neighbours, sets, kurtosis_png, leak_tables)
@@ -738,9 +745,12 @@ def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space
     return summary, tables, attacked
 
 
-def _candidate_demographics(manifest: Manifest, generator, ids: np.ndarray, device) -> dict[str, np.ndarray]:
+def _candidate_demographics(manifest: Manifest, shared: Shared, generator, ids: np.ndarray, device
+                            ) -> dict[str, np.ndarray]:
     """Predicted age and sex (1 = M) of the candidates `ids`, batch by batch."""
-    model = load_demographic_model(manifest).to(device).eval()
+    if shared.demographic_model is None:
+        shared.demographic_model = load_demographic_model(manifest).to(device).eval()
+    model = shared.demographic_model
     parts = []
     with torch.inference_mode():
         for start in range(0, len(ids), GENERATION_BATCH):
@@ -755,9 +765,9 @@ def _population_shift(manifest: Manifest, spec: TargetSpec, finetuned, shared: S
     settings = manifest.evaluation
     ids = LEAK_ID_OFFSET + np.arange(settings.membership_candidates, dtype=np.int64)
     if shared.prior_candidate_demographics is None:
-        shared.prior_candidate_demographics = _candidate_demographics(manifest, load_prior(manifest).to(device).eval(),
-                                                                      ids, device)
-    attacked = _candidate_demographics(manifest, finetuned, ids, device)
+        shared.prior_candidate_demographics = _candidate_demographics(
+            manifest, shared, load_prior(manifest).to(device).eval(), ids, device)
+    attacked = _candidate_demographics(manifest, shared, finetuned, ids, device)
     prior = shared.prior_candidate_demographics
     result = {"candidates": len(ids), "cohort": spec.train.cohort.describe() if spec.train and spec.train.cohort
               else "the whole pool",
@@ -800,7 +810,7 @@ def _identity(manifest: Manifest, spec: TargetSpec, likely: LikelySamples, raw_f
     sets = identity_sets(manifest, spec)
     k = len(sets.scored)
     gallery_patients = sets.scored + sets.distractors
-    number = {f"patient{p.patient_id:05d}": i for i, p in enumerate(gallery_patients)}
+    number = {p.name: i for i, p in enumerate(gallery_patients)}
     rows, on_error = pool_frame(manifest, train_pool(spec))
     resolution = likely.reconstructions.shape[-1]
     gallery = load_images(rows[rows["patient_id"].astype(str).isin(number)], resolution, on_error,
@@ -819,9 +829,9 @@ def _identity(manifest: Manifest, spec: TargetSpec, likely: LikelySamples, raw_f
         "role": sets.role, "classes": k,
         "attack": "stage 1 with a learned latent offset per class" if spec.objective.class_offsets
         else "the study's stage 1 (classes through z_0 only)",
-        "patients": [f"patient{p.patient_id:05d}" for p in sets.classes],
-        "scored_against": [f"patient{p.patient_id:05d}" for p in sets.scored],
-        "distractors": [f"patient{p.patient_id:05d}" for p in sets.distractors],
+        "patients": [p.name for p in sets.classes],
+        "scored_against": [p.name for p in sets.scored],
+        "distractors": [p.name for p in sets.distractors],
         "gallery": "the world's own studies of these patients (never trained on), in the re-identification embedding",
         "permutation": "class -> patient assignment permuted within sex",
         "likely": measure(likely.features, likely.ids),
@@ -831,10 +841,48 @@ def _identity(manifest: Manifest, spec: TargetSpec, likely: LikelySamples, raw_f
     if raw_features is not None:
         ids = LEAK_ID_OFFSET + np.arange(len(raw_features), dtype=np.int64)
         result["raw"] = measure(raw_features, ids)
-        result["prior_raw"] = measure(shared.prior_candidate_features, ids)
+        # The prior is one generator: its result depends only on the patients scored (a positive and its negative
+        # share them), so it is measured once per set.
+        key = (tuple(result["scored_against"]), tuple(result["distractors"]))
+        if key not in shared.prior_identity:
+            shared.prior_identity[key] = measure(shared.prior_candidate_features, ids)
+        result["prior_raw"] = shared.prior_identity[key]
     log.event("identity_control", target=spec.name, role=sets.role, top1=result["likely"]["top1"],
               distinct=result["likely"]["distinct"], p_value=result["likely"]["p_value"],
               raw_top1=result.get("raw", {}).get("top1"), target_agrees=result["target_agrees"])
+    return result
+
+
+def _canaries(manifest: Manifest, spec: TargetSpec, likely: LikelySamples, raw_features: np.ndarray | None,
+              shared: Shared, space: FeatureSpace) -> dict | None:
+    """P2 (analysis.canaries): per duplication level, included vs excluded canaries by the distance from each
+    canary's held-out study to the closest candidate, for the likely samples, the attacked generator's raw leak
+    candidates and, as a null that must stay at chance, the prior's."""
+    sets = canary_sets(manifest, spec)
+    if sets is None:
+        return None
+    settings = manifest.evaluation
+    rows = pd.DataFrame(write_extra_studies(manifest.data.synthetic.root, WorldConfig.of(manifest.data.synthetic),
+                                            sets.patients, 1, first=CANARY_HELDOUT_STUDY))
+    heldout = load_images(rows, likely.reconstructions.shape[-1], "raise", manifest.compute.num_workers, set(),
+                          f"{spec.name} canaries' held-out studies", space)
+    canaries = np.arange(len(sets.patients))
+    result = {
+        "patients": [p.name for p in sets.patients],
+        "doses": sets.doses.tolist(), "included": sets.included.tolist(), "flip_label": sets.flip_label,
+        "scored_by": f"study {CANARY_HELDOUT_STUDY + 1} of each canary (never trained on), distance to the closest "
+                     "candidate in the re-identification embedding",
+        "null": "the coins permuted among the canaries of one duplication level (one-sided)",
+    }
+    for name, features in (("likely", likely.features), ("raw", raw_features),
+                           ("prior_raw", shared.prior_candidate_features if raw_features is not None else None)):
+        if features is None or not len(features):
+            continue
+        scores = pairwise_min_distance(heldout.features, features, canaries, len(canaries)).min(axis=1)
+        result[name] = canary_tests(scores, sets.included, sets.doses, bootstrap=settings.leak_bootstrap,
+                                    seed=settings.seed, confidence=CONFIDENCE)
+    log.event("canaries", target=spec.name, included=int(sets.included.sum()), of=len(canaries),
+              **{f"raw_auc_d{d}": r["auc"] for d, r in (result.get("raw") or {}).items()})
     return result
 
 

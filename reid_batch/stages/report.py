@@ -218,6 +218,8 @@ def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd
                      if entry["metrics"].get("identity_control")},
         "population_shift": {name: entry["metrics"]["population_shift"] for name, entry in targets.items()
                              if entry["metrics"].get("population_shift")},
+        "canaries": {name: entry["metrics"]["canaries"] for name, entry in targets.items()
+                     if entry["metrics"].get("canaries")},
         "demographic_model": demographic_model,
         "instrument": instrument_summary(reid_model, configured=_get(manifest_document, "reid") is not None),
         "meanings": [{"metric": m, "shows": s, "does_not_show": d} for m, s, d in MEANINGS],
@@ -458,6 +460,46 @@ def control_rows(document: dict) -> tuple[list[str], list[list[str]]]:
                          f"{result.get('distinct')} of {result.get('gallery_patients')}",
                          p_value(result.get("p_value"))])
     return header, rows
+
+
+def canary_rows(document: dict) -> tuple[list[str], list[list[str]]]:
+    """Canaries (P2): per target, sample set and duplication level, the AUC of included vs excluded canaries with its
+    interval, the counts and the permutation p-value."""
+    header = ["Target", "Samples", "Training studies per canary", "Included / excluded", "AUC [95% CI]",
+              "Median distance: included / excluded", "Permutation p"]
+    rows = []
+    for name, canaries in (document.get("canaries") or {}).items():
+        flipped = " (labels flipped)" if canaries.get("flip_label") else ""
+        for key, label in CONTROL_SETS:
+            for dose, result in (canaries.get(key) or {}).items():
+                rows.append([name + flipped, label, dose, f"{result.get('included')} / {result.get('excluded')}",
+                             number(result.get("auc"), 2) + interval(result.get("ci")),
+                             f"{number(result.get('included_median'), 3)} / {number(result.get('excluded_median'), 3)}",
+                             p_value(result.get("p_value"))])
+    return header, rows
+
+
+def canary_sentence(name: str, canaries: dict) -> str:
+    """What one canary target shows: the duplication levels at which the attack's candidates came closer to the
+    canaries the target trained on (p <= 0.01 on the raw candidates or the likely samples)."""
+    found, measured = [], []
+    for key in ("raw", "likely"):
+        for dose, result in (canaries.get(key) or {}).items():
+            if result.get("p_value") is None:
+                continue
+            measured.append(dose)
+            if result["p_value"] <= 0.01:
+                found.append(f"{dose} ({'raw candidates' if key == 'raw' else 'likely samples'}, AUC "
+                             f"{number(result.get('auc'), 2)}, p {p_value(result['p_value'])})")
+    if not measured:
+        return f"{name}: no duplication level had canaries on both sides of the coin."
+    if found:
+        return (f"{name}: the attack came closer to the canaries the target trained on at "
+                f"{', '.join(found)} training studies per canary: this target leaks individual patients, and the "
+                "study's targets' nulls are bounded by what it takes to leak one.")
+    return (f"{name}: at no duplication level ({', '.join(sorted(set(measured), key=int))} studies per canary) did "
+            "the attack come measurably closer to included canaries than to excluded ones (p > 0.01): with this "
+            "many canaries, only a large effect could have shown; read the AUC intervals for the size ruled out.")
 
 
 def population_rows(document: dict) -> tuple[list[str], list[list[str]]]:
@@ -835,7 +877,8 @@ def _html_risk_summary(document: dict) -> list[str]:
 
 
 def has_controls(document: dict) -> bool:
-    return bool(document.get("controls") or document.get("population_shift") or dose_rows(document)[1])
+    return bool(document.get("controls") or document.get("canaries") or document.get("population_shift")
+                or dose_rows(document)[1])
 
 
 def _html_controls(document: dict) -> list[str]:
@@ -844,6 +887,16 @@ def _html_controls(document: dict) -> list[str]:
     out = ["<h2>1a. Controls: targets known to leak</h2>"]
     if document.get("controls"):
         out += _html_identity_controls(document)
+    header, rows = canary_rows(document)
+    if rows:
+        out.append("<h3>Canaries in the study's task</h3>")
+        out.append(_table_html(header, rows))
+        out.append("<p class='note'>Atypical patients, each put in the training set by its own coin flip with 1, "
+                   "4 or 16 studies; the excluded ones are the in-model control. A canary's distance is from a study "
+                   "of it that no model trained on to the closest candidate. AUC: P(an included canary is closer "
+                   "than an excluded one), chance 0.5; p permutes the coins.</p>")
+        out.append("<ul>" + "".join(f"<li>{esc(canary_sentence(n, c))}</li>"
+                                    for n, c in document["canaries"].items()) + "</ul>")
     header, rows = dose_rows(document)
     if rows:
         out.append("<h3>Dose-response: the leak against training-set size</h3>")
@@ -1139,11 +1192,13 @@ def render_markdown(document: dict) -> str:
     if has_controls(document):
         lines += ["", "## Controls: targets known to leak", ""]
         for title, (header, rows) in (("Identity classes", control_rows(document)),
+                                      ("Canaries", canary_rows(document)),
                                       ("Dose-response", dose_rows(document)),
                                       ("Cohort skew", population_rows(document))):
             if rows:
                 lines += [f"### {title}", "", _table_markdown(header, rows), ""]
         lines += [f"- {control_sentence(n, c)}" for n, c in (document.get("controls") or {}).items()]
+        lines += [f"- {canary_sentence(n, c)}" for n, c in (document.get("canaries") or {}).items()]
     if document["mitigation"]["shown"]:
         lines += ["", "## Mitigations: utility and risk side by side", ""]
         header, rows = mitigation_rows(document)

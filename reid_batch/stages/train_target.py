@@ -21,6 +21,9 @@ Positive control (issue 17, P1):
                `validation_studies` more to validate on (synthetic world, `phantoms.write_extra_studies`), so the
                world's own studies of these patients stay held out. Cross-entropy over K outputs; Adam lr 1e-3,
                batch 32, 15 epochs, keep the best validation accuracy. Attacking class k asks for patient k.
+Canaries (issue 17, P2; `train.canaries`, any preset but identity): atypical synthetic patients, each added to the
+training set by its own coin flip with `d` rendered studies (`phantoms.canary_patient`, `roles.canary_sets`), after
+the preset chose its images; `train_images.csv` marks them with `canary_dose`.
 `patience` applies to any preset that keeps the best validation AUC. `norm: group` trains a CNN preset with GroupNorm
 in place of BatchNorm and no DP: the mitigation study's control for what GroupNorm alone does to the attack.
 
@@ -45,7 +48,7 @@ from torchvision.transforms import v2
 
 from reid_batch import log
 from reid_batch.analysis.metrics import classifier_metrics
-from reid_batch.analysis.roles import identity_sets
+from reid_batch.analysis.roles import canary_sets, identity_sets
 from reid_batch.attack.generation import target_input_spec
 from reid_batch.data.datasets import ImageDataset, patient_split, read_source
 from reid_batch.data.phantoms import EXTRA_STUDY_FROM, WorldConfig, write_extra_studies
@@ -311,9 +314,29 @@ def identity_split(manifest: Manifest, spec: TargetSpec) -> tuple[pd.DataFrame, 
         frame["source"] = "synthetic-extra-studies"
         frames.append(frame)
     log.event("train_target_data", target=spec.name, preset="identity", role=identity.role,
-              patients=[f"patient{p.patient_id:05d}" for p in patients], train_images=len(frames[0]),
+              patients=[p.name for p in patients], train_images=len(frames[0]),
               val_images=len(frames[1]))
     return frames[0], frames[1]
+
+
+def canary_training_rows(manifest: Manifest, spec: TargetSpec) -> pd.DataFrame:
+    """The included canaries' training studies (`d` rendered studies each, `canary_dose` = d), labelled with their
+    own class or, with `flip_label`, the other one. Added after the preset chose its images: caps such as
+    images_per_class never drop a canary."""
+    sets = canary_sets(manifest, spec)
+    config = WorldConfig.of(manifest.data.synthetic)
+    frames = []
+    for patient, dose in zip(np.asarray(sets.patients, object)[sets.included], sets.doses[sets.included]):
+        frame = pd.DataFrame(write_extra_studies(manifest.data.synthetic.root, config, [patient], int(dose)))
+        frame["canary_dose"] = int(dose)
+        frames.append(frame)
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["path", "label"])
+    if sets.flip_label:
+        frame["label"] = 1 - frame["label"]
+    frame["source"] = "synthetic-canaries"
+    log.event("train_target_canaries", target=spec.name, included=int(sets.included.sum()), of=len(sets.patients),
+              images=len(frame), flip_label=sets.flip_label)
+    return frame
 
 
 def training_split(manifest: Manifest, spec: TargetSpec, recipe: Recipe) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -342,6 +365,8 @@ def training_split(manifest: Manifest, spec: TargetSpec, recipe: Recipe) -> tupl
                          where=f"data.{spec.train.pool} ({source.root})")
     train_frame, val_frame = patient_split(frame, manifest.data.val_fraction, manifest.data.split_seed)
     train_frame = choose_training_images(train_frame, recipe, spec.train.max_images, spec.train.seed)
+    if spec.train.canaries is not None:
+        train_frame = pd.concat([train_frame, canary_training_rows(manifest, spec)], ignore_index=True)
     log.event("train_target_data", target=spec.name, train_images=len(train_frame), val_images=len(val_frame),
               train_patients=train_frame["patient_id"].nunique(), recipe=asdict(recipe))
     return train_frame, val_frame
