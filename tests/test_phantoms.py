@@ -303,6 +303,16 @@ def test_refuses_foreign_non_empty_directory(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_refuses_a_broken_symbolic_link_and_leaves_it(tmp_path):
+    """A world root linked to a deleted world (a copied run folder): a clear error naming it, not a rename crash."""
+    root = tmp_path / "world"
+    root.symlink_to(tmp_path / "gone" / "world")
+    with pytest.raises(InputError, match="does not exist") as error:
+        write_world(root, WorldConfig(private_patients=1, public_patients=0, control_patients=0, image_size=32))
+    assert error.value.where == str(root) and root.is_symlink()
+    assert [p.name for p in tmp_path.iterdir()] == ["world"]
+
+
 def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")

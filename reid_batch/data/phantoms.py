@@ -861,6 +861,9 @@ def _remove_stale_partials(root: Path) -> None:
 
 def _existing_summary(root: Path, config: WorldConfig) -> dict | None:
     """The stored summary when `root` already holds this world; InputError when it holds anything else."""
+    if root.is_symlink() and not root.exists():
+        raise InputError(f"is a symbolic link to {os.readlink(root)}, which does not exist; remove the link or "
+                         "restore what it points to", where=str(root))
     if not root.exists():
         return None
     if not root.is_dir():
