@@ -409,6 +409,9 @@ class PriorTrainSpec(Strict):
     """Progressive WGAN-GP training of the prior on the public pool."""
 
     images_per_phase: PositiveInt = 20000
+    final_phase_images: PositiveInt | None = Field(
+        None, description="images of the last phase (the full resolution, stabilising); default images_per_phase: "
+        "where a short run's minutes buy the most")
     batch_size: PositiveInt = 32
     lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
     n_critic: PositiveInt = 1

@@ -61,3 +61,18 @@ def test_groups_with_one_side_only_are_not_measured_and_doses_are_apart():
     assert set(result) == {"1", "4"}
     assert result["1"]["auc"] is None and "one side" in result["1"]["reason"]
     assert result["4"]["included"] == 1 and result["4"]["excluded"] == 2 and result["4"]["auc"] == 0.5
+
+
+def test_the_report_sentence_corrects_for_every_level_and_set_tested():
+    from reid_batch.stages.report import canary_rows, canary_sentence
+
+    def level(p):
+        return {"included": 6, "excluded": 6, "auc": 0.9, "ci": [0.6, 1.0], "p_value": p}
+
+    passing = {"raw": {"1": level(0.5), "4": level(0.0011)}, "likely": {"1": level(0.3), "4": level(0.004)}}
+    sentence = canary_sentence("c", passing)
+    assert "at 4 (raw candidates" in sentence and "likely samples" not in sentence and "over 4 tests" in sentence
+    assert "at no duplication level" in canary_sentence("c", {"raw": {"1": level(0.006)}, "likely": {"1": level(0.02)}})
+    assert "both sides" in canary_sentence("c", {"raw": {"1": {"p_value": None}}})
+    header, rows = canary_rows({"canaries": {"c": {**passing, "flip_label": True}}})
+    assert len(rows) == 4 and rows[0][0] == "c (labels flipped)" and rows[0][2] == "1"

@@ -533,6 +533,11 @@ def test_dose_response_rows_need_one_architecture_at_two_sizes():
 
     document = {"targets": {"all": entry("resnet18", "normal", None, 0.0), "o20": entry("resnet18", "overfit", 20, 0.1),
                             "o2": entry("resnet18", "overfit", 2, 0.3), "vit": entry("vit_custom", "overfit", 20, 0.2)}}
+    # A cohort slice and a canary target train on other sets, not on other sizes of the same one.
+    document["targets"]["women"] = entry("resnet18", "normal", None, 0.1)
+    document["targets"]["women"]["metrics"]["target_training"]["cohort"] = "women aged 60+"
+    document["targets"]["canaries"] = entry("resnet18", "normal", None, 0.1)
+    document["targets"]["canaries"]["metrics"]["target_training"]["canaries"] = True
     header, rows = dose_rows(document)
     assert [(row[0], row[1]) for row in rows] == [("o2", "2"), ("o20", "20"), ("all", "all")]
     del document["targets"]["o2"]

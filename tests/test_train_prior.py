@@ -149,6 +149,15 @@ def test_schedule_fades_every_scale_but_the_first():
         schedule.at(20)
     spec = PriorTrainSpec(images_per_phase=100, batch_size=16, n_critic=2)
     assert tp.Schedule.for_spec(5, spec) == tp.Schedule(5, 4)  # ceil(100 / 32) generator steps per phase
+    # A longer last phase: the same path, then more full-resolution stabilising steps, and no fade starts there.
+    longer = tp.Schedule(num_scales=3, steps_per_phase=4, final_steps=10)
+    assert longer.total_steps == 26 and [longer.at(s) for s in range(16)] == path[:16]
+    assert [longer.at(s) for s in range(16, 26)] == [(4, 2, 1.0)] * 10
+    assert [s for s in range(26) if longer.starts_fade(s)] == [4, 12]
+    with pytest.raises(ValueError):
+        longer.at(26)
+    spec = PriorTrainSpec(images_per_phase=100, final_phase_images=1000, batch_size=16, n_critic=2)
+    assert tp.Schedule.for_spec(5, spec) == tp.Schedule(5, 4, 32)
 
 
 def test_real_images_fade_like_the_generator():

@@ -629,6 +629,9 @@ def _metrics_document(store, manifest: Manifest, spec: TargetSpec, likely: Likel
         training_record = {k: record.get(k) for k in ("preset", "pool", "train", "val", "generalisation_gap",
                                                         "train_images", "val_images", "kept_epoch", "norm",
                                                         "privacy", "recipe")}
+        # What the training set was beyond the recipe: the report's dose-response compares plain pools only.
+        training_record["cohort"] = spec.train.cohort.describe() if spec.train.cohort is not None else None
+        training_record["canaries"] = spec.train.canaries is not None
     finetune_record = store.read_json(f"{finetune_prefix(spec.name)}/finetune.json")
     attack_terms = {"terms": finetune_record.get("terms"), "configured": finetune_record.get("terms_configured"),
                     "fallback": finetune_record.get("objective_fallback"),

@@ -471,7 +471,7 @@ def canary_rows(document: dict) -> tuple[list[str], list[list[str]]]:
     for name, canaries in (document.get("canaries") or {}).items():
         flipped = " (labels flipped)" if canaries.get("flip_label") else ""
         for key, label in CONTROL_SETS:
-            for dose, result in (canaries.get(key) or {}).items():
+            for dose, result in sorted((canaries.get(key) or {}).items(), key=lambda item: int(item[0])):
                 rows.append([name + flipped, label, dose, f"{result.get('included')} / {result.get('excluded')}",
                              number(result.get("auc"), 2) + interval(result.get("ci")),
                              f"{number(result.get('included_median'), 3)} / {number(result.get('excluded_median'), 3)}",
@@ -481,25 +481,23 @@ def canary_rows(document: dict) -> tuple[list[str], list[list[str]]]:
 
 def canary_sentence(name: str, canaries: dict) -> str:
     """What one canary target shows: the duplication levels at which the attack's candidates came closer to the
-    canaries the target trained on (p <= 0.01 on the raw candidates or the likely samples)."""
-    found, measured = [], []
-    for key in ("raw", "likely"):
-        for dose, result in (canaries.get(key) or {}).items():
-            if result.get("p_value") is None:
-                continue
-            measured.append(dose)
-            if result["p_value"] <= 0.01:
-                found.append(f"{dose} ({'raw candidates' if key == 'raw' else 'likely samples'}, AUC "
-                             f"{number(result.get('auc'), 2)}, p {p_value(result['p_value'])})")
-    if not measured:
+    canaries the target trained on, at p <= 0.01 Bonferroni-corrected over every (level, sample set) tested."""
+    tested = [(key, dose, result) for key in ("raw", "likely") for dose, result in (canaries.get(key) or {}).items()
+              if result.get("p_value") is not None]
+    if not tested:
         return f"{name}: no duplication level had canaries on both sides of the coin."
+    bar = 0.01 / len(tested)
+    found = [f"{dose} ({'raw candidates' if key == 'raw' else 'likely samples'}, AUC {number(result.get('auc'), 2)}, "
+             f"p {p_value(result['p_value'])})" for key, dose, result in tested if result["p_value"] <= bar]
+    levels = ", ".join(sorted({dose for _, dose, _ in tested}, key=int))
     if found:
-        return (f"{name}: the attack came closer to the canaries the target trained on at "
-                f"{', '.join(found)} training studies per canary: this target leaks individual patients, and the "
-                "study's targets' nulls are bounded by what it takes to leak one.")
-    return (f"{name}: at no duplication level ({', '.join(sorted(set(measured), key=int))} studies per canary) did "
-            "the attack come measurably closer to included canaries than to excluded ones (p > 0.01): with this "
-            "many canaries, only a large effect could have shown; read the AUC intervals for the size ruled out.")
+        return (f"{name}: the attack came closer to the canaries the target trained on than to the excluded ones at "
+                f"{', '.join(found)} training studies per canary (p <= {bar:.2g}, 0.01 over {len(tested)} tests): "
+                "this target gives away individual canaries; read it beside the other levels and the prior's row, "
+                "which must stay at chance.")
+    return (f"{name}: at no duplication level ({levels} studies per canary) did the attack come measurably closer to "
+            f"included canaries than to excluded ones (p > {bar:.2g}, 0.01 over {len(tested)} tests): with this many "
+            "canaries only a large effect could have shown; the AUC intervals give the size ruled out.")
 
 
 def population_rows(document: dict) -> tuple[list[str], list[list[str]]]:
@@ -528,6 +526,8 @@ def dose_rows(document: dict) -> tuple[list[str], list[list[str]]]:
         metrics = entry["metrics"]
         training = metrics.get("target_training") or {}
         if metrics.get("train_pool") != "private" or metrics.get("preset") not in ("overfit", "normal"):
+            continue
+        if training.get("cohort") or training.get("canaries"):  # another training set, not another size of it
             continue
         per_class = _get(training, "recipe", "images_per_class") if metrics.get("preset") == "overfit" else None
         entries.append((str(metrics.get("arch")), per_class if per_class is not None else float("inf"), name,

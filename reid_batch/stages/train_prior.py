@@ -2,7 +2,8 @@
 
 Karras et al. (2018), "Progressive Growing of GANs": training starts at 4x4 and adds one scale at a time. Each
 new scale is first faded in (alpha 0 -> 1, weight of the newest scale) and then stabilised; the 4x4 scale has only
-a stabilise phase. Every phase shows the critic `images_per_phase` real images, drawn from the public pool
+a stabilise phase. Every phase shows the critic `images_per_phase` real images (the last, at the full resolution,
+`final_phase_images` when given), drawn from the public pool
 (NIH in the study, its synthetic stand-in by default), loaded at the generator's resolution and average-pooled to
 the current scale. During a fade the real images are blended the same way as the generator's output
 (alpha * current scale + (1 - alpha) * upsampled half scale, Karras' "lerp" of the training data), so the
@@ -171,36 +172,45 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
 @dataclass(frozen=True)
 class Schedule:
     """Phase p of a run: p = 0 stabilises 4x4; then for each further scale a fade-in (odd p) and a stabilise phase.
-    Each phase is `steps_per_phase` generator steps; everything is a pure function of the step."""
+    Each phase is `steps_per_phase` generator steps but the last (the full resolution, stabilising), which is
+    `final_steps` (default: the same); everything is a pure function of the step."""
 
     num_scales: int
     steps_per_phase: int
+    final_steps: int | None = None
 
     @classmethod
     def for_spec(cls, num_scales: int, spec: PriorTrainSpec) -> "Schedule":
         images_per_step = spec.batch_size * spec.n_critic
-        return cls(num_scales, max(1, math.ceil(spec.images_per_phase / images_per_step)))
+        final = (None if spec.final_phase_images is None
+                 else max(1, math.ceil(spec.final_phase_images / images_per_step)))
+        return cls(num_scales, max(1, math.ceil(spec.images_per_phase / images_per_step)), final)
 
     @property
     def num_phases(self) -> int:
         return 2 * self.num_scales - 1
 
     @property
+    def last_phase_steps(self) -> int:
+        return self.steps_per_phase if self.final_steps is None else self.final_steps
+
+    @property
     def total_steps(self) -> int:
-        return self.num_phases * self.steps_per_phase
+        return (self.num_phases - 1) * self.steps_per_phase + self.last_phase_steps
 
     def at(self, step: int) -> tuple[int, int, float]:
         """(phase, depth, alpha) of generator step `step` (0-based)."""
         if not 0 <= step < self.total_steps:
             raise ValueError(f"step must be in [0, {self.total_steps}), got {step}")
         phase, within = divmod(step, self.steps_per_phase)
+        phase = min(phase, self.num_phases - 1)  # the last phase may be longer than the others
         depth = (phase + 1) // 2
         alpha = within / self.steps_per_phase if phase % 2 == 1 else 1.0
         return phase, depth, alpha
 
     def starts_fade(self, step: int) -> bool:
         phase, within = divmod(step, self.steps_per_phase)
-        return phase % 2 == 1 and within == 0
+        return phase < self.num_phases - 1 and phase % 2 == 1 and within == 0
 
 
 def real_at_scale(images: torch.Tensor, depth: int, alpha: float) -> torch.Tensor:
