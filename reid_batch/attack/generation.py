@@ -121,12 +121,15 @@ def id_latents(seed: int, first_id: int, count: int, latent_dim: int) -> Tensor:
 
 
 def generated_features(generator, ids: np.ndarray, seed: int, device, features: Callable[[Tensor], np.ndarray],
-                       batch_size: int) -> np.ndarray:
+                       batch_size: int, each_batch: Callable[[Tensor], None] | None = None) -> np.ndarray:
     """features() of the grey [0, 1] CPU images of latent ids, `batch_size` at a time: never more than one batch of
-    images in memory, whatever the number of ids (evaluate's leak candidates, calibrate's prior sets)."""
+    images in memory, whatever the number of ids (evaluate's leak candidates, calibrate's prior sets).
+    each_batch, if given, also sees every batch of images as generated (for a second measure in the same pass)."""
     parts = []
     for start in range(0, len(ids), batch_size):
         images = regenerate_images(generator, ids[start:start + batch_size], seed, device)
+        if each_batch is not None:
+            each_batch(images)
         grey = images.mean(dim=1, keepdim=True) if images.shape[1] > 1 else images
         parts.append(features(grey.float().cpu()))
     if parts:

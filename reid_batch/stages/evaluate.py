@@ -75,6 +75,7 @@ and pairs/<id:09d>.png (reconstruction | nearest training image). A committed ev
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -435,7 +436,8 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
     neighbours, stage2, demographics = _neighbours_and_demographics(manifest, spec, likely, training, origin,
                                                                      on_error, resolution, notes, space)
     reid = _reidentify(manifest, spec, training, OTHER_POOL[train_pool(spec)], likely, notes, resolution, space)
-    leak, leak_tables, raw_features = _leak(manifest, spec, finetuned, shared, space, resolution, device, notes)
+    leak, leak_tables, raw = _leak(manifest, spec, finetuned, shared, space, resolution, device, notes)
+    raw_features = raw.features if raw is not None else None
     identity = _identity(manifest, spec, likely, raw_features, shared, space, finetuned.config.latent_dim, device)
     canaries = _canaries(manifest, spec, likely, raw_features, shared, space)
     metrics = _metrics_document(store, manifest, spec, likely, stage1, stage2, demographics, reid, leak, notes,
@@ -445,7 +447,8 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
     if canaries is not None:
         metrics["canaries"] = clean_json(canaries)
     if manifest.evaluation.population_shift:
-        metrics["population_shift"] = clean_json(_population_shift(manifest, spec, finetuned, shared, device))
+        metrics["population_shift"] = clean_json(_population_shift(manifest, spec, finetuned, shared, device,
+                                                                   raw.demographics if raw is not None else None))
     _write_outputs(store, manifest, spec, metrics, likely, neighbours, sets, kurtosis_png, leak_tables)
     raw = leak.get("raw", {}).get("vs_prior", {})
     log.event("evaluate_done", target=spec.name, likely=len(likely.ids), ssim_mean=stage2.get("ssim_mean"),
@@ -688,8 +691,17 @@ def _write_outputs(store, manifest: Manifest, spec: TargetSpec, metrics: dict, l
                 out.write_bytes(pair_key(candidate), pair_png(reconstructions[row], neighbours[row]))
 
 
+@dataclass(frozen=True)
+class RawCandidates:
+    """The attacked generator's raw leak candidates as _leak measured them: embedding features and, when
+    evaluation.population_shift is on, predicted demographics (age, sex)."""
+
+    features: np.ndarray
+    demographics: dict[str, np.ndarray] | None
+
+
 def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space: FeatureSpace, resolution: int,
-          device, notes: list[str]) -> tuple[dict, dict[str, bytes]]:
+          device, notes: list[str]) -> tuple[dict, dict[str, bytes], RawCandidates | None]:
     """The leak statistic against the prior, on the target's member and non-member patients (analysis.leak), and
     the tables it was computed from: the records' and the raw candidates' features (the report pairs them with a
     control model's candidates; calibrate spikes into them)."""
@@ -707,12 +719,21 @@ def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space
         notes.append("membership: not available (the member or non-member images failed to load)")
         return {"available": False, "reason": "the member or non-member images failed to load"}, {}, None
     ids = LEAK_ID_OFFSET + np.arange(settings.membership_candidates, dtype=np.int64)
+    # P4 reads the same candidates' predicted demographics: taken in the same pass, not by generating them again.
+    wanted = settings.population_shift
     if shared.prior_candidate_features is None:
         prior = load_prior(manifest).to(device).eval()
-        shared.prior_candidate_features = generated_features(prior, ids, manifest.sampling.seed, device, space,
-                                                             GENERATION_BATCH)
+        predicted = []
+        shared.prior_candidate_features = generated_features(
+            prior, ids, manifest.sampling.seed, device, space, GENERATION_BATCH,
+            _demographics_sink(manifest, shared, device, predicted) if wanted else None)
+        if wanted:
+            shared.prior_candidate_demographics = _joined(predicted)
         del prior
-    attacked = generated_features(finetuned, ids, manifest.sampling.seed, device, space, GENERATION_BATCH)
+    predicted = []
+    attacked = generated_features(finetuned, ids, manifest.sampling.seed, device, space, GENERATION_BATCH,
+                                  _demographics_sink(manifest, shared, device, predicted) if wanted else None)
+    attacked_demographics = _joined(predicted) if wanted else None
     scores = {name: generator_scores(loaded.features, codes, len(patient_ids), features)
               for name, features in (("attacked", attacked), ("prior", shared.prior_candidate_features))}
     raw = leak_test(member, scores["attacked"], scores["prior"], settings.leak_bootstrap,
@@ -745,32 +766,49 @@ def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space
         "features": feature_column(np.concatenate([attacked, shared.prior_candidate_features])),
     })
     tables = {RECORDS_FILE: parquet_bytes(records_table), LEAK_CANDIDATES_FILE: parquet_bytes(candidates_table)}
-    return summary, tables, attacked
+    return summary, tables, RawCandidates(attacked, attacked_demographics)
+
+
+def _demographics_sink(manifest: Manifest, shared: Shared, device, parts: list) -> Callable[[torch.Tensor], None]:
+    """A callable that appends the predicted age and sex (1 = M) of each batch of [0, 1] images to `parts`."""
+    if shared.demographic_model is None:
+        shared.demographic_model = load_demographic_model(manifest).to(device).eval()
+    model = shared.demographic_model
+
+    @torch.inference_mode()
+    def predict(images: torch.Tensor) -> None:
+        parts.append(predict_demographics(model, images, manifest.demographics.image_size))
+
+    return predict
+
+
+def _joined(parts: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in ("age", "sex")}
 
 
 def _candidate_demographics(manifest: Manifest, shared: Shared, generator, ids: np.ndarray, device
                             ) -> dict[str, np.ndarray]:
     """Predicted age and sex (1 = M) of the candidates `ids`, batch by batch."""
-    if shared.demographic_model is None:
-        shared.demographic_model = load_demographic_model(manifest).to(device).eval()
-    model = shared.demographic_model
     parts = []
+    sink = _demographics_sink(manifest, shared, device, parts)
     with torch.inference_mode():
         for start in range(0, len(ids), GENERATION_BATCH):
-            images = regenerate_images(generator, ids[start:start + GENERATION_BATCH], manifest.sampling.seed, device)
-            parts.append(predict_demographics(model, images, manifest.demographics.image_size))
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("age", "sex")}
+            sink(regenerate_images(generator, ids[start:start + GENERATION_BATCH], manifest.sampling.seed, device))
+    return _joined(parts)
 
 
-def _population_shift(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, device) -> dict:
+def _population_shift(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, device,
+                      attacked: dict[str, np.ndarray] | None) -> dict:
     """P4, population attribute leakage: how far the attack moved the predicted age and male share of the raw leak
     candidates from the prior's, beside the truth of what the target trained on (its members) and of its pool."""
     settings = manifest.evaluation
     ids = LEAK_ID_OFFSET + np.arange(settings.membership_candidates, dtype=np.int64)
+    # Normally taken by _leak in its pass over the same candidates; generated here only where _leak did not run.
     if shared.prior_candidate_demographics is None:
         shared.prior_candidate_demographics = _candidate_demographics(
             manifest, shared, load_prior(manifest).to(device).eval(), ids, device)
-    attacked = _candidate_demographics(manifest, shared, finetuned, ids, device)
+    if attacked is None:
+        attacked = _candidate_demographics(manifest, shared, finetuned, ids, device)
     prior = shared.prior_candidate_demographics
     result = {"candidates": len(ids), "cohort": spec.train.cohort.describe() if spec.train and spec.train.cohort
               else "the whole pool",
