@@ -1,0 +1,144 @@
+"""Per-sample latent optimisation, the core of a Plug & Play-style attack (issue 18; Struppek et al. 2022).
+
+The study's stage 1 learns a distribution: fresh latents every step, statistics of a whole training set, so nothing
+pulls one candidate toward one patient. Here each latent is its own optimisation problem, for a requested class:
+
+  1. search:   `search` latents per class, keep the `optimise` with the highest target confidence for the class,
+               averaged over `search_views` random views (crop, rotation, brightness);
+  2. optimise: Adam on the latents only (the generator and the target stay frozen), loss per sample
+               -log p(class | random view of G(z)) + latent_penalty * (mean(z^2) - 1)^2;
+  3. keep:     the `keep` with the highest confidence averaged over `final_views` random views.
+
+Pure torch: a generator (latents -> [0, 1] images, differentiable) and a target (a callable [0, 1] images ->
+logits) in, latents and confidences out; the pipeline stage that shards, resumes and writes Parquet is built on it.
+
+Batched and exact: every random draw of sample i at step t comes from a counter-based stream keyed by (seed, t,
+sample key) (pggan.latents_for_ids), and the loss is a sum of per-sample terms, so each latent's gradient, and with
+Adam's element-wise update its whole trajectory, is the same whether it is optimised alone or in any batch (up to
+floating-point summation order in batched convolutions).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from reid_batch.models.pggan import latents_for_ids
+
+# Keys of the random streams: a search or final view, and an optimisation step, never share one.
+_SEARCH_STREAM, _FINAL_STREAM, _STEP_STREAM = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class PPASettings:
+    """Defaults: the pilot on the demo's world (issue 18); PPA's CelebA config searches 5,000, optimises 200 for 70
+    epochs and keeps 50 per class."""
+
+    search: int = 200
+    optimise: int = 8
+    keep: int = 4
+    steps: int = 150
+    lr: float = 5e-3
+    betas: tuple[float, float] = (0.1, 0.1)
+    search_views: int = 4
+    final_views: int = 32
+    crop_scale: tuple[float, float] = (0.8, 1.0)  # area of the random crop, as a share of the image
+    rotation_deg: float = 5.0
+    brightness: float = 0.1
+    latent_penalty: float = 1e-3
+
+
+def _uniforms(seed: int, stream: int, step: int, keys: Tensor, count: int) -> Tensor:
+    """(N, count) U(0, 1) draws, a pure function of (seed, stream, step, key) for each key."""
+    mixed = (np.asarray(keys.cpu(), np.int64) * 1_000_003 + step * 7_919 + stream) & ((1 << 62) - 1)
+    normals = latents_for_ids(seed, mixed, count)
+    return 0.5 * (1.0 + torch.erf(normals.double() / math.sqrt(2.0))).float()
+
+
+def random_views(images01: Tensor, uniforms: Tensor, settings: PPASettings) -> Tensor:
+    """One random view of each image: a crop of area in crop_scale at a random place, resized back to the full size,
+    rotated by up to +-rotation_deg, brightness shifted by up to +-brightness, clamped to [0, 1]. Differentiable
+    (one affine grid per image). uniforms: (N, 5) in [0, 1)."""
+    u = uniforms.to(images01.device, images01.dtype)
+    low, high = settings.crop_scale
+    side = torch.sqrt(low + (high - low) * u[:, 0])  # the crop's side, as a share of the image's
+    # The crop's centre moves within what the crop leaves free; grid coordinates span [-1, 1].
+    shift_x = (1 - side) * (2 * u[:, 1] - 1)
+    shift_y = (1 - side) * (2 * u[:, 2] - 1)
+    angle = torch.deg2rad(settings.rotation_deg * (2 * u[:, 3] - 1))
+    cos, sin = torch.cos(angle) * side, torch.sin(angle) * side
+    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+    grid = F.affine_grid(theta, list(images01.shape), align_corners=False)
+    views = F.grid_sample(images01, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return (views + settings.brightness * (2 * u[:, 4:5, None, None] - 1)).clamp(0.0, 1.0)
+
+
+def view_confidence(generator: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor], latents: Tensor,
+                    classes: Tensor, keys: Tensor, views: int, stream: int, settings: PPASettings,
+                    seed: int) -> Tensor:
+    """(N,) the target's softmax probability of each latent's class, averaged over `views` random views."""
+    with torch.no_grad():
+        images = generator(latents)
+        total = torch.zeros(len(latents), device=latents.device)
+        for view in range(views):
+            logits = target(random_views(images, _uniforms(seed, stream, view, keys, 5), settings))
+            total += torch.softmax(logits.float(), dim=1).gather(1, classes[:, None]).squeeze(1)
+    return total / max(views, 1)
+
+
+def optimise_latents(generator: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor], latents: Tensor,
+                     classes: Tensor, keys: Tensor, settings: PPASettings, seed: int,
+                     on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
+    """Adam on a copy of `latents` (N, D) toward `classes` (N,); keys (N,) name each sample's random stream.
+    Returns the optimised latents (detached). on_step(step, per-sample loss) sees every step."""
+    z = latents.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=settings.lr, betas=settings.betas)
+    for step in range(settings.steps):
+        views = random_views(generator(z), _uniforms(seed, _STEP_STREAM, step, keys, 5), settings)
+        class_loss = F.cross_entropy(target(views).float(), classes, reduction="none")
+        norm_loss = settings.latent_penalty * (z.pow(2).mean(dim=1) - 1.0).pow(2)
+        loss = class_loss + norm_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()  # a sum, not a mean: each latent's gradient is independent of the batch
+        optimizer.step()
+        if on_step is not None:
+            on_step(step, loss.detach())
+    return z.detach()
+
+
+@dataclass(frozen=True)
+class PPAResult:
+    """The kept samples of one class: their search ids, optimised latents and final confidences (best first)."""
+
+    ids: np.ndarray
+    latents: Tensor
+    confidence: Tensor
+    searched_confidence: Tensor  # the same samples' confidence before optimisation
+
+
+def attack_class(generator: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor], cls: int,
+                 search_ids: np.ndarray, latent_dim: int, settings: PPASettings, seed: int,
+                 device: torch.device | str = "cpu", batch_size: int = 64) -> PPAResult:
+    """Search, optimise and keep for class `cls`. search_ids: the ids whose latents (latents_for_ids(seed, id))
+    are searched; the kept samples are named by them."""
+    search_ids = np.asarray(search_ids, np.int64)
+    keys = torch.from_numpy(search_ids.copy())
+    classes = torch.full((len(search_ids),), int(cls), dtype=torch.long, device=device)
+    latents = latents_for_ids(seed, search_ids, latent_dim).to(device)
+    scores = torch.cat([view_confidence(generator, target, latents[i:i + batch_size], classes[i:i + batch_size],
+                                        keys[i:i + batch_size], settings.search_views, _SEARCH_STREAM, settings,
+                                        seed) for i in range(0, len(search_ids), batch_size)])
+    chosen = torch.argsort(-scores.cpu(), stable=True)[:settings.optimise]
+    optimised = optimise_latents(generator, target, latents[chosen.to(device)], classes[chosen.to(device)],
+                                 keys[chosen], settings, seed)
+    final = view_confidence(generator, target, optimised, classes[:len(chosen)], keys[chosen], settings.final_views,
+                            _FINAL_STREAM, settings, seed).cpu()
+    best = torch.argsort(-final, stable=True)[:settings.keep]
+    return PPAResult(search_ids[chosen[best].numpy()], optimised[best.to(device)].cpu(), final[best],
+                     scores.cpu()[chosen[best]])

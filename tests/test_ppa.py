@@ -1,0 +1,84 @@
+"""Per-sample latent optimisation (attack/ppa.py): it raises the requested class's confidence, each latent's
+trajectory does not depend on the batch it is in, and everything is a function of the seed."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from reid_batch.attack.ppa import PPASettings, _uniforms, attack_class, optimise_latents, random_views, view_confidence
+from reid_batch.models.pggan import PGGANConfig, PGGANGenerator, generator_to_unit, latents_for_ids
+
+LATENT = 16
+
+
+def _models():
+    torch.manual_seed(0)
+    generator = PGGANGenerator(PGGANConfig(latent_dim=LATENT, depths=(16, 16, 8), out_channels=1)).eval()  # 16 px
+    target = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                           nn.Linear(32, 3)).eval()
+    with torch.no_grad():
+        target[-1].weight.mul_(30.0)  # a random head is nearly uniform; a confident one gives the attack a slope
+    for module in (generator, target):
+        module.requires_grad_(False)
+
+    def generate(z):
+        return generator_to_unit(generator(z), generator.config.output_range)
+
+    return generate, target
+
+
+SMALL = PPASettings(search=12, optimise=4, keep=2, steps=25, lr=5e-2, search_views=2, final_views=4)
+
+
+def test_views_are_the_image_when_nothing_is_random_and_differ_per_key():
+    images = torch.rand(3, 1, 16, 16)
+    still = PPASettings(crop_scale=(1.0, 1.0), rotation_deg=0.0, brightness=0.0)
+    torch.testing.assert_close(random_views(images, torch.rand(3, 5), still), images, atol=1e-5, rtol=0)
+    keys = torch.tensor([5, 6, 5])
+    u = _uniforms(0, 3, 7, keys, 5)
+    assert torch.equal(u[0], u[2]) and not torch.equal(u[0], u[1]) and ((u >= 0) & (u <= 1)).all()
+    views = random_views(images[[0, 0, 0]], u, PPASettings())
+    assert torch.equal(views[0], views[2]) and not torch.equal(views[0], views[1])
+
+
+def test_optimisation_raises_the_requested_class_confidence():
+    generate, target = _models()
+    keys = torch.arange(6)
+    latents = latents_for_ids(1, keys, LATENT)
+    classes = torch.tensor([0, 1, 2, 0, 1, 2])
+    before = view_confidence(generate, target, latents, classes, keys, 8, 2, SMALL, seed=1)
+    losses = []
+    optimised = optimise_latents(generate, target, latents, classes, keys, SMALL, seed=1,
+                                 on_step=lambda step, loss: losses.append(loss.mean().item()))
+    after = view_confidence(generate, target, optimised, classes, keys, 8, 2, SMALL, seed=1)
+    # In log-probability: a random generator reaches some classes only a little way, but every one moves.
+    gain = torch.log(after) - torch.log(before)
+    assert gain.mean() > 0.5 and (gain > 0).all() and losses[-1] < 0.8 * losses[0]
+    assert not torch.equal(optimised, latents)
+
+
+def test_a_latent_follows_the_same_path_alone_or_in_a_batch():
+    generate, target = _models()
+    keys = torch.tensor([11, 12, 13, 14])
+    latents = latents_for_ids(2, keys, LATENT)
+    classes = torch.tensor([2, 0, 1, 2])
+    settings = replace(SMALL, steps=10)
+    together = optimise_latents(generate, target, latents, classes, keys, settings, seed=4)
+    alone = torch.cat([optimise_latents(generate, target, latents[i:i + 1], classes[i:i + 1], keys[i:i + 1],
+                                        settings, seed=4) for i in range(4)])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_attack_class_keeps_its_best_and_is_reproducible():
+    generate, target = _models()
+    ids = np.arange(100, 112)
+    first = attack_class(generate, target, 1, ids, LATENT, SMALL, seed=3)
+    again = attack_class(generate, target, 1, ids, LATENT, SMALL, seed=3)
+    assert len(first.ids) == SMALL.keep and set(first.ids) <= set(ids.tolist())
+    assert np.array_equal(first.ids, again.ids) and torch.equal(first.latents, again.latents)
+    assert (first.confidence[:-1] >= first.confidence[1:]).all()  # best first
+    assert (first.confidence.log() - first.searched_confidence.log()).mean() > 0
