@@ -518,6 +518,12 @@ def test_report_has_a_controls_section(pipeline):
     assert [row[0] for row in rows] == [t.name for t in manifest.targets]
     for row in rows:
         assert all(html_escape(cell) in page for cell in row) and all(cell in markdown for cell in row)
+    header, rows = report.canary_rows(document)
+    assert list(document["canaries"]) == ["cnn"] and [row[2] for row in rows[:2]] == ["1", "2"]
+    assert len(rows) == 6 and "<h3>Canaries in the study's task</h3>" in page
+    for row in rows:
+        assert all(html_escape(cell) in page for cell in row) and all(cell in markdown for cell in row)
+    assert html_escape(report.canary_sentence("cnn", document["canaries"]["cnn"])) in page
 
 
 def test_dose_response_rows_need_one_architecture_at_two_sizes():

@@ -887,31 +887,29 @@ def _html_controls(document: dict) -> list[str]:
     out = ["<h2>1a. Controls: targets known to leak</h2>"]
     if document.get("controls"):
         out += _html_identity_controls(document)
-    header, rows = canary_rows(document)
-    if rows:
-        out.append("<h3>Canaries in the study's task</h3>")
-        out.append(_table_html(header, rows))
-        out.append("<p class='note'>Atypical patients, each put in the training set by its own coin flip with 1, "
-                   "4 or 16 studies; the excluded ones are the in-model control. A canary's distance is from a study "
-                   "of it that no model trained on to the closest candidate. AUC: P(an included canary is closer "
-                   "than an excluded one), chance 0.5; p permutes the coins.</p>")
+    out += _html_section("Canaries in the study's task", canary_rows(document),
+                         "Atypical patients, each put in the training set by its own coin flip, with the number of "
+                         "studies the table gives; the excluded ones are the in-model control. A canary's distance is "
+                         "from a study of it that no model trained on to the closest candidate. AUC: P(an included "
+                         "canary is closer than an excluded one), chance 0.5; p permutes the coins.")
+    if document.get("canaries"):
         out.append("<ul>" + "".join(f"<li>{esc(canary_sentence(n, c))}</li>"
                                     for n, c in document["canaries"].items()) + "</ul>")
-    header, rows = dose_rows(document)
-    if rows:
-        out.append("<h3>Dose-response: the leak against training-set size</h3>")
-        out.append(_table_html(header, rows))
-        out.append("<p class='note'>The same recipe on fewer or more images per class; privacy risk is expected to "
-                   "fall as examples per class grow. Each L has its own interval: read the trend against them.</p>")
-    header, rows = population_rows(document)
-    if rows:
-        out.append("<h3>Cohort skew: population attributes of the reconstructions</h3>")
-        out.append(_table_html(header, rows))
-        out.append("<p class='note'>Predicted by the demographic model on the raw leak candidates of the attacked "
-                   "generator and of the prior; a shift toward the members' age and male share that a whole-pool "
-                   "target does not show is a population-level leak (the study's re-identification claim, with "
-                   "ground truth).</p>")
+    out += _html_section("Dose-response: the leak against training-set size", dose_rows(document),
+                         "The same recipe on fewer or more images per class; privacy risk is expected to fall as "
+                         "examples per class grow. Each L has its own interval: read the trend against them.")
+    out += _html_section("Cohort skew: population attributes of the reconstructions", population_rows(document),
+                         "Predicted by the demographic model on the raw leak candidates of the attacked generator and "
+                         "of the prior; a shift toward the members' age and male share that a whole-pool target does "
+                         "not show is a population-level leak (the study's re-identification claim, with ground "
+                         "truth).")
     return out
+
+
+def _html_section(title: str, table: tuple[list[str], list[list[str]]], note: str) -> list[str]:
+    """A titled table with its note, or nothing when the table has no rows."""
+    header, rows = table
+    return [f"<h3>{title}</h3>", _table_html(header, rows), f"<p class='note'>{note}</p>"] if rows else []
 
 
 def _html_identity_controls(document: dict) -> list[str]:
