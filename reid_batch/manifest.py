@@ -24,7 +24,6 @@ from pydantic_core import PydanticUndefined
 from reid_batch import MANIFEST_VERSION
 from reid_batch.archs import (  # noqa: F401 - the term tables are re-exported for the schema's readers
     CNN_ALLOWED_TERMS, CNN_TERMS, DEFAULT_TERMS, FAMILY_TERMS, VIT_TERMS, arch_family, known_names)
-from reid_batch.data.phantoms import CANARY_CAPACITY, canary_room
 from reid_batch.errors import InputError
 from reid_batch.layout import RESERVED_NAMES
 
@@ -649,6 +648,10 @@ class Manifest(Strict):
                 raise ValueError(f"target {t.name!r}: preset identity renders extra studies of its patients and "
                                  "needs data.synthetic")
             if t.train is not None and t.train.canaries is not None:
+                # Imported here: the world's renderer (PIL, scipy.ndimage) stays off the path of every manifest
+                # without canaries.
+                from reid_batch.data.phantoms import CANARY_CAPACITY, canary_room
+
                 pool = t.train.pool
                 if self.data.synthetic is None or getattr(self.data, pool) is not None:
                     raise ValueError(f"target {t.name!r}: canaries are synthetic patients rendered into the world; "
