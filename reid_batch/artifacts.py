@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from torch import nn
@@ -29,14 +31,21 @@ FORMAT_ALIASES = {"lightning": "segal_lightning"}
 DENSENET_TINY = {"arch": "densenet121", "growth_rate": 8, "block_config": (2, 2, 2, 2), "num_init_features": 16}
 
 
-def local_file(store: Store, key: str, suffix: str = "") -> Path:
-    """A local path holding the object's bytes (the object itself when the store is local)."""
+@contextmanager
+def local_file(store: Store, key: str, suffix: str = "") -> Iterator[Path]:
+    """A local path holding the object's bytes while the block runs (the object itself when the store is local).
+    A temporary copy of an s3:// object is removed on leaving: loaders read it whole, and every array task loading
+    a model from S3 would otherwise leave one more model-sized file in the node's /tmp."""
     if store.is_local:
-        return Path(store.path(key))
+        yield Path(store.path(key))
+        return
     handle, name = tempfile.mkstemp(prefix="reid-batch-", suffix=suffix)
-    with os.fdopen(handle, "wb") as out:
-        out.write(store.read_bytes(key))
-    return Path(name)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(store.read_bytes(key))
+        yield Path(name)
+    finally:
+        os.unlink(name)
 
 
 def require_committed(store: Store, prefix: str, produced_by: str) -> None:
@@ -56,8 +65,8 @@ def load_attack_target(manifest: Manifest, spec: TargetSpec) -> tuple[nn.Module,
     store = run_store(manifest)
     prefix = layout.target_prefix(spec.name)
     require_committed(store, prefix, f"train-target --target {spec.name}")
-    return load_target(spec.arch, local_file(store, f"{prefix}/{layout.MODEL_FILE}", ".safetensors"),
-                       image_size=spec.input.size, **vit)
+    with local_file(store, f"{prefix}/{layout.MODEL_FILE}", ".safetensors") as path:
+        return load_target(spec.arch, path, image_size=spec.input.size, **vit)
 
 
 def demographic_arch(arch: str) -> dict:
@@ -72,8 +81,8 @@ def load_demographic_model(manifest: Manifest) -> DemographicNet:
         return load_demographics(input_path(spec.checkpoint, manifest, "demographics.checkpoint"), **arch)
     store = run_store(manifest)
     require_committed(store, layout.DEMOGRAPHICS_PREFIX, "train-demographics")
-    return load_demographics(local_file(store, f"{layout.DEMOGRAPHICS_PREFIX}/{layout.MODEL_FILE}", ".safetensors"),
-                             **arch)
+    with local_file(store, f"{layout.DEMOGRAPHICS_PREFIX}/{layout.MODEL_FILE}", ".safetensors") as path:
+        return load_demographics(path, **arch)
 
 
 def load_reid_model(manifest: Manifest) -> ReidNet | None:
@@ -87,8 +96,8 @@ def load_reid_model(manifest: Manifest) -> ReidNet | None:
                          spec.width)
     store = run_store(manifest)
     require_committed(store, layout.REID_PREFIX, "train-reid")
-    return load_reid(local_file(store, f"{layout.REID_PREFIX}/{layout.MODEL_FILE}", ".safetensors"), spec.arch,
-                     spec.embedding_dim, spec.width)
+    with local_file(store, f"{layout.REID_PREFIX}/{layout.MODEL_FILE}", ".safetensors") as path:
+        return load_reid(path, spec.arch, spec.embedding_dim, spec.width)
 
 
 def load_finetuned_generator(manifest: Manifest, target: str) -> PGGANGenerator:
@@ -96,8 +105,8 @@ def load_finetuned_generator(manifest: Manifest, target: str) -> PGGANGenerator:
     store = run_store(manifest)
     prefix = layout.finetune_prefix(target)
     require_committed(store, prefix, f"finetune --target {target}")
-    generator, _ = load_generator(local_file(store, f"{prefix}/{layout.GENERATOR_FILE}", ".safetensors"),
-                                  format="reid")
+    with local_file(store, f"{prefix}/{layout.GENERATOR_FILE}", ".safetensors") as path:
+        generator, _ = load_generator(path, format="reid")
     return generator
 
 

@@ -7,6 +7,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -317,3 +318,20 @@ def test_sse_from_the_settings_is_set_on_every_published_object(sse, s3_bucket, 
     plain = open_store(uri, settings)
     plain.write_bytes("plain.bin", b"1")
     assert "ServerSideEncryption" not in s3_client.head_object(Bucket=bucket, Key=f"{prefix}/plain.bin")
+
+
+def test_a_model_read_from_s3_leaves_no_temporary_copy_behind(s3_bucket, tmp_path, monkeypatch):
+    """Loaders read models through artifacts.local_file; from S3 that is a temporary copy, which must go when the
+    loader is done (it once stayed: every array task loading a model left a model-sized file in the node's /tmp)."""
+    from reid_batch.artifacts import local_file
+
+    uri, settings = s3_bucket
+    store = open_store(uri, settings)
+    store.write_bytes("model/weights.safetensors", b"0123456789")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with local_file(store, "model/weights.safetensors", ".safetensors") as path:
+        assert path.read_bytes() == b"0123456789" and path.parent == tmp_path
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError), local_file(store, "model/weights.safetensors") as path:
+        raise RuntimeError("a loader that fails")
+    assert list(tmp_path.iterdir()) == []
