@@ -82,3 +82,24 @@ def test_attack_class_keeps_its_best_and_is_reproducible():
     assert np.array_equal(first.ids, again.ids) and torch.equal(first.latents, again.latents)
     assert (first.confidence[:-1] >= first.confidence[1:]).all()  # best first
     assert (first.confidence.log() - first.searched_confidence.log()).mean() > 0
+
+
+def test_a_penalty_the_target_returns_beside_its_logits_is_optimised_per_sample():
+    """A target may return (logits, per-sample penalty) from one forward pass (the stage's per-sample BatchNorm
+    term); the penalty then shapes the latents, and confidence reads only the logits."""
+    generate, target = _models()
+    keys = torch.arange(6)
+    latents = latents_for_ids(5, keys, LATENT)
+    classes = torch.tensor([0, 1, 2, 0, 1, 2])
+    settings = replace(SMALL, steps=30)
+
+    def dimmed(views):
+        return target(views), 50.0 * views.mean(dim=(1, 2, 3))
+
+    plain = optimise_latents(generate, target, latents, classes, keys, settings, seed=2)
+    penalised = optimise_latents(generate, dimmed, latents, classes, keys, settings, seed=2)
+    brightness = lambda z: generate(z).mean(dim=(1, 2, 3))  # noqa: E731
+    assert brightness(penalised).mean() < brightness(plain).mean() - 0.05
+    assert (brightness(penalised) < brightness(plain)).sum() >= 4
+    torch.testing.assert_close(view_confidence(generate, dimmed, latents, classes, keys, 4, 2, SMALL, seed=1),
+                               view_confidence(generate, target, latents, classes, keys, 4, 2, SMALL, seed=1))

@@ -6,11 +6,13 @@ pulls one candidate toward one patient. Here each latent is its own optimisation
   1. search:   `search` latents per class, keep the `optimise` with the highest target confidence for the class,
                averaged over `search_views` random views (crop, rotation, brightness);
   2. optimise: Adam on the latents only (the generator and the target stay frozen), loss per sample
-               -log p(class | random view of G(z)) + latent_penalty * (mean(z^2) - 1)^2;
+               -log p(class | random view of G(z)) + latent_penalty * (mean(z^2) - 1)^2, plus any per-sample
+               prior term the target returns beside its logits (the stage's per-sample BatchNorm term);
   3. keep:     the `keep` with the highest confidence averaged over `final_views` random views.
 
 Pure torch: a generator (latents -> [0, 1] images, differentiable) and a target (a callable [0, 1] images ->
-logits) in, latents and confidences out; the pipeline stage that shards, resumes and writes Parquet is built on it.
+logits, or -> (logits, per-sample penalty (N,)) to add a term computed in the same forward pass) in, latents and
+confidences out; the pipeline stage that shards, resumes and writes Parquet is built on it.
 
 Batched and exact: every random draw of sample i at step t comes from a counter-based stream keyed by (seed, t,
 sample key) (pggan.latents_for_ids), and the loss is a sum of per-sample terms, so each latent's gradient, and with
@@ -79,6 +81,10 @@ def random_views(images01: Tensor, uniforms: Tensor, settings: PPASettings) -> T
     return (views + settings.brightness * (2 * u[:, 4:5, None, None] - 1)).clamp(0.0, 1.0)
 
 
+def _logits_and_penalty(output) -> tuple[Tensor, Tensor | None]:
+    return (output[0], output[1]) if isinstance(output, tuple) else (output, None)
+
+
 def view_confidence(generator: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor], latents: Tensor,
                     classes: Tensor, keys: Tensor, views: int, stream: int, settings: PPASettings,
                     seed: int) -> Tensor:
@@ -87,7 +93,8 @@ def view_confidence(generator: Callable[[Tensor], Tensor], target: Callable[[Ten
         images = generator(latents)
         total = torch.zeros(len(latents), device=latents.device)
         for view in range(views):
-            logits = target(random_views(images, _uniforms(seed, stream, view, keys, 5), settings))
+            logits, _ = _logits_and_penalty(target(random_views(images, _uniforms(seed, stream, view, keys, 5),
+                                                                settings)))
             total += torch.softmax(logits.float(), dim=1).gather(1, classes[:, None]).squeeze(1)
     return total / max(views, 1)
 
@@ -101,9 +108,10 @@ def optimise_latents(generator: Callable[[Tensor], Tensor], target: Callable[[Te
     optimizer = torch.optim.Adam([z], lr=settings.lr, betas=settings.betas)
     for step in range(settings.steps):
         views = random_views(generator(z), _uniforms(seed, _STEP_STREAM, step, keys, 5), settings)
-        class_loss = F.cross_entropy(target(views).float(), classes, reduction="none")
+        logits, penalty = _logits_and_penalty(target(views))
+        class_loss = F.cross_entropy(logits.float(), classes, reduction="none")
         norm_loss = settings.latent_penalty * (z.pow(2).mean(dim=1) - 1.0).pow(2)
-        loss = class_loss + norm_loss
+        loss = class_loss + norm_loss + (0.0 if penalty is None else penalty.float())
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()  # a sum, not a mean: each latent's gradient is independent of the batch
         optimizer.step()
