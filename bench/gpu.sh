@@ -2,14 +2,18 @@
 # One prepared GPU benchmark (a few minutes on one H100): sampling at the study's sizes -- the full-size 1024 px
 # PGGAN with a ResNet18 and a ViT-B/16 target at 224 px, bf16 autocast, channels_last, batch `auto` (the largest
 # that fits) -- each measured against the study's way (batch 8, fp32, autograd on, one forward per term). Random
-# weights (no checkpoints needed; same FLOPs). Writes one JSON per run and prints a summary.
+# weights (no checkpoints needed; same FLOPs). Then per target the ppa attack's per-sample latent optimisation
+# (PPA_STEPS steps of PPA_BATCH latents together against PPA_ALONE of them one by one). Writes one JSON per run
+# and prints a summary.
 #
 #   bench/gpu.sh [OUT_DIR]                  # default OUT_DIR: bench-results/gpu-<date>
 #
 # Environment (defaults in brackets): PYTHON [python], DEVICE [cuda], MANIFEST [manifests/bench-full.yaml],
 # TARGETS ["resnet18 vit-b16"], BATCH_SIZE [auto], BATCHES [10], BASELINE_BATCHES [4], COMPILE [0: also a
-# torch.compile'd run when 1]. A CPU dry run with tiny models checks the script:
-#   DEVICE=cpu MANIFEST=tiny.yaml TARGETS="cnn vit" BATCH_SIZE=8 BATCHES=1 BASELINE_BATCHES=1 bench/gpu.sh /tmp/x
+# torch.compile'd run when 1], PPA_BATCH [64], PPA_STEPS [10], PPA_ALONE [4]. A CPU dry run with tiny models
+# checks the script:
+#   DEVICE=cpu MANIFEST=tiny.yaml TARGETS="cnn vit" BATCH_SIZE=8 BATCHES=1 BASELINE_BATCHES=1 PPA_BATCH=4 \
+#     PPA_STEPS=1 PPA_ALONE=1 bench/gpu.sh /tmp/x
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench-results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}
@@ -21,6 +25,9 @@ BATCH_SIZE=${BATCH_SIZE:-auto}
 BATCHES=${BATCHES:-10}
 BASELINE_BATCHES=${BASELINE_BATCHES:-4}
 COMPILE=${COMPILE:-0}
+PPA_BATCH=${PPA_BATCH:-64}
+PPA_STEPS=${PPA_STEPS:-10}
+PPA_ALONE=${PPA_ALONE:-4}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true; fi
@@ -36,10 +43,20 @@ for target in $TARGETS; do
   run "sample-$target" --target "$target"
   if [ "$COMPILE" = 1 ]; then run "sample-$target-compiled" --target "$target" --compile --no-baseline; fi
 done
+for target in $TARGETS; do
+  echo "== ppa-$target" >&2
+  "$PYTHON" -m reid_batch bench "$MANIFEST" --stage ppa --device "$DEVICE" --target "$target" --batch-size "$PPA_BATCH" \
+    --steps "$PPA_STEPS" --baseline-batches "$PPA_ALONE" --json "$OUT/ppa-$target.json" 2> "$OUT/ppa-$target.log"
+done
 "$PYTHON" - "$OUT" <<'PY'
 import json, pathlib, sys
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     r = json.loads(path.read_text())
+    if r["stage"] == "ppa":
+        print(f"{path.stem}: {r['latent_steps_per_second']:.1f} latent-steps/s (batch {r['fast']['batch_size']}), "
+              f"MFU {100 * r['mfu']:.1f}%, one by one {r['baseline']['latent_steps_per_second']:.1f}/s, "
+              f"speed-up {r['speedup']:.1f}x")
+        continue
     line = (f"{path.stem}: {r['candidates_per_second']:.1f} candidates/s (batch {r['fast']['batch_size']}, "
             f"{r['mixed_precision']}), MFU {100 * r['mfu']:.1f}% of {r['peak']['flops_per_second'] / 1e9:.0f} GFLOP/s ({r['peak']['dtype']} matmul)")
     if "baseline" in r:

@@ -9,6 +9,10 @@ What is measured (all in one process, one after another, on the same machine):
             launcher started the process: run it under `torchrun --nproc_per_node 2` for 2 processes).
   select    rows/s of `stages.select` (thresholds + selection + reading the selected rows) over synthetic
             candidate shards written in the real layout (`--rows`, `--files`).
+  ppa       latent-steps/s of `attack.ppa.optimise_latents` (per-sample latent optimisation: one generator and
+            target forward and backward per latent and step), batched as the attack runs it, against the same
+            latents optimised one at a time (a per-sample Python loop, the way model-inversion code is often
+            written) -> speed-up ratio. MFU counts the FLOPs of one latent's step, forward and backward.
 
 Model FLOPs utilisation (MFU) = achieved FLOP/s / peak FLOP/s. Achieved: the FLOPs of ONE generator + target
 forward per candidate, counted once with torch.utils.flop_counter.FlopCounterMode, times candidates/s (the
@@ -42,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from reid_batch import layout, log
 from reid_batch.artifacts import load_attack_target, load_finetuned_generator, load_prior, prior_config
-from reid_batch.attack import candidates, generation, mahalanobis
+from reid_batch.attack import candidates, generation, mahalanobis, ppa
 from reid_batch.attack.candidates import candidate_schema, image_statistics, logit_columns
 from reid_batch.attack.generation import regenerate_images, target_input_spec
 from reid_batch.attack.objectives import SCORING_EXCLUDES, TargetObjective, compute_reference_stats
@@ -394,6 +398,63 @@ def bench_finetune(manifest: Manifest, spec: TargetSpec, device, steps: int = 3,
     }
 
 
+# ------------------------------------------------------------------------------------------------ ppa
+
+
+def bench_ppa(manifest: Manifest, spec: TargetSpec, device, steps: int = 3, batch_size: int | None = None,
+              baseline: bool = True, baseline_latents: int | None = None, random_init: bool = False,
+              peak_size: int | None = None) -> dict:
+    """Latent-steps/s of per-sample latent optimisation, batched against a per-sample loop over the same latents."""
+    models = load_models(manifest, spec, device, random_init)
+    generator, model = models.generator.requires_grad_(False), models.target
+    output_range, input_spec = tuple(generator.config.output_range), target_input_spec(spec)
+
+    def generate(z):
+        return generator_to_unit(generator(z), output_range)
+
+    def target(images01):
+        return model(to_target_input(images01, input_spec, check_range=False))
+
+    batch = int(batch_size) if isinstance(batch_size, int) else 32
+    settings = ppa.PPASettings(steps=steps)
+    ids = np.arange(batch, dtype=np.int64)
+    keys = torch.from_numpy(ids)
+    latents = latents_for_ids(manifest.sampling.seed, ids, generator.config.latent_dim).to(device)
+    classes = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def optimise(rows: slice, how_many_steps: int) -> None:
+        ppa.optimise_latents(generate, target, latents[rows], classes[rows], keys[rows],
+                             ppa.PPASettings(steps=how_many_steps), manifest.sampling.seed)
+
+    optimise(slice(0, batch), 1)  # warm-up
+    flops_per_latent_step = count_flops(lambda: optimise(slice(0, 1), 1))
+    peak = peak_matmul_flops(device, torch.float32, peak_size)
+
+    def timed_run(groups: list[slice]) -> dict:
+        _sync(device)
+        started = time.perf_counter()
+        for rows in groups:
+            optimise(rows, settings.steps)
+        _sync(device)
+        seconds = time.perf_counter() - started
+        count = sum(r.stop - r.start for r in groups)
+        rate = count * settings.steps / seconds
+        return {"latents": count, "steps": settings.steps, "seconds": round(seconds, 4),
+                "latent_steps_per_second": rate, "mfu": flops_per_latent_step * rate / peak["flops_per_second"]}
+
+    fast = {**timed_run([slice(0, batch)]), "batch_size": batch}
+    record = {"stage": "ppa", "target": spec.name, "arch": spec.arch, "input_size": spec.input.size,
+              "models": models.sources, "flops_per_latent_step": flops_per_latent_step, "peak": peak,
+              "latent_steps_per_second": fast["latent_steps_per_second"], "mfu": fast["mfu"], "fast": fast}
+    if baseline:
+        alone = min(batch, baseline_latents or batch)
+        base = {**timed_run([slice(i, i + 1) for i in range(alone)]), "batch_size": 1}
+        record["baseline"] = base
+        record["speedup"] = fast["latent_steps_per_second"] / base["latent_steps_per_second"]
+    record["rss_peak_mib"] = round(peak_rss_mib(), 1)
+    return record
+
+
 # ------------------------------------------------------------------------------------------------ selection
 
 
@@ -479,6 +540,9 @@ def run(manifest: Manifest, stage: str = "sample", device: str | None = None, ta
         if stage == "sample":
             result = bench_sample(manifest, spec, dev, batches, baseline, baseline_batches, batch_size, random_init,
                                   peak_size=peak_size)
+        elif stage == "ppa":
+            result = bench_ppa(manifest, spec, dev, steps, batch_size, baseline, baseline_batches, random_init,
+                               peak_size)
         else:
             result = bench_finetune(manifest, spec, dev, steps, random_init)
     result = {**result, "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -505,6 +569,17 @@ def summary_text(r: dict) -> str:
             b = r["baseline"]
             lines.append(f"  baseline: {b['items_per_second']:.2f} candidates/s (batch {b['batch_size']}, fp32, "
                          f"autograd on), MFU {100 * b['mfu']:.2f}%; speed-up {r['speedup']:.2f}x")
+    elif r["stage"] == "ppa":
+        f = r["fast"]
+        lines.append(f"  models: {r['models']}")
+        lines.append(f"  batched:  {f['latent_steps_per_second']:.2f} latent-steps/s ({f['latents']} latents x "
+                     f"{f['steps']} steps together), MFU {100 * f['mfu']:.2f}% of "
+                     f"{r['peak']['flops_per_second'] / 1e9:.1f} GFLOP/s, "
+                     f"{r['flops_per_latent_step'] / 1e9:.4f} GFLOP per latent-step, peak RSS {r['rss_peak_mib']} MiB")
+        if "baseline" in r:
+            b = r["baseline"]
+            lines.append(f"  one by one: {b['latent_steps_per_second']:.2f} latent-steps/s ({b['latents']} latents), "
+                         f"MFU {100 * b['mfu']:.2f}%; speed-up {r['speedup']:.2f}x")
     elif r["stage"] == "finetune":
         lines.append(f"  {r['processes']} process(es): {r['seconds_per_step']:.3f} s/step, "
                      f"{r['steps_per_second']:.3f} steps/s, {r['images_per_second']:.2f} images/s "

@@ -221,16 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure throughput, memory and MFU of a stage, against the study's way")
     with_manifest(p)
-    p.add_argument("--stage", choices=["sample", "finetune", "select"], default="sample")
+    p.add_argument("--stage", choices=["sample", "finetune", "select", "ppa"], default="sample")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: the manifest's compute.device")
     p.add_argument("--target", help="target to measure (default: the manifest's first)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the study notebooks' way and report the speed-up (sample; default: on)")
     p.add_argument("--batches", type=int, default=4, help="timed batches after one warm-up batch (sample)")
-    p.add_argument("--baseline-batches", type=int, help="timed baseline batches of 8 (default: --batches)")
+    p.add_argument("--baseline-batches", type=int, help="timed baseline batches of 8 (default: --batches); ppa: "
+                   "latents the one-by-one loop optimises (default: all of the batch)")
     p.add_argument("--batch-size", type=lambda v: v if v == "auto" else int(v),
                    help="override sampling.batch_size (an integer or auto)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (finetune)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (finetune); "
+                   "optimisation steps per latent (ppa, batch: --batch-size, default 32)")
     p.add_argument("--rows", type=int, default=10**6, help="synthetic candidate rows (select)")
     p.add_argument("--files", type=int, default=100, help="Parquet shards the rows are spread over (select)")
     p.add_argument("--workdir", help="where select's synthetic shards go (default: the system's temp directory)")

@@ -13,7 +13,10 @@ import torch
 import yaml
 
 from reid_batch import bench, cli
-from reid_batch.manifest import parse_manifest
+from reid_batch.attack.generation import target_input_spec
+from reid_batch.manifest import load_manifest, parse_manifest
+from reid_batch.models.pggan import generator_to_unit
+from reid_batch.models.targets import to_target_input
 from reid_batch.runtime import run_store
 from reid_batch.stages import select as selection
 
@@ -180,3 +183,24 @@ def test_bench_finetune_times_the_real_step(tmp_path):
     result = bench.run(parse_manifest(document), stage="finetune", device="cpu", steps=2)
     assert result["processes"] == 1 and result["steps"] == 2 and result["batch_size"] == 4
     assert result["steps_per_second"] > 0 and result["images_per_second"] == pytest.approx(4 * result["steps_per_second"])
+
+
+def test_bench_ppa_times_batched_and_one_by_one_optimisation(manifest_path, tmp_path, capsys):
+    out = tmp_path / "ppa.json"
+    code = cli.main(["bench", str(manifest_path), "--stage", "ppa", "--device", "cpu", "--steps", "2",
+                     "--batch-size", "4", "--baseline-batches", "2", "--peak-size", "512", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["stage"] == "ppa" and result["fast"]["latents"] == 4 and result["baseline"]["latents"] == 2
+    assert result["fast"]["steps"] == result["baseline"]["steps"] == 2
+    # One latent-step is a generator and target forward and backward to the input only (the weights are frozen):
+    # twice the forward alone, where training the weights too would cost three times.
+    manifest = load_manifest(manifest_path, schema_only=True)
+    models = bench.load_models(manifest, manifest.targets[0], torch.device("cpu"), random_init=True)
+    z = torch.randn(1, manifest.generator.latent_dim)
+    forward = bench.count_flops(lambda: models.target(to_target_input(
+        generator_to_unit(models.generator(z), (0.0, 1.0)), target_input_spec(manifest.targets[0]))))
+    assert 1.9 * forward < result["flops_per_latent_step"] < 2.5 * forward and 0 < result["mfu"] < 1 and 0 < result["baseline"]["mfu"] < 1
+    assert result["speedup"] == pytest.approx(result["latent_steps_per_second"]
+                                              / result["baseline"]["latent_steps_per_second"])
+    assert "latent-steps/s" in capsys.readouterr().out
