@@ -21,7 +21,8 @@ from reid_batch import layout
 from reid_batch.errors import InputError
 from reid_batch.manifest import Manifest, TargetSpec
 from reid_batch.models.demographics import DemographicNet, load_demographics
-from reid_batch.models.pggan import PGGANConfig, PGGANGenerator, load_generator
+from reid_batch.models.pggan import (PGGANConfig, PGGANDiscriminator, PGGANGenerator, load_discriminator,
+                                     load_generator)
 from reid_batch.models.reid import ReidNet, load_reid
 from reid_batch.models.targets import load_target
 from reid_batch.storage import Store, input_path, run_store
@@ -108,6 +109,22 @@ def load_finetuned_generator(manifest: Manifest, target: str) -> PGGANGenerator:
     with local_file(store, f"{prefix}/{layout.GENERATOR_FILE}", ".safetensors") as path:
         generator, _ = load_generator(path, format="reid")
     return generator
+
+
+def load_prior_discriminator(manifest: Manifest) -> PGGANDiscriminator:
+    """The critic of fine-tuning's `discriminator` term (frozen, eval mode, CPU): finetune.discriminator.checkpoint,
+    or the one train-prior committed beside the prior."""
+    spec = manifest.finetune.discriminator
+    if spec is not None and spec.checkpoint is not None:
+        return load_discriminator(input_path(spec.checkpoint, manifest, "finetune.discriminator.checkpoint"))
+    store = run_store(manifest)
+    require_committed(store, layout.PRIOR_PREFIX, "train-prior")
+    key = f"{layout.PRIOR_PREFIX}/{layout.DISCRIMINATOR_FILE}"
+    if not store.exists(key):
+        raise InputError(f"{store.uri(key)} is missing: the prior was trained before train-prior kept its critic; "
+                         "retrain it or give finetune.discriminator.checkpoint", where="finetune.discriminator")
+    with local_file(store, key, ".safetensors") as path:
+        return load_discriminator(path)
 
 
 def prior_config(manifest: Manifest) -> PGGANConfig:

@@ -63,6 +63,7 @@ PRIOR_QUALITY_STRIP = "strip.png"
 REID_RESUME_KEY = "resume/train-reid.pt"
 MODEL_FILE = "model.safetensors"
 GENERATOR_FILE = "generator.safetensors"
+DISCRIMINATOR_FILE = "discriminator.safetensors"  # the prior's critic (train-prior)
 TRAIN_IMAGES_FILE = "train_images.csv"
 MODEL_METRICS_FILE = "metrics.json"
 

@@ -448,6 +448,17 @@ class GeneratorSpec(Strict):
 # ------------------------------------------------------------------------------------------- the stages
 
 
+class DiscriminatorTermSpec(Strict):
+    """The study's future work: a critic trained on the public pool keeps stage-1 images on the chest-X-ray
+    manifold. Adds weight * (-mean critic score of the generated images) to the fine-tuning loss."""
+
+    weight: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        ..., description="weight of the term (the critic's scores are unbounded: start near the objective's scale)")
+    checkpoint: str | None = Field(
+        None, description="the critic (a discriminator.safetensors from train-prior); default: the run's "
+        "prior/discriminator.safetensors, which a trained prior writes")
+
+
 class FinetuneSpec(Strict):
     optimizer: Literal["adam"] = "adam"
     lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-5
@@ -459,6 +470,8 @@ class FinetuneSpec(Strict):
     log_every: PositiveInt = 10
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: Seed = 0
+    discriminator: DiscriminatorTermSpec | None = Field(
+        None, description="adversarial fine-tuning: a critic's term beside the target's (off by default)")
 
 
 class SamplingSpec(Strict):
@@ -660,6 +673,10 @@ class Manifest(Strict):
                 if getattr(self.data.synthetic, f"{pool}_patients") > most:
                     raise ValueError(f"target {t.name!r}: with canaries, data.synthetic.{pool}_patients may be at "
                                      f"most {most} (the pool's last {CANARY_CAPACITY:,} ids are the canaries')")
+        critic = self.finetune.discriminator
+        if critic is not None and critic.checkpoint is None and self.generator.checkpoint is not None:
+            raise ValueError("finetune.discriminator needs a checkpoint: the prior comes from generator.checkpoint, "
+                             "so no train-prior wrote a critic beside it")
         return self
 
     def source(self, pool: str) -> SourceSpec:

@@ -240,7 +240,8 @@ def test_train_prior_commits_outputs_and_the_prior_learns(trained):
     store = run_store(manifest)
     assert store.is_committed("prior")
     assert sorted(store.list("prior")) == sorted(f"prior/{name}" for name in (
-        "_COMMITTED", "generator.safetensors", "losses.parquet", "metrics.json", "samples.png", "samples_before.png"))
+        "_COMMITTED", "discriminator.safetensors", "generator.safetensors", "losses.parquet", "metrics.json",
+        "samples.png", "samples_before.png"))
     assert store.read_json("prior/metrics.json") == metrics
     # 5 phases x ceil(256 / 8) steps; the distance is the "visibly learns" check.
     assert metrics["steps"] == 160 and metrics["images_seen"] == 160 * 8
@@ -262,6 +263,11 @@ def test_train_prior_commits_outputs_and_the_prior_learns(trained):
     assert images.shape == (3, 1, 16, 16)
     # Trained on [0, 1] images: most of the output lies in that range without any activation.
     assert float(((images >= -0.05) & (images <= 1.05)).float().mean()) > 0.9
+    # The critic comes back as trained, and still tells the prior's images from noise of the same range.
+    critic = artifacts.load_prior_discriminator(manifest)
+    assert critic.depths == tuple(DEPTHS) and not any(p.requires_grad for p in critic.parameters())
+    with torch.no_grad():
+        assert critic(prior(torch.randn(64, LATENT))).mean() > critic(torch.rand(64, 1, 16, 16)).mean()
 
 
 def test_a_committed_run_does_nothing(trained, monkeypatch):

@@ -66,10 +66,13 @@ __all__ = [
     "SEGAL_1024_DEPTHS",
     "VARIANTS",
     "PGGANConfig",
+    "PGGANDiscriminator",
     "PGGANGenerator",
+    "discriminator_bytes",
     "export_state_dict",
     "generator_to_unit",
     "latents_for_ids",
+    "load_discriminator",
     "load_generator",
     "save_generator",
     "write_checkpoint",
@@ -717,6 +720,110 @@ def generator_bytes(generator: PGGANGenerator) -> bytes:
     """The "reid" format as bytes (what save_generator writes), so it can go through any store."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in _weights(generator).items()}
     return save_tensors(tensors, metadata={_REID_METADATA_KEY: generator.config.to_json()})
+
+
+# ------------------------------------------------------------------------------------------------ the critic
+
+
+def _critic_conv(in_channels: int, out_channels: int, kernel: int) -> EqualizedLayer:
+    return EqualizedLayer(nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2))
+
+
+def minibatch_stddev(x: torch.Tensor, group_size: int = 4) -> torch.Tensor:
+    """Append one channel holding the feature standard deviation within each group of samples (Karras et al.).
+
+    Groups are the largest divisor of the batch not above `group_size`, so any batch size works. A collapsed
+    generator produces near-identical samples, whose low spread the critic can then see and punish.
+    """
+    n, c, h, w = x.shape
+    group = max(g for g in range(1, min(group_size, n) + 1) if n % g == 0)
+    y = x.reshape(group, n // group, c, h, w)
+    std = (y - y.mean(dim=0, keepdim=True)).pow(2).mean(dim=0).add(1e-8).sqrt()
+    per_group = std.mean(dim=(1, 2, 3)).reshape(1, n // group, 1, 1, 1)
+    # The reshape put sample i in group i % (n // group); each sample gets its own group's value.
+    feature = per_group.expand(group, -1, 1, h, w).reshape(n, 1, h, w)
+    return torch.cat([x, feature], dim=1)
+
+
+class PGGANDiscriminator(nn.Module):
+    """The generator's mirror: fromRGB (1x1) per scale, per scale two 3x3 convs + LeakyReLU(0.2) then average
+    pooling, and at 4x4 minibatch stddev, a 3x3 conv, a dense layer over the 4x4 map (a 4x4 conv) and a linear
+    score. Equalized learning rate throughout. `depths` are the generator's, from 4x4 up."""
+
+    def __init__(self, depths: tuple[int, ...], in_channels: int, leakiness: float = 0.2):
+        super().__init__()
+        depths = tuple(int(d) for d in depths)
+        self.depths = depths
+        self.leakiness = leakiness
+        self.fromRGB = nn.ModuleList(_critic_conv(in_channels, d, 1) for d in depths)
+        # blocks[i - 1] takes scale i down to scale i - 1.
+        self.blocks = nn.ModuleList(
+            nn.Sequential(_critic_conv(depths[i], depths[i], 3), nn.LeakyReLU(leakiness),
+                          _critic_conv(depths[i], depths[i - 1], 3), nn.LeakyReLU(leakiness), nn.AvgPool2d(2))
+            for i in range(1, len(depths)))
+        first = depths[0]
+        self.final_conv = _critic_conv(first + 1, first, 3)
+        self.final_dense = EqualizedLayer(nn.Linear(16 * first, first))
+        self.decision = EqualizedLayer(nn.Linear(first, 1))
+
+    def _from_rgb(self, images: torch.Tensor, depth: int) -> torch.Tensor:
+        return F.leaky_relu(self.fromRGB[depth](images), self.leakiness)
+
+    def forward(self, images: torch.Tensor, depth: int | None = None, alpha: float = 1.0) -> torch.Tensor:
+        """Scores (N,) of images at scale `depth` (0 = 4x4; None = full resolution); `alpha` as the generator's."""
+        last = len(self.depths) - 1
+        depth = last if depth is None else int(depth)
+        if not 0 <= depth <= last:
+            raise ValueError(f"depth must be in [0, {last}], got {depth}")
+        expected = 4 * 2**depth
+        if tuple(images.shape[-2:]) != (expected, expected):
+            raise ValueError(f"depth {depth} takes {expected}x{expected} images, got {tuple(images.shape)}")
+        x = self._from_rgb(images, depth)
+        if depth > 0:
+            x = self.blocks[depth - 1](x)
+            if float(alpha) < 1.0:
+                older = self._from_rgb(F.avg_pool2d(images, 2), depth - 1)
+                x = alpha * x + (1.0 - alpha) * older
+            for block in reversed(self.blocks[: depth - 1]):
+                x = block(x)
+        x = F.leaky_relu(self.final_conv(minibatch_stddev(x)), self.leakiness)
+        x = F.leaky_relu(self.final_dense(x.flatten(1)), self.leakiness)
+        return self.decision(x).squeeze(1)
+
+
+_CRITIC_METADATA_KEY = "reid_pggan_critic"
+
+
+def discriminator_bytes(discriminator: "PGGANDiscriminator") -> bytes:
+    """The critic as safetensors bytes, its shape (depths, channels, leakiness) as JSON in the metadata."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in discriminator.state_dict().items()}
+    shape = {"depths": list(discriminator.depths), "in_channels": discriminator.fromRGB[0].module.in_channels,
+             "leakiness": discriminator.leakiness}
+    return save_tensors(tensors, metadata={_CRITIC_METADATA_KEY: json.dumps(shape)})
+
+
+def load_discriminator(path: str | Path) -> "PGGANDiscriminator":
+    """A critic written by discriminator_bytes (frozen, eval mode, CPU); anything else is invalid input."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such file", where=str(path))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except Exception as exc:  # safetensors raises several types for a file that is not one of its own
+        raise InputError(f"not a safetensors file: {_brief(exc)}", where=str(path)) from exc
+    if _CRITIC_METADATA_KEY not in metadata:
+        raise InputError("not a critic written by train-prior (no '" + _CRITIC_METADATA_KEY + "' metadata)",
+                         where=str(path))
+    shape = json.loads(metadata[_CRITIC_METADATA_KEY])
+    critic = PGGANDiscriminator(tuple(shape["depths"]), int(shape["in_channels"]), float(shape["leakiness"]))
+    try:
+        critic.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise InputError(f"the critic's tensors do not match its declared shape: {_brief(exc)}",
+                         where=str(path)) from exc
+    return critic.eval().requires_grad_(False)
 
 
 def save_generator(generator: PGGANGenerator, path: str | Path) -> None:

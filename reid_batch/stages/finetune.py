@@ -32,7 +32,8 @@ source's weights and settings, so a changed target or prior is never compared wi
 
 Outputs, committed together under <target>/finetune/: generator.safetensors (pggan "reid" format),
 losses.parquet (per step: each term's unweighted value, the weighted total, the gradient norm before clipping,
-step seconds, elapsed seconds),
+step seconds, elapsed seconds; with `finetune.discriminator`, its term as column `discriminator`: minus the prior's
+critic's mean score of the batch, the study's future work of keeping stage-1 images on the X-ray manifold),
 samples_before.png / samples_after.png (the same fixed latents, 4x4 grids), finetune.json (terms and weights,
 reference source, steps, seconds per step, world size, ...).
 """
@@ -55,7 +56,7 @@ from torch import nn
 from torch.distributed.nn.functional import all_reduce
 
 from reid_batch import log, preemption
-from reid_batch.artifacts import load_attack_target, load_prior
+from reid_batch.artifacts import load_attack_target, load_prior, load_prior_discriminator
 from reid_batch.attack.generation import generate_unit, id_latents, target_input_spec
 from reid_batch.attack.objectives import TargetObjective, assign_classes, condition_latents, needs_reference_stats
 from reid_batch.attack.reference import reference_stats
@@ -145,6 +146,8 @@ class Finetuner:
     num_classes: int
     trainable: list[nn.Parameter]
     reduce_sum: ReduceSum | None = None
+    critic: nn.Module | None = None  # finetune.discriminator: frozen, on the device
+    critic_weight: float = 0.0
     per_process: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -167,15 +170,24 @@ class Finetuner:
             image = generator_to_unit(raw.float(), self.output_range)
             result = self.objective(to_target_input(image, self.input_spec, check_range=False), image01=image,
                                     classes=classes, reduce_sum=self.reduce_sum)
-        accelerator.backward(result.total)
+            total, extra = result.total, {}
+            if self.critic is not None:
+                # The critic judges images in the generator's declared range, as it saw real ones in training;
+                # the batch mean is taken over every process, like the objective's terms.
+                scores = self.critic(raw.float()).float()
+                sums = torch.stack([scores.sum(), scores.new_tensor(float(scores.numel()))])
+                sums = self.reduce_sum(sums) if self.reduce_sum is not None else sums
+                extra["discriminator"] = -sums[0] / sums[1]
+                total = total + self.critic_weight * extra["discriminator"]
+        accelerator.backward(total)
         # Always measured (an infinite bound clips nothing): Adam is blind to a constant factor in the gradient,
         # so this norm is what shows that N processes compute the one-process gradient.
         grad_norm = accelerator.clip_grad_norm_(self.trainable, self.spec.grad_clip or float("inf"))
         self.optimizer.step()
-        names = list(result.terms)
-        values = torch.stack([result.terms[t].detach().float() for t in names]
-                             + [result.total.detach().float(), torch.as_tensor(grad_norm).float().to(result.total.device)])
-        return dict(zip(names + ["total", "grad_norm"], values.cpu().tolist()))
+        named = {**result.terms, **extra}
+        values = torch.stack([v.detach().float() for v in named.values()]
+                             + [total.detach().float(), torch.as_tensor(grad_norm).float().to(total.device)])
+        return dict(zip(list(named) + ["total", "grad_norm"], values.cpu().tolist()))
 
 
 # ------------------------------------------------------------------------------------------------- images
@@ -284,6 +296,9 @@ def finetune_record(spec: TargetSpec, fs: FinetuneSpec, objective, num_classes: 
         "family": spec.family,
         "terms": objective.weights,
         "terms_configured": spec.terms,
+        "discriminator": (None if fs.discriminator is None else
+                          {"weight": fs.discriminator.weight,
+                           "critic": fs.discriminator.checkpoint or "the prior's (train-prior)"}),
         "objective_fallback": objective.fallback,
         "num_classes": num_classes,
         "reference": reference_info,
@@ -348,10 +363,19 @@ def finetune_target(manifest: Manifest, index: int, accelerator,
     # No process may see a checkpoint the main process writes during training as its starting point.
     accelerator.wait_for_everyone()
 
+    critic = None
+    if fs.discriminator is not None:
+        critic = load_prior_discriminator(manifest)
+        resolution = 4 * 2 ** (len(critic.depths) - 1)
+        if resolution != prior.config.resolution or critic.fromRGB[0].module.in_channels != prior.config.out_channels:
+            raise InputError(f"the critic judges {resolution} px images with {critic.fromRGB[0].module.in_channels} "
+                             f"channel(s); the generator draws {prior.config.resolution} px with "
+                             f"{prior.config.out_channels}", where="finetune.discriminator")
+        critic = critic.to(device)
     prepared_generator, prepared_optimizer = accelerator.prepare(generator, optimizer)
     trainer = Finetuner(prepared_generator, prepared_optimizer, objective, accelerator, fs, target_input_spec(spec),
                         tuple(generator.config.output_range), latent_dim, num_classes, trainable,
-                        differentiable_sum(world))
+                        differentiable_sum(world), critic, fs.discriminator.weight if critic is not None else 0.0)
     log.event("finetune_start", target=spec.name, arch=spec.arch, terms=objective.weights, steps=fs.steps,
               from_step=start, batch_size=fs.batch_size, per_process=per_process, world_size=world, rank=rank,
               device=str(device), mixed_precision=fs.mixed_precision)

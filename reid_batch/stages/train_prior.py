@@ -29,7 +29,8 @@ weights) comes from a generator seeded by (seed, s), and initial weights from th
 draws exactly what an uninterrupted one would and ends equal to it on CPU.
 
 Outputs under <run>/prior/ (committed together): generator.safetensors (the EMA generator, pggan's "reid"
-format), samples_before.png / samples.png (8x8 grids from fixed latents, untrained and trained), metrics.json
+format), discriminator.safetensors (the critic at the end of training, for fine-tuning's optional `discriminator`
+term; pggan.discriminator_bytes), samples_before.png / samples.png (8x8 grids from fixed latents, untrained and trained), metrics.json
 (the distribution distance below, before and after), losses.parquet (one row per generator step).
 
 Distribution distance, "Fréchet-PCA": the Fréchet distance between Gaussians fitted to features of generated and
@@ -63,17 +64,16 @@ from reid_batch.attack.generation import generate_unit, id_latents
 from reid_batch.data.datasets import ImageDataset, read_source
 from reid_batch.errors import InputError
 from reid_batch.formats import grid_png, parquet_bytes
-from reid_batch.layout import GENERATOR_FILE, PRIOR_DISTANCE_ID_OFFSET, PRIOR_PREFIX, PRIOR_RESUME_KEY
+from reid_batch.layout import DISCRIMINATOR_FILE, GENERATOR_FILE, PRIOR_DISTANCE_ID_OFFSET, PRIOR_PREFIX, PRIOR_RESUME_KEY
 from reid_batch.manifest import Manifest, PriorTrainSpec
-from reid_batch.models.pggan import EqualizedLayer, PGGANConfig, PGGANGenerator, generator_bytes
+from reid_batch.models.pggan import (PGGANConfig, PGGANDiscriminator, PGGANGenerator, discriminator_bytes,
+                                     generator_bytes, minibatch_stddev)
 from reid_batch.runtime import load_state, pick_device, run_store, save_state
 
 
 ADAM_BETAS = (0.0, 0.99)
 DRIFT_WEIGHT = 0.001
-MINIBATCH_STD_GROUP = 4
 EMA_RAMPUP = 0.01
-LEAKINESS = 0.2
 
 GRID_SIDE = 8
 DISTANCE_COMPONENTS = 64
@@ -83,75 +83,6 @@ GENERATION_BATCH = 128
 # Above this the public pool is read from disk batch by batch instead of being held in memory.
 IN_MEMORY_LIMIT_BYTES = 4 * 2**30
 LOG_EVERY = 50
-
-# ------------------------------------------------------------------------------------------------ discriminator
-
-
-def _conv(in_channels: int, out_channels: int, kernel: int) -> EqualizedLayer:
-    return EqualizedLayer(nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2))
-
-
-def minibatch_stddev(x: torch.Tensor, group_size: int = MINIBATCH_STD_GROUP) -> torch.Tensor:
-    """Append one channel holding the feature standard deviation within each group of samples (Karras et al.).
-
-    Groups are the largest divisor of the batch not above `group_size`, so any batch size works. A collapsed
-    generator produces near-identical samples, whose low spread the critic can then see and punish.
-    """
-    n, c, h, w = x.shape
-    group = max(g for g in range(1, min(group_size, n) + 1) if n % g == 0)
-    y = x.reshape(group, n // group, c, h, w)
-    std = (y - y.mean(dim=0, keepdim=True)).pow(2).mean(dim=0).add(1e-8).sqrt()
-    per_group = std.mean(dim=(1, 2, 3)).reshape(1, n // group, 1, 1, 1)
-    # The reshape put sample i in group i % (n // group); each sample gets its own group's value.
-    feature = per_group.expand(group, -1, 1, h, w).reshape(n, 1, h, w)
-    return torch.cat([x, feature], dim=1)
-
-
-class PGGANDiscriminator(nn.Module):
-    """The generator's mirror: fromRGB (1x1) per scale, per scale two 3x3 convs + LeakyReLU(0.2) then average
-    pooling, and at 4x4 minibatch stddev, a 3x3 conv, a dense layer over the 4x4 map (a 4x4 conv) and a linear
-    score. Equalized learning rate throughout. `depths` are the generator's, from 4x4 up."""
-
-    def __init__(self, depths: tuple[int, ...], in_channels: int, leakiness: float = LEAKINESS):
-        super().__init__()
-        depths = tuple(int(d) for d in depths)
-        self.depths = depths
-        self.leakiness = leakiness
-        self.fromRGB = nn.ModuleList(_conv(in_channels, d, 1) for d in depths)
-        # blocks[i - 1] takes scale i down to scale i - 1.
-        self.blocks = nn.ModuleList(
-            nn.Sequential(_conv(depths[i], depths[i], 3), nn.LeakyReLU(leakiness),
-                          _conv(depths[i], depths[i - 1], 3), nn.LeakyReLU(leakiness), nn.AvgPool2d(2))
-            for i in range(1, len(depths)))
-        first = depths[0]
-        self.final_conv = _conv(first + 1, first, 3)
-        self.final_dense = EqualizedLayer(nn.Linear(16 * first, first))
-        self.decision = EqualizedLayer(nn.Linear(first, 1))
-
-    def _from_rgb(self, images: torch.Tensor, depth: int) -> torch.Tensor:
-        return F.leaky_relu(self.fromRGB[depth](images), self.leakiness)
-
-    def forward(self, images: torch.Tensor, depth: int | None = None, alpha: float = 1.0) -> torch.Tensor:
-        """Scores (N,) of images at scale `depth` (0 = 4x4; None = full resolution); `alpha` as the generator's."""
-        last = len(self.depths) - 1
-        depth = last if depth is None else int(depth)
-        if not 0 <= depth <= last:
-            raise ValueError(f"depth must be in [0, {last}], got {depth}")
-        expected = 4 * 2**depth
-        if tuple(images.shape[-2:]) != (expected, expected):
-            raise ValueError(f"depth {depth} takes {expected}x{expected} images, got {tuple(images.shape)}")
-        x = self._from_rgb(images, depth)
-        if depth > 0:
-            x = self.blocks[depth - 1](x)
-            if float(alpha) < 1.0:
-                older = self._from_rgb(F.avg_pool2d(images, 2), depth - 1)
-                x = alpha * x + (1.0 - alpha) * older
-            for block in reversed(self.blocks[: depth - 1]):
-                x = block(x)
-        x = F.leaky_relu(self.final_conv(minibatch_stddev(x)), self.leakiness)
-        x = F.leaky_relu(self.final_dense(x.flatten(1)), self.leakiness)
-        return self.decision(x).squeeze(1)
-
 
 def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
                      epsilon: torch.Tensor) -> torch.Tensor:
@@ -501,6 +432,7 @@ def train_prior(manifest: Manifest, on_checkpoint: Callable[[int], None] | None 
     }
     with store.committed(PRIOR_PREFIX, {"stage": "train-prior"}) as out:
         out.write_bytes(GENERATOR_FILE, generator_bytes(trainer.ema))
+        out.write_bytes(DISCRIMINATOR_FILE, discriminator_bytes(trainer.discriminator))
         out.write_bytes("samples_before.png", sample_grid_png(untrained, spec.seed))
         out.write_bytes("samples.png", sample_grid_png(trainer.ema, spec.seed))
         out.write_json("metrics.json", metrics)
