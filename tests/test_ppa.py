@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -103,3 +104,24 @@ def test_a_penalty_the_target_returns_beside_its_logits_is_optimised_per_sample(
     assert (brightness(penalised) < brightness(plain)).sum() >= 4
     torch.testing.assert_close(view_confidence(generate, dimmed, latents, classes, keys, 4, 2, SMALL, seed=1),
                                view_confidence(generate, target, latents, classes, keys, 4, 2, SMALL, seed=1))
+
+
+def test_the_margin_measure_is_the_class_logit_over_the_largest_other_and_can_rank_the_kept():
+    generate, target = _models()
+    keys = torch.arange(5)
+    latents = latents_for_ids(7, keys, LATENT)
+    classes = torch.tensor([0, 1, 2, 1, 0])
+    still = PPASettings(crop_scale=(1.0, 1.0), rotation_deg=0.0, brightness=0.0)
+    margin = view_confidence(generate, target, latents, classes, keys, 3, 2, still, seed=1, measure="margin")
+    with torch.no_grad():
+        logits = target(generate(latents))
+    for i, c in enumerate(classes.tolist()):
+        others = torch.cat([logits[i, :c], logits[i, c + 1:]])
+        assert margin[i].item() == pytest.approx((logits[i, c] - others.max()).item(), abs=1e-3)
+    settings = replace(SMALL, keep_by="margin")
+    kept = attack_class(generate, target, 2, np.arange(30, 42), LATENT, settings, seed=3)
+    assert len(kept.ids) == SMALL.keep and len(set(kept.ids.tolist())) == SMALL.keep
+    # Best first by margin, over the same final views the attack ranked them with (stream 2).
+    again = view_confidence(generate, target, kept.latents, torch.full((SMALL.keep,), 2), torch.from_numpy(kept.ids),
+                            SMALL.final_views, 2, settings, seed=3, measure="margin")
+    assert (again[:-1] >= again[1:] - 1e-5).all(), again

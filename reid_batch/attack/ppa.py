@@ -54,6 +54,9 @@ class PPASettings:
     rotation_deg: float = 5.0
     brightness: float = 0.1
     latent_penalty: float = 1e-3
+    # What the kept samples are ranked by over the final views: "probability" (PPA's confidence) saturates at 1.0
+    # after optimisation, "margin" (the class logit minus the largest other) keeps ranking where it does.
+    keep_by: str = "probability"
 
 
 def _uniforms(seed: int, stream: int, step: int, keys: Tensor, count: int) -> Tensor:
@@ -87,15 +90,21 @@ def _logits_and_penalty(output) -> tuple[Tensor, Tensor | None]:
 
 def view_confidence(generator: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor], latents: Tensor,
                     classes: Tensor, keys: Tensor, views: int, stream: int, settings: PPASettings,
-                    seed: int) -> Tensor:
-    """(N,) the target's softmax probability of each latent's class, averaged over `views` random views."""
+                    seed: int, measure: str = "probability") -> Tensor:
+    """(N,) the target's softmax probability of each latent's class (measure "margin": its logit minus the largest
+    other logit), averaged over `views` random views."""
     with torch.no_grad():
         images = generator(latents)
         total = torch.zeros(len(latents), device=latents.device)
         for view in range(views):
             logits, _ = _logits_and_penalty(target(random_views(images, _uniforms(seed, stream, view, keys, 5),
                                                                 settings)))
-            total += torch.softmax(logits.float(), dim=1).gather(1, classes[:, None]).squeeze(1)
+            logits = logits.float()
+            if measure == "margin":
+                own = logits.gather(1, classes[:, None]).squeeze(1)
+                total += own - logits.scatter(1, classes[:, None], float("-inf")).amax(dim=1)
+            else:
+                total += torch.softmax(logits, dim=1).gather(1, classes[:, None]).squeeze(1)
     return total / max(views, 1)
 
 
@@ -147,6 +156,9 @@ def attack_class(generator: Callable[[Tensor], Tensor], target: Callable[[Tensor
                                  keys[chosen], settings, seed)
     final = view_confidence(generator, target, optimised, classes[:len(chosen)], keys[chosen], settings.final_views,
                             _FINAL_STREAM, settings, seed).cpu()
-    best = torch.argsort(-final, stable=True)[:settings.keep]
+    rank = final if settings.keep_by == "probability" else view_confidence(
+        generator, target, optimised, classes[:len(chosen)], keys[chosen], settings.final_views, _FINAL_STREAM,
+        settings, seed, measure=settings.keep_by).cpu()
+    best = torch.argsort(-rank, stable=True)[:settings.keep]
     return PPAResult(search_ids[chosen[best].numpy()], optimised[best.to(device)].cpu(), final[best],
                      scores.cpu()[chosen[best]])
