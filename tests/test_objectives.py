@@ -19,6 +19,7 @@ from reid_batch.attack.objectives import (
     TargetObjective,
     _attention_terms,
     assign_classes,
+    attention_log_probabilities,
     attention_probabilities,
     compute_reference_stats,
     total_variation,
@@ -649,3 +650,19 @@ def test_condition_latents_writes_the_class_into_z0_and_keeps_the_prior(num_clas
         assert torch.equal(torch.argsort(conditioned[chosen, 0]), torch.argsort(latents[chosen, 0]))
     # Over balanced classes z_0 is still standard normal: the generator's input distribution is unchanged.
     assert kstest(conditioned[:, 0].numpy(), "norm").pvalue > 0.01
+
+
+def test_attention_scores_and_head_similarity_stay_float32_under_autocast():
+    """The attention terms' matmuls were cast to float32, but autocast recast them to bf16 (scores, softmax and the
+    head Gram matrix off by up to 3e-3 on CPU); they run outside autocast now."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        log_p = attention_log_probabilities(mha, x)
+        entropy, similarity = _attention_terms(log_p)
+    assert log_p.dtype == entropy.dtype == similarity.dtype == torch.float32
+    # Outside autocast, from the same log-probabilities: the same numbers to float32 precision.
+    plain_entropy, plain_similarity = _attention_terms(log_p)
+    torch.testing.assert_close(similarity, plain_similarity, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(entropy, plain_entropy, atol=1e-6, rtol=1e-6)

@@ -203,8 +203,10 @@ def attention_log_probabilities(mha: nn.MultiheadAttention, x: Tensor) -> Tensor
     w_q, w_k, b_q, b_k = _projection_weights(mha)
     q = F.linear(x, w_q, b_q).view(n, t, heads, head_dim).transpose(1, 2)
     k = F.linear(x, w_k, b_k).view(n, t, heads, head_dim).transpose(1, 2)
-    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(head_dim)
-    return scores.log_softmax(dim=-1)
+    # Autocast recasts a matmul of float32 inputs to bf16/fp16: the scores and their softmax must not follow it.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(head_dim)
+        return scores.log_softmax(dim=-1)
 
 
 def attention_probabilities(mha: nn.MultiheadAttention, x: Tensor) -> Tensor:
@@ -219,8 +221,9 @@ def _attention_terms(log_p: Tensor) -> tuple[Tensor, Tensor]:
     heads = p.shape[1]
     if heads < 2:
         return entropy, torch.zeros_like(entropy)
-    unit = F.normalize(p.flatten(2), dim=-1)
-    gram = unit @ unit.transpose(1, 2)
+    unit = F.normalize(p.float().flatten(2), dim=-1)
+    with torch.autocast(device_type=unit.device.type, enabled=False):  # as for the scores above
+        gram = unit @ unit.transpose(1, 2)
     off_diagonal = gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
     return entropy, off_diagonal / (heads * (heads - 1))
 
