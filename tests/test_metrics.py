@@ -371,3 +371,13 @@ def test_mean_shift_interval_covers_the_true_shift_and_zero_under_the_null():
     assert shifted["ci"][0] > 2.0 and shifted["ci"][1] < 4.0
     same = mean_shift(rng.normal(50, 10, 2000), null, bootstrap=500, seed=1)
     assert same["ci"][0] < 0 < same["ci"][1]
+
+
+@pytest.mark.parametrize("chunk_pixels", [1, 3 * 64, 10**9])
+def test_the_gpu_histogram_path_equals_bincount_in_any_chunking(rng, chunk_pixels):
+    """The device path of pixel entropy (scatter_add_, chunked so its int64 indices exist for one chunk only), run on
+    the CPU: one image per chunk, chunks that do not divide the batch, and the whole batch at once."""
+    levels = torch.from_numpy(rng.integers(0, 256, size=(7, 64), dtype=np.uint8))
+    levels[2] = 17  # a constant image: one full bin
+    expected = torch.stack([torch.bincount(row, minlength=256) for row in levels]).double()
+    assert torch.equal(metrics.scatter_histograms(levels, chunk_pixels), expected)
