@@ -128,7 +128,8 @@ def plan_text(manifest: Manifest, manifest_path: str, scheduler: str, jobs: list
             lines.append(f"  sbatch {' '.join(flags)}")
             for stage in job.stages:
                 if job.distributed:
-                    lines.append(f"    srun accelerate launch --num_machines $SLURM_NNODES --machine_rank $SLURM_NODEID "
+                    lines.append("    srun --cpus-per-task=$SLURM_CPUS_PER_TASK accelerate launch "
+                                 "--num_machines $SLURM_NNODES --machine_rank $SLURM_NODEID "
                                  f"... -m reid_batch {stage} {shlex.quote(manifest_path)}")
                 else:
                     suffix = "   # shard = SLURM_ARRAY_TASK_ID" if job.array else ""

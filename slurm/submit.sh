@@ -189,10 +189,12 @@ finetune_script() {
     if (( ft_nodes * ft_procs_per_node > 1 )); then multi="--multi_gpu "; fi
     # One launcher per node. The single quotes keep $SLURM_NODEID & co. for each node's own shell to expand;
     # the head node and port are the same for every node, so they are fixed here and passed as arguments.
+    # srun gets the job's --cpus-per-task explicitly: Slurm 22.05-23.02 do not pass sbatch's on to srun, and each
+    # node's launcher (and its data loaders) would get one CPU.
     cat <<EOF
 head_node=\$(scontrol show hostnames "\$SLURM_JOB_NODELIST" | head -n 1)
 port=\$(( 20000 + SLURM_JOB_ID % 20000 ))
-srun --nodes="\$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+srun --nodes="\$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \${SLURM_CPUS_PER_TASK:+--cpus-per-task=\$SLURM_CPUS_PER_TASK} bash -c '
     exec $(prefix_words)accelerate launch ${multi}--num_machines "\$SLURM_NNODES" --machine_rank "\$SLURM_NODEID" \\
         --main_process_ip "\$1" --main_process_port "\$2" --num_processes \$(( SLURM_NNODES * \$3 )) \\
         --mixed_precision "\$4" --dynamo_backend no -m reid_batch finetune "\$5"

@@ -151,15 +151,19 @@ def test_multi_node_finetune_gives_each_node_its_own_rank_and_one_rendezvous(tmp
     fakes.mkdir()
     (fakes / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a17\\ngpu-b03\\n'\n")
     # srun starts the command once per node, each with its own SLURM_NODEID, like the real one.
-    (fakes / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n'
+    (fakes / "srun").write_text('#!/bin/bash\necho "$@" > "$SRUN_CALL"\nwhile [[ $1 == --* ]]; do shift; done\n'
                                 'for node in 0 1; do SLURM_NODEID=$node "$@"; done\n')
     (fakes / "accelerate").write_text('#!/bin/sh\necho "$@" >> "$CALLS"\n')
     for fake in fakes.iterdir():
         fake.chmod(0o755)
     calls = tmp_path / "calls.txt"
+    srun_call = tmp_path / "srun.txt"
     env = submit_env(PATH=f"{fakes}{os.pathsep}{os.environ['PATH']}", CALLS=str(calls), SLURM_JOB_ID="4242",
-                     SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu-a17,gpu-b03", SLURM_NODEID="")
+                     SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu-a17,gpu-b03", SLURM_NODEID="",
+                     SLURM_CPUS_PER_TASK="12", SRUN_CALL=str(srun_call))
     subprocess.run(["bash", str(logs / "jobs" / "finetune.sh")], cwd=tmp_path, env=env, check=True, timeout=30)
+    # Slurm 22.05-23.02 do not hand sbatch's --cpus-per-task to srun: the script passes it on.
+    assert "--cpus-per-task=12" in srun_call.read_text().split()
     launches = [line.split() for line in calls.read_text().splitlines()]
     assert len(launches) == 2
     for rank, words in enumerate(launches):
@@ -195,7 +199,8 @@ def test_plan_prints_the_slurm_jobs_and_the_shell_summary_submit_reads(tmp_path)
     manifest = write_manifest(tmp_path)
     text = subprocess.run([REID_BATCH, "plan", str(manifest)], capture_output=True, text=True, check=True).stdout
     assert "[sample] sample: array of 2, after finetune" in text and "--array=0-1%16" in text
-    assert "[score] score: array of 2, after select" in text and "srun accelerate launch" in text
+    assert "[score] score: array of 2, after select" in text
+    assert "srun --cpus-per-task=$SLURM_CPUS_PER_TASK accelerate launch" in text
     shell = subprocess.run([REID_BATCH, "plan", str(manifest), "--format", "shell"], capture_output=True, text=True,
                            check=True).stdout
     values = dict(line.split("=", 1) for line in shell.splitlines())
