@@ -4,6 +4,7 @@ single-writer stage (one process works, the others wait) written once."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import os
 import random
@@ -23,12 +24,48 @@ from reid_batch.storage import run_store
 __all__ = ["run_store"]  # re-exported: the stages' one way to open the run's store
 
 
+# The oldest NVIDIA driver (Linux) each CUDA release needs (NVIDIA's CUDA toolkit release notes, table 3).
+CUDA_DRIVER_FLOOR = {"11.8": "520", "12.1": "530", "12.4": "550", "12.6": "560", "12.8": "570", "12.9": "575",
+                     "13.0": "580"}
+# What Slurm and container runtimes put in CUDA_VISIBLE_DEVICES when a task has no GPU.
+_NO_GPU_VALUES = {"", "-1", "none", "nodevfiles", "void"}
+
+
+def gpu_evidence() -> str | None:
+    """Why this node looks as if it has a GPU (CUDA_VISIBLE_DEVICES naming devices, /dev/nvidiaN), or None."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip().lower() not in _NO_GPU_VALUES:
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    devices = sorted(glob.glob("/dev/nvidia[0-9]*"))
+    return f"{devices[0]} exists" if devices else None
+
+
+def cuda_unavailable_message(evidence: str | None) -> str:
+    """What to tell a user whose GPU torch cannot use: the build's CUDA version and the driver it needs."""
+    built = torch.version.cuda
+    if built is None:
+        need = "this torch is a CPU-only build"
+    else:
+        floor = CUDA_DRIVER_FLOOR.get(".".join(built.split(".")[:2]))
+        need = (f"this torch is built for CUDA {built}, which needs NVIDIA driver >= {floor}" if floor
+                else f"this torch is built for CUDA {built}") + " and a GPU of compute capability >= 7.5"
+    seen = f"the node shows a GPU ({evidence}) but " if evidence else ""
+    return (f"{seen}torch cannot use CUDA: {need}. Check `nvidia-smi` on the node; on an older driver build the "
+            "image on an older CUDA (docker/README.md: --build-arg BASE_IMAGE=...), or set compute.device: cpu "
+            "to run on the CPU on purpose")
+
+
 def pick_device(manifest: Manifest) -> torch.device:
+    """cuda or cpu by compute.device. `auto` on a node that shows a GPU torch cannot use is an error, not a silent
+    CPU run (an old driver makes CUDA unavailable, and a 1024 px study would then run for weeks on the CPU)."""
     wanted = manifest.compute.device
-    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise InputError("CUDA was asked for but no GPU is visible", "compute.device")
+    if torch.cuda.is_available() and wanted in ("cuda", "auto"):
         return torch.device("cuda")
+    if wanted == "cuda":
+        raise InputError(cuda_unavailable_message(gpu_evidence()) if gpu_evidence() else
+                         "CUDA was asked for but no GPU is visible", "compute.device")
+    if wanted == "auto" and gpu_evidence() is not None:
+        raise InputError(cuda_unavailable_message(gpu_evidence()), "compute.device")
     return torch.device("cpu")
 
 

@@ -1,0 +1,66 @@
+"""runtime.pick_device: a node that shows a GPU torch cannot use (an old driver) is an error naming the torch build's
+CUDA version and the driver it needs, never a silent CPU run of a GPU-sized study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from reid_batch import runtime
+from reid_batch.errors import InputError
+from reid_batch.manifest import parse_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def manifest(device: str):
+    document = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
+    document["compute"] = {**document.get("compute", {}), "device": device}
+    return parse_manifest(document)
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """This machine's view (no usable CUDA), whatever it really has; no /dev/nvidia* unless a test adds one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime.glob, "glob", lambda pattern: [])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("visible", [None, "", "-1", "NoDevFiles"])
+def test_auto_runs_on_the_cpu_where_no_gpu_is_shown(no_cuda, visible):
+    if visible is not None:
+        no_cuda.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert runtime.pick_device(manifest("auto")).type == "cpu"
+    assert runtime.pick_device(manifest("cpu")).type == "cpu"
+    with pytest.raises(InputError, match="no GPU is visible") as caught:
+        runtime.pick_device(manifest("cuda"))
+    assert caught.value.where == "compute.device"
+
+
+def test_auto_on_a_node_showing_a_gpu_torch_cannot_use_is_an_error_naming_the_driver(no_cuda):
+    no_cuda.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    no_cuda.setattr(torch.version, "cuda", "12.4")
+    for device in ("auto", "cuda"):
+        with pytest.raises(InputError) as caught:
+            runtime.pick_device(manifest(device))
+        message = str(caught.value)
+        assert caught.value.where == "compute.device" and "CUDA_VISIBLE_DEVICES=0,1" in message
+        assert "built for CUDA 12.4" in message and "driver >= 550" in message and "BASE_IMAGE" in message
+    # A device node alone (Kubernetes' device plugin sets no CUDA_VISIBLE_DEVICES) is evidence too.
+    no_cuda.delenv("CUDA_VISIBLE_DEVICES")
+    no_cuda.setattr(runtime.glob, "glob", lambda pattern: ["/dev/nvidia0"])
+    no_cuda.setattr(torch.version, "cuda", None)
+    with pytest.raises(InputError, match="/dev/nvidia0 exists.*CPU-only build"):
+        runtime.pick_device(manifest("auto"))
+    assert runtime.pick_device(manifest("cpu")).type == "cpu"  # asked for on purpose
+
+
+def test_the_driver_table_covers_the_images_cuda():
+    base = (REPO / "docker" / "Dockerfile").read_text().split("ARG BASE_IMAGE=", 1)[1].split()[0]
+    cuda = base.split("-cuda", 1)[1].split("-", 1)[0]
+    assert cuda in runtime.CUDA_DRIVER_FLOOR, (base, cuda)
