@@ -38,7 +38,8 @@ Resources (defaults in brackets; sbatch's own SBATCH_* environment variables als
   --partition NAME         [cluster default]         --account NAME    [cluster default]
   --qos NAME               [cluster default]         --cpus N          cpus per task [8]
   --mem SIZE               memory per job [32G]      --parallel N      array tasks at once [16]
-  --gpus N                 GPUs per GPU job [0 if the manifest's compute.device is cpu, else 1]
+  --gpus N                 GPUs per GPU job, 0 or 1 [0 if the manifest's compute.device is cpu, else 1]:
+                           each task runs one process; more GPUs go to more shards or to fine-tuning
   --finetune-nodes N       nodes for finetune [1]
   --finetune-gpus-per-node N   GPUs per finetune node, one process each [--gpus]
   --finetune-processes-per-node N   processes per finetune node [its GPUs, or 1 without GPUs]
@@ -137,6 +138,10 @@ while IFS='=' read -r key value; do
 done <<<"$summary"
 run_id=${info[run_id]}
 gpus=${gpus:-${info[gpus]}}
+# One process per array task and per serial job: a second GPU there would sit idle for the whole run.
+(( gpus <= 1 )) || die "--gpus $gpus: sample, score and the serial jobs run one process on one GPU; for more GPUs \
+raise sampling.num_shards / demographics.num_shards (one GPU per array task), and give fine-tuning \
+--finetune-gpus-per-node"
 ft_gpus=${ft_gpus:-$gpus}
 ft_procs_per_node=${ft_procs:-$(( ft_gpus > 0 ? ft_gpus : 1 ))}
 (( ft_procs_per_node > 0 && ft_nodes > 0 )) || die "finetune needs at least one node and one process per node"

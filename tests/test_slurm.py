@@ -128,6 +128,7 @@ def test_stage_selection_leaves_out_jobs_with_nothing_to_do(tmp_path):
     (["--from", "report", "--array", "1"], "no array job"),
     (["--cpus", "many"], "not a number"),
     (["--frobnicate"], "unknown option"),
+    (["--gpus", "4"], "--finetune-gpus-per-node"),  # array tasks run one process: three GPUs would idle
 ])
 def test_bad_options_exit_2_naming_the_problem_before_anything_is_submitted(tmp_path, args, message):
     manifest = write_manifest(tmp_path)
