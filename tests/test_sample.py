@@ -498,3 +498,36 @@ def test_peak_memory_does_not_grow_with_the_number_of_candidates(inputs, tmp_pat
         assert len(all_rows(manifest, "vit")) == count
     print(f"peak RSS (KiB) by number of candidates: {peaks}")
     assert peaks[400] < 1.10 * peaks[40], peaks
+
+
+def test_a_generator_that_fails_to_compile_falls_back_to_eager_and_says_so(monkeypatch, capsys):
+    """sampling.compile: compile errors surface at the first call (torch.compile is lazy); prepare_models makes that
+    call itself, so a failing compiler costs the eager speed, not the shard."""
+    from reid_batch.models.pggan import PGGANConfig, PGGANGenerator
+
+    generator = PGGANGenerator(PGGANConfig(latent_dim=8, depths=(8, 4), out_channels=1)).eval()
+    target = torch.nn.Conv2d(1, 1, 1)
+
+    def broken_compile(model, **_):
+        def run(*args, **kwargs):
+            raise RuntimeError("InductorError: no working C compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    prepared, _ = generation.prepare_models(generator, target, torch.device("cpu"), compile=True)
+    assert prepared is generator
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    failed = [e for e in events if e["event"] == "compile_failed"]
+    assert len(failed) == 1 and "no working C compiler" in failed[0]["error"] and failed[0]["fallback"] == "eager"
+
+    calls = []
+
+    def working_compile(model, **_):
+        def run(*args, **kwargs):
+            calls.append(args[0].shape)
+            return model(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(torch, "compile", working_compile)
+    prepared, _ = generation.prepare_models(generator, target, torch.device("cpu"), compile=True)
+    assert prepared is not generator and calls == [(2, 8)]  # warmed up once, on two latents

@@ -57,11 +57,24 @@ def prepare_models(generator, target, device: torch.device, compile: bool = Fals
     """(generator, target) ready for inference: channels_last (NHWC convolutions: tensor cores take them without
     transposes; oneDNN on a CPU ran the 256 px PGGAN 25 % faster), and the generator torch.compile'd if asked (the
     target is left as is: the objective's hooks record its activations, which a compiled graph would not expose
-    as they are). Converts the modules in place."""
+    as they are). Converts the modules in place.
+
+    A compiled generator is run once here on two latents: torch.compile compiles lazily, so a failure (no C
+    compiler for Triton in the runtime image, an inductor error) would otherwise kill the shard at its first batch.
+    On failure the eager generator is used and a `compile_failed` event says why."""
     generator = generator.to(memory_format=torch.channels_last)
     target = target.to(memory_format=torch.channels_last)
     if compile:
-        generator = torch.compile(generator)
+        compiled = torch.compile(generator)
+        try:
+            with torch.inference_mode():
+                compiled(torch.zeros(2, generator.config.latent_dim, device=device))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- any compiler failure: the eager model computes the same thing
+            log.event("compile_failed", error=f"{type(exc).__name__}: {exc}"[:500], fallback="eager")
+        else:
+            generator = compiled
     return generator, target
 
 
