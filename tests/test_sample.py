@@ -531,3 +531,36 @@ def test_a_generator_that_fails_to_compile_falls_back_to_eager_and_says_so(monke
     monkeypatch.setattr(torch, "compile", working_compile)
     prepared, _ = generation.prepare_models(generator, target, torch.device("cpu"), compile=True)
     assert prepared is not generator and calls == [(2, 8)]  # warmed up once, on two latents
+
+
+def test_ledoit_wolf_reference_images_go_through_the_sizer_and_survive_out_of_memory(inputs, tmp_path):
+    """The reference images of selection.mahalanobis ledoit_wolf were generated in a loop at the sizer's first size,
+    outside its out-of-memory handling (at 1024 px, batch 4096 is far beyond any GPU). An `auto` sizer now halves on
+    out-of-memory there too (forced here by an objective that fails above 4 images) and fits the same Gaussian."""
+    from accelerate import Accelerator
+
+    from reid_batch.artifacts import load_attack_target
+    from reid_batch.attack.objectives import TargetObjective
+
+    selection = {"rule": "quantile", "mahalanobis": {"covariance": "ledoit_wolf", "reference_images": 12}}
+    manifest = make_manifest(inputs, str(tmp_path / "out"), selection=selection)
+    spec = manifest.targets[0]
+    model, _ = load_attack_target(manifest, spec)
+    accelerator = Accelerator(cpu=True)
+    sizes = []
+
+    with TargetObjective(model, spec.terms, spec.objective) as objective:
+        def small_memory(target_input, **kwargs):
+            sizes.append(len(target_input))
+            if len(target_input) > 4:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (a stand-in limit)")
+            return objective(target_input, **kwargs)
+
+        small_memory.feature_prior = objective.feature_prior
+        sizer = generation.BatchSizer("auto", torch.device("cuda"), largest_useful=12)  # adaptive: starts at 16
+        halved = reference.feature_gaussian(manifest, spec, small_memory, accelerator, sizer)
+        fixed = generation.BatchSizer(12, torch.device("cpu"), 12)
+        whole = reference.feature_gaussian(manifest, spec, objective, accelerator, fixed)
+    assert sizes == [12, 8, 4, 4, 4] and sizer.size == 4
+    probe = torch.randn(5, halved.dim)
+    torch.testing.assert_close(halved.distances(probe), whole.distances(probe), rtol=1e-4, atol=1e-4)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -181,14 +181,6 @@ def reference_ids(count: int) -> np.ndarray:
     return MAHALANOBIS_REFERENCE_ID_OFFSET + np.arange(count, dtype=np.int64)
 
 
-def _prior_reference_images(manifest: Manifest, accelerator, count: int, sizer: BatchSizer) -> Iterable[Tensor]:
-    """This process's share of the prior generator's reference images, batch by batch ([0, 1], on the device)."""
-    prior = load_prior(manifest).to(accelerator.device).eval()
-    mine = my_share(accelerator, reference_ids(count))
-    for at in range(0, len(mine), sizer.size):
-        yield regenerate_images(prior, mine[at : at + sizer.size], manifest.sampling.seed, accelerator.device)
-
-
 def vit_reference_stats(manifest: Manifest, spec: TargetSpec, model, accelerator) -> dict[str, Tensor]:
     """The reference statistics of a ViT or GroupNorm CNN, exactly stage 1's: its cache when it matches, else measured the same way."""
     stats, info = reference_stats(manifest, spec, model, load_prior(manifest), accelerator, run_store(manifest))
@@ -210,11 +202,17 @@ def feature_gaussian(manifest: Manifest, spec: TargetSpec, objective, accelerato
                   "last BatchNorm2d running_mean/running_var")
         return mahalanobis.from_gaussian(prior[0], prior[1], settings.epsilon, source)
     input_spec = target_input_spec(spec)
-    features = []
+    prior = load_prior(manifest).to(accelerator.device).eval()
+    mine = my_share(accelerator, reference_ids(settings.reference_images))
+
+    def features_of(ids: np.ndarray) -> np.ndarray:
+        images = regenerate_images(prior, ids, manifest.sampling.seed, accelerator.device)
+        result = objective(to_target_input(images, input_spec, check_range=False), image01=images)
+        return result.features.float().cpu().numpy()
+
+    # Through the sizer, like every generation loop: `auto` starts large and halves on CUDA out-of-memory.
     with torch.inference_mode():
-        for images in _prior_reference_images(manifest, accelerator, settings.reference_images, sizer):
-            result = objective(to_target_input(images, input_spec, check_range=False), image01=images)
-            features.append(result.features.float().cpu().numpy())
+        features = sizer.run(mine, features_of)
     dim = 0 if not features else features[0].shape[1]
     mine = np.concatenate(features) if features else np.zeros((0, dim), dtype=np.float32)
     gathered = [part for part in gather_object_list(accelerator, mine) if len(part)]
