@@ -198,7 +198,7 @@ finetune_script() {
     # node's launcher (and its data loaders) would get one CPU.
     cat <<EOF
 head_node=\$(scontrol show hostnames "\$SLURM_JOB_NODELIST" | head -n 1)
-port=\$(( 20000 + SLURM_JOB_ID % 20000 ))
+port=\$(( 10000 + SLURM_JOB_ID % 20000 ))  # 10000-29999: below Linux's ephemeral ports (32768-60999)
 srun --nodes="\$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \${SLURM_CPUS_PER_TASK:+--cpus-per-task=\$SLURM_CPUS_PER_TASK} bash -c '
     exec $(prefix_words)accelerate launch ${multi}--num_machines "\$SLURM_NNODES" --machine_rank "\$SLURM_NODEID" \\
         --main_process_ip "\$1" --main_process_port "\$2" --num_processes \$(( SLURM_NNODES * \$3 )) \\

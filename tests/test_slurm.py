@@ -167,6 +167,11 @@ def test_multi_node_finetune_gives_each_node_its_own_rank_and_one_rendezvous(tmp
     assert "--cpus-per-task=12" in srun_call.read_text().split()
     launches = [line.split() for line in calls.read_text().splitlines()]
     assert len(launches) == 2
+    # The rendezvous port, for every job id, stays below the kernel's ephemeral range, where an outgoing connection
+    # may hold it (the old 20000 + id mod 20000 fell inside Linux's default 32768-60999 for ids 12768-19999 mod 20000).
+    low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    port = int(re.search(r"--main_process_port (\d+)", " ".join(launches[0])).group(1))
+    assert 1024 < port and port + 19999 - 4242 % 20000 < min(low, 32768)
     for rank, words in enumerate(launches):
         assert words[0] == "launch" and "--multi_gpu" in words
         assert words[-4:] == ["-m", "reid_batch", "finetune", "tiny.yaml"]
@@ -174,7 +179,7 @@ def test_multi_node_finetune_gives_each_node_its_own_rank_and_one_rendezvous(tmp
     assert ranks == ["0", "1"]
     for words in launches:
         text = " ".join(words)
-        assert "--main_process_ip gpu-a17" in text and f"--main_process_port {20000 + 4242 % 20000}" in text
+        assert "--main_process_ip gpu-a17" in text and f"--main_process_port {10000 + 4242 % 20000}" in text
         assert "--num_processes 8" in text and "--num_machines 2" in text
 
 
