@@ -28,6 +28,13 @@ job_status() {  # prints Complete, Failed or nothing
         grep -E '^(Complete|Failed)$' | head -n 1 || true
 }
 
+unschedulable() {  # "pod: scheduler message" for each pod of the file's Job that the scheduler cannot place
+    local name
+    name=$("$kubectl" get -f "$1" -o jsonpath='{.metadata.name}' 2>/dev/null) || return 0
+    "$kubectl" get pods -l "job-name=$name" -o jsonpath='{range .items[*]}{.metadata.name}{"\t"}{.status.conditions[?(@.type=="PodScheduled")].reason}{"\t"}{.status.conditions[?(@.type=="PodScheduled")].message}{"\n"}{end}' 2>/dev/null |
+        awk -F'\t' '$2 == "Unschedulable" {print $1 ": " $3}' || true
+}
+
 started=0
 [[ -n $from ]] || started=1
 shopt -s nullglob
@@ -48,9 +55,20 @@ for file in "${files[@]}"; do
         "$kubectl" delete --ignore-not-found -f "$file"
     fi
     "$kubectl" apply -f "$file"
-    deadline=$((SECONDS + timeout))
+    deadline=$((SECONDS + timeout)) reported=""
     while :; do
         status=$(job_status "$file")
+        if [[ -z $status ]]; then
+            # A pod that no node can take (a taint without a toleration, no GPU node, a quota) waits forever
+            # without failing: say so, once per new scheduler message, rather than poll in silence for days.
+            pending=$(unschedulable "$file")
+            if [[ -n $pending && $pending != "$reported" ]]; then
+                echo "k8s/apply.sh: $job: pods cannot be scheduled (see reid-batch k8s --node-selector," \
+                     "--toleration, --runtime-class, and the namespace's GPU quota):" >&2
+                sed 's/^/  /' <<<"$pending" >&2
+                reported=$pending
+            fi
+        fi
         [[ $status == Complete ]] && { echo "k8s/apply.sh: $job complete"; break; }
         [[ $status == Failed ]] && { echo "k8s/apply.sh: $job failed; see: $kubectl describe -f $file" >&2; exit 1; }
         (( SECONDS < deadline )) || { echo "k8s/apply.sh: $job still running after ${timeout}s" >&2; exit 1; }

@@ -109,14 +109,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _key_value(text: str, where: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not key or not equals:
+        raise InputError(f"expected KEY=VALUE, got {text!r}", where)
+    return key, value
+
+
 def cmd_k8s(args: argparse.Namespace) -> int:
     manifest = _load(args)
     text = Path(args.manifest).read_text(encoding="utf-8")  # embedded as written: comments and all
     options = deploy.KubernetesOptions(
         image=args.image, namespace=args.namespace, secret=args.secret, gpus=args.gpus,
         finetune_gpus=args.finetune_gpus, cpu=args.cpu,
-        memory=args.memory, parallelism=args.parallelism, backoff_limit=args.backoff_limit,
+        memory=args.memory, shm_size=args.shm, parallelism=args.parallelism, backoff_limit=args.backoff_limit,
         work_claim=args.work_claim, mounts=tuple(deploy.Mount.parse(m) for m in args.mount),
+        node_selector=tuple(_key_value(item, "--node-selector") for item in args.node_selector),
+        tolerations=tuple(deploy.Toleration.parse(t) for t in args.toleration),
+        runtime_class=args.runtime_class, priority_class=args.priority_class,
     )
     stages = args.stages.split(",") if args.stages else None
     objects = deploy.render_kubernetes(manifest, text, options, deploy.plan(manifest, stages, args.start))
@@ -210,7 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, help="GPUs per pod of a GPU stage (default: 0 for compute.device cpu, else 1)")
     p.add_argument("--finetune-gpus", type=int, help="GPUs of the finetune pod, one process each (default: --gpus)")
     p.add_argument("--cpu", default="4", help="CPU request per pod (default: %(default)s)")
-    p.add_argument("--memory", default="16Gi", help="memory request and limit per pod (default: %(default)s)")
+    p.add_argument("--memory", default="16Gi", help="memory per process (default: %(default)s); a pod's request and "
+                   "limit are this times its processes (its GPUs, at least 1) plus --shm")
+    p.add_argument("--shm", default="8Gi", help="size of the memory-backed /dev/shm, which counts against the pod's "
+                   "memory limit (default: %(default)s)")
+    p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
+                   help="node label every pod requires (e.g. a GPU pool's); repeatable")
+    p.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE]:EFFECT",
+                   help="taint every pod tolerates (e.g. nvidia.com/gpu:NoSchedule); repeatable")
+    p.add_argument("--runtime-class", help="runtimeClassName of every pod (e.g. nvidia)")
+    p.add_argument("--priority-class", help="priorityClassName of every pod")
     p.add_argument("--parallelism", type=int, default=16, help="shards running at once (default: %(default)s)")
     p.add_argument("--backoff-limit", type=int, default=3, help="retries per shard / per job (default: %(default)s)")
     p.add_argument("--work-claim", help="ReadWriteMany PVC for the working directory (default: an emptyDir)")

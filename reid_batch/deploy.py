@@ -154,6 +154,7 @@ EXIT_INVALID_INPUT = 2
 # The ConfigMap limit is 1 MiB for the whole object.
 MAX_MANIFEST_BYTES = 900 * 1024
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,46 @@ class Mount:
         return cls(parts[0], parts[1], len(parts) == 2 or parts[2] == "ro")
 
 
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti)?$")
+_BINARY = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def memory_bytes(quantity: str, where: str) -> int:
+    """Bytes of a Kubernetes memory quantity in binary units (16Gi, 512Mi, or plain bytes)."""
+    match = _QUANTITY.match(quantity.strip())
+    if not match:
+        raise InputError(f"expected a memory size like 16Gi or 512Mi, got {quantity!r}", where)
+    return int(float(match.group(1)) * _BINARY[match.group(2)])
+
+
+def _quantity(count: int) -> str:
+    """Bytes as a Kubernetes quantity: whole Gi where exact, else Mi rounded up."""
+    return f"{count // 2**30}Gi" if count % 2**30 == 0 else f"{-(-count // 2**20)}Mi"
+
+
+@dataclass(frozen=True)
+class Toleration:
+    """A pod toleration from KEY[=VALUE]:EFFECT (e.g. nvidia.com/gpu:NoSchedule, pool=a100:NoSchedule)."""
+
+    key: str
+    value: str | None
+    effect: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Toleration":
+        head, _, effect = text.rpartition(":")
+        key, _, value = head.partition("=")
+        if not key or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+            raise InputError(f"expected KEY[=VALUE]:NoSchedule|PreferNoSchedule|NoExecute, got {text!r}",
+                             "--toleration")
+        return cls(key, value or None, effect)
+
+    def to_dict(self) -> dict[str, str]:
+        if self.value is None:
+            return {"key": self.key, "operator": "Exists", "effect": self.effect}
+        return {"key": self.key, "operator": "Equal", "value": self.value, "effect": self.effect}
+
+
 @dataclass(frozen=True)
 class KubernetesOptions:
     image: str = f"reid-batch:{__version__}"
@@ -182,7 +223,12 @@ class KubernetesOptions:
     gpus: int | None = None
     finetune_gpus: int | None = None
     cpu: str = "4"
-    memory: str = "16Gi"
+    memory: str = "16Gi"  # per process: a pod of N GPUs runs N processes; /dev/shm (shm_size) is added on top
+    shm_size: str = "8Gi"
+    node_selector: tuple[tuple[str, str], ...] = ()
+    tolerations: tuple[Toleration, ...] = ()
+    runtime_class: str | None = None
+    priority_class: str | None = None
     parallelism: int = 16
     backoff_limit: int = 3
     work_claim: str | None = None
@@ -213,11 +259,19 @@ def _labels(manifest: Manifest, component: str) -> dict[str, str]:
     }
 
 
+def pod_memory(options: KubernetesOptions, gpus: int) -> str:
+    """A pod's memory request and limit: `memory` per process (one per GPU, at least one), plus the memory-backed
+    /dev/shm, which the kernel charges to the pod's limit (8 finetune ranks in 16Gi were OOM-killed)."""
+    processes = max(1, gpus)
+    return _quantity(processes * memory_bytes(options.memory, "--memory") + memory_bytes(options.shm_size, "--shm"))
+
+
 def _container(manifest: Manifest, options: KubernetesOptions, name: str, command: list[str], gpus: int) -> dict:
     uses_s3 = manifest.output.uri.startswith("s3://")
+    memory = pod_memory(options, gpus)
     resources: dict[str, Any] = {
-        "requests": {"cpu": options.cpu, "memory": options.memory},
-        "limits": {"memory": options.memory},
+        "requests": {"cpu": options.cpu, "memory": memory},
+        "limits": {"memory": memory},
     }
     if gpus:
         resources["limits"][GPU_RESOURCE] = gpus
@@ -299,7 +353,7 @@ def _job(manifest: Manifest, options: KubernetesOptions, job: Job, configmap: st
         {"name": "work", "persistentVolumeClaim": {"claimName": options.work_claim}} if options.work_claim
         else {"name": "work", "emptyDir": {"sizeLimit": options.scratch_size}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm_size}},
     ]
     volumes += [{"name": f"data-{i}", "persistentVolumeClaim": {"claimName": m.claim, "readOnly": m.read_only}}
                 for i, m in enumerate(options.mounts)]
@@ -319,6 +373,15 @@ def _job(manifest: Manifest, options: KubernetesOptions, job: Job, configmap: st
         pod["initContainers"] = containers[:-1]
     if options.service_account:
         pod["serviceAccountName"] = options.service_account
+    # Scheduling on GPU pools: tainted nodes need tolerations, and node labels pick the pool.
+    if options.node_selector:
+        pod["nodeSelector"] = dict(options.node_selector)
+    if options.tolerations:
+        pod["tolerations"] = [t.to_dict() for t in options.tolerations]
+    if options.runtime_class:
+        pod["runtimeClassName"] = options.runtime_class
+    if options.priority_class:
+        pod["priorityClassName"] = options.priority_class
     if job.array:
         spec: dict[str, Any] = {
             "completionMode": "Indexed",
@@ -351,6 +414,11 @@ def render_kubernetes(manifest: Manifest, manifest_text: str, options: Kubernete
         raise InputError(f"not a valid claim name: {options.work_claim!r}", "--work-claim")
     if options.parallelism < 1 or options.backoff_limit < 0 or min(options.gpus or 0, options.finetune_gpus or 0) < 0:
         raise InputError("parallelism must be >= 1, backoff limit and GPUs >= 0")
+    memory_bytes(options.memory, "--memory")  # a malformed size is exit 2 before anything is written
+    memory_bytes(options.shm_size, "--shm")
+    for name, where in ((options.runtime_class, "--runtime-class"), (options.priority_class, "--priority-class")):
+        if name is not None and not _DNS_SUBDOMAIN.match(name):
+            raise InputError(f"not a valid name: {name!r}", where)
     jobs = plan(manifest) if jobs is None else jobs
     configmap_name = kubernetes_name(manifest.run_id, "manifest")
     metadata: dict[str, Any] = {"name": configmap_name, "labels": _labels(manifest, "manifest")}

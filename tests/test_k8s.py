@@ -78,7 +78,10 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
         "demo": render(REPO / "manifests" / "demo.yaml"),
         "study": render(REPO / "manifests" / "chexpert-study.yaml", "--image", EXAMPLE_IMAGE, "--namespace", "audit"),
         "large": render(large, "--finetune-gpus", "8", "--parallelism", "64", "--work-claim", "reid-work",
-                        "--mount", "hospital-data:/data", "--mount", "models:/models:ro"),
+                        "--mount", "hospital-data:/data", "--mount", "models:/models:ro", "--memory", "12Gi",
+                        "--shm", "16Gi", "--node-selector", "cloud.example.com/pool=a100",
+                        "--toleration", "nvidia.com/gpu:NoSchedule", "--toleration", "dedicated=reid:NoExecute",
+                        "--runtime-class", "nvidia", "--priority-class", "batch-low"),
     }
 
 
@@ -219,6 +222,27 @@ def test_resources_gpus_stage_order_and_names(rendered):
     assert len({job["metadata"]["name"] for job in large.values()}) == 6
 
 
+def test_pod_memory_scales_with_processes_and_counts_shared_memory(rendered):
+    """16Gi for every pod left 8 finetune ranks (plus an 8Gi memory-backed /dev/shm, which the kernel charges to
+    the pod) to be OOM-killed: --memory is per process, and /dev/shm is added on top."""
+    _, study = by_kind(rendered["study"])
+    for job in study.values():  # defaults: 16Gi per process, 8Gi /dev/shm, one process per pod
+        assert all(c["resources"]["limits"]["memory"] == c["resources"]["requests"]["memory"] == "24Gi"
+                   for c in pod_containers(job))
+    _, large = by_kind(rendered["large"])
+    memory = {name: pod_containers(job)[-1]["resources"]["limits"]["memory"] for name, job in large.items()}
+    assert memory == {"prepare": "28Gi", "finetune": "112Gi", "sample": "28Gi", "select": "28Gi", "score": "28Gi",
+                      "report": "28Gi"}  # 8 x 12Gi + 16Gi for the 8-GPU finetune pod, 12Gi + 16Gi elsewhere
+    for job in large.values():
+        pod = job["spec"]["template"]["spec"]
+        assert {v["name"]: v for v in pod["volumes"]}["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+        assert pod["nodeSelector"] == {"cloud.example.com/pool": "a100"}
+        assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                                      {"key": "dedicated", "operator": "Equal", "value": "reid", "effect": "NoExecute"}]
+        assert pod["runtimeClassName"] == "nvidia" and pod["priorityClassName"] == "batch-low"
+    assert all("nodeSelector" not in job["spec"]["template"]["spec"] for job in study.values())
+
+
 def test_out_writes_one_file_per_object_in_run_order_and_warns_about_local_outputs(tmp_path):
     out = tmp_path / "rendered"
     out.mkdir()
@@ -235,6 +259,11 @@ def test_out_writes_one_file_per_object_in_run_order_and_warns_about_local_outpu
     (["--namespace", "Not_Valid"], "namespace"),
     (["--mount", "data"], "CLAIM:/path"),
     (["--parallelism", "0"], "parallelism"),
+    (["--memory", "lots"], "--memory"),
+    (["--shm", "8GB"], "--shm"),
+    (["--toleration", "nvidia.com/gpu"], "--toleration"),
+    (["--node-selector", "pool"], "--node-selector"),
+    (["--runtime-class", "Nvidia_RT"], "--runtime-class"),
 ])
 def test_bad_options_exit_2(options, message):
     done = subprocess.run([REID_BATCH, "k8s", str(REPO / "manifests" / "demo.yaml"), *options],
@@ -300,6 +329,34 @@ def test_apply_runs_the_jobs_in_order_and_stops_at_a_failed_one(tmp_path):
     calls = (tmp_path / "kubectl.log").read_text().splitlines()
     assert [c.split()[0] + " " + Path(c.split()[-1]).stem for c in calls if c.split()[0] in ("apply", "delete")][:4] == \
         ["apply 00-manifest", "delete 30-sample", "apply 30-sample", "delete 40-select"]
+
+
+def test_apply_says_when_pods_cannot_be_scheduled_instead_of_polling_in_silence(tmp_path):
+    out = tmp_path / "rendered"
+    subprocess.run([REID_BATCH, "k8s", str(REPO / "manifests" / "chexpert-study.yaml"), "--out", str(out),
+                    "--stages", "select"], check=True, capture_output=True)
+    polls = tmp_path / "polls"
+    fake = tmp_path / "kubectl"
+    # The Job reports no condition for three polls, its pod stays Pending and Unschedulable, then it completes.
+    fake.write_text(f"""#!/bin/bash
+if [[ $1 == get && $2 == pods ]]; then
+    printf 'reid-x-select-abcde\\tUnschedulable\\t0/12 nodes are available: 12 node(s) had untolerated taint\\n'
+elif [[ $1 == get && $* == *metadata.name* ]]; then
+    echo reid-x-select
+elif [[ $1 == get ]]; then
+    echo . >> {polls}
+    (( $(wc -l < {polls}) > 3 )) && echo Complete
+fi
+exit 0
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "KUBECTL": str(fake), "REID_BATCH_POLL_SECONDS": "0"}
+    done = subprocess.run(["bash", str(REPO / "k8s" / "apply.sh"), str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "select: pods cannot be scheduled" in done.stderr and "--toleration" in done.stderr
+    # Reported once while the message stays the same, naming the pod and the scheduler's reason.
+    assert done.stderr.count("reid-x-select-abcde: 0/12 nodes are available: 12 node(s) had untolerated taint") == 1
+    assert "select complete" in done.stdout
 
 
 @pytest.mark.parametrize("command", [["k8s", "manifests/chexpert-study.yaml"], ["plan", "manifests/demo.yaml"],
