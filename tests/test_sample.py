@@ -384,6 +384,15 @@ def test_changed_plan_is_refused(inputs, tmp_path):
         sampling.sample(changed)
     with pytest.raises(InputError, match="outside"):
         sampling.sample(manifest, shard=1)
+    # The numerics are part of the plan: rows from a bf16 GPU must not be topped up on another device.
+    store = run_store(manifest)
+    summary_key = "cnn/candidates/shard=0/_SHARD.json"
+    summary = store.read_json(summary_key)
+    assert summary["plan"]["compute"] == {"device": "cpu", "mixed_precision": "no", "compile": False}
+    summary["plan"]["compute"] = {"device": "NVIDIA H100 80GB HBM3", "mixed_precision": "bf16", "compile": True}
+    store.write_json(summary_key, summary)
+    with pytest.raises(InputError, match="different plan.*compute"):
+        sampling.sample(manifest)
 
 
 def test_saved_images_are_the_regenerated_candidates_and_rows_match_a_lone_rescore(inputs, tmp_path):
@@ -564,3 +573,38 @@ def test_ledoit_wolf_reference_images_go_through_the_sizer_and_survive_out_of_me
     assert sizes == [12, 8, 4, 4, 4] and sizer.size == 4
     probe = torch.randn(5, halved.dim)
     torch.testing.assert_close(halved.distances(probe), whole.distances(probe), rtol=1e-4, atol=1e-4)
+
+
+def test_every_stage_renders_a_candidate_the_same_way_whatever_the_mixed_precision(inputs, tmp_path, monkeypatch):
+    """Sampling rendered candidates under bf16 autocast, score and evaluate re-rendered them in float32: the images
+    reported were not the ones whose statistics selected them. Now the generator always renders in float32 and
+    only the target runs under autocast. CPU bf16 autocast stands in for CUDA's here."""
+    import contextlib
+
+    from reid_batch.artifacts import load_attack_target
+    from reid_batch.attack.objectives import TargetObjective
+    from reid_batch.models.pggan import load_generator
+
+    def cpu_autocast(device, mixed_precision):
+        if mixed_precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    monkeypatch.setattr(candidates, "autocast_context", cpu_autocast)
+    monkeypatch.setattr(generation, "autocast_context", cpu_autocast)
+    manifest = make_manifest(inputs, str(tmp_path / "out"))
+    spec = manifest.targets[0]
+    generator, _ = load_generator(inputs["finetuned"], format="reid")
+    model, classes = load_attack_target(manifest, spec)
+    ids = np.array([3, 11, 40])
+    rendered = generation.regenerate_images(generator, ids, 7, torch.device("cpu"))  # what score/evaluate render
+    logits = {}
+    with TargetObjective(model, spec.terms, spec.objective) as objective:
+        gaussian = reference.feature_gaussian(manifest, spec, objective, None, None)
+        for precision in ("no", "bf16"):
+            scorer = candidates.CandidateScorer(generator, objective, generation.target_input_spec(spec), gaussian,
+                                                classes, 7, torch.device("cpu"), precision)
+            columns, images = scorer.score(ids, shard=0, keep_images=True)
+            assert torch.equal(images, rendered), precision  # bit for bit, in either precision
+            logits[precision] = columns["logit"]
+    assert not np.array_equal(logits["no"], logits["bf16"])  # the target did run in bf16

@@ -84,7 +84,7 @@ class CandidateScorer:
         """As `score`, but the computed columns stay tensors on the device: no host-device sync per batch; the
         caller moves a whole chunk at once (`concat_columns`)."""
         ids = np.asarray(ids, dtype=np.int64)
-        images = regenerate_images(self.generator, ids, self.seed, self.device, self.mixed_precision)
+        images = regenerate_images(self.generator, ids, self.seed, self.device)  # float32: the one rendering rule
         with torch.inference_mode():
             target_input = to_target_input(images, self.input_spec, check_range=False)
             with autocast_context(self.device, self.mixed_precision):

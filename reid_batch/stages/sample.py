@@ -25,8 +25,9 @@ Processes and batches
 Under Accelerate, every process of a task takes a contiguous part of each chunk's ids
 (`split_between_processes`); the main process gathers the rows (rank order = id order), writes and commits the
 chunk, and all processes then move to the next chunk together. Forward passes run under `torch.inference_mode()`,
-with autocast (bf16 or fp16, `sampling.mixed_precision`) on CUDA only; statistics are always computed in float32
-or float64. `sampling.batch_size: auto` is 256 on a CPU; on CUDA it starts at the largest power of two up to
+with autocast (bf16 or fp16, `sampling.mixed_precision`) on CUDA for the TARGET only: the generator renders
+in float32 in every stage (generation.regenerate_images), so sample, score and evaluate see the same images;
+statistics are always computed in float32 or float64. `sampling.batch_size: auto` is 256 on a CPU; on CUDA it starts at the largest power of two up to
 4096 that a process's share of a chunk needs and halves on every out-of-memory error until a batch fits. Memory
 stays flat: only one chunk's rows (and no images) are ever held.
 
@@ -61,13 +62,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from reid_batch import log, preemption
 from reid_batch.artifacts import finetune_identity, load_finetuned_generator
 from reid_batch.attack.candidates import CandidateScorer, build_scorer, concat_columns
-from reid_batch.attack.generation import BatchSizer
+from reid_batch.attack.generation import BatchSizer, effective_mixed_precision
 from reid_batch.attack.reference import gather_object_list, my_share
 from reid_batch.errors import InputError
 from reid_batch.formats import png_bytes
@@ -120,8 +122,10 @@ class ChunkWriter:
 # ------------------------------------------------------------------------------------------------ plan and resume
 
 
-def shard_plan(manifest: Manifest, spec: TargetSpec, shard: int, finetune: dict) -> dict:
-    """Everything a shard's rows depend on; outputs of a different plan must not be mixed with this one's."""
+def shard_plan(manifest: Manifest, spec: TargetSpec, shard: int, finetune: dict, device: torch.device) -> dict:
+    """Everything a shard's rows depend on; outputs of a different plan must not be mixed with this one's. The
+    target's precision, the compile flag and the device are part of it: a shard resumed on other hardware would
+    otherwise mix rows of two numerics."""
     sampling = manifest.sampling
     start, stop = shard_bounds(sampling.num_candidates, sampling.num_shards, shard)
     plan = {
@@ -136,6 +140,9 @@ def shard_plan(manifest: Manifest, spec: TargetSpec, shard: int, finetune: dict)
         "chunk_size": sampling.chunk_size,
         "mahalanobis": manifest.selection.mahalanobis.model_dump(mode="json"),
         "finetune": finetune,
+        "compute": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+                    "mixed_precision": effective_mixed_precision(device, sampling.mixed_precision),
+                    "compile": sampling.compile},
     }
     return json.loads(json.dumps(plan))  # the form it takes once stored, so comparisons are exact
 
@@ -267,7 +274,7 @@ def sample_target(manifest: Manifest, spec: TargetSpec, shards: list[int], accel
             finetune = finetune_identity(store, spec.name)
             todo = []
             for shard in shards:
-                plan = shard_plan(manifest, spec, shard, finetune)
+                plan = shard_plan(manifest, spec, shard, finetune, accelerator.device)
                 progress = shard_progress(store, spec.name, shard, plan)
                 if progress.done:
                     log.event("sample_shard_skipped", target=spec.name, shard=shard, reason="already complete")
