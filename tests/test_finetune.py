@@ -376,3 +376,14 @@ def test_a_discriminator_term_without_a_critic_is_refused(models, tmp_path):
         ft.run(parse_manifest(doc))
     assert str(models["prior"]) in str(caught.value)
     assert not (outputs(doc) / "finetune").exists()
+
+
+def test_fine_tuning_follows_the_one_precision_rule(models, tmp_path, capsys):
+    """bf16 asked for where it is not native (here: a CPU; on CUDA: a pre-Ampere GPU) runs in float32, as sampling
+    does, and says so; Accelerate alone would have run CPU or emulated bf16."""
+    doc = document(models, tmp_path / "runs", steps=2, mixed_precision="bf16")
+    ft.run(parse_manifest(doc))
+    record = json.loads((outputs(doc) / "finetune" / "finetune.json").read_text())
+    assert record["mixed_precision"] == "bf16" and record["mixed_precision_used"] == "no"
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert any(e["event"] == "mixed_precision_not_used" and e.get("stage") == "finetune" for e in events)

@@ -57,7 +57,7 @@ from torch.distributed.nn.functional import all_reduce
 
 from reid_batch import log, preemption
 from reid_batch.artifacts import load_attack_target, load_prior, load_prior_discriminator
-from reid_batch.attack.generation import generate_unit, id_latents, target_input_spec
+from reid_batch.attack.generation import effective_mixed_precision, generate_unit, id_latents, target_input_spec
 from reid_batch.attack.objectives import TargetObjective, assign_classes, condition_latents, needs_reference_stats
 from reid_batch.attack.reference import reference_stats
 from reid_batch.errors import InputError
@@ -84,7 +84,14 @@ ReduceSum = Callable[[torch.Tensor], torch.Tensor]
 def make_accelerator(manifest: Manifest):
     """The Accelerator for this launch; fails loudly when the launcher's world size did not take effect."""
     device = pick_device(manifest)
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=manifest.finetune.mixed_precision)
+    # The one precision rule of every stage (generation.effective_mixed_precision): autocast on CUDA only, bf16
+    # only where the GPU has it natively (Accelerate would accept emulated bf16 on a pre-Ampere GPU, slowly).
+    asked = manifest.finetune.mixed_precision
+    precision = effective_mixed_precision(device, asked)
+    if precision != asked:
+        log.event("mixed_precision_not_used", stage="finetune", asked=asked, device=str(device),
+                  reason="autocast is used on CUDA only, bf16 where the GPU supports it natively")
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         # The silent trap: a launcher started W processes but each runs alone, unsynchronised.
@@ -411,6 +418,7 @@ def finetune_target(manifest: Manifest, index: int, accelerator,
 
     record = finetune_record(spec, fs, objective, num_classes, reference_info, world, device, start, total_seconds,
                              rows)
+    record["mixed_precision_used"] = accelerator.mixed_precision
     objective.close()
     if main:
         with store.committed(output, {"stage": "finetune", "target": spec.name, "steps": fs.steps}) as out:
