@@ -666,3 +666,27 @@ def test_attention_scores_and_head_similarity_stay_float32_under_autocast():
     plain_entropy, plain_similarity = _attention_terms(log_p)
     torch.testing.assert_close(similarity, plain_similarity, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(entropy, plain_entropy, atol=1e-6, rtol=1e-6)
+
+
+def test_reference_statistics_reach_the_device_once_not_once_per_forward(monkeypatch):
+    """ln_stats and cls_magnitude moved every reference tensor to the activations' device in every forward (about 50
+    host-to-device copies per ViT batch on a GPU); now each is copied once and reused. Counted here as calls of
+    Tensor.to on reference tensors, on the CPU."""
+    model = _vit()
+    x = _inputs(_images(3))
+    reference = _reference(model)
+    with TargetObjective(model, {"ln_stats": 1.0, "cls_magnitude": 1.0}, reference_stats=reference) as objective:
+        moved = []
+        original = torch.Tensor.to
+
+        def counting_to(self, *args, **kwargs):
+            if any(self is value for value in objective._reference.values()):
+                moved.append(1)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "to", counting_to)
+        first = objective(x)
+        after_first = len(moved)
+        second = objective(x)
+    assert after_first == len(objective._device_reference) > 0 and len(moved) == after_first
+    torch.testing.assert_close(first.total, second.total)

@@ -465,6 +465,7 @@ class TargetObjective:
         self._feature_key: str | None = None
         self._encoder_key: str | None = None
         self._reference: dict[str, Tensor] = {}
+        self._device_reference: dict[tuple[str, torch.device], Tensor] = {}
         self._ln_keys: list[tuple[str, str]] = []
         self._attn_keys: list[tuple[str, nn.MultiheadAttention]] = []
         self._attn_levels: list[tuple[float, float]] = []  # per block: reference (entropy, head similarity)
@@ -663,6 +664,14 @@ class TargetObjective:
                 where=where,
             )
         self._reference[key] = value
+        self._device_reference.clear()
+
+    def _reference_on(self, key: str, device: torch.device) -> Tensor:
+        """A reference statistic on `device`, copied there once (a copy per forward was a host sync per layer)."""
+        cached = self._device_reference.get((key, device))
+        if cached is None:
+            cached = self._device_reference[(key, device)] = self._reference[key].to(device)
+        return cached
 
     # ------------------------------------------------------------------------------------------- forward
 
@@ -722,7 +731,7 @@ class TargetObjective:
 
         # Each term gives its per-sample values, the sums to reduce, and how to finish the batch loss from them.
         pending: list[tuple[str, Tensor, list[Tensor], Callable[..., Tensor]]] = []
-        count = torch.tensor(float(n), device=logits.device)
+        count = torch.full((), float(n), device=logits.device)  # a fill on the device, not a host copy
         for term in self.weights:
             if term == "bn_stats":
                 pending.append(("bn_stats", *self._bn_term(values)))
@@ -738,7 +747,7 @@ class TargetObjective:
                 pending.append(("tv", *_mean_term(total_variation(image01), count)))
             elif term == "cls_magnitude":
                 rms = _cls_rms(values[self._encoder_key][:, 0])
-                ratio = rms / self._reference["cls/rms"].to(rms.device)
+                ratio = rms / self._reference_on("cls/rms", rms.device)
                 pending.append(("cls_magnitude", *_mean_term((ratio - 1).square(), count)))
         if self._attn_keys:
             entropy, diversity = self._attention_per_sample(values)
@@ -793,16 +802,16 @@ class TargetObjective:
         for i, (key, name) in enumerate(self._gn_keys):
             x = values[key]
             multiplier = self.first_bn_multiplier if i == 0 else 1.0
-            layers.append((x, 1, self._reference[f"gn/{name}/mean"].to(x.device),
-                           self._reference[f"gn/{name}/var"].to(x.device), multiplier))
+            layers.append((x, 1, self._reference_on(f"gn/{name}/mean", x.device),
+                           self._reference_on(f"gn/{name}/var", x.device), multiplier))
         return _moment_matching(layers)
 
     def _ln_term(self, values) -> tuple[Tensor, list[Tensor], Callable[..., Tensor]]:
         layers = []
         for key, name in self._ln_keys:
             x = values[key]
-            mean = self._reference[f"ln/{name}/mean"].to(x.device)
-            var = self._reference[f"ln/{name}/var"].to(x.device)
+            mean = self._reference_on(f"ln/{name}/mean", x.device)
+            var = self._reference_on(f"ln/{name}/var", x.device)
             layers.append((x, x.ndim - 1, mean, var, 1.0))
         return _moment_matching(layers)
 
@@ -821,7 +830,7 @@ class TargetObjective:
 
         mean_i = s1 / positions
         per_sample = loss(mean_i, s2 / positions - mean_i.square())
-        count = torch.tensor(float(x.shape[0] * positions), device=x.device)
+        count = torch.full((), float(x.shape[0] * positions), device=x.device)
 
         def finish(t1: Tensor, t2: Tensor, c: Tensor) -> Tensor:
             mean_dev = t1 / c
@@ -869,7 +878,7 @@ def _moment_matching(layers) -> tuple[Tensor, list[Tensor], Callable[..., Tensor
             torch.linalg.vector_norm(mean_i, dim=1) + torch.linalg.vector_norm(var_i - ref_var, dim=1)
         )
         per_sample = layer_i if per_sample is None else per_sample + layer_i
-        sums += [s1.sum(0), s2.sum(0), torch.tensor(float(x.shape[0] * positions), device=x.device)]
+        sums += [s1.sum(0), s2.sum(0), torch.full((), float(x.shape[0] * positions), device=x.device)]
         plan.append((ref_var, multiplier))
 
     def finish(*reduced: Tensor) -> Tensor:
