@@ -65,7 +65,7 @@ for file in "${files[@]}"; do
             if [[ -n $pending && $pending != "$reported" ]]; then
                 echo "k8s/apply.sh: $job: pods cannot be scheduled (see reid-batch k8s --node-selector," \
                      "--toleration, --runtime-class, and the namespace's GPU quota):" >&2
-                sed 's/^/  /' <<<"$pending" >&2
+                while IFS= read -r line; do echo "  $line"; done <<<"$pending" >&2
                 reported=$pending
             fi
         fi
