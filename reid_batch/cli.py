@@ -9,8 +9,10 @@ torch, is imported only when that stage runs), so `--help`, `validate` and `plan
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 import traceback
 from importlib import resources
 from pathlib import Path
@@ -19,8 +21,9 @@ from reid_batch import __version__, deploy, log
 from reid_batch.errors import EXIT_FAILURE, EXIT_INVALID_INPUT, EXIT_OK, InputError, StorageError
 from reid_batch.manifest import load_manifest, parse_manifest
 from reid_batch.preemption import Preempted, check, describe, handle_termination
+from reid_batch.layout import JSON_FILE, HTML_FILE, RUN_LOG, report_prefix, task_log_key
 from reid_batch.registry import BY_NAME, STAGES
-from reid_batch.runner import resolve_jobs, run_parallel
+from reid_batch.runner import Outcome, logged_task, resolve_jobs, run_parallel, save_task_log, stage_log_key
 
 def demo_manifest_path() -> str:
     return str(resources.files("reid_batch").joinpath("manifests/demo.yaml"))
@@ -71,31 +74,121 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     manifest = _load(args)
     stage = BY_NAME[args.command]
+    target = getattr(args, "target", None)
+    kwargs = {}
     if stage.sharded:
-        shard = resolve_shard(args, stage.shard_count(manifest))
-        return stage.function()(manifest, target=args.target, shard=shard) or EXIT_OK
-    return stage.function()(manifest, target=getattr(args, "target", None)) or EXIT_OK
+        kwargs["shard"] = resolve_shard(args, stage.shard_count(manifest))
+    label = stage.name if target is None else f"{stage.name}[{target}]"
+    with logged_task(manifest, stage_log_key(stage.name, target, kwargs.get("shard")), label):
+        code = stage.function()(manifest, target=target, **kwargs) or EXIT_OK
+    if stage.name == "report" and code == EXIT_OK:
+        _ENDING.update(manifest=manifest, report=report_prefix(target))
+    return code
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     manifest = _load(args)
+    _ENDING.update(manifest=manifest, report=report_prefix())
     jobs = resolve_jobs(getattr(args, "jobs", 1))
     if jobs > 1:
-        return run_parallel(manifest, args.manifest, jobs, getattr(args, "output", None))
-    for stage in STAGES:
-        check(f"before {stage.name}")  # a request during the previous stage's last unit stops here, after its commit
-        log.event("stage_start", stage=stage.name)
-        kwargs = {"shard": None} if stage.sharded else {}
-        code = stage.function()(manifest, target=None, **kwargs) or EXIT_OK
-        if code != EXIT_OK:
-            return code
-        log.event("stage_done", stage=stage.name)
-    return EXIT_OK
+        outcome = run_parallel(manifest, args.manifest, jobs, getattr(args, "output", None))
+        _ENDING["outcome"] = outcome
+        return outcome.exit_code
+    outcome = _ENDING["outcome"] = Outcome(tasks=len(STAGES))
+    with log.capture() as records:
+        try:
+            for index, stage in enumerate(STAGES, start=1):
+                check(f"before {stage.name}")  # a request during the previous stage's last unit stops here
+                log.event("stage_start", stage=stage.name)
+                outcome.failed_task, outcome.log_key = stage.name, task_log_key(stage.name)
+                kwargs = {"shard": None} if stage.sharded else {}
+                with logged_task(manifest, outcome.log_key, f"[{index}/{len(STAGES)}] {stage.name}"):
+                    code = stage.function()(manifest, target=None, **kwargs) or EXIT_OK
+                if code != EXIT_OK:
+                    outcome.exit_code = code
+                    return code
+                log.event("stage_done", stage=stage.name)
+            outcome.failed_task = outcome.log_key = None
+            return EXIT_OK
+        finally:
+            save_task_log(manifest, task_log_key(RUN_LOG), records)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     args.manifest = demo_manifest_path()
     return cmd_run(args)
+
+
+# What `run`, `demo` and `report` say when they end: where the report is, the headline per target, the time.
+_ENDING: dict = {}
+
+
+def ending_summary(manifest, report: str | None, outcome: Outcome | None, code: int, seconds: float,
+                   error: str | None) -> dict:
+    """The closing summary as data: the report's location and each target's headline, or the failing task."""
+    summary: dict = {"event": "run_summary", "exit_code": code, "seconds": round(seconds, 1)}
+    if outcome is not None:
+        summary["tasks"] = outcome.tasks
+    if code == EXIT_OK and report is not None:
+        from reid_batch.storage import run_store
+
+        store = run_store(manifest)
+        if store.is_committed(report):
+            location = store.uri(f"{report}/{HTML_FILE}")
+            summary["report"] = os.path.abspath(location) if store.is_local else location
+            document = store.read_json(f"{report}/{JSON_FILE}")
+            summary["headlines"] = {name: entry.get("headline") or entry["risk"]["leak"].get("verdict")
+                                    for name, entry in document.get("targets", {}).items()}
+    if code != EXIT_OK:
+        summary["failed_task"] = outcome.failed_task if outcome else None
+        summary["error"] = (outcome.error if outcome and outcome.error else None) or error
+        if outcome is not None and outcome.log_key is not None:
+            from reid_batch.storage import run_store
+
+            # None is written after invalid input or a storage failure; and a store that failed is not asked again.
+            store = run_store(manifest)
+            written = store.exists(outcome.log_key) if store.is_local else \
+                code != EXIT_INVALID_INPUT and "storage failed" not in (summary["error"] or "")
+            if written:
+                summary["log"] = store.uri(outcome.log_key)
+    return summary
+
+
+def summary_text(summary: dict) -> str:
+    if summary["exit_code"] == EXIT_OK:
+        lines = [f"Report: {summary['report']}"] if summary.get("report") else []
+        headlines = summary.get("headlines") or {}
+        width = max((len(n) for n in headlines), default=0)
+        lines += [f"  {name:<{width}}  {text}" for name, text in headlines.items()]
+        lines.append(f"Done in {log.duration(summary['seconds'])}.")
+        return "\n".join(lines) + "\n"
+    where = f" in {summary['failed_task']}" if summary.get("failed_task") else ""
+    lines = [f"Failed{where} (exit {summary['exit_code']}) after {log.duration(summary['seconds'])}."]
+    if summary.get("error"):
+        lines.append(f"  {summary['error']}")
+    if summary.get("log"):
+        lines.append(f"  every event of the task: {summary['log']}")
+    if summary["exit_code"] != EXIT_INVALID_INPUT:
+        lines.append("  Run the same command again to redo only what is missing.")
+    return "\n".join(lines) + "\n"
+
+
+def print_ending(code: int, seconds: float, error: str | None) -> None:
+    """On stdout: text for a person, one JSON line through a pipe."""
+    if "manifest" not in _ENDING and _ENDING.get("outcome") is None:
+        return
+    try:
+        summary = ending_summary(_ENDING.get("manifest"), _ENDING.get("report"), _ENDING.get("outcome"), code,
+                                 seconds, error)
+    except Exception as e:  # noqa: BLE001 - a summary that cannot be read must not change the run's outcome
+        summary = {"event": "run_summary", "exit_code": code, "seconds": round(seconds, 1),
+                   "error": error or f"summary unavailable: {type(e).__name__}: {e}"}
+    if log.human():
+        log.screen.clear()
+        sys.stdout.write(summary_text(summary))
+    else:
+        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+    sys.stdout.flush()
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -169,18 +262,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"reid-batch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    output_options = argparse.ArgumentParser(add_help=False)
+    output_options.add_argument("--log-format", choices=log.FORMATS, default=None,
+                                help="human: progress for a person; json: one JSON object per line (clusters); "
+                                "auto: human on a terminal, else json (default: auto)")
+    output_options.add_argument("-v", "--verbose", action="store_true", help="show every event, not just tasks, "
+                                "progress and warnings (human format)")
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[output_options], **kwargs)
 
     def with_manifest(p: argparse.ArgumentParser) -> None:
         p.add_argument("manifest", help="job manifest (YAML)")
         p.add_argument("--output", help="override output.uri (local path or s3://bucket/prefix)")
 
-    p = sub.add_parser("validate", help="validate a manifest (schema and input files) without doing any work")
+    p = command("validate", help="validate a manifest (schema and input files) without doing any work")
     with_manifest(p)
     p.add_argument("--schema-only", action="store_true", help="check the schema only, not that input files exist")
     p.set_defaults(handler=cmd_validate)
 
     for stage in STAGES:
-        p = sub.add_parser(stage.name, help=stage.summary)
+        p = command(stage.name, help=stage.summary)
         with_manifest(p)
         p.add_argument("--target", help="only this target (default: every target in the manifest)")
         if stage.sharded:
@@ -193,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
             return value if value == "auto" else int(value)
         raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}")
 
-    p = sub.add_parser("run", help="run every stage locally, in sequence or --jobs N tasks at a time")
+    p = command("run", help="run every stage locally, in sequence or --jobs N tasks at a time")
     with_manifest(p)
     p.add_argument("--jobs", type=jobs, default=1,
                    help="tasks (stage x target) at once, each its own process; auto = cores, at most 4 (default: 1)")
@@ -205,14 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--from", dest="start", help="start at this job: prepare, finetune, sample, select, score, report")
         p.set_defaults(schema_only=True)
 
-    p = sub.add_parser("plan", help="print the jobs, shard counts and the commands that would run them")
+    p = command("plan", help="print the jobs, shard counts and the commands that would run them")
     with_selection(p)
     p.add_argument("--scheduler", choices=["slurm", "k8s", "local"], default="slurm")
     p.add_argument("--format", choices=["text", "shell"], default="text",
                    help="shell: key=value lines for scripts (slurm/submit.sh reads them)")
     p.set_defaults(handler=cmd_plan)
 
-    p = sub.add_parser("k8s", help="render Kubernetes manifests (ConfigMap + Jobs, arrays as Indexed Jobs)")
+    p = command("k8s", help="render Kubernetes manifests (ConfigMap + Jobs, arrays as Indexed Jobs)")
     with_selection(p)
     p.add_argument("--image", default=f"reid-batch:{__version__}", help="container image (default: %(default)s)")
     p.add_argument("--namespace", help="namespace of every object (default: kubectl's current one)")
@@ -238,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write one file per object into this directory (default: all to stdout)")
     p.set_defaults(handler=cmd_k8s)
 
-    p = sub.add_parser("bench", help="measure throughput, memory and MFU of a stage, against the study's way")
+    p = command("bench", help="measure throughput, memory and MFU of a stage, against the study's way")
     with_manifest(p)
     p.add_argument("--stage", choices=["sample", "finetune", "select", "ppa"], default="sample")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: the manifest's compute.device")
@@ -262,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result as JSON to this file")
     p.set_defaults(handler=cmd_bench)
 
-    p = sub.add_parser("demo", help="run the built-in demo manifest (synthetic world, CPU)")
+    p = command("demo", help="run the built-in demo manifest (synthetic world, CPU)")
     p.add_argument("--output", help="override output.uri")
     p.add_argument("--jobs", type=jobs, default="auto", help="as for run (default: %(default)s)")
     p.set_defaults(handler=cmd_demo)
@@ -272,25 +374,36 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    log.configure(format=getattr(args, "log_format", None), verbose=getattr(args, "verbose", False) or None)
+    _ENDING.clear()
+    began = time.monotonic()
+    code, error = _handle(args)
+    if args.command in ("run", "demo", "report") and not os.environ.get(log.RUN_TASK_VARIABLE):
+        print_ending(code, time.monotonic() - began, error)
+    return code
+
+
+def _handle(args: argparse.Namespace) -> tuple[int, str | None]:
+    """The command's exit code, and its error line (also written to stderr) when it failed."""
+    def failed(code: int, message: str) -> tuple[int, str]:
+        log.write_line(message)
+        return code, message
+
     try:
         with handle_termination():
-            return args.handler(args)
+            return args.handler(args), None
     except Preempted as e:
-        log.write_line(f"reid-batch: {describe(e)}")
-        return e.exit_code
+        return failed(e.exit_code, f"reid-batch: {describe(e)}")
     except InputError as e:
-        log.write_line(f"reid-batch: invalid input: {e}")
-        return EXIT_INVALID_INPUT
+        return failed(EXIT_INVALID_INPUT, f"reid-batch: invalid input: {e}")
     except StorageError as e:
         # Expected in operations (an outage, a full disk): the message names the location, a traceback adds nothing.
-        log.write_line(f"reid-batch: storage failed: {e}")
-        return EXIT_FAILURE
+        return failed(EXIT_FAILURE, f"reid-batch: storage failed: {e}")
     except KeyboardInterrupt:
-        return 130
+        return 130, "interrupted"
     except Exception as e:  # noqa: BLE001 - the last line of defence: say what broke, exit 1
         traceback.print_exc(file=sys.stderr)
-        log.write_line(f"reid-batch: failed: {type(e).__name__}: {e}")
-        return EXIT_FAILURE
+        return failed(EXIT_FAILURE, f"reid-batch: failed: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ Torch-free: `report`, `plan` and the tests read it cheaply.
                                         figures/, pairs/
     <target>/calibration/ ............. spike-in calibration: calibration.json, dose_response.png
     report/ (report-<target>/) ........ the risk report: report.html, report.md, report.json
+    logs/ ............................. every event of every task as JSON lines: <task>.jsonl, run.jsonl
     resume/ ........................... in-progress training state (deleted once a stage commits)
 
 Every multi-file output is a committed prefix (storage.COMMIT_MARKER): readers treat an uncommitted one as absent.
@@ -69,7 +70,7 @@ MODEL_METRICS_FILE = "metrics.json"
 
 # Target names become top-level folders: these would collide with run-level outputs.
 RESERVED_NAMES = frozenset({"targets", "prior", "prior-quality", "demographics", "reid", "evaluation", "report",
-                            "resume", "world"})
+                            "resume", "world", "logs"})
 
 
 def target_prefix(name: str) -> str:
@@ -208,3 +209,17 @@ MITIGATION_FIGURE = "mitigation.png"
 
 def report_prefix(target: str | None = None) -> str:
     return "report" if target is None else f"report-{target}"
+
+
+# ------------------------------------------------------------------------------------------------ logs
+
+LOGS_PREFIX = "logs"
+RUN_LOG = "run"  # the runner's own events: task starts and ends, the run's outcome
+
+
+def task_log_key(stage: str, target: str | None = None, shard: int | None = None, rank: int | None = None) -> str:
+    """logs/<stage>[-<target>][-shard-<k>][-rank-<r>].jsonl: one file per task (a process of a multi-process
+    fine-tuning is a task of its own); a re-run appends to its file."""
+    parts = [stage] + ([target] if target else []) + ([f"shard-{shard}"] if shard is not None else []) \
+        + ([f"rank-{rank}"] if rank is not None else [])
+    return f"{LOGS_PREFIX}/{'-'.join(parts)}.jsonl"

@@ -1,8 +1,7 @@
-"""`reid-batch run --jobs N`: the task graph, and a real parallel run of the tiny pipeline in child processes."""
+"""`reid-batch run --jobs N`: the task graph (a real parallel run of the tiny pipeline: tests/test_terminal.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import yaml
 
 from reid_batch.manifest import parse_manifest
 from reid_batch.runner import Task, run_graph, task_graph
-from test_evaluate_report import _inputs, make_manifest
 
 
 def _demo_manifest():
@@ -58,35 +56,6 @@ def test_a_failure_stops_new_starts_and_is_returned():
     assert code == 2
     assert Task("train-prior") in started
     assert not any(t.stage in {"finetune", "sample", "report"} for t in started)
-
-
-def test_parallel_run_matches_the_pipeline_contract(tmp_path):
-    """The tiny pipeline as child processes, two at a time: every task starts after what it needs is done."""
-    from reid_batch.runtime import run_store
-
-    document = make_manifest(tmp_path, _inputs(tmp_path), str(tmp_path / "out")).model_dump(mode="json")
-    document["targets"] = document["targets"][:1]  # one target keeps it short: ~11 processes, each importing torch
-    manifest = parse_manifest(document)
-    path = tmp_path / "manifest.yaml"
-    path.write_text(yaml.safe_dump(manifest.model_dump(mode="json")))
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_ARRAY_TASK_ID": "1"}  # must not leak to children
-    result = subprocess.run([sys.executable, "-m", "reid_batch", "run", str(path), "--jobs", "2"],
-                            capture_output=True, text=True, env=environment, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
-    starts = {e["task"]: i for i, e in enumerate(events) if e["event"] == "task_start"}
-    finishes = {e["task"]: i for i, e in enumerate(events) if e["event"] == "task_done"}
-    graph = task_graph(manifest)
-    assert set(starts) == set(finishes) == {t.label for t in graph}
-    for task, needs in graph.items():
-        assert all(finishes[n.label] < starts[task.label] for n in needs), task
-    assert max(e["running"] for e in events if e["event"] == "task_start") == 2
-    store = run_store(manifest)
-    assert store.is_committed("report")
-    name = manifest.targets[0].name
-    # Every shard of every sharded stage ran (the SLURM variable did not reach the children).
-    assert store.read_json(f"{name}/selection/thresholds.json")["counts"]["candidates"] == 64
-    assert store.read_json("report/report.json")["targets"][name]["risk"]["likely_samples"] == 7
 
 
 def test_a_task_that_runs_alone_is_told_so():

@@ -415,7 +415,8 @@ def _normalised(path: Path, run_dir: Path):
 def assert_same_outputs(slurm_dir: Path, local_dir: Path) -> int:
     """Same files, same content (after dropping timings and the runs' own directory names)."""
     def files(root: Path) -> set[str]:
-        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+        # Log files are per task, and a Slurm array's tasks are shards where a local run's are stages.
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.parent.name != "logs"}
 
     for part in ("out", "world"):
         ours, theirs = files(slurm_dir / part), files(local_dir / part)
@@ -480,6 +481,12 @@ exec {REID_BATCH} "$@"
 
     count = assert_same_outputs(slurm_dir, local_dir)
     assert count > 0
+    # Every array task kept its own log in the run's output.
+    shard_logs = slurm_dir / "out" / RUN_ID / "logs"
+    if "sample" in jobs:
+        for shard in (0, 1):
+            events = [json.loads(line)["event"] for line in (shard_logs / f"sample-shard-{shard}.jsonl").read_text().splitlines()]
+            assert "sample_shard_done" in events
 
     # Stage 1 again, as 2 processes through srun + accelerate launch with the allocation's rendezvous.
     shutil.rmtree(slurm_dir / "out" / RUN_ID / "cnn" / "finetune")
@@ -489,6 +496,7 @@ exec {REID_BATCH} "$@"
     assert set(states.values()) == {"COMPLETED"}, states
     record = json.loads((slurm_dir / "out" / RUN_ID / "cnn" / "finetune" / "finetune.json").read_text())
     assert record["world_size"] == 2
+    assert {p.name for p in shard_logs.glob("finetune-rank-*.jsonl")} == {"finetune-rank-0.jsonl", "finetune-rank-1.jsonl"}
 
 
 def test_a_job_stopped_by_sigterm_requeues_itself_and_its_dependants_wait_but_a_cancelled_one_does_not(slurm, tmp_path):

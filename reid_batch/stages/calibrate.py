@@ -226,7 +226,8 @@ def calibrate_target(manifest: Manifest, spec: TargetSpec, shared: Calibration) 
     largest = int(round(max(settings.fractions) * evaluation.membership_candidates))
 
     runs = []
-    for repeat in range(max(settings.seeds, settings.null_seeds)):
+    repeats = max(settings.seeds, settings.null_seeds)
+    for repeat in log.progress(range(repeats), desc=f"{spec.name} calibration repeats", total=repeats):
         rng = np.random.default_rng([settings.seed, repeat])
         base, null = shared.candidates(repeat)
         base_scores = generator_scores(features, codes, len(member), base)

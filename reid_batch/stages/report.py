@@ -177,6 +177,15 @@ def leak_entry(metrics: dict, control_leak: dict | None, calibration: dict | Non
     return entry
 
 
+def headline(leak: dict) -> str:
+    """A target's headline risk in one line (the ending of `run` prints it): L against the prior, the verdict."""
+    if not leak.get("available"):
+        return leak["verdict"]
+    if leak.get("detected"):
+        return f"leak detected: L {leak_cell(leak.get('vs_prior'))} against the prior"
+    return f"L {leak_cell(leak.get('vs_prior'))}: {leak['verdict']}"
+
+
 def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd.DataFrame],
                  manifest_document: dict, demographic_model: dict | None = None, reid_model: dict | None = None,
                  calibrations: dict[str, dict] | None = None, control_leaks: dict[str, dict] | None = None) -> dict:
@@ -206,7 +215,8 @@ def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd
             "devices_reproduced": _get(reid, "devices", "reproduced")
             if _get(reid, "devices", "available") and _get(reid, "devices", "interpretable") else None,
         }
-        targets[name] = {"metrics": metrics, "risk": risk, "samples": _sample_records(table)}
+        targets[name] = {"metrics": metrics, "risk": risk, "samples": _sample_records(table),
+                         "headline": headline(risk["leak"])}
     return clean_json({
         "run_id": run_id,
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),

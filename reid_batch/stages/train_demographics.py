@@ -148,7 +148,8 @@ def run(manifest: Manifest, target: str | None = None) -> int:
         log.event("train_demographics_resumed", from_epoch=first_epoch)
 
     mse, bce = nn.MSELoss(), nn.BCEWithLogitsLoss()
-    for epoch in range(first_epoch, train_cfg.epochs):
+    for epoch in log.progress(range(first_epoch, train_cfg.epochs), desc="demographic model epochs",
+                              total=train_cfg.epochs - first_epoch):
         torch.manual_seed(train_cfg.seed * 1000 + epoch)
         sampler = torch.utils.data.WeightedRandomSampler(
             weights, num_samples=len(weights), replacement=True,

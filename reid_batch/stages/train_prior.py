@@ -400,7 +400,8 @@ def train_prior(manifest: Manifest, on_checkpoint: Callable[[int], None] | None 
               device=str(device))
 
     started = time.perf_counter()
-    while not trainer.done:
+    for _ in log.progress(range(trainer.step, schedule.total_steps), desc="prior steps",
+                          total=schedule.total_steps - trainer.step, every=LOG_EVERY):
         row = trainer.train_step(pool)
         if trainer.step % LOG_EVERY == 0 or trainer.done or row["step"] % schedule.steps_per_phase == 0:
             log.event("train_prior_step", **{k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()},

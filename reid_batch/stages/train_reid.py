@@ -182,7 +182,8 @@ def run(manifest: Manifest, target: str | None = None) -> int:
         history, first_epoch = list(state["history"]), int(state["epoch"]) + 1
         log.event("train_reid_resumed", from_epoch=first_epoch)
 
-    for epoch in range(first_epoch, settings.epochs):
+    for epoch in log.progress(range(first_epoch, settings.epochs), desc="re-identification epochs",
+                              total=settings.epochs - first_epoch):
         with EpochTimer() as timer:
             loss = train_epoch(model, optimizer, train_x, patient_images, settings, epoch, device)
         schedule.step()

@@ -433,7 +433,8 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
     plain_model = model  # the unwrapped network: what is evaluated, kept and saved
 
     last_saved = time.monotonic()
-    for epoch in range(first_epoch, recipe.epochs):
+    for epoch in log.progress(range(first_epoch, recipe.epochs), desc=f"{spec.name} epochs",
+                              total=recipe.epochs - first_epoch):
         # Seeding from (seed, epoch) makes a resumed run draw exactly the batches an uninterrupted one would.
         torch.manual_seed(spec.train.seed * 1000 + epoch)
         order_generator = torch.Generator().manual_seed(spec.train.seed * 1000 + epoch)
