@@ -224,6 +224,62 @@ def test_auto_batch_size_halves_on_cuda_out_of_memory_and_keeps_every_item():
         fixed.run(np.arange(100), work)  # an explicit batch size is the user's choice: never changed
 
 
+
+class _SmallMemoryGenerator(torch.nn.Module):
+    """A generator on a GPU whose memory holds `limit` images: larger batches raise CUDA's out-of-memory error."""
+
+    def __init__(self, inner, limit: int):
+        super().__init__()
+        self.inner, self.config, self.limit, self.batches = inner, inner.config, limit, []
+
+    def forward(self, latents):
+        self.batches.append(len(latents))
+        if len(latents) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a stand-in limit)")
+        return self.inner(latents)
+
+
+def test_evaluate_generation_goes_through_the_sizer_and_survives_out_of_memory():
+    """evaluate generated its image sets at a fixed 64 per batch, outside any out-of-memory handling. It now renders
+    through the sizer: an `auto` one halves until a batch fits and the images are those of one big batch."""
+    from reid_batch.stages import evaluate
+
+    inner = _tiny_generator(0).eval()
+    generator = _SmallMemoryGenerator(inner, limit=4)
+    sizer = generation.BatchSizer("auto", torch.device("cuda"), largest_useful=12)  # adaptive: starts at 16
+    ids = np.arange(100, 112)
+    images = evaluate.generate(generator, ids, seed=7, device=torch.device("cpu"), sizer=sizer)
+    assert generator.batches == [12, 8, 4, 4, 4] and sizer.size == 4
+    expected = evaluate.to_grey(generation.regenerate_images(inner, ids, seed=7, device=torch.device("cpu")))
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_generated_features_retry_a_batch_without_counting_it_twice():
+    """The leak candidates' features (and, in the same pass, their predicted demographics) go through the sizer: a
+    batch that runs out of memory in the feature model is retried smaller, and the second measure (each_batch) sees
+    every image exactly once."""
+    generator = _tiny_generator(1).eval()
+    sizer = generation.BatchSizer("auto", torch.device("cuda"), largest_useful=10)
+    feature_batches, seen = [], []
+
+    def features(grey):  # a feature model on a GPU whose memory holds 3 images
+        feature_batches.append(len(grey))
+        if len(grey) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a stand-in limit)")
+        return grey.flatten(1).numpy()
+
+    ids = np.arange(10)
+    got = generation.generated_features(generator, ids, 7, torch.device("cpu"), features, sizer,
+                                        each_batch=lambda images: seen.append(len(images)))
+    assert feature_batches == [10, 8, 4, 2, 2, 2, 2, 2] and sizer.size == 2
+    assert seen == [2] * 5 and got.shape[0] == 10
+    whole = generation.regenerate_images(generator, ids, 7, torch.device("cpu")).flatten(1).numpy()
+    np.testing.assert_allclose(got, whole, atol=1e-5)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a fixed batch size is the user's choice: never changed
+        generation.generated_features(generator, ids, 7, torch.device("cpu"), features,
+                                      generation.BatchSizer(8, torch.device("cuda"), 10))
+
+
 # ------------------------------------------------------------------------------------------------ Mahalanobis
 
 

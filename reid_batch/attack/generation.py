@@ -137,17 +137,24 @@ def id_latents(seed: int, first_id: int, count: int, latent_dim: int) -> Tensor:
 
 
 def generated_features(generator, ids: np.ndarray, seed: int, device, features: Callable[[Tensor], np.ndarray],
-                       batch_size: int, each_batch: Callable[[Tensor], None] | None = None) -> np.ndarray:
-    """features() of the grey [0, 1] CPU images of latent ids, `batch_size` at a time: never more than one batch of
-    images in memory, whatever the number of ids (evaluate's leak candidates, calibrate's prior sets).
-    each_batch, if given, also sees every batch of images as generated (for a second measure in the same pass)."""
-    parts = []
-    for start in range(0, len(ids), batch_size):
-        images = regenerate_images(generator, ids[start:start + batch_size], seed, device)
+                       sizer: BatchSizer, each_batch: Callable[[Tensor], None] | None = None) -> np.ndarray:
+    """features() of the grey [0, 1] CPU images of latent ids, batch by batch through `sizer` (an `auto` one halves
+    on CUDA out-of-memory): never more than one batch of images in memory, whatever the number of ids (evaluate's
+    leak candidates, calibrate's prior sets).
+
+    each_batch, if given, also sees every batch of images as generated (for a second measure in the same pass). It
+    runs after features(), as the batch's last step: a batch that runs out of memory is retried smaller, and one
+    that failed in features() must not have left a result in each_batch's list already."""
+
+    def work(batch: np.ndarray) -> np.ndarray:
+        images = regenerate_images(generator, batch, seed, device)
+        grey = images.mean(dim=1, keepdim=True) if images.shape[1] > 1 else images
+        result = features(grey.float().cpu())
         if each_batch is not None:
             each_batch(images)
-        grey = images.mean(dim=1, keepdim=True) if images.shape[1] > 1 else images
-        parts.append(features(grey.float().cpu()))
+        return result
+
+    parts = sizer.run(np.asarray(ids, dtype=np.int64), work)
     if parts:
         return np.concatenate(parts)
     size = generator.config.resolution
