@@ -225,6 +225,76 @@ def test_auto_batch_size_halves_on_cuda_out_of_memory_and_keeps_every_item():
 
 
 
+def test_auto_batch_size_on_cuda_comes_from_free_memory_and_a_measured_footprint():
+    """`auto` on CUDA started at 4096 whatever the GPU and the images. It now measures one item's footprint on a
+    probe batch and fills AUTO_MEMORY_FILL of the free memory (numbers injected; the reader is CudaMemory on a GPU)."""
+    mib, gib = 2 ** 20, 2 ** 30
+    assert generation.size_from_memory(10 * gib, 30 * mib, largest_useful=100_000) == 256  # 8 GiB / 30 MiB = 273
+    assert generation.size_from_memory(10 * gib, 30 * mib, largest_useful=100) == 128  # no more than a share needs
+    assert generation.size_from_memory(80 * gib, 1024, largest_useful=100_000) == generation.MAX_AUTO_BATCH_SIZE
+    assert generation.size_from_memory(1 * gib, 4 * gib, largest_useful=100) == 1  # never 0
+
+    class FakeGpu:  # 2 GiB free; the work allocates 40 MiB per item
+        def __init__(self):
+            self.allocated, self.peak = 0, 0
+
+        def free_bytes(self):
+            return 2 * gib
+
+        def begin(self):
+            self.peak = 0
+
+        def peak_bytes(self):
+            return self.peak
+
+    gpu, batches = FakeGpu(), []
+
+    def work(batch):
+        gpu.peak = max(gpu.peak, 40 * mib * len(batch))
+        batches.append(len(batch))
+        return batch
+
+    sizer = generation.BatchSizer("auto", torch.device("cuda"), largest_useful=1000, memory=gpu)
+    assert sizer.size == 1024  # before the probe: the power of two covering a share
+    done = sizer.run(np.arange(200), work)
+    assert sizer.bytes_per_item == 40 * mib and sizer.size == 32  # 0.8 * 2 GiB / 40 MiB = 40.96 -> 32
+    assert batches == [8, 32, 32, 32, 32, 32, 32] and np.concatenate(done).tolist() == list(range(200))
+    # A CPU keeps its pixel budget and never probes.
+    cpu = generation.BatchSizer("auto", torch.device("cpu"), 1000, pixels_per_item=64 * 64)
+    assert cpu.memory is None and cpu.size == generation.CPU_BATCH_SIZE
+
+
+def test_auto_batch_size_grows_back_after_a_transient_out_of_memory():
+    """One transient out-of-memory halved `auto` for the rest of the run. Now GROW_AFTER_SUCCESSES good batches in
+    a row double it again, up to its start; a regrown size that fails again waits twice as long before the next
+    try, so a real limit costs ever fewer failed batches."""
+    grow = generation.GROW_AFTER_SUCCESSES
+    sizer = generation.BatchSizer("auto", torch.device("cuda"), largest_useful=32, memory=None)
+    failures = iter([True])  # the first batch hits someone else's spike; the GPU is fine afterwards
+
+    def transient(batch):
+        if next(failures, False):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (transient)")
+        return len(batch)
+
+    assert sum(sizer.run(np.arange(16 * grow + 32 * 3), transient)) == 16 * grow + 32 * 3
+    assert sizer.size == 32
+
+    limited = generation.BatchSizer("auto", torch.device("cuda"), largest_useful=32, memory=None)
+    sizes = []
+
+    def at_most_16(batch):
+        sizes.append(len(batch))
+        if len(batch) > 16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a stand-in limit)")
+        return len(batch)
+
+    total = 16 * grow + 16 * 2 * grow + 32  # fails at 32, regrows after `grow`, fails, regrows after 2 x grow, fails
+    assert sum(limited.run(np.arange(total), at_most_16)) == total
+    failed = [i for i, n in enumerate(sizes) if n > 16]
+    assert failed == [0, 1 + grow, 2 + 3 * grow] and limited.size == 16 and limited.grow_after == 4 * grow
+
+
 class _SmallMemoryGenerator(torch.nn.Module):
     """A generator on a GPU whose memory holds `limit` images: larger batches raise CUDA's out-of-memory error."""
 

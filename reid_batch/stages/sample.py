@@ -27,9 +27,11 @@ Under Accelerate, every process of a task takes a contiguous part of each chunk'
 chunk, and all processes then move to the next chunk together. Forward passes run under `torch.inference_mode()`,
 with autocast (bf16 or fp16, `sampling.mixed_precision`) on CUDA for the TARGET only: the generator renders
 in float32 in every stage (generation.regenerate_images), so sample, score and evaluate see the same images;
-statistics are always computed in float32 or float64. `sampling.batch_size: auto` is 256 on a CPU; on CUDA it starts at the largest power of two up to
-4096 that a process's share of a chunk needs and halves on every out-of-memory error until a batch fits. Memory
-stays flat: only one chunk's rows (and no images) are ever held.
+statistics are always computed in float32 or float64. `sampling.batch_size: auto` is 256 on a CPU (fewer for
+large images); on CUDA a probe batch of 8 measures one candidate's peak memory and the size is the largest power of
+two (at most 4096, and no more than a process's share of a chunk) that fills 80 % of the free memory; it halves on
+every out-of-memory error until a batch fits, and grows back after a run of good batches (generation.BatchSizer).
+Memory stays flat: only one chunk's rows (and no images) are ever held.
 
 Row schema (one row per candidate; float32 unless noted)
 --------------------------------------------------------
