@@ -5,6 +5,7 @@ The builders at the top are shared with test_select.py and test_score.py (import
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -666,6 +667,39 @@ def test_a_generator_that_fails_to_compile_falls_back_to_eager_and_says_so(monke
     monkeypatch.setattr(torch, "compile", working_compile)
     prepared, _ = generation.prepare_models(generator, target, torch.device("cpu"), compile=True)
     assert prepared is not generator and calls == [(2, 8)]  # warmed up once, on two latents
+
+
+def test_one_compiled_graph_serves_every_batch_size(monkeypatch):
+    """sampling.compile: Dynamo specialised the warm-up's batch of 2, recompiled at the first real size and again
+    for a last batch of 1 (3 compilations, minutes each on a GPU). With the batch dimension marked dynamic and a
+    lone latent run as a pair, the warm-up's graph serves 8, 5, 1 and 3 (a counting backend stands in for inductor:
+    when to recompile is Dynamo's decision, not the backend's), and renders what the eager generator renders."""
+    from reid_batch.models.pggan import PGGANConfig, PGGANGenerator
+
+    torch.manual_seed(0)
+    generator = PGGANGenerator(PGGANConfig(latent_dim=8, depths=(8, 4), out_channels=1)).eval()
+    eager = copy.deepcopy(generator)
+    compilations = []
+
+    def counting_backend(graph, example_inputs):
+        compilations.append([tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)][:1])
+        return graph.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counting_backend, **kw))
+    torch._dynamo.reset()
+    try:
+        prepared, _ = generation.prepare_models(generator, torch.nn.Conv2d(1, 1, 1), torch.device("cpu"), compile=True)
+        assert len(compilations) == 1  # the warm-up
+        for size in (8, 5, 1, 3):
+            ids = np.arange(size)
+            got = generation.regenerate_images(prepared, ids, seed=3, device=torch.device("cpu"))
+            want = generation.regenerate_images(eager, ids, seed=3, device=torch.device("cpu"))
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert len(compilations) == 1, compilations
+    finally:
+        torch._dynamo.reset()
 
 
 def test_ledoit_wolf_reference_images_go_through_the_sizer_and_survive_out_of_memory(inputs, tmp_path):

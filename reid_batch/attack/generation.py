@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from reid_batch import log
 from reid_batch.manifest import TargetSpec
@@ -56,6 +56,35 @@ def regenerate_images(generator, ids: Iterable[int] | np.ndarray, seed: int, dev
     return generator_to_unit(raw.float(), generator.config.output_range)
 
 
+class DynamicBatch(nn.Module):
+    """A compiled generator whose one graph serves every batch size.
+
+    Left to itself, Dynamo compiles a graph specialised to the first batch size (the warm-up's 2), recompiles a
+    dynamic one at the next size, and again for a batch of 1 (sizes 0 and 1 are always specialised): three
+    compilations of minutes each for a 1024 px PGGAN on a GPU, and more with an `auto` sizer that halves and grows.
+    Marking the batch dimension dynamic from the first call makes the first graph symbolic in the batch size, and a
+    lone latent is run as two copies of itself (the generator renders each latent alone: the copy changes nothing),
+    so that graph also serves a last batch of 1."""
+
+    def __init__(self, compiled: Callable[[Tensor], Tensor], eager: nn.Module):
+        super().__init__()
+        self.compiled = compiled
+        self.eager = eager  # the parameters and `config` that the callers look up
+        self.config = eager.config
+
+    def forward(self, latents: Tensor) -> Tensor:
+        count = len(latents)
+        if count == 0:  # no graph for nothing: an empty batch would only add a specialised compilation
+            return self.eager(latents)
+        # Dynamo also guards on how the input was made: a tensor made under inference_mode (the warm-up's) and one
+        # made outside it (regenerate_images' latents) differ in dispatch keys, and the second recompiled. A copy made
+        # here under inference_mode gives every call the same kind of input (B x latent_dim floats: nothing to copy).
+        with torch.inference_mode():
+            latents = latents.repeat(2, *([1] * (latents.dim() - 1))) if count == 1 else latents.clone()
+            torch._dynamo.mark_dynamic(latents, 0)
+            return self.compiled(latents)[:count]
+
+
 def prepare_models(generator, target, device: torch.device, compile: bool = False):
     """(generator, target) ready for inference: channels_last (NHWC convolutions: tensor cores take them without
     transposes; oneDNN on a CPU ran the 256 px PGGAN 25 % faster), and the generator torch.compile'd if asked (the
@@ -64,11 +93,12 @@ def prepare_models(generator, target, device: torch.device, compile: bool = Fals
 
     A compiled generator is run once here on two latents: torch.compile compiles lazily, so a failure (no C
     compiler for Triton in the runtime image, an inductor error) would otherwise kill the shard at its first batch.
-    On failure the eager generator is used and a `compile_failed` event says why."""
+    On failure the eager generator is used and a `compile_failed` event says why. The compiled generator is wrapped
+    in DynamicBatch, so that this warm-up's graph is the one every later batch size runs."""
     generator = generator.to(memory_format=torch.channels_last)
     target = target.to(memory_format=torch.channels_last)
     if compile:
-        compiled = torch.compile(generator)
+        compiled = DynamicBatch(torch.compile(generator), generator)
         try:
             with torch.inference_mode():
                 compiled(torch.zeros(2, generator.config.latent_dim, device=device))
