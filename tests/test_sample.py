@@ -556,6 +556,58 @@ def test_saved_images_are_the_regenerated_candidates_and_rows_match_a_lone_resco
         assert alone[column][0] == pytest.approx(row[column], rel=1e-4, abs=1e-6), column
 
 
+class HostWork:
+    """Counts, per thread, the device-to-host copies (Tensor.cpu of computed tensors) and PNG encodings
+    (formats.png_bytes) made while it is installed: on a GPU each copy on the loop's thread is a wait for the
+    device. On this CPU they cost nothing, so they are counted rather than timed."""
+
+    def __init__(self, monkeypatch):
+        import threading
+
+        from reid_batch import formats
+
+        self.copies: dict[str, int] = {}
+        self.pngs: dict[str, int] = {}
+        original_cpu, original_png = torch.Tensor.cpu, formats.png_bytes
+
+        def cpu(tensor, *args, **kwargs):
+            # int64 tensors here are ids made on the host from numpy (latents_for_ids): no copy on a GPU either.
+            if tensor.dtype != torch.int64:
+                name = threading.current_thread().name
+                self.copies[name] = self.copies.get(name, 0) + 1
+            return original_cpu(tensor, *args, **kwargs)
+
+        def png(image):
+            name = threading.current_thread().name
+            self.pngs[name] = self.pngs.get(name, 0) + 1
+            return original_png(image)
+
+        monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+        monkeypatch.setattr(formats, "png_bytes", png)
+
+    def on_main_thread(self) -> tuple[int, int]:
+        return self.copies.get("MainThread", 0), self.pngs.get("MainThread", 0)
+
+
+def test_sampling_loop_leaves_png_encoding_to_the_writer_thread(inputs, tmp_path, monkeypatch):
+    """save_images encoded each PNG in the GPU loop, after a copy of the batch and one per image (each a wait for
+    the device). The loop now only starts the batch's copy; the chunk writer's thread encodes and writes, ahead of
+    the chunk's commit. Three batches cost the loop no more host copies than one, and every image is saved."""
+    main_thread = {}
+    for count in (4, 12):
+        manifest = make_manifest(inputs, str(tmp_path / f"n{count}"),
+                                 sampling_options={"num_candidates": count, "num_shards": 1, "chunk_size": 12,
+                                                   "batch_size": 4, "save_images": True})
+        commit_finetuned(manifest, inputs)
+        with pytest.MonkeyPatch.context() as patch:
+            work = HostWork(patch)
+            sampling.sample(manifest)
+        main_thread[count] = work.on_main_thread()
+        assert sum(n for name, n in work.pngs.items() if name.startswith("chunk-writer")) == count
+        assert len(run_store(manifest).list("cnn/candidates-images")) == count
+    assert main_thread[12] == main_thread[4] and main_thread[4][1] == 0, main_thread
+
+
 def test_vit_target_with_ledoit_wolf_gaussian(inputs, tmp_path):
     selection = {"rule": "quantile", "mahalanobis": {"covariance": "ledoit_wolf", "reference_images": 12}}
     manifest = make_manifest(inputs, str(tmp_path / "out"), target="vit", selection=selection,

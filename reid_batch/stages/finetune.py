@@ -63,7 +63,8 @@ from torch.distributed.nn.functional import all_reduce
 from reid_batch import log, preemption
 from reid_batch.artifacts import load_attack_target, load_prior, load_prior_discriminator
 from reid_batch.attack.generation import effective_mixed_precision, generate_unit, id_latents, target_input_spec
-from reid_batch.attack.objectives import TargetObjective, assign_classes, condition_latents, needs_reference_stats
+from reid_batch.attack.objectives import (TargetObjective, assign_classes, check_classes, condition_latents,
+                                         needs_reference_stats)
 from reid_batch.attack.reference import reference_stats
 from reid_batch.errors import InputError
 from reid_batch.formats import grid_png, parquet_bytes
@@ -161,9 +162,16 @@ class Finetuner:
     critic: nn.Module | None = None  # finetune.discriminator: frozen, on the device
     critic_weight: float = 0.0
     per_process: int = field(init=False)
+    classes: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         self.per_process = check_batch_size(self.spec.batch_size, self.accelerator.num_processes)
+        # The same classes every step (they depend on the process's slice, not on the step): made and checked once
+        # on the host, copied to the device once.
+        classes = assign_classes(self.per_process, self.num_classes,
+                                 offset=self.accelerator.process_index * self.per_process)
+        check_classes(classes, self.per_process, 2 if self.num_classes == 1 else self.num_classes)
+        self.classes = classes.to(self.accelerator.device)
 
     def step(self, step: int) -> dict[str, float]:
         """Train on step `step`'s batch; returns the global unweighted terms, the weighted 'total' and the
@@ -172,8 +180,7 @@ class Finetuner:
         rank = accelerator.process_index
         ids = step_ids(step, self.spec.batch_size, rank, self.per_process)
         latents = latents_for_ids(self.spec.seed, ids, self.latent_dim).to(accelerator.device)
-        classes = assign_classes(self.per_process, self.num_classes, offset=rank * self.per_process,
-                                 device=accelerator.device)
+        classes = self.classes
         if "logits" in self.objective.weights:
             latents = condition_latents(latents, classes, self.num_classes)
         self.optimizer.zero_grad(set_to_none=True)
