@@ -294,6 +294,10 @@ def _container(manifest: Manifest, options: KubernetesOptions, name: str, comman
             {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"},
             {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
             {"name": "TORCH_HOME", "value": "/tmp/torch"},
+            # sampling.compile: inductor's and Triton's compiled kernels on the work volume (the scratch volume, or
+            # the work_claim), not in the 10Gi /tmp: the stages of a job share them, and with a claim later jobs do.
+            {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{WORKDIR}/.cache/torchinductor"},
+            {"name": "TRITON_CACHE_DIR", "value": f"{WORKDIR}/.cache/triton"},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
         ],
         "resources": resources,

@@ -9,7 +9,7 @@ import io
 import math
 import platform
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,32 @@ def png_bytes(image01: Tensor) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def png_files_job(images01: Tensor, keys: list[str], write: Callable[[str, bytes], None]) -> Callable[[], None]:
+    """A job that writes each image of a batch as an 8-bit PNG under its key, for a BackgroundWriter.
+
+    Encoding on the calling (GPU-feeding) thread cost a device-to-host copy per image, each a wait for the GPU, and
+    the PNG compression itself. Here only the copy of the whole batch is started: on CUDA into pinned host memory
+    without waiting (non_blocking), with an event that the job waits on in the writer's thread, so the loop goes on
+    to the next batch at once. The caller must not modify `images01` in place afterwards (nothing in reid-batch
+    does: every batch is a new tensor)."""
+    import torch
+
+    images = images01.detach()
+    ready = None
+    if images.is_cuda:
+        images = images.to("cpu", non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+
+    def job() -> None:
+        if ready is not None:
+            ready.synchronize()
+        for key, image in zip(keys, images):
+            write(key, png_bytes(image))
+
+    return job
 
 
 def grid_png(images01: Tensor, side: int) -> bytes:

@@ -831,7 +831,9 @@ FIELD_NOTES = {
     "finetune.checkpoint_every": "steps between atomic checkpoints (resume granularity)",
     "finetune.seed": "seed of the latent batches (reproducible, resumable)",
     "sampling.num_candidates": "candidates per target; ids 0..num_candidates-1",
-    "sampling.batch_size": "candidates per forward pass, or auto (GPU: largest that fits; CPU: 256, fewer for large images)",
+    "sampling.batch_size": "candidates per forward pass, or auto (GPU: sized from free memory and a measured "
+                           "per-candidate footprint, halved on out-of-memory, regrown after 16 good batches; CPU: "
+                           "256, fewer for large images)",
     "sampling.num_shards": "array tasks; shard i owns a fixed contiguous id range",
     "sampling.seed": "candidate k's latent is a pure function of (seed, k)",
     "sampling.row_group_size": "Parquet row group size",

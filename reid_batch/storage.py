@@ -64,6 +64,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, TypeVar
@@ -767,3 +768,32 @@ def input_path(uri: str, manifest, where: str) -> str:
     _FETCHED[uri] = path
     log.event("input_fetched", uri=store.uri(name), field=where, bytes=len(data))
     return path
+
+
+class BackgroundWriter:
+    """Runs write jobs (chunk commits, image files) on one background thread, in submission order, while the caller
+    computes the next batch. At most `depth` jobs wait behind the one being written, so at most that many jobs' data
+    are held; the first failure is raised by the next submit(), drain() or close(). close() waits for every job."""
+
+    def __init__(self, name: str = "background-writer", depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending: list = []
+        self._depth = depth
+
+    def submit(self, job: Callable[[], None]) -> None:
+        while len(self._pending) >= self._depth:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(job))
+
+    def drain(self) -> None:
+        """Wait for every job submitted so far (the thread stays, for more)."""
+        while self._pending:
+            self._pending.pop(0).result()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            for future in self._pending:
+                future.cancel()
+            self._pool.shutdown(wait=True)

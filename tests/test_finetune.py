@@ -387,3 +387,63 @@ def test_fine_tuning_follows_the_one_precision_rule(models, tmp_path, capsys):
     assert record["mixed_precision"] == "bf16" and record["mixed_precision_used"] == "no"
     events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     assert any(e["event"] == "mixed_precision_not_used" and e.get("stage") == "finetune" for e in events)
+
+
+# --------------------------------------------------------------------------------------------- fp16 loss scaling
+
+
+class _StopAfterCheckpoint(Exception):
+    pass
+
+
+@pytest.fixture
+def fp16_accelerator():
+    """Accelerators as on a CUDA fp16 run, on the CPU: fp16 autocast and a GradScaler that Accelerate drives
+    (scaled backward, unscale before clipping, overflowing steps skipped). Accelerate builds no scaler on a CPU, so
+    one is put in, at the default initial scale (65536, at which this tiny model's first fp16 steps overflow and are
+    skipped, as on a GPU), growing after 2 clean steps so that the scale keeps moving. The singleton state is reset
+    around the test, as fp16 cannot join the float32 state of the other tests."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    def build():
+        AcceleratorState._reset_state(True)
+        accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu", growth_interval=2)
+        return accelerator
+
+    yield build
+    AcceleratorState._reset_state(True)
+
+
+def test_fp16_loss_scale_survives_a_resume(models, tmp_path, fp16_accelerator):
+    """A run stopped after its step-3 checkpoint and resumed ends with the loss scale, growth tracker and generator
+    of an uninterrupted run; without the scaler in the checkpoint the resumed run restarts at 65536, overflows and
+    skips steps 4-6, and both differ. The checkpoint still loads weights_only."""
+    settings = {"steps": 6, "checkpoint_every": 3, "batch_size": 8}
+    straight = parse_manifest(document(models, tmp_path / "straight", **settings))
+    accelerator = fp16_accelerator()
+    record = ft.finetune_target(straight, 0, accelerator)
+    expected_scaler = accelerator.scaler.state_dict()
+    assert expected_scaler["scale"] < 2.0 ** 16, "no step overflowed: the test would not see a lost scale"
+    assert record["loss_scale"] == expected_scaler["scale"]
+
+    stopped = parse_manifest(document(models, tmp_path / "stopped", **settings))
+
+    def stop(step):
+        raise _StopAfterCheckpoint(step)
+
+    with pytest.raises(_StopAfterCheckpoint):
+        ft.finetune_target(stopped, 0, fp16_accelerator(), on_checkpoint=stop)
+    state = torch.load(outputs(document(models, tmp_path / "stopped"))
+                       / "finetune-checkpoints" / "step-0000003" / layout.FINETUNE_STATE_FILE, weights_only=True)
+    assert state["scaler"]["scale"] < 2.0 ** 16
+
+    resumed = fp16_accelerator()
+    record = ft.finetune_target(stopped, 0, resumed)
+    assert record["resumed_from_step"] == 3
+    assert resumed.scaler.state_dict() == expected_scaler
+    expected, got = (generator_tensors(outputs(document(models, tmp_path / d))) for d in ("straight", "stopped"))
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key

@@ -176,8 +176,11 @@ def test_pods_run_as_the_images_non_root_user_on_a_read_only_root_with_writable_
                 mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
                 assert not mounts["/tmp"].get("readOnly") and "emptyDir" in volumes[mounts["/tmp"]["name"]]
                 assert container["workingDir"] == deploy.WORKDIR and not mounts[deploy.WORKDIR].get("readOnly")
-                home = next(e["value"] for e in container["env"] if e["name"] == "HOME")
-                assert home.startswith("/tmp/")
+                env = {e["name"]: e["value"] for e in container["env"]}
+                assert env["HOME"].startswith("/tmp/")
+                # Compiled kernels (sampling.compile) go to the work volume, which a work_claim keeps across jobs.
+                for cache in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+                    assert env[cache].startswith(deploy.WORKDIR + "/")
 
 
 def test_credentials_come_only_from_the_secret_and_only_for_s3_outputs(rendered):

@@ -690,3 +690,19 @@ def test_reference_statistics_reach_the_device_once_not_once_per_forward(monkeyp
         second = objective(x)
     assert after_first == len(objective._device_reference) > 0 and len(moved) == after_first
     torch.testing.assert_close(first.total, second.total)
+
+
+def test_classes_are_checked_without_reading_device_values():
+    """The logits term's classes were checked with int(classes.min()) and int(classes.max()): two waits for the
+    GPU in every fine-tuning step. On a device they are now checked by a device-side assertion; a meta tensor
+    stands in for a GPU's here (its values cannot be read at all). CPU classes still give a ValueError."""
+    from reid_batch.attack.objectives import check_classes
+
+    check_classes(torch.zeros(4, dtype=torch.long, device="meta"), 4, 2)  # no read: int() would raise here
+    with pytest.raises(ValueError, match="got \\(3,\\)"):
+        check_classes(torch.zeros(3, dtype=torch.long, device="meta"), 4, 2)
+    check_classes(torch.tensor([0, 1, 1, 0]), 4, 2)
+    with pytest.raises(ValueError, match=r"in \[0, 2\), got values from 0 to 2"):
+        check_classes(torch.tensor([0, 1, 2, 0]), 4, 2)
+    with pytest.raises(ValueError, match="in \\[0, 3\\)"):
+        check_classes(torch.tensor([-1, 0]), 2, 3)

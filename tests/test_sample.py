@@ -5,6 +5,7 @@ The builders at the top are shared with test_select.py and test_score.py (import
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -224,6 +225,132 @@ def test_auto_batch_size_halves_on_cuda_out_of_memory_and_keeps_every_item():
         fixed.run(np.arange(100), work)  # an explicit batch size is the user's choice: never changed
 
 
+
+def test_auto_batch_size_on_cuda_comes_from_free_memory_and_a_measured_footprint():
+    """`auto` on CUDA started at 4096 whatever the GPU and the images. It now measures one item's footprint on a
+    probe batch and fills AUTO_MEMORY_FILL of the free memory (numbers injected; the reader is CudaMemory on a GPU)."""
+    mib, gib = 2 ** 20, 2 ** 30
+    assert generation.size_from_memory(10 * gib, 30 * mib, largest_useful=100_000) == 256  # 8 GiB / 30 MiB = 273
+    assert generation.size_from_memory(10 * gib, 30 * mib, largest_useful=100) == 128  # no more than a share needs
+    assert generation.size_from_memory(80 * gib, 1024, largest_useful=100_000) == generation.MAX_AUTO_BATCH_SIZE
+    assert generation.size_from_memory(1 * gib, 4 * gib, largest_useful=100) == 1  # never 0
+
+    class FakeGpu:  # 2 GiB free; the work allocates 40 MiB per item
+        def __init__(self):
+            self.allocated, self.peak = 0, 0
+
+        def free_bytes(self):
+            return 2 * gib
+
+        def begin(self):
+            self.peak = 0
+
+        def peak_bytes(self):
+            return self.peak
+
+    gpu, batches = FakeGpu(), []
+
+    def work(batch):
+        gpu.peak = max(gpu.peak, 40 * mib * len(batch))
+        batches.append(len(batch))
+        return batch
+
+    sizer = generation.BatchSizer("auto", torch.device("cuda"), largest_useful=1000, memory=gpu)
+    assert sizer.size == 1024  # before the probe: the power of two covering a share
+    done = sizer.run(np.arange(200), work)
+    assert sizer.bytes_per_item == 40 * mib and sizer.size == 32  # 0.8 * 2 GiB / 40 MiB = 40.96 -> 32
+    assert batches == [8, 32, 32, 32, 32, 32, 32] and np.concatenate(done).tolist() == list(range(200))
+    # A CPU keeps its pixel budget and never probes.
+    cpu = generation.BatchSizer("auto", torch.device("cpu"), 1000, pixels_per_item=64 * 64)
+    assert cpu.memory is None and cpu.size == generation.CPU_BATCH_SIZE
+
+
+def test_auto_batch_size_grows_back_after_a_transient_out_of_memory():
+    """One transient out-of-memory halved `auto` for the rest of the run. Now GROW_AFTER_SUCCESSES good batches in
+    a row double it again, up to its start; a regrown size that fails again waits twice as long before the next
+    try, so a real limit costs ever fewer failed batches."""
+    grow = generation.GROW_AFTER_SUCCESSES
+    sizer = generation.BatchSizer("auto", torch.device("cuda"), largest_useful=32, memory=None)
+    failures = iter([True])  # the first batch hits someone else's spike; the GPU is fine afterwards
+
+    def transient(batch):
+        if next(failures, False):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (transient)")
+        return len(batch)
+
+    assert sum(sizer.run(np.arange(16 * grow + 32 * 3), transient)) == 16 * grow + 32 * 3
+    assert sizer.size == 32
+
+    limited = generation.BatchSizer("auto", torch.device("cuda"), largest_useful=32, memory=None)
+    sizes = []
+
+    def at_most_16(batch):
+        sizes.append(len(batch))
+        if len(batch) > 16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a stand-in limit)")
+        return len(batch)
+
+    total = 16 * grow + 16 * 2 * grow + 32  # fails at 32, regrows after `grow`, fails, regrows after 2 x grow, fails
+    assert sum(limited.run(np.arange(total), at_most_16)) == total
+    failed = [i for i, n in enumerate(sizes) if n > 16]
+    assert failed == [0, 1 + grow, 2 + 3 * grow] and limited.size == 16 and limited.grow_after == 4 * grow
+
+
+class _SmallMemoryGenerator(torch.nn.Module):
+    """A generator on a GPU whose memory holds `limit` images: larger batches raise CUDA's out-of-memory error."""
+
+    def __init__(self, inner, limit: int):
+        super().__init__()
+        self.inner, self.config, self.limit, self.batches = inner, inner.config, limit, []
+
+    def forward(self, latents):
+        self.batches.append(len(latents))
+        if len(latents) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a stand-in limit)")
+        return self.inner(latents)
+
+
+def test_evaluate_generation_goes_through_the_sizer_and_survives_out_of_memory():
+    """evaluate generated its image sets at a fixed 64 per batch, outside any out-of-memory handling. It now renders
+    through the sizer: an `auto` one halves until a batch fits and the images are those of one big batch."""
+    from reid_batch.stages import evaluate
+
+    inner = _tiny_generator(0).eval()
+    generator = _SmallMemoryGenerator(inner, limit=4)
+    sizer = generation.BatchSizer("auto", torch.device("cuda"), largest_useful=12)  # adaptive: starts at 16
+    ids = np.arange(100, 112)
+    images = evaluate.generate(generator, ids, seed=7, device=torch.device("cpu"), sizer=sizer)
+    assert generator.batches == [12, 8, 4, 4, 4] and sizer.size == 4
+    expected = evaluate.to_grey(generation.regenerate_images(inner, ids, seed=7, device=torch.device("cpu")))
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_generated_features_retry_a_batch_without_counting_it_twice():
+    """The leak candidates' features (and, in the same pass, their predicted demographics) go through the sizer: a
+    batch that runs out of memory in the feature model is retried smaller, and the second measure (each_batch) sees
+    every image exactly once."""
+    generator = _tiny_generator(1).eval()
+    sizer = generation.BatchSizer("auto", torch.device("cuda"), largest_useful=10)
+    feature_batches, seen = [], []
+
+    def features(grey):  # a feature model on a GPU whose memory holds 3 images
+        feature_batches.append(len(grey))
+        if len(grey) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a stand-in limit)")
+        return grey.flatten(1).numpy()
+
+    ids = np.arange(10)
+    got = generation.generated_features(generator, ids, 7, torch.device("cpu"), features, sizer,
+                                        each_batch=lambda images: seen.append(len(images)))
+    assert feature_batches == [10, 8, 4, 2, 2, 2, 2, 2] and sizer.size == 2
+    assert seen == [2] * 5 and got.shape[0] == 10
+    whole = generation.regenerate_images(generator, ids, 7, torch.device("cpu")).flatten(1).numpy()
+    np.testing.assert_allclose(got, whole, atol=1e-5)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a fixed batch size is the user's choice: never changed
+        generation.generated_features(generator, ids, 7, torch.device("cpu"), features,
+                                      generation.BatchSizer(8, torch.device("cuda"), 10))
+
+
 # ------------------------------------------------------------------------------------------------ Mahalanobis
 
 
@@ -429,6 +556,58 @@ def test_saved_images_are_the_regenerated_candidates_and_rows_match_a_lone_resco
         assert alone[column][0] == pytest.approx(row[column], rel=1e-4, abs=1e-6), column
 
 
+class HostWork:
+    """Counts, per thread, the device-to-host copies (Tensor.cpu of computed tensors) and PNG encodings
+    (formats.png_bytes) made while it is installed: on a GPU each copy on the loop's thread is a wait for the
+    device. On this CPU they cost nothing, so they are counted rather than timed."""
+
+    def __init__(self, monkeypatch):
+        import threading
+
+        from reid_batch import formats
+
+        self.copies: dict[str, int] = {}
+        self.pngs: dict[str, int] = {}
+        original_cpu, original_png = torch.Tensor.cpu, formats.png_bytes
+
+        def cpu(tensor, *args, **kwargs):
+            # int64 tensors here are ids made on the host from numpy (latents_for_ids): no copy on a GPU either.
+            if tensor.dtype != torch.int64:
+                name = threading.current_thread().name
+                self.copies[name] = self.copies.get(name, 0) + 1
+            return original_cpu(tensor, *args, **kwargs)
+
+        def png(image):
+            name = threading.current_thread().name
+            self.pngs[name] = self.pngs.get(name, 0) + 1
+            return original_png(image)
+
+        monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+        monkeypatch.setattr(formats, "png_bytes", png)
+
+    def on_main_thread(self) -> tuple[int, int]:
+        return self.copies.get("MainThread", 0), self.pngs.get("MainThread", 0)
+
+
+def test_sampling_loop_leaves_png_encoding_to_the_writer_thread(inputs, tmp_path, monkeypatch):
+    """save_images encoded each PNG in the GPU loop, after a copy of the batch and one per image (each a wait for
+    the device). The loop now only starts the batch's copy; the chunk writer's thread encodes and writes, ahead of
+    the chunk's commit. Three batches cost the loop no more host copies than one, and every image is saved."""
+    main_thread = {}
+    for count in (4, 12):
+        manifest = make_manifest(inputs, str(tmp_path / f"n{count}"),
+                                 sampling_options={"num_candidates": count, "num_shards": 1, "chunk_size": 12,
+                                                   "batch_size": 4, "save_images": True})
+        commit_finetuned(manifest, inputs)
+        with pytest.MonkeyPatch.context() as patch:
+            work = HostWork(patch)
+            sampling.sample(manifest)
+        main_thread[count] = work.on_main_thread()
+        assert sum(n for name, n in work.pngs.items() if name.startswith("chunk-writer")) == count
+        assert len(run_store(manifest).list("cnn/candidates-images")) == count
+    assert main_thread[12] == main_thread[4] and main_thread[4][1] == 0, main_thread
+
+
 def test_vit_target_with_ledoit_wolf_gaussian(inputs, tmp_path):
     selection = {"rule": "quantile", "mahalanobis": {"covariance": "ledoit_wolf", "reference_images": 12}}
     manifest = make_manifest(inputs, str(tmp_path / "out"), target="vit", selection=selection,
@@ -540,6 +719,39 @@ def test_a_generator_that_fails_to_compile_falls_back_to_eager_and_says_so(monke
     monkeypatch.setattr(torch, "compile", working_compile)
     prepared, _ = generation.prepare_models(generator, target, torch.device("cpu"), compile=True)
     assert prepared is not generator and calls == [(2, 8)]  # warmed up once, on two latents
+
+
+def test_one_compiled_graph_serves_every_batch_size(monkeypatch):
+    """sampling.compile: Dynamo specialised the warm-up's batch of 2, recompiled at the first real size and again
+    for a last batch of 1 (3 compilations, minutes each on a GPU). With the batch dimension marked dynamic and a
+    lone latent run as a pair, the warm-up's graph serves 8, 5, 1 and 3 (a counting backend stands in for inductor:
+    when to recompile is Dynamo's decision, not the backend's), and renders what the eager generator renders."""
+    from reid_batch.models.pggan import PGGANConfig, PGGANGenerator
+
+    torch.manual_seed(0)
+    generator = PGGANGenerator(PGGANConfig(latent_dim=8, depths=(8, 4), out_channels=1)).eval()
+    eager = copy.deepcopy(generator)
+    compilations = []
+
+    def counting_backend(graph, example_inputs):
+        compilations.append([tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)][:1])
+        return graph.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counting_backend, **kw))
+    torch._dynamo.reset()
+    try:
+        prepared, _ = generation.prepare_models(generator, torch.nn.Conv2d(1, 1, 1), torch.device("cpu"), compile=True)
+        assert len(compilations) == 1  # the warm-up
+        for size in (8, 5, 1, 3):
+            ids = np.arange(size)
+            got = generation.regenerate_images(prepared, ids, seed=3, device=torch.device("cpu"))
+            want = generation.regenerate_images(eager, ids, seed=3, device=torch.device("cpu"))
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert len(compilations) == 1, compilations
+    finally:
+        torch._dynamo.reset()
 
 
 def test_ledoit_wolf_reference_images_go_through_the_sizer_and_survive_out_of_memory(inputs, tmp_path):

@@ -18,7 +18,7 @@ from reid_batch.stages import score as scoring
 from reid_batch.stages import select as selection
 from reid_batch.attack import generation
 from reid_batch import layout
-from test_sample import build_inputs, commit_finetuned, make_manifest
+from test_sample import HostWork, build_inputs, commit_finetuned, make_manifest
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +127,33 @@ def test_reference_set_is_the_targets_own_training_list(inputs, private_images, 
     assert reference["age_true"].tolist() == [61.0, 61.0, 35.0] and reference["sex_true"].tolist() == ["M", "M", "F"]
     assert store.read_commit(layout.reference_prefix("cnn"))["metadata"]["source"] == "targets/cnn/train_images.csv"
     assert len(_scores(store, "cnn", 1)[0]) == 2
+
+
+def test_scoring_loop_copies_predictions_once_and_encodes_pngs_in_a_writer_thread(inputs, tmp_path):
+    """score encoded every PNG in the GPU loop (a copy to the host per image) and copied each batch's predictions
+    to the host: waits for the device per image and per batch. Now predictions stay on the device until the shard
+    is done and a writer thread encodes the PNGs, all before the commit: three batches cost the loop's thread the
+    copies one does, and the files and rows are those of the old loop (test above)."""
+    from reid_batch.artifacts import load_demographic_model
+    from reid_batch.models.pggan import load_generator
+
+    main_thread = {}
+    for count in (4, 12):
+        manifest = make_manifest(inputs, str(tmp_path / f"n{count}"))
+        generator, _ = load_generator(inputs["finetuned"], format="reid")
+        model = load_demographic_model(manifest)
+        sizer = generation.BatchSizer(4, torch.device("cpu"), count)
+        selected = np.arange(100, 100 + count)
+        with pytest.MonkeyPatch.context() as patch:
+            work = HostWork(patch)
+            scoring.score_shard(manifest, manifest.targets[0], 0, selected, generator, model, torch.device("cpu"),
+                                sizer)
+        main_thread[count] = work.on_main_thread()
+        assert sum(n for name, n in work.pngs.items() if name.startswith("png-writer")) == count
+        store = run_store(manifest)
+        assert store.is_committed(layout.scores_prefix("cnn", 0))
+        rows = _scores(store, "cnn", 1)[0]
+        assert rows["id"].tolist() == selected.tolist() and rows["age"].notna().all()
+        keys = [k for k in store.list(layout.scores_prefix("cnn", 0)) if k.endswith(".png")]
+        assert len(keys) == count
+    assert main_thread[12] == main_thread[4] and main_thread[4][1] == 0, main_thread

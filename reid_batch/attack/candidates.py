@@ -78,11 +78,12 @@ class CandidateScorer:
     def score(self, ids: np.ndarray, shard: int, keep_images: bool = False) -> tuple[dict[str, np.ndarray], Tensor | None]:
         """Columns for candidates `ids` (in order), and their [0, 1] images on the CPU if asked."""
         columns, images = self.score_on_device(ids, shard, keep_images)
-        return to_numpy_columns(columns), images
+        return to_numpy_columns(columns), (images.cpu() if images is not None else None)
 
     def score_on_device(self, ids: np.ndarray, shard: int, keep_images: bool = False) -> tuple[dict, Tensor | None]:
-        """As `score`, but the computed columns stay tensors on the device: no host-device sync per batch; the
-        caller moves a whole chunk at once (`concat_columns`)."""
+        """As `score`, but the computed columns, and the images if asked, stay tensors on the device: no host-device
+        sync per batch; the caller moves a whole chunk at once (`concat_columns`), and images in a writer thread
+        (formats.png_files_job)."""
         ids = np.asarray(ids, dtype=np.int64)
         images = regenerate_images(self.generator, ids, self.seed, self.device)  # float32: the one rendering rule
         with torch.inference_mode():
@@ -102,7 +103,7 @@ class CandidateScorer:
         columns["objective_total"] = result.per_sample_total.float()
         columns["mahalanobis"] = self.gaussian.distances(result.features.float(), on_device=True)
         columns.update(image_statistics(images))
-        return columns, (images.cpu() if keep_images else None)
+        return columns, (images if keep_images else None)
 
     def table(self, columns: dict[str, np.ndarray]) -> pa.Table:
         return pa.Table.from_arrays([pa.array(columns[f.name], type=f.type) for f in self.schema], schema=self.schema)

@@ -152,6 +152,22 @@ def requested_classes(latents: Tensor, num_classes: int) -> Tensor:
     return latent_bins(latents[:, 0], 2 if num_classes == 1 else num_classes)
 
 
+def check_classes(classes: Tensor, n: int, k: int) -> None:
+    """Refuse classes that are not one per sample in [0, k). On a CPU the values are read (ValueError). On a GPU,
+    reading min and max to the host made every fine-tuning step wait for the device; a device-side assertion checks
+    the same without waiting (it stops the process at the next synchronisation, with this message)."""
+    if classes.shape != (n,):
+        raise ValueError(f"classes must be ({n},) with values in [0, {k}), got {tuple(classes.shape)}")
+    if not n:
+        return
+    if classes.device.type == "cpu":
+        if int(classes.min()) < 0 or int(classes.max()) >= k:
+            raise ValueError(f"classes must be in [0, {k}), got values from {int(classes.min())} to "
+                             f"{int(classes.max())}")
+        return
+    torch._assert_async(((classes >= 0) & (classes < k)).all(), f"classes must be in [0, {k})")
+
+
 def predicted_classes(logits: Tensor) -> Tensor:
     """The class the target predicts: logit > 0 for a one-logit binary target, else the argmax."""
     if logits.shape[1] == 1:
@@ -725,9 +741,7 @@ class TargetObjective:
             classes = predicted_classes(logits.detach())
         else:
             classes = torch.as_tensor(classes, device=logits.device).long()
-            k = 2 if logits.shape[1] == 1 else logits.shape[1]
-            if classes.shape != (n,) or (n and (int(classes.min()) < 0 or int(classes.max()) >= k)):
-                raise ValueError(f"classes must be ({n},) with values in [0, {k}), got {tuple(classes.shape)}")
+            check_classes(classes, n, 2 if logits.shape[1] == 1 else logits.shape[1])
 
         # Each term gives its per-sample values, the sums to reduce, and how to finish the batch loss from them.
         pending: list[tuple[str, Tensor, list[Tensor], Callable[..., Tensor]]] = []

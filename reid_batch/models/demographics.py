@@ -126,8 +126,12 @@ def demographic_input(images01: torch.Tensor, size: int) -> torch.Tensor:
     return to_model_input(x)
 
 
-def predict_demographics(model, images01: torch.Tensor, size: int) -> dict[str, np.ndarray]:
-    """age, sex_prob, sex for a batch of [0, 1] images (on the model's device)."""
+def predict_demographics(model, images01: torch.Tensor, size: int,
+                         on_device: bool = False) -> dict[str, np.ndarray | torch.Tensor]:
+    """age, sex_prob, sex for a batch of [0, 1] images (on the model's device): numpy arrays, or with `on_device`
+    tensors left on the device (float32, float32, int8), for a caller that moves many batches to the host at once."""
     out = model.predict(demographic_input(images01, size))
+    if on_device:
+        return {"age": out["age"].float(), "sex_prob": out["sex_prob"].float(), "sex": out["sex"].to(torch.int8)}
     return {"age": out["age"].float().cpu().numpy(), "sex_prob": out["sex_prob"].float().cpu().numpy(),
             "sex": out["sex"].to(torch.int8).cpu().numpy()}

@@ -47,7 +47,7 @@ from reid_batch.analysis.leak import GeneratorScores, committed_records, generat
 from reid_batch.analysis.roles import member_patients, patient_number, pool_frame, train_pool
 from reid_batch.analysis.space import FeatureSpace
 from reid_batch.artifacts import load_prior, load_reid_model, require_committed
-from reid_batch.attack.generation import generate_unit, generated_features, id_latents
+from reid_batch.attack.generation import BatchSizer, generate_unit, generated_features, id_latents
 from reid_batch.data.datasets import ImageDataset
 from reid_batch.data.phantoms import WorldConfig, patient_with_id, render_study
 from reid_batch.errors import InputError
@@ -195,7 +195,7 @@ class Calibration:
             first = CALIBRATION_ID_OFFSET + repeat * CALIBRATION_ID_STRIDE
             ids = first + np.arange(2 * count, dtype=np.int64)
             both = generated_features(self.prior, ids, self.manifest.sampling.seed, self.device, self.features,
-                                      GENERATION_BATCH)
+                                      BatchSizer(GENERATION_BATCH, self.device, len(ids)))
             self._candidates[repeat] = (both[:count], both[count:])
         return self._candidates[repeat]
 

@@ -120,7 +120,6 @@ from reid_batch.runtime import SingleProcess, pick_device, run_single_writer, ru
 from reid_batch.storage import input_path
 
 CONFIDENCE = 0.95
-GENERATION_BATCH = 64
 LOADER_BATCH = 64
 GRID_MAX_PAIRS = 24
 THREAT_MODEL = (
@@ -349,10 +348,11 @@ def load_rows(frame: pd.DataFrame, positions: np.ndarray, size: int, on_error: s
     return loaded[[where[int(p)] for p in positions]]
 
 
-def generate(generator, ids: np.ndarray, seed: int, device: torch.device) -> torch.Tensor:
-    """[0, 1] grey CPU images of latent ids, batch by batch."""
-    parts = [to_grey(regenerate_images(generator, ids[i:i + GENERATION_BATCH], seed, device)).cpu()
-             for i in range(0, len(ids), GENERATION_BATCH)]
+def generate(generator, ids: np.ndarray, seed: int, device: torch.device, sizer: BatchSizer) -> torch.Tensor:
+    """[0, 1] grey CPU images of latent ids, batch by batch through `sizer` (an `auto` one halves on CUDA
+    out-of-memory, as in sampling)."""
+    parts = sizer.run(np.asarray(ids, dtype=np.int64),
+                      lambda batch: to_grey(regenerate_images(generator, batch, seed, device)).cpu())
     size = generator.config.resolution
     return torch.cat(parts) if parts else torch.zeros(0, 1, size, size)
 
@@ -375,6 +375,17 @@ class Shared:
     prior_candidate_demographics: dict[str, np.ndarray] | None = None
     demographic_model: object | None = None
     prior_identity: dict = field(default_factory=dict)  # the prior's identity-control result, per gallery
+    sizer: BatchSizer | None = None  # every generation and target pass of this call; see generation_sizer
+
+    def generation_sizer(self, manifest: Manifest, device: torch.device, resolution: int) -> BatchSizer:
+        """The one batch sizer of this `evaluate` call (`sampling.batch_size`, as sampling and score use): `auto`
+        halves on CUDA out-of-memory, and a size that had to be halved stays halved for the next set and target
+        rather than running out of memory again."""
+        if self.sizer is None:
+            settings = manifest.evaluation
+            largest = max(settings.num_images, settings.membership_candidates, 1)
+            self.sizer = BatchSizer(manifest.sampling.batch_size, device, largest, resolution ** 2)
+        return self.sizer
 
     def feature_space(self, manifest: Manifest, device: torch.device) -> FeatureSpace:
         if self.space is None:
@@ -429,10 +440,11 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
     finetuned = load_finetuned_generator(manifest, spec.name).to(device).eval()
     space = shared.feature_space(manifest, device)
     resolution = finetuned.config.resolution
+    sizer = shared.generation_sizer(manifest, device, resolution)
 
     sets, training, origin, on_error = _stage1_sets(manifest, spec, shared, finetuned, device, notes, space)
     stage1, kurtosis_png = _stage1_metrics(manifest, shared, sets, device)
-    likely = _likely_samples(store, manifest, spec, finetuned, device, space)
+    likely = _likely_samples(store, manifest, spec, finetuned, device, space, sizer)
     neighbours, stage2, demographics = _neighbours_and_demographics(manifest, spec, likely, training, origin,
                                                                      on_error, resolution, notes, space)
     reid = _reidentify(manifest, spec, training, OTHER_POOL[train_pool(spec)], likely, notes, resolution, space)
@@ -465,9 +477,10 @@ def _stage1_sets(manifest: Manifest, spec: TargetSpec, shared: Shared, finetuned
     stage1_ids = STAGE1_ID_OFFSET + np.arange(settings.num_images, dtype=np.int64)
     if shared.prior_images is None:
         prior = load_prior(manifest).to(device).eval()
-        shared.prior_images = generate(prior, stage1_ids, settings.seed, device)
+        shared.prior_images = generate(prior, stage1_ids, settings.seed, device, shared.sizer)
         del prior
-    sets = {"prior": shared.prior_images, "finetuned": generate(finetuned, stage1_ids, settings.seed, device)}
+    sets = {"prior": shared.prior_images,
+            "finetuned": generate(finetuned, stage1_ids, settings.seed, device, shared.sizer)}
 
     # The target's training images: the nearest-neighbour pool, and a sample of them is stage 1's reference set.
     found = reference_images(manifest, spec)
@@ -528,11 +541,11 @@ class LikelySamples:
 
 
 def _likely_samples(store, manifest: Manifest, spec: TargetSpec, finetuned, device,
-                    space: FeatureSpace) -> LikelySamples:
+                    space: FeatureSpace, sizer: BatchSizer) -> LikelySamples:
     selection = store.read_parquet(f"{selection_prefix(spec.name)}/{SELECTION_FILE}").to_pandas().sort_values("id")
     thresholds = store.read_json(f"{selection_prefix(spec.name)}/{THRESHOLDS_FILE}")
     ids = selection["id"].to_numpy(dtype=np.int64)
-    reconstructions = generate(finetuned, ids, manifest.sampling.seed, device)
+    reconstructions = generate(finetuned, ids, manifest.sampling.seed, device, sizer)
     scores, reference_scores = _read_predictions(store, manifest, spec)
     missing_scores = sorted(set(ids.tolist()) - set(scores.index.tolist()))
     if missing_scores:
@@ -725,13 +738,13 @@ def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space
         prior = load_prior(manifest).to(device).eval()
         predicted = []
         shared.prior_candidate_features = generated_features(
-            prior, ids, manifest.sampling.seed, device, space, GENERATION_BATCH,
+            prior, ids, manifest.sampling.seed, device, space, shared.sizer,
             _demographics_sink(manifest, shared, device, predicted) if wanted else None)
         if wanted:
             shared.prior_candidate_demographics = _joined(predicted)
         del prior
     predicted = []
-    attacked = generated_features(finetuned, ids, manifest.sampling.seed, device, space, GENERATION_BATCH,
+    attacked = generated_features(finetuned, ids, manifest.sampling.seed, device, space, shared.sizer,
                                   _demographics_sink(manifest, shared, device, predicted) if wanted else None)
     attacked_demographics = _joined(predicted) if wanted else None
     scores = {name: generator_scores(loaded.features, codes, len(patient_ids), features)
@@ -792,8 +805,9 @@ def _candidate_demographics(manifest: Manifest, shared: Shared, generator, ids: 
     parts = []
     sink = _demographics_sink(manifest, shared, device, parts)
     with torch.inference_mode():
-        for start in range(0, len(ids), GENERATION_BATCH):
-            sink(regenerate_images(generator, ids[start:start + GENERATION_BATCH], manifest.sampling.seed, device))
+        # The sink appends only once its prediction succeeded: a batch retried smaller leaves no partial result.
+        shared.sizer.run(np.asarray(ids, dtype=np.int64),
+                         lambda batch: sink(regenerate_images(generator, batch, manifest.sampling.seed, device)))
     return _joined(parts)
 
 
@@ -831,11 +845,12 @@ def _population_shift(manifest: Manifest, spec: TargetSpec, finetuned, shared: S
 
 @torch.inference_mode()
 def _target_probabilities(manifest: Manifest, spec: TargetSpec, images01: torch.Tensor, classes: int,
-                          device) -> torch.Tensor:
-    """(N, classes) softmax of the frozen target on [0, 1] images, batch by batch."""
+                          device, sizer: BatchSizer) -> torch.Tensor:
+    """(N, classes) softmax of the frozen target on [0, 1] images, batch by batch through `sizer`."""
     model = load_attack_target(manifest, spec)[0].to(device).eval()
-    logits = [model(to_target_input(images01[i:i + GENERATION_BATCH].to(device), target_input_spec(spec))).float().cpu()
-              for i in range(0, len(images01), GENERATION_BATCH)]
+    input_spec = target_input_spec(spec)
+    logits = sizer.run(np.arange(len(images01)),
+                       lambda rows: model(to_target_input(images01[rows].to(device), input_spec)).float().cpu())
     return torch.softmax(torch.cat(logits), dim=1) if logits else torch.zeros(0, classes)
 
 
@@ -864,7 +879,7 @@ def _identity(manifest: Manifest, spec: TargetSpec, likely: LikelySamples, raw_f
         return identity_control(features, classes, gallery.features, gallery_patient, np.arange(k), sexes,
                                 bootstrap=settings.leak_bootstrap, seed=settings.seed, confidence=CONFIDENCE)
 
-    probabilities = _target_probabilities(manifest, spec, likely.reconstructions, k, device)
+    probabilities = _target_probabilities(manifest, spec, likely.reconstructions, k, device, shared.sizer)
     asked = requested_classes(latents_for_ids(seed, likely.ids, latent_dim), k)
     result = {
         "role": sets.role, "classes": k,
@@ -950,8 +965,7 @@ def _selected_leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shar
         return {"available": False, "reason": "the rule selects nothing from one of the pools", **counts}
     attacked_ids = _best_by_combined_rank(attacked, compared)
     null_positions = _best_by_combined_rank(null, compared)
-    attacked_features = generated_features(finetuned, attacked_ids, sampling.seed, device, space,
-                                           GENERATION_BATCH)
+    attacked_features = generated_features(finetuned, attacked_ids, sampling.seed, device, space, shared.sizer)
     null_features = shared.prior_candidate_features[null_positions]
     patients = len(member)
     result = leak_test(member, generator_scores(features, codes, patients, attacked_features),

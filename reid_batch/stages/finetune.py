@@ -15,15 +15,20 @@ One code path for 1 CPU process, N CPU processes (gloo) and N GPUs on M nodes, t
   all-reduce (torch.distributed.nn.functional.all_reduce), whose backward sums the upstream gradient over
   processes. Each process's generator gradient is then W times its own samples' share of the global loss's
   gradient, and DDP's averaging divides by W: the update is the gradient of the global loss, exactly what one
-  process with the whole batch computes (tests/test_finetune.py checks 2 x 8 against 1 x 16). No loss scaling.
+  process with the whole batch computes (tests/test_finetune.py checks 2 x 8 against 1 x 16).
+* fp16 on CUDA is loss-scaled: Accelerate multiplies the loss by its GradScaler's scale in `backward`, unscales
+  the gradients before clipping, skips a step whose gradients overflowed (halving the scale) and doubles the scale
+  after 2000 clean steps. (bf16 and float32 need no scaling; Accelerate builds no scaler for them, nor on a CPU.)
 * The generator is DDP-wrapped by `accelerator.prepare`. The toRGB layers of the coarser scales take no part in
   a full-resolution forward pass; they are frozen (and saved unchanged) so DDP sees no unused parameters.
 
 Resumable: every `checkpoint_every` steps the main process commits <target>/finetune-checkpoints/step-<NNNNNNN>/
-(state.pt: generator, Adam state, step, loss rows, elapsed seconds, a settings fingerprint); only committed
+(state.pt: generator, Adam state, the fp16 GradScaler's state, step, loss rows, elapsed seconds, a settings
+fingerprint); only committed
 checkpoints are loaded, the last two are kept, and all are deleted once the output is committed. Because latents
 come from (seed, id) and Adam's state is restored, a run killed and resumed ends with the generator an
-uninterrupted run ends with (bit for bit on CPU).
+uninterrupted run ends with (bit for bit on CPU). The GradScaler's state is part of it: a resume that restarted
+at the default scale of 65536 would overflow and skip the first steps again, and then grow on another schedule.
 
 ViT targets (and GroupNorm CNNs, e.g. DP-SGD targets) store no running statistics: reference statistics are measured once through the frozen target on the
 prior's own samples (`objective.reference.source: prior`) or on public-pool images (`public`), shared out over the
@@ -58,7 +63,8 @@ from torch.distributed.nn.functional import all_reduce
 from reid_batch import log, preemption
 from reid_batch.artifacts import load_attack_target, load_prior, load_prior_discriminator
 from reid_batch.attack.generation import effective_mixed_precision, generate_unit, id_latents, target_input_spec
-from reid_batch.attack.objectives import TargetObjective, assign_classes, condition_latents, needs_reference_stats
+from reid_batch.attack.objectives import (TargetObjective, assign_classes, check_classes, condition_latents,
+                                         needs_reference_stats)
 from reid_batch.attack.reference import reference_stats
 from reid_batch.errors import InputError
 from reid_batch.formats import grid_png, parquet_bytes
@@ -156,9 +162,16 @@ class Finetuner:
     critic: nn.Module | None = None  # finetune.discriminator: frozen, on the device
     critic_weight: float = 0.0
     per_process: int = field(init=False)
+    classes: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         self.per_process = check_batch_size(self.spec.batch_size, self.accelerator.num_processes)
+        # The same classes every step (they depend on the process's slice, not on the step): made and checked once
+        # on the host, copied to the device once.
+        classes = assign_classes(self.per_process, self.num_classes,
+                                 offset=self.accelerator.process_index * self.per_process)
+        check_classes(classes, self.per_process, 2 if self.num_classes == 1 else self.num_classes)
+        self.classes = classes.to(self.accelerator.device)
 
     def step(self, step: int) -> dict[str, float]:
         """Train on step `step`'s batch; returns the global unweighted terms, the weighted 'total' and the
@@ -167,8 +180,7 @@ class Finetuner:
         rank = accelerator.process_index
         ids = step_ids(step, self.spec.batch_size, rank, self.per_process)
         latents = latents_for_ids(self.spec.seed, ids, self.latent_dim).to(accelerator.device)
-        classes = assign_classes(self.per_process, self.num_classes, offset=rank * self.per_process,
-                                 device=accelerator.device)
+        classes = self.classes
         if "logits" in self.objective.weights:
             latents = condition_latents(latents, classes, self.num_classes)
         self.optimizer.zero_grad(set_to_none=True)
@@ -270,10 +282,34 @@ def _train_step(trainer, step: int, rows: list[dict], seconds_before: float, sta
     return done
 
 
+def scaler_state(scaler) -> dict | None:
+    """The fp16 GradScaler's state for a checkpoint: plain floats and ints (scale, growth tracker, factors), so
+    the checkpoint still loads with weights_only=True. None when there is no scaler (bf16, float32, a CPU)."""
+    return None if scaler is None else dict(scaler.state_dict())
+
+
+def restore_scaler(scaler, saved: dict | None, target: str) -> None:
+    """Put a checkpoint's GradScaler state back. A checkpoint from a run without a scaler (fp16 asked on a machine
+    that ran float32, or a checkpoint from before scalers were saved) leaves the fresh scaler and says so; a saved
+    state with no scaler to receive it (resumed where fp16 does not apply) is dropped, also with an event."""
+    if scaler is None:
+        if saved:
+            log.event("loss_scale_not_restored", target=target, reason="this run does not scale the loss",
+                      saved_scale=saved.get("scale"))
+        return
+    if not saved:
+        log.event("loss_scale_not_restored", target=target, reason="the checkpoint holds no scaler state",
+                  scale=scaler.get_scale())
+        return
+    scaler.load_state_dict(saved)
+    log.event("loss_scale_restored", target=target, scale=saved.get("scale"),
+              growth_tracker=saved.get("_growth_tracker"))
+
+
 def resume_from_checkpoint(store, spec: TargetSpec, fs: FinetuneSpec, fingerprint: str, generator: nn.Module,
-                           optimizer) -> tuple[list[dict], int, float]:
-    """Load the newest committed checkpoint into the generator and optimizer, if there is one, refusing one of other
-    settings: (loss rows so far, steps done, seconds spent)."""
+                           optimizer, scaler=None) -> tuple[list[dict], int, float]:
+    """Load the newest committed checkpoint into the generator, optimizer and fp16 GradScaler (`scaler`, None
+    without one), if there is one, refusing one of other settings: (loss rows so far, steps done, seconds spent)."""
     committed, _ = list_checkpoints(store, spec.name)
     if not committed:
         return [], 0, 0.0
@@ -288,6 +324,7 @@ def resume_from_checkpoint(store, spec: TargetSpec, fs: FinetuneSpec, fingerprin
                          "for", where="finetune.steps")
     generator.load_state_dict(state["generator"])
     optimizer.load_state_dict(state["optimizer"])
+    restore_scaler(scaler, state.get("scaler"), spec.name)
     start = int(state["step"])
     log.event("finetune_resumed", target=spec.name, step=start, uri=store.uri(key))
     return list(state["losses"]), start, float(state["seconds"])
@@ -366,7 +403,8 @@ def finetune_target(manifest: Manifest, index: int, accelerator,
         groups.append({"params": offsets, "lr": spec.objective.class_offset_lr})
     optimizer = torch.optim.Adam(groups, lr=fs.lr, betas=tuple(fs.betas))
     fingerprint = settings_fingerprint(manifest, spec)
-    rows, start, seconds_before = resume_from_checkpoint(store, spec, fs, fingerprint, generator, optimizer)
+    rows, start, seconds_before = resume_from_checkpoint(store, spec, fs, fingerprint, generator, optimizer,
+                                                         accelerator.scaler)
     # No process may see a checkpoint the main process writes during training as its starting point.
     accelerator.wait_for_everyone()
 
@@ -395,6 +433,7 @@ def finetune_target(manifest: Manifest, index: int, accelerator,
             save_state(out, FINETUNE_STATE_FILE, {
                 "generator": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()},
                 "optimizer": prepared_optimizer.state_dict(),
+                "scaler": scaler_state(accelerator.scaler),
                 "step": done, "losses": rows, "seconds": seconds, "fingerprint": fingerprint,
             })
         prune_checkpoints(store, spec.name)
@@ -419,6 +458,8 @@ def finetune_target(manifest: Manifest, index: int, accelerator,
     record = finetune_record(spec, fs, objective, num_classes, reference_info, world, device, start, total_seconds,
                              rows)
     record["mixed_precision_used"] = accelerator.mixed_precision
+    # The fp16 loss scale reached: one far below 65536 says the gradients overflowed often (steps were skipped).
+    record["loss_scale"] = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
     objective.close()
     if main:
         with store.committed(output, {"stage": "finetune", "target": spec.name, "steps": fs.steps}) as out:

@@ -27,9 +27,11 @@ Under Accelerate, every process of a task takes a contiguous part of each chunk'
 chunk, and all processes then move to the next chunk together. Forward passes run under `torch.inference_mode()`,
 with autocast (bf16 or fp16, `sampling.mixed_precision`) on CUDA for the TARGET only: the generator renders
 in float32 in every stage (generation.regenerate_images), so sample, score and evaluate see the same images;
-statistics are always computed in float32 or float64. `sampling.batch_size: auto` is 256 on a CPU; on CUDA it starts at the largest power of two up to
-4096 that a process's share of a chunk needs and halves on every out-of-memory error until a batch fits. Memory
-stays flat: only one chunk's rows (and no images) are ever held.
+statistics are always computed in float32 or float64. `sampling.batch_size: auto` is 256 on a CPU (fewer for
+large images); on CUDA a probe batch of 8 measures one candidate's peak memory and the size is the largest power of
+two (at most 4096, and no more than a process's share of a chunk) that fills 80 % of the free memory; it halves on
+every out-of-memory error until a batch fits, and grows back after a run of good batches (generation.BatchSizer).
+Memory stays flat: only one chunk's rows (and no images) are ever held.
 
 Row schema (one row per candidate; float32 unless noted)
 --------------------------------------------------------
@@ -57,9 +59,7 @@ import contextlib
 import json
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -72,12 +72,12 @@ from reid_batch.attack.candidates import CandidateScorer, build_scorer, concat_c
 from reid_batch.attack.generation import BatchSizer, effective_mixed_precision
 from reid_batch.attack.reference import gather_object_list, my_share
 from reid_batch.errors import InputError
-from reid_batch.formats import png_bytes
+from reid_batch.formats import png_files_job
 from reid_batch.layout import (CHUNK_FILE, SUMMARY_FILE, chunk_bounds, chunk_prefix, image_key, shard_bounds,
                                shard_prefix)
 from reid_batch.manifest import Manifest, TargetSpec
 from reid_batch.runtime import check_shard, chosen_targets, pick_device, run_store
-from reid_batch.storage import COMMIT_MARKER
+from reid_batch.storage import COMMIT_MARKER, BackgroundWriter
 
 PLAN_FORMAT = 1
 _CHUNK_MARKER = re.compile(rf"^chunk=(\d+)/{re.escape(COMMIT_MARKER)}$")
@@ -92,28 +92,14 @@ _CHUNK_MARKER = re.compile(rf"^chunk=(\d+)/{re.escape(COMMIT_MARKER)}$")
 # ------------------------------------------------------------------------------------------------ the pure core
 
 
-class ChunkWriter:
-    """Commits chunks on one background thread while the next chunk computes. At most one commit waits behind the
-    one being written (so at most two chunks' rows are held); commits run in submission order; the first failure
-    is raised by the next submit() or by close(), which waits for every commit."""
+class ChunkWriter(BackgroundWriter):
+    """Commits chunks, and writes `save_images` PNGs, on one background thread while the next batch computes. At
+    most two jobs wait behind the one being written (so at most two chunks' rows, or batches' images, are held);
+    jobs run in submission order, so a chunk's images are written before its commit; the first failure is raised by
+    the next submit() or by close(), which waits for every job."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-writer")
-        self._pending: list = []
-
-    def submit(self, commit: Callable[[], None]) -> None:
-        while len(self._pending) >= 2:
-            self._pending.pop(0).result()
-        self._pending.append(self._pool.submit(commit))
-
-    def close(self) -> None:
-        try:
-            while self._pending:
-                self._pending.pop(0).result()
-        finally:
-            for future in self._pending:
-                future.cancel()
-            self._pool.shutdown(wait=True)
+        super().__init__("chunk-writer")
 
 
 # ------------------------------------------------------------------------------------------------ reference statistics
@@ -206,12 +192,17 @@ def _sample_shard(manifest: Manifest, spec: TargetSpec, shard: int, plan: dict, 
 
             def work(batch: np.ndarray) -> dict:
                 columns, images = scorer.score_on_device(batch, shard, keep_images=sampling.save_images)
-                if images is not None:
-                    for candidate, image in zip(batch.tolist(), images):
-                        store.write_bytes(image_key(spec.name, shard, candidate), png_bytes(image))
+                if images is not None:  # the batch's last step: a batch retried after out-of-memory wrote nothing
+                    keys = [image_key(spec.name, shard, candidate) for candidate in batch.tolist()]
+                    chunk_writer.submit(png_files_job(images, keys, store.write_bytes))
                 return columns
 
             local = concat_columns(sizer.run(ids, work))
+            if not main and sampling.save_images:
+                # The main process commits the chunk once the rows are gathered; this process's images must be
+                # written by then, or a task killed after the commit would resume without them. (The main process's
+                # own images are ahead of its commit in the writer's queue.)
+                chunk_writer.drain()
             gathered = gather_object_list(accelerator, local)
             if main:
                 columns = concat_columns(gathered)

@@ -20,6 +20,8 @@ A committed prefix is left as it is on a re-run.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -28,13 +30,15 @@ import torch
 from reid_batch import log
 from reid_batch.analysis.roles import reference_images
 from reid_batch.artifacts import load_demographic_model, load_finetuned_generator, selected_ids
+from reid_batch.attack.candidates import concat_columns
 from reid_batch.attack.generation import BatchSizer, regenerate_images
 from reid_batch.data.datasets import ImageDataset
-from reid_batch.formats import png_bytes
+from reid_batch.formats import png_files_job
 from reid_batch.layout import SCORES_FILE, reference_prefix, score_image_key, scores_prefix
 from reid_batch.manifest import Manifest, TargetSpec
 from reid_batch.models.demographics import predict_demographics
 from reid_batch.runtime import check_shard, pick_device, run_single_writer, run_store
+from reid_batch.storage import BackgroundWriter
 
 SCORE_SCHEMA = pa.schema([
     pa.field("id", pa.int64()), pa.field("age", pa.float32()), pa.field("sex_prob", pa.float32()),
@@ -64,15 +68,25 @@ def score_shard(manifest: Manifest, spec: TargetSpec, shard: int, selected: np.n
     ids = shard_of_selected(selected, manifest.demographics.num_shards, shard)
     size = manifest.demographics.image_size
     with store.committed(prefix, {"stage": "score", "target": spec.name, "shard": shard, "ids": len(ids)}) as out:
+        # The GPU loop only renders and predicts: predictions stay on the device until the shard is done (one copy),
+        # and the PNGs are encoded and written by a writer thread (formats.png_files_job), all before the commit.
+        writer = BackgroundWriter("png-writer")
 
-        def work(batch: np.ndarray) -> dict[str, np.ndarray]:
+        def work(batch: np.ndarray) -> dict:
             images = regenerate_images(generator, batch, manifest.sampling.seed, device)
-            for candidate, image in zip(batch.tolist(), images):
-                out.write_bytes(score_image_key(candidate), png_bytes(image))
-            return {"id": batch, **predict_demographics(model, images, size)}
+            predicted = predict_demographics(model, images, size, on_device=True)
+            # The batch's last step: a batch retried after out-of-memory has written nothing.
+            writer.submit(png_files_job(images, [score_image_key(c) for c in batch.tolist()], out.write_bytes))
+            return {"id": batch, **predicted}
 
-        parts = sizer.run(ids, work)
-        columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else \
+        try:
+            parts = sizer.run(ids, work)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                writer.close()
+            raise
+        writer.close()  # every PNG written (or the writer's first failure raised) before the parquet and the commit
+        columns = concat_columns(parts) if parts else \
             {"id": ids, "age": np.empty(0), "sex_prob": np.empty(0), "sex": np.empty(0, np.int8)}
         table = pa.Table.from_pydict(_with_labels(columns), schema=SCORE_SCHEMA)
         with out.parquet_writer(SCORES_FILE, SCORE_SCHEMA, manifest.sampling.row_group_size) as writer:
