@@ -47,9 +47,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("train-target", "train the target model(s)", "train_target:run", needs=("make-phantoms",)),
     Stage("train-demographics", "train the age/sex model", "train_demographics:run", per_target=False,
           needs=("make-phantoms",)),
+    # Before any sampling shard: the one Gaussian every shard scores against (selection.mahalanobis ledoit_wolf).
+    Stage("mahalanobis-reference", "fit and commit the Ledoit-Wolf Gaussian of selection.mahalanobis",
+          "mahalanobis_reference:run", needs=("train-prior", "train-target")),
     Stage("finetune", "stage 1: fine-tune the generator toward a target", "finetune:run",
           needs=("train-prior", "train-target")),
-    Stage("sample", "sample candidates, score them, write Parquet shards", "sample:sample", needs=("finetune",),
+    Stage("sample", "sample candidates, score them, write Parquet shards", "sample:sample",
+          needs=("finetune", "mahalanobis-reference"),
           shards=lambda manifest: manifest.sampling.num_shards),
     Stage("select", "stage 2: keep candidates low on objective and Mahalanobis", "select:select", needs=("sample",)),
     Stage("score", "predict age and sex of the selected candidates", "score:score",
@@ -78,7 +82,8 @@ class Job:
 
 
 JOBS: tuple[Job, ...] = (
-    Job("prepare", ("make-phantoms", "train-prior", "train-reid", "train-target", "train-demographics")),
+    Job("prepare", ("make-phantoms", "train-prior", "train-reid", "train-target", "train-demographics",
+                    "mahalanobis-reference")),
     Job("finetune", ("finetune",), distributed=True),
     Job("sample", ("sample",), array=True),
     Job("select", ("select",), uses_gpu=False),

@@ -199,7 +199,7 @@ def test_resources_gpus_stage_order_and_names(rendered):
     _, study = by_kind(rendered["study"])
     assert list(study) == ["prepare", "finetune", "sample", "select", "score", "report"]
     assert [c["name"] for c in pod_containers(study["prepare"])] == \
-        ["make-phantoms", "train-prior", "train-reid", "train-target", "train-demographics"]
+        ["make-phantoms", "train-prior", "train-reid", "train-target", "train-demographics", "mahalanobis-reference"]
     assert [c["name"] for c in pod_containers(study["report"])] == ["evaluate", "calibrate", "report"]
     assert pod_containers(study["sample"])[0]["resources"]["limits"][deploy.GPU_RESOURCE] == 1
     assert deploy.GPU_RESOURCE not in pod_containers(study["select"])[0]["resources"]["limits"]

@@ -95,7 +95,7 @@ def test_dry_run_chains_every_job_afterok_with_arrays_sized_from_the_manifest(tm
     prepare = (tmp_path / "logs" / "jobs" / "prepare.sh").read_text()
     assert [line.split()[:2] for line in prepare.splitlines() if line.startswith("reid-batch")] == \
         [["reid-batch", stage] for stage in ("make-phantoms", "train-prior", "train-reid", "train-target",
-                                             "train-demographics")]
+                                             "train-demographics", "mahalanobis-reference")]
     assert (tmp_path / "logs" / "jobs" / "report.sh").read_text().splitlines()[-3:] == \
         ["reid-batch evaluate tiny.yaml", "reid-batch calibrate tiny.yaml", "reid-batch report tiny.yaml"]
 
