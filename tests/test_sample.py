@@ -662,6 +662,10 @@ def test_shards_of_a_target_score_against_one_committed_ledoit_wolf_gaussian_fit
                     for k in (0, 1)}
     assert fingerprints == {store.read_commit(prefix)["metadata"]["fingerprint"]}
     assert select.select(alone) == 0
+    # The same Gaussian gives the same bytes (safetensors wrote its metadata map in hash order: bytes differed).
+    stored = store.read_bytes(f"{prefix}/{layout.GAUSSIAN_FILE}")
+    assert reference._gaussian_bytes(reference.read_committed_ledoit_wolf(
+        store, alone.targets[0], store.read_commit(prefix)["metadata"]["identity"])) == stored
 
     # A committed reference fitted for other settings is refused, never silently replaced or mixed.
     changed = make_manifest(inputs, str(tmp_path / "alone"), sampling_options=options,

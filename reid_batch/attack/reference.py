@@ -243,9 +243,12 @@ def ledoit_wolf_identity(manifest: Manifest, spec: TargetSpec, model: nn.Module,
 def _gaussian_bytes(model: mahalanobis.MahalanobisModel) -> bytes:
     # The Cholesky factor itself is stored, not the covariance: re-deriving it on each reader (eigvalsh, cholesky on
     # another CPU's BLAS) could differ in the last bits, and the point is one Gaussian, bit for bit.
-    summary = {"source": model.source, "regularisation": model.regularisation, "details": model.details}
+    # One metadata entry: safetensors writes its metadata map in hash order, and two entries made the bytes of the
+    # same Gaussian differ from one process to the next.
+    summary = {"source": model.source, "regularisation": model.regularisation, "details": model.details,
+               "fingerprint": model.fingerprint()}
     return save_tensors({"mean": model.mean.contiguous(), "factor": model.factor.contiguous()},
-                        metadata={"summary": json.dumps(summary, sort_keys=True), "fingerprint": model.fingerprint()})
+                        metadata={"gaussian": json.dumps(summary, sort_keys=True)})
 
 
 def read_committed_ledoit_wolf(store, spec: TargetSpec, identity: dict) -> mahalanobis.MahalanobisModel | None:
@@ -262,11 +265,10 @@ def read_committed_ledoit_wolf(store, spec: TargetSpec, identity: dict) -> mahal
                          where=store.uri(prefix))
     data = store.read_bytes(f"{prefix}/{GAUSSIAN_FILE}")
     tensors = load_tensors(data)
-    metadata = _safetensors_metadata(data)
-    summary = json.loads(metadata["summary"])
+    summary = json.loads(_safetensors_metadata(data)["gaussian"])
     model = mahalanobis.MahalanobisModel(tensors["mean"], tensors["factor"], False, summary["source"],
                                          summary["regularisation"], summary["details"])
-    if model.fingerprint() != metadata.get("fingerprint"):
+    if model.fingerprint() != summary["fingerprint"]:
         raise RuntimeError(f"{store.uri(f'{prefix}/{GAUSSIAN_FILE}')}: the stored Gaussian does not match its "
                            "recorded fingerprint")
     return model
