@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor, nn
@@ -293,8 +293,20 @@ def shared_ledoit_wolf(manifest: Manifest, spec: TargetSpec, objective, accelera
     prior = load_prior(manifest)
     identity = ledoit_wolf_identity(manifest, spec, objective.model, prior)
     prefix = mahalanobis_reference_prefix(spec.name)
-    committed = read_committed_ledoit_wolf(store, spec, identity)
-    if committed is not None:
+    # The main process decides for all (read or fit): were each process to look for itself, a commit landing between
+    # their looks would send some into the fit's collective gather and leave them waiting for the others forever.
+    decision: list = [None]
+    if accelerator.is_main_process:
+        try:
+            decision = [read_committed_ledoit_wolf(store, spec, identity) is not None]
+        except InputError as error:
+            decision = [error]  # every process must learn of it, or the others would wait for the broadcast
+    if accelerator.num_processes > 1:
+        broadcast_object_list(decision)
+    if isinstance(decision[0], Exception):
+        raise decision[0]
+    if decision[0]:
+        committed = read_committed_ledoit_wolf(store, spec, identity)
         log.event("mahalanobis_reference_read", target=spec.name, uri=store.uri(prefix),
                   fingerprint=committed.fingerprint())
         return committed
