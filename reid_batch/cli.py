@@ -22,7 +22,7 @@ from reid_batch.errors import EXIT_FAILURE, EXIT_INVALID_INPUT, EXIT_OK, InputEr
 from reid_batch.manifest import load_manifest, parse_manifest
 from reid_batch.preemption import Preempted, check, describe, handle_termination
 from reid_batch.layout import JSON_FILE, HTML_FILE, RUN_LOG, report_prefix, task_log_key
-from reid_batch.registry import BY_NAME, STAGES
+from reid_batch.registry import ARRAY_OVER_TARGET_SHARDS, ARRAY_OVER_TARGETS, BY_NAME, STAGES, array_task
 from reid_batch.runner import Outcome, logged_task, resolve_jobs, run_parallel, save_task_log, stage_log_key
 
 def demo_manifest_path() -> str:
@@ -40,18 +40,42 @@ def resolve_shard(args: argparse.Namespace, num_shards: int) -> int | None:
         raise InputError(f"--num-shards {args.num_shards} differs from the manifest's {num_shards}", "--num-shards")
     shard = args.shard
     source = "--shard"
-    if shard is None:
-        for variable in ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
-            if os.environ.get(variable, "") != "":
-                source = variable
-                try:
-                    shard = int(os.environ[variable])
-                except ValueError:
-                    raise InputError(f"not an integer: {os.environ[variable]!r}", variable) from None
-                break
+    if shard is None and (found := task_index()) is not None:
+        shard, source = found
     if shard is not None and not 0 <= shard < num_shards:
         raise InputError(f"shard {shard} is outside 0..{num_shards - 1}", source)
     return shard
+
+
+TASK_INDEX_VARIABLES = ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX")
+
+
+def task_index() -> tuple[int, str] | None:
+    """The scheduler's array task index and the variable it came from (Slurm's first), None outside an array."""
+    for variable in TASK_INDEX_VARIABLES:
+        if os.environ.get(variable, "") != "":
+            try:
+                return int(os.environ[variable]), variable
+            except ValueError:
+                raise InputError(f"not an integer: {os.environ[variable]!r}", variable) from None
+    return None
+
+
+def resolve_array_task(args: argparse.Namespace, manifest, stage) -> tuple[str, int | None]:
+    """`--array-over targets|target-shards`: the (target, shard) of this array task, from its index mapped through
+    the manifest's target order (see registry.array_task). Only the scheduler's index says which: --target and
+    --shard would contradict it."""
+    for given, flag in ((args.target, "--target"), (getattr(args, "shard", None), "--shard")):
+        if given is not None:
+            raise InputError(f"--array-over {args.array_over} takes the target from the task index; do not give "
+                             f"{flag} too", flag)
+    found = task_index()
+    if found is None:
+        raise InputError(f"--array-over {args.array_over} needs the array task index in "
+                         f"{' or '.join(TASK_INDEX_VARIABLES)}; neither is set (run it as an array task, or give "
+                         "--target)", " / ".join(TASK_INDEX_VARIABLES))
+    index, variable = found
+    return array_task(manifest, stage, args.array_over, index, variable)
 
 
 def _load(args: argparse.Namespace):
@@ -76,10 +100,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
     stage = BY_NAME[args.command]
     target = getattr(args, "target", None)
     kwargs = {}
-    if stage.sharded:
+    if getattr(args, "array_over", None) in (ARRAY_OVER_TARGETS, ARRAY_OVER_TARGET_SHARDS):
+        target, shard = resolve_array_task(args, manifest, stage)
+        if stage.sharded:
+            kwargs["shard"] = shard
+    elif stage.sharded:
         kwargs["shard"] = resolve_shard(args, stage.shard_count(manifest))
     label = stage.name if target is None else f"{stage.name}[{target}]"
     with logged_task(manifest, stage_log_key(stage.name, target, kwargs.get("shard")), label):
+        if getattr(args, "array_over", None) in (ARRAY_OVER_TARGETS, ARRAY_OVER_TARGET_SHARDS):
+            log.event("array_task", stage=stage.name, over=args.array_over, target=target, shard=kwargs.get("shard"))
         code = stage.function()(manifest, target=target, **kwargs) or EXIT_OK
     if stage.name == "report" and code == EXIT_OK:
         _ENDING.update(manifest=manifest, report=report_prefix(target))
@@ -288,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
         if stage.sharded:
             p.add_argument("--shard", type=int, help="shard index (default: SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX)")
             p.add_argument("--num-shards", type=int, help="must equal the manifest's shard count if given")
+        if stage.per_target:
+            choices = [ARRAY_OVER_TARGETS] + ([ARRAY_OVER_TARGET_SHARDS] if stage.sharded else [])
+            p.add_argument("--array-over", choices=choices,
+                           help="an array task of the cluster plan: the task index (SLURM_ARRAY_TASK_ID / "
+                                "JOB_COMPLETION_INDEX) picks the target in the manifest's order"
+                                + (f"; {ARRAY_OVER_TARGET_SHARDS}: target index // num_shards, shard index %% "
+                                   "num_shards" if stage.sharded else ""))
         p.set_defaults(handler=cmd_stage)
 
     def jobs(value: str) -> str | int:
@@ -304,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     def with_selection(p: argparse.ArgumentParser) -> None:
         p.add_argument("manifest", help="job manifest (YAML); only its schema is checked (inputs may live on the cluster)")
         p.add_argument("--stages", help="comma-separated stages to include (default: all)")
-        p.add_argument("--from", dest="start", help="start at this job: prepare, finetune, sample, select, score, report")
+        p.add_argument("--from", dest="start",
+                       help="start at this job: prepare, train-target, finetune, sample, select, score, report")
         p.set_defaults(schema_only=True)
 
     p = command("plan", help="print the jobs, shard counts and the commands that would run them")

@@ -2,13 +2,20 @@
 
 The plan groups the stages into scheduler jobs, each run after the one before it succeeded:
 
-    prepare    make-phantoms, train-prior, train-reid, train-target,           one job, stages in sequence
-               train-demographics
-    finetune   stage 1                                                       one job, multi-process/-node
-    sample     an array over sampling.num_shards                             shard = task id / completion index
-    select     stage 2's global thresholds                                   one job, no GPU
-    score      an array over demographics.num_shards
-    report     evaluate, report                                              one job, stages in sequence
+    prepare       make-phantoms, train-prior, train-reid,                    one job, stages in sequence
+                  train-demographics
+    train-target  train-target, mahalanobis-reference                        array over targets
+    finetune      stage 1                                                    array over targets, each task
+                                                                             multi-process/-node
+    sample        an array over targets x sampling.num_shards               target = index / num_shards,
+                                                                             shard = index % num_shards
+    select        stage 2's global thresholds                                one job, no GPU
+    score         an array over demographics.num_shards                     shard = task index
+    report        evaluate, calibrate, report                                one job, stages in sequence
+
+Targets are independent, so each is trained and fine-tuned in its own task: a study of N targets takes the time of
+one when N GPUs are free. A task's index is SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX; `reid-batch STAGE
+--array-over targets|target-shards` maps it through the manifest's target order (registry.array_task).
 
 Slurm runs it through `slurm/submit.sh` (which asks `reid-batch plan --format shell` for the shard counts);
 Kubernetes through the manifests `render_kubernetes` writes (`reid-batch k8s`). Only the manifest module is
@@ -29,7 +36,8 @@ from reid_batch import __version__
 from reid_batch.errors import InputError
 from reid_batch.manifest import Manifest
 from reid_batch.preemption import EXIT_REQUEUE
-from reid_batch.registry import BY_NAME, JOBS, STAGES, Job, job_shards
+from reid_batch.registry import (ARRAY_OVER_SHARDS, ARRAY_OVER_TARGET_SHARDS, ARRAY_OVER_TARGETS, BY_NAME, JOBS,
+                                 STAGES, Job, job_tasks, stage_shards)
 
 
 GROUP_NAMES = tuple(job.name for job in JOBS)
@@ -53,7 +61,7 @@ def plan(manifest: Manifest, stages: list[str] | None = None, start: str | None 
     for group in JOBS[first:]:
         chosen = tuple(s for s in group.stages if s in wanted)
         if chosen:
-            jobs.append(replace(group, stages=chosen, shards=job_shards(manifest, group)))
+            jobs.append(replace(group, stages=chosen, tasks=job_tasks(manifest, group)))
     return jobs
 
 
@@ -63,7 +71,8 @@ def default_gpus(manifest: Manifest) -> int:
 
 
 def shell_summary(manifest: Manifest) -> str:
-    """`key=value` lines (shell-quoted) for slurm/submit.sh: everything it needs from the manifest."""
+    """`key=value` lines (shell-quoted) for slurm/submit.sh: everything it needs from the manifest. Job names contain
+    '-' (train-target), which shell variable names cannot: submit.sh keeps these keys in an associative array."""
     values = {
         "run_id": manifest.run_id,
         "device": manifest.compute.device,
@@ -72,9 +81,13 @@ def shell_summary(manifest: Manifest) -> str:
         "score_shards": BY_NAME["score"].shard_count(manifest),
         "finetune_mixed_precision": manifest.finetune.mixed_precision,
         "output_uri": manifest.output.uri,
+        "targets": " ".join(target.name for target in manifest.targets),
         "jobs": " ".join(job.name for job in JOBS),
         "stages": " ".join(stage.name for stage in STAGES),
         **{f"{job.name}_stages": " ".join(job.stages) for job in JOBS},
+        # An array job's task count ("" for a plain job) and what each of its stages adds to take its part.
+        **{f"{job.name}_tasks": job_tasks(manifest, job) if job.array else "" for job in JOBS},
+        **{f"{job.name}_stage_args": " ".join(job.stage_arguments()) for job in JOBS},
     }
     return "".join(f"{key}={shlex.quote(str(value))}\n" for key, value in values.items())
 
@@ -87,9 +100,45 @@ def array_spec(shards: int, parallel: int | None) -> str:
     return f"{spec}%{parallel}" if parallel else spec
 
 
-def stage_command(stage: str, manifest_path: str, shard: str | None = None) -> str:
+def stage_command(stage: str, manifest_path: str, shard: str | None = None, target: str | None = None,
+                  arguments: tuple[str, ...] = ()) -> str:
     command = f"reid-batch {stage} {shlex.quote(manifest_path)}"
-    return f"{command} --shard {shard}" if shard is not None else command
+    if target is not None:
+        command += f" --target {shlex.quote(target)}"
+    if shard is not None:
+        command += f" --shard {shard}"
+    return " ".join([command, *arguments])
+
+
+def array_description(manifest: Manifest, job: Job) -> str:
+    """What an array job's tasks are: '2 (targets: a, b)', '8 (2 targets x 4 shards)', '4 (shards)'."""
+    if job.array_over == ARRAY_OVER_TARGETS:
+        return f"{job.tasks} (targets: {', '.join(t.name for t in manifest.targets)})"
+    if job.array_over == ARRAY_OVER_TARGET_SHARDS:
+        return f"{job.tasks} ({len(manifest.targets)} targets x {stage_shards(manifest, job)} shards)"
+    return f"{job.tasks} (shards)"
+
+
+def task_meaning(manifest: Manifest, job: Job, variable: str) -> str:
+    """How a task of an array job finds its part from its index `variable`."""
+    if job.array_over == ARRAY_OVER_TARGETS:
+        return f"target = targets[{variable}]"
+    if job.array_over == ARRAY_OVER_TARGET_SHARDS:
+        shards = stage_shards(manifest, job)
+        return f"target = targets[{variable} / {shards}], shard = {variable} % {shards}"
+    return f"shard = {variable}"
+
+
+def local_commands(manifest: Manifest, manifest_path: str, job: Job, stage: str) -> list[str]:
+    """The commands that do what job's tasks do, one after another on one machine."""
+    if job.array_over == ARRAY_OVER_TARGETS:
+        return [stage_command(stage, manifest_path, target=t.name) for t in manifest.targets]
+    if job.array_over == ARRAY_OVER_TARGET_SHARDS:
+        shards = stage_shards(manifest, job)
+        return [stage_command(stage, manifest_path, str(k), t.name) for t in manifest.targets for k in range(shards)]
+    if job.array_over == ARRAY_OVER_SHARDS:
+        return [stage_command(stage, manifest_path, str(k)) for k in range(job.tasks)]
+    return [stage_command(stage, manifest_path)]
 
 
 def plan_text(manifest: Manifest, manifest_path: str, scheduler: str, jobs: list[Job],
@@ -107,20 +156,17 @@ def plan_text(manifest: Manifest, manifest_path: str, scheduler: str, jobs: list
         lines.append(f"run:    k8s/apply.sh {k8s_out}   (applies each Job in order, waiting for the one before)")
     previous = None
     for job in jobs:
-        what = f"array of {job.shards}" if job.array else "1 task"
+        what = f"array of {array_description(manifest, job)}" if job.array else "1 task"
         lines.append("")
         lines.append(f"[{job.name}] {', '.join(job.stages)}: {what}"
                      + (f", after {previous}" if previous else ""))
         if scheduler == "local":
             for stage in job.stages:
-                if job.array:
-                    lines.extend(f"  {stage_command(stage, manifest_path, str(i))}" for i in range(job.shards))
-                else:
-                    lines.append(f"  {stage_command(stage, manifest_path)}")
+                lines.extend(f"  {command}" for command in local_commands(manifest, manifest_path, job, stage))
         elif scheduler == "slurm":
             flags = [f"--job-name=reid-{manifest.run_id}-{job.name}"]
             if job.array:
-                flags.append(f"--array={array_spec(job.shards, parallel)}")
+                flags.append(f"--array={array_spec(job.tasks, parallel)}")
             if job.uses_gpu and gpus:
                 flags.append(f"--gpus-per-node={gpus}" if job.distributed else f"--gpus-per-task={gpus}")
             if previous:
@@ -128,17 +174,21 @@ def plan_text(manifest: Manifest, manifest_path: str, scheduler: str, jobs: list
             lines.append(f"  sbatch {' '.join(flags)}")
             for stage in job.stages:
                 if job.distributed:
+                    suffix = f"   # {task_meaning(manifest, job, 'SLURM_ARRAY_TASK_ID')}" if job.array else ""
+                    words = " ".join([stage, shlex.quote(manifest_path), *job.stage_arguments()])
                     lines.append("    srun --cpus-per-task=$SLURM_CPUS_PER_TASK accelerate launch "
-                                 "--num_machines $SLURM_NNODES --machine_rank $SLURM_NODEID "
-                                 f"... -m reid_batch {stage} {shlex.quote(manifest_path)}")
+                                 f"--num_machines $SLURM_NNODES --machine_rank $SLURM_NODEID ... -m reid_batch {words}"
+                                 f"{suffix}")
                 else:
-                    suffix = "   # shard = SLURM_ARRAY_TASK_ID" if job.array else ""
-                    lines.append(f"    {stage_command(stage, manifest_path)}{suffix}")
+                    suffix = f"   # {task_meaning(manifest, job, 'SLURM_ARRAY_TASK_ID')}" if job.array else ""
+                    lines.append(f"    {stage_command(stage, manifest_path, arguments=job.stage_arguments())}{suffix}")
         else:
-            kind = f"Indexed Job, completions {job.shards}, shard = JOB_COMPLETION_INDEX" if job.array else "Job"
+            kind = (f"Indexed Job, completions {job.tasks}, {task_meaning(manifest, job, 'JOB_COMPLETION_INDEX')}"
+                    if job.array else "Job")
             lines.append(f"  job/{kubernetes_name(manifest.run_id, job.name)}: {kind}")
+            path = f"{CONFIGMAP_MOUNT}/{CONFIGMAP_KEY}"
             for stage in job.stages:
-                lines.append(f"    {stage_command(stage, CONFIGMAP_MOUNT + '/' + CONFIGMAP_KEY)}")
+                lines.append(f"    {stage_command(stage, path, arguments=job.stage_arguments())}")
         previous = job.name
     return "\n".join(lines) + "\n"
 
@@ -314,13 +364,15 @@ def _container(manifest: Manifest, options: KubernetesOptions, name: str, comman
     return container
 
 
-def _stage_command(manifest: Manifest, stage: str, processes: int) -> list[str]:
+def _stage_command(manifest: Manifest, job: Job, stage: str, processes: int) -> list[str]:
+    # An Indexed Job's pods (init containers too) get JOB_COMPLETION_INDEX; the arguments say what it selects.
     path = f"{CONFIGMAP_MOUNT}/{CONFIGMAP_KEY}"
+    arguments = list(job.stage_arguments())
     if stage == "finetune" and processes > 1:
         return ["accelerate", "launch", "--multi_gpu", "--num_machines", "1", "--num_processes", str(processes),
                 "--mixed_precision", manifest.finetune.mixed_precision, "--dynamo_backend", "no",
-                "-m", "reid_batch", stage, path]
-    return ["reid-batch", stage, path]
+                "-m", "reid_batch", stage, path, *arguments]
+    return ["reid-batch", stage, path, *arguments]
 
 
 def job_gpus(manifest: Manifest, options: KubernetesOptions, job: Job) -> int:
@@ -348,7 +400,7 @@ def _pod_failure_policy(indexed: bool) -> dict:
 
 def _job(manifest: Manifest, options: KubernetesOptions, job: Job, configmap: str) -> dict:
     gpus = job_gpus(manifest, options, job)
-    commands = [(stage, _stage_command(manifest, stage, gpus)) for stage in job.stages]
+    commands = [(stage, _stage_command(manifest, job, stage, gpus)) for stage in job.stages]
     # Stages of one job run in sequence as init containers (no shell needed), the last as the main container.
     containers = [_container(manifest, options, stage, command, gpus) for stage, command in commands]
     labels = _labels(manifest, job.name)
@@ -389,9 +441,9 @@ def _job(manifest: Manifest, options: KubernetesOptions, job: Job, configmap: st
     if job.array:
         spec: dict[str, Any] = {
             "completionMode": "Indexed",
-            "completions": job.shards,
-            "parallelism": min(job.shards, options.parallelism),
-            # Retries are counted per shard: one bad shard does not use up the others' retries.
+            "completions": job.tasks,
+            "parallelism": min(job.tasks, options.parallelism),
+            # Retries are counted per index (shard or target): one bad task does not use up the others' retries.
             "backoffLimitPerIndex": options.backoff_limit,
         }
     else:

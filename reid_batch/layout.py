@@ -10,6 +10,8 @@ Torch-free: `report`, `plan` and the tests read it cheaply.
     <target>/finetune/ ................ stage 1 result: generator.safetensors, losses.parquet, samples PNGs
     <target>/finetune-checkpoints/ .... resumable stage 1 state, one committed prefix per checkpoint
     <target>/finetune-reference.safetensors  cached reference statistics (ViT, GroupNorm CNN)
+    <target>/mahalanobis-reference/ ... the Ledoit-Wolf Gaussian of selection.mahalanobis, fitted once, read by every
+                                        shard (gaussian.safetensors, gaussian.json)
     <target>/candidates/shard=<I>/ .... per-candidate rows (Parquet), committed per chunk, _SHARD.json last
     <target>/candidates-images/ ....... candidate PNGs, only with sampling.save_images
     <target>/selection/ ............... stage 2: selected ids, thresholds
@@ -101,6 +103,16 @@ def finetune_prefix(target: str) -> str:
 
 def finetune_reference_key(target: str) -> str:
     return f"{target}/{FINETUNE_REFERENCE_FILE}"
+
+
+MAHALANOBIS_REFERENCE_PART = "mahalanobis-reference"
+GAUSSIAN_FILE = "gaussian.safetensors"
+GAUSSIAN_SUMMARY_FILE = "gaussian.json"
+
+
+def mahalanobis_reference_prefix(target: str) -> str:
+    """<target>/mahalanobis-reference: the committed Ledoit-Wolf Gaussian every sampling shard scores against."""
+    return attack_prefix(target, MAHALANOBIS_REFERENCE_PART)
 
 
 def checkpoint_prefix(target: str, step: int) -> str:

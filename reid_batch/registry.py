@@ -12,6 +12,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+from reid_batch.errors import InputError
 from reid_batch.manifest import Manifest
 
 
@@ -44,12 +45,16 @@ STAGES: tuple[Stage, ...] = (
     # The embedding trains longest after the prior: listed early so that `run --jobs` starts it early.
     Stage("train-reid", "train the re-identification embedding on the public pool", "train_reid:run",
           per_target=False, needs=("make-phantoms",)),
-    Stage("train-target", "train the target model(s)", "train_target:run", needs=("make-phantoms",)),
     Stage("train-demographics", "train the age/sex model", "train_demographics:run", per_target=False,
           needs=("make-phantoms",)),
+    Stage("train-target", "train the target model(s)", "train_target:run", needs=("make-phantoms",)),
+    # Before any sampling shard: the one Gaussian every shard scores against (selection.mahalanobis ledoit_wolf).
+    Stage("mahalanobis-reference", "fit and commit the Ledoit-Wolf Gaussian of selection.mahalanobis",
+          "mahalanobis_reference:run", needs=("train-prior", "train-target")),
     Stage("finetune", "stage 1: fine-tune the generator toward a target", "finetune:run",
           needs=("train-prior", "train-target")),
-    Stage("sample", "sample candidates, score them, write Parquet shards", "sample:sample", needs=("finetune",),
+    Stage("sample", "sample candidates, score them, write Parquet shards", "sample:sample",
+          needs=("finetune", "mahalanobis-reference"),
           shards=lambda manifest: manifest.sampling.num_shards),
     Stage("select", "stage 2: keep candidates low on objective and Mahalanobis", "select:select", needs=("sample",)),
     Stage("score", "predict age and sex of the selected candidates", "score:score",
@@ -65,31 +70,79 @@ STAGES: tuple[Stage, ...] = (
 BY_NAME = {stage.name: stage for stage in STAGES}
 
 
+# What an array job's task index selects (the index is SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX):
+ARRAY_OVER_SHARDS = "shards"  # task i: shard i of every target
+ARRAY_OVER_TARGETS = "targets"  # task i: the manifest's i-th target (its whole stage)
+ARRAY_OVER_TARGET_SHARDS = "target-shards"  # task i: target i // num_shards, shard i % num_shards
+
+
 @dataclass(frozen=True)
 class Job:
-    """One scheduler job (Slurm job, Kubernetes Job): its stages run in sequence; `shards` > 1 makes it an array."""
+    """One scheduler job (Slurm job, Kubernetes Job): its stages run in sequence in each task. An array job
+    (`array_over` set) runs `tasks` tasks at once, each on what its index selects (see ARRAY_OVER_*)."""
 
     name: str
     stages: tuple[str, ...]
-    shards: int = 1
-    array: bool = False
-    distributed: bool = False  # one multi-process (multi-GPU, multi-node) Accelerate launch
+    array_over: str | None = None
+    tasks: int = 1  # filled in from the manifest by deploy.plan (job_tasks)
+    distributed: bool = False  # one multi-process (multi-GPU, multi-node) Accelerate launch per task
     uses_gpu: bool = True
 
+    @property
+    def array(self) -> bool:
+        return self.array_over is not None
 
+    def stage_arguments(self) -> tuple[str, ...]:
+        """What a task adds to `reid-batch STAGE MANIFEST` so that it takes its part from its task index."""
+        if self.array_over in (ARRAY_OVER_TARGETS, ARRAY_OVER_TARGET_SHARDS):
+            return ("--array-over", self.array_over)
+        return ()  # shards: a sharded stage reads its shard from the index by default
+
+
+# Targets are independent: each is trained, given its reference and fine-tuned in its own array task, so a study of
+# N targets takes the time of one (given N GPUs) instead of N times as long; sampling runs target x shard.
 JOBS: tuple[Job, ...] = (
-    Job("prepare", ("make-phantoms", "train-prior", "train-reid", "train-target", "train-demographics")),
-    Job("finetune", ("finetune",), distributed=True),
-    Job("sample", ("sample",), array=True),
+    Job("prepare", ("make-phantoms", "train-prior", "train-reid", "train-demographics")),
+    # mahalanobis-reference needs the prior, hence after prepare; it ends before the sample array starts.
+    Job("train-target", ("train-target", "mahalanobis-reference"), array_over=ARRAY_OVER_TARGETS),
+    Job("finetune", ("finetune",), array_over=ARRAY_OVER_TARGETS, distributed=True),
+    Job("sample", ("sample",), array_over=ARRAY_OVER_TARGET_SHARDS),
     Job("select", ("select",), uses_gpu=False),
-    Job("score", ("score",), array=True),
+    Job("score", ("score",), array_over=ARRAY_OVER_SHARDS),
     Job("report", ("evaluate", "calibrate", "report")),
 )
 
 
-def job_shards(manifest: Manifest, job: Job) -> int:
-    """An array job's task count: its stage's shard count (1 for a plain job)."""
-    return max(BY_NAME[stage].shard_count(manifest) for stage in job.stages) if job.array else 1
+def stage_shards(manifest: Manifest, job: Job) -> int:
+    """The shard count of a job's sharded stage (1 if none is sharded)."""
+    return max(BY_NAME[stage].shard_count(manifest) for stage in job.stages)
+
+
+def job_tasks(manifest: Manifest, job: Job) -> int:
+    """An array job's task count from the manifest (1 for a plain job)."""
+    if job.array_over == ARRAY_OVER_SHARDS:
+        return stage_shards(manifest, job)
+    if job.array_over == ARRAY_OVER_TARGETS:
+        return len(manifest.targets)
+    if job.array_over == ARRAY_OVER_TARGET_SHARDS:
+        return len(manifest.targets) * stage_shards(manifest, job)
+    return 1
+
+
+def array_task(manifest: Manifest, stage: Stage, over: str, index: int, where: str) -> tuple[str, int | None]:
+    """(target name, shard or None) of array task `index` of an array over targets or target x shard: the
+    manifest's target order; `where` names the variable the index came from (for the error)."""
+    count = len(manifest.targets) * (stage.shard_count(manifest) if over == ARRAY_OVER_TARGET_SHARDS else 1)
+    if over == ARRAY_OVER_TARGET_SHARDS and not stage.sharded:
+        raise InputError(f"{stage.name} has no shards: use --array-over {ARRAY_OVER_TARGETS}", "--array-over")
+    if not 0 <= index < count:
+        what = f"{len(manifest.targets)} target(s)" + \
+            (f" x {stage.shard_count(manifest)} shard(s)" if over == ARRAY_OVER_TARGET_SHARDS else "")
+        raise InputError(f"task index {index} is outside 0..{count - 1}: the manifest has {what}", where)
+    if over == ARRAY_OVER_TARGETS:
+        return manifest.targets[index].name, None
+    shards = stage.shard_count(manifest)
+    return manifest.targets[index // shards].name, index % shards
 
 
 # Every stage runs in exactly one job, and jobs run in pipeline order.

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Submit the whole reid-batch pipeline for one job manifest as dependent Slurm jobs:
 #
-#   prepare   make-phantoms, train-prior, train-reid, train-target, train-demographics (one job, in sequence)
-#   finetune  srun + accelerate launch over --finetune-nodes x --finetune-gpus-per-node processes
-#   sample    array over sampling.num_shards       (shard = SLURM_ARRAY_TASK_ID)
-#   select    one CPU job
-#   score     array over demographics.num_shards
-#   report    evaluate, report (one job, in sequence)
+#   prepare       make-phantoms, train-prior, train-reid, train-demographics (one job, in sequence)
+#   train-target  array over the manifest's targets: train-target, mahalanobis-reference
+#   finetune      array over the targets; each task: srun + accelerate launch over --finetune-nodes x
+#                 --finetune-gpus-per-node processes
+#   sample        array over targets x sampling.num_shards  (target = index / num_shards, shard = index % num_shards)
+#   select        one CPU job
+#   score         array over demographics.num_shards         (shard = SLURM_ARRAY_TASK_ID)
+#   report        evaluate, calibrate, report (one job, in sequence)
+#
+# Targets are independent: an array over targets trains and fine-tunes all of them at once. Each task's stage gets
+# `--array-over targets|target-shards` and maps SLURM_ARRAY_TASK_ID through the manifest's target order. The job
+# list, task counts and those arguments come from `reid-batch plan --format shell` (the stage registry).
 #
 # each `afterok` the one before, with --kill-on-invalid-dep=yes so a failure cancels what depends on it instead
 # of leaving it pending forever. Committed outputs are never redone, so re-submitting is always safe; to finish
@@ -49,8 +55,9 @@ Resources (defaults in brackets; sbatch's own SBATCH_* environment variables als
 
 What to submit:
   --stages LIST            comma-separated stages to run (default: all)
-  --from JOB               start at prepare|finetune|sample|select|score|report
+  --from JOB               start at prepare|train-target|finetune|sample|select|score|report
   --array IDS              task ids of the first array job submitted (re-submit failed tasks), e.g. 3,7
+                           (train-target, finetune: target index; sample: target index x num_shards + shard)
   --after JOB_ID           the first job waits for this job (afterok)
   --logs DIR               job scripts and logs [slurm-logs/<run_id>]
   --dry-run                write the job scripts and print the sbatch commands; submit nothing
@@ -107,9 +114,6 @@ for number in "$cpus" "$parallel" "$ft_nodes" "$max_requeues" ${gpus:+"$gpus"} $
     [[ $number =~ ^[0-9]+$ ]] || die "not a number: $number"
 done
 [[ -z $array_ids || $array_ids =~ ^[0-9,-]+(%[0-9]+)?$ ]] || die "--array wants ids like 3,7 or 0-9: $array_ids"
-for job in "${!times[@]}"; do
-    case $job in prepare|finetune|sample|select|score|report) ;; *) die "--time: unknown job $job" ;; esac
-done
 
 # The command prefix every stage runs under: a container runtime, or nothing (venv / PATH).
 prefix=()
@@ -137,6 +141,9 @@ while IFS='=' read -r key value; do
     [[ -n $key ]] && info[$key]=$(eval "printf '%s' $value")  # values are shlex-quoted by reid-batch
 done <<<"$summary"
 run_id=${info[run_id]}
+for job in "${!times[@]}"; do
+    [[ " ${info[jobs]} " == *" $job "* ]] || die "--time: unknown job $job (jobs: ${info[jobs]})"
+done
 gpus=${gpus:-${info[gpus]}}
 # One process per array task and per serial job: a second GPU there would sit idle for the whole run.
 (( gpus <= 1 )) || die "--gpus $gpus: sample, score and the serial jobs run one process on one GPU; for more GPUs \
@@ -187,7 +194,8 @@ trap requeue_if_preempted EXIT
 EOF
 }
 prefix_words() { local w; for w in "${prefix[@]}"; do printf '%q ' "$w"; done; }
-stage_line() { echo "$(prefix_words)$reid_batch $1 $(q "$manifest")"; }
+# $2: what an array task adds to take its part from its index (`--array-over targets`), from the plan.
+stage_line() { echo "$(prefix_words)$reid_batch $1 $(q "$manifest")${2:+ $2}"; }
 
 finetune_script() {
     local multi=""
@@ -202,7 +210,7 @@ port=\$(( 10000 + SLURM_JOB_ID % 20000 ))  # 10000-29999: below Linux's ephemera
 srun --nodes="\$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \${SLURM_CPUS_PER_TASK:+--cpus-per-task=\$SLURM_CPUS_PER_TASK} bash -c '
     exec $(prefix_words)accelerate launch ${multi}--num_machines "\$SLURM_NNODES" --machine_rank "\$SLURM_NODEID" \\
         --main_process_ip "\$1" --main_process_port "\$2" --num_processes \$(( SLURM_NNODES * \$3 )) \\
-        --mixed_precision "\$4" --dynamo_backend no -m reid_batch finetune "\$5"
+        --mixed_precision "\$4" --dynamo_backend no -m reid_batch finetune "\$5" ${info[finetune_stage_args]}
 ' finetune "\$head_node" "\$port" $ft_procs_per_node $(q "${info[finetune_mixed_precision]}") $(q "$manifest")
 EOF
 }
@@ -230,9 +238,9 @@ fi
 if [[ -n $array_ids ]]; then
     array_jobs=""
     for job in "${jobs[@]}"; do
-        if [[ $job == sample || $job == score ]] && [[ -n $(job_stages "$job") ]]; then array_jobs+=$job; fi
+        if [[ -n ${info[${job}_tasks]} && -n $(job_stages "$job") ]]; then array_jobs+=$job; fi
     done
-    [[ -n $array_jobs ]] || die "--array given but no array job (sample, score) is submitted"
+    [[ -n $array_jobs ]] || die "--array given but no array job (train-target, finetune, sample, score) is submitted"
 fi
 
 previous=$after
@@ -246,28 +254,27 @@ for job in "${jobs[@]}"; do
     [[ -z $partition ]] || args+=(--partition="$partition")
     [[ -z $account ]] || args+=(--account="$account")
     [[ -z $qos ]] || args+=(--qos="$qos")
+    tasks=${info[${job}_tasks]}  # empty: not an array job
+    if [[ -n $tasks ]]; then
+        if [[ -n $array_ids && $array_used == 0 ]]; then
+            ids=$array_ids
+            array_used=1
+        else
+            ids="0-$(( tasks - 1 ))"
+        fi
+        [[ $ids == *%* ]] || ids="$ids%$parallel"
+        args+=(--array="$ids" --output="$logs/$job-%A_%a.out")
+    else
+        args+=(--output="$logs/$job-%j.out")
+    fi
     case $job in
-        sample|score)
-            shards=${info[${job}_shards]}
-            if [[ -n $array_ids && $array_used == 0 ]]; then
-                ids=$array_ids
-                array_used=1
-            else
-                ids="0-$(( shards - 1 ))"
-            fi
-            [[ $ids == *%* ]] || ids="$ids%$parallel"
-            args+=(--array="$ids" --output="$logs/$job-%A_%a.out")
-            if (( gpus > 0 )); then args+=(--gpus-per-task="$gpus"); fi
-            ;;
         finetune)
-            args+=(--nodes="$ft_nodes" --ntasks-per-node=1 --output="$logs/$job-%j.out")
+            args+=(--nodes="$ft_nodes" --ntasks-per-node=1)
             if (( ft_gpus > 0 )); then args+=(--gpus-per-node="$ft_gpus"); fi
             ;;
         select)
-            args+=(--output="$logs/$job-%j.out")
             ;;
         *)
-            args+=(--output="$logs/$job-%j.out")
             if (( gpus > 0 )); then args+=(--gpus-per-task="$gpus"); fi
             ;;
     esac
@@ -277,7 +284,7 @@ for job in "${jobs[@]}"; do
     {
         prelude
         if [[ $job == finetune ]]; then finetune_script
-        else for stage in $chosen; do stage_line "$stage"; done
+        else for stage in $chosen; do stage_line "$stage" "${info[${job}_stage_args]}"; done
         fi
     } >"$script"
     chmod +x "$script"

@@ -13,8 +13,10 @@ import pytest
 import yaml
 
 from reid_batch import cli, deploy
+from reid_batch.errors import InputError
 from reid_batch.manifest import parse_manifest, read_yaml
 from reid_batch.preemption import EXIT_REQUEUE
+from reid_batch.registry import BY_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 REID_BATCH = str(Path(sys.executable).parent / "reid-batch")
@@ -89,7 +91,7 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
 def test_every_object_passes_strict_validation_for_kubernetes_1_30_and_newer(rendered, case):
     kv = kubernetes_validate()
     objects = rendered[case]
-    assert len(objects) == 7
+    assert len(objects) == 8  # the ConfigMap and seven Jobs
     for version in schema_versions():
         for obj in objects:
             kv.validate(obj, version, strict=True)  # raises ValidationError naming the field
@@ -118,28 +120,42 @@ def test_the_configmap_embeds_the_job_manifest_unchanged_and_valid(rendered, cas
             assert f"{deploy.CONFIGMAP_MOUNT}/{deploy.CONFIGMAP_KEY}" in container["command"]
 
 
-def test_array_stages_are_indexed_jobs_whose_completion_index_is_the_shard(rendered, monkeypatch):
+def test_array_stages_are_indexed_jobs_whose_completion_index_is_the_shard(rendered, monkeypatch, tmp_path):
+    """score: index = shard. train-target, finetune: index = target, in the manifest's order. sample: index = target x
+    shard. Every index the Job runs maps to exactly one part; the one past the end is exit 2 naming the variable."""
     _, jobs = by_kind(rendered["large"])
     manifest = parse_manifest(read_yaml(REPO / "manifests" / "chexpert-study.yaml"))
-    expected = {"sample": 1000, "score": 250}
+    large = parse_manifest(read_yaml(large_manifest(tmp_path)))
+    targets = [t.name for t in manifest.targets]
+    expected = {"train-target": [(t, None) for t in targets], "finetune": [(t, None) for t in targets],
+                "sample": [(t, k) for t in targets for k in range(1000)], "score": [(None, k) for k in range(250)]}
     assert {name for name, job in jobs.items() if job["spec"].get("completionMode") == "Indexed"} == set(expected)
     parser = cli.build_parser()
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
-    for stage, shards in expected.items():
+    for stage, parts in expected.items():
         spec = jobs[stage]["spec"]
-        assert spec["completions"] == shards and spec["parallelism"] == 64 and spec["backoffLimitPerIndex"] >= 1
-        assert "backoffLimit" not in spec  # per-index retries only
-        (container,) = pod_containers(jobs[stage])
-        assert container["command"][0] == "reid-batch" and "--shard" not in container["command"]
-        args = parser.parse_args(container["command"][1:])
-        owned = []
-        for index in range(shards):
-            monkeypatch.setenv("JOB_COMPLETION_INDEX", str(index))
-            owned.append(cli.resolve_shard(args, shards))
-        assert owned == list(range(shards))
-        monkeypatch.setenv("JOB_COMPLETION_INDEX", str(shards))
-        with pytest.raises(Exception, match="outside"):
-            cli.resolve_shard(args, shards)
+        assert spec["completions"] == len(parts) and spec["parallelism"] == min(64, len(parts))
+        assert spec["backoffLimitPerIndex"] >= 1 and "backoffLimit" not in spec  # per-index retries only
+        for container in pod_containers(jobs[stage]):  # init containers get JOB_COMPLETION_INDEX too
+            command = container["command"]
+            words = command[command.index("reid_batch") + 1:] if command[0] == "accelerate" else command[1:]
+            assert "--shard" not in words and "--target" not in words
+            args = parser.parse_args(words)
+            owned = []
+            for index in range(len(parts)):
+                monkeypatch.setenv("JOB_COMPLETION_INDEX", str(index))
+                if args.array_over is None:
+                    owned.append((None, cli.resolve_shard(args, len(parts))))
+                else:
+                    owned.append(cli.resolve_array_task(args, large, BY_NAME[args.command]))
+            assert owned == parts, stage
+            monkeypatch.setenv("JOB_COMPLETION_INDEX", str(len(parts)))
+            with pytest.raises(InputError, match="outside") as error:
+                if args.array_over is None:
+                    cli.resolve_shard(args, len(parts))
+                else:
+                    cli.resolve_array_task(args, large, BY_NAME[args.command])
+            assert error.value.where == "JOB_COMPLETION_INDEX"
     assert manifest.sampling.num_shards == 100  # the large manifest's counts came from its own file
 
 
@@ -200,9 +216,10 @@ def test_resources_gpus_stage_order_and_names(rendered):
     _, demo = by_kind(rendered["demo"])
     assert all(deploy.GPU_RESOURCE not in c["resources"]["limits"] for j in demo.values() for c in pod_containers(j))
     _, study = by_kind(rendered["study"])
-    assert list(study) == ["prepare", "finetune", "sample", "select", "score", "report"]
+    assert list(study) == ["prepare", "train-target", "finetune", "sample", "select", "score", "report"]
     assert [c["name"] for c in pod_containers(study["prepare"])] == \
-        ["make-phantoms", "train-prior", "train-reid", "train-target", "train-demographics"]
+        ["make-phantoms", "train-prior", "train-reid", "train-demographics"]
+    assert [c["name"] for c in pod_containers(study["train-target"])] == ["train-target", "mahalanobis-reference"]
     assert [c["name"] for c in pod_containers(study["report"])] == ["evaluate", "calibrate", "report"]
     assert pod_containers(study["sample"])[0]["resources"]["limits"][deploy.GPU_RESOURCE] == 1
     assert deploy.GPU_RESOURCE not in pod_containers(study["select"])[0]["resources"]["limits"]
@@ -214,7 +231,9 @@ def test_resources_gpus_stage_order_and_names(rendered):
     assert finetune["resources"]["limits"][deploy.GPU_RESOURCE] == 8
     command = finetune["command"]
     assert command[:3] == ["accelerate", "launch", "--multi_gpu"]
-    assert command[command.index("--num_processes") + 1] == "8" and command[-4:-1] == ["-m", "reid_batch", "finetune"]
+    assert command[command.index("--num_processes") + 1] == "8"
+    assert command[command.index("-m"):] == ["-m", "reid_batch", "finetune", "/etc/reid-batch/job.yaml", "--array-over",
+                                             "targets"]  # each pod of the Indexed Job fine-tunes its own target
     for job in large.values():
         name = job["metadata"]["name"]
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 52
@@ -222,7 +241,7 @@ def test_resources_gpus_stage_order_and_names(rendered):
         assert volumes["work"] == {"name": "work", "persistentVolumeClaim": {"claimName": "reid-work"}}
         assert {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
                 for k, v in volumes.items() if k.startswith("data-")} == {"hospital-data": True, "models": True}
-    assert len({job["metadata"]["name"] for job in large.values()}) == 6
+    assert len({job["metadata"]["name"] for job in large.values()}) == 7
 
 
 def test_pod_memory_scales_with_processes_and_counts_shared_memory(rendered):
@@ -234,8 +253,8 @@ def test_pod_memory_scales_with_processes_and_counts_shared_memory(rendered):
                    for c in pod_containers(job))
     _, large = by_kind(rendered["large"])
     memory = {name: pod_containers(job)[-1]["resources"]["limits"]["memory"] for name, job in large.items()}
-    assert memory == {"prepare": "28Gi", "finetune": "112Gi", "sample": "28Gi", "select": "28Gi", "score": "28Gi",
-                      "report": "28Gi"}  # 8 x 12Gi + 16Gi for the 8-GPU finetune pod, 12Gi + 16Gi elsewhere
+    assert memory == {"prepare": "28Gi", "train-target": "28Gi", "finetune": "112Gi", "sample": "28Gi",
+                      "select": "28Gi", "score": "28Gi", "report": "28Gi"}  # 8 x 12Gi + 16Gi for the 8-GPU finetune pod, 12Gi + 16Gi elsewhere
     for job in large.values():
         pod = job["spec"]["template"]["spec"]
         assert {v["name"]: v for v in pod["volumes"]}["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
@@ -254,7 +273,7 @@ def test_out_writes_one_file_per_object_in_run_order_and_warns_about_local_outpu
                            "--stages", "sample,select"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "local path" in done.stderr and "--work-claim" in done.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["00-manifest.yaml", "30-sample.yaml", "40-select.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["00-manifest.yaml", "40-sample.yaml", "50-select.yaml"]
 
 
 @pytest.mark.parametrize("options, message", [
@@ -287,7 +306,13 @@ def test_the_committed_example_is_what_the_renderer_writes(tmp_path):
 def test_plan_names_the_kubernetes_objects_and_commands():
     done = subprocess.run([REID_BATCH, "plan", "manifests/chexpert-study.yaml", "--scheduler", "k8s"], cwd=REPO,
                           capture_output=True, text=True, check=True)
-    assert "job/reid-chexpert-study-sample: Indexed Job, completions 100, shard = JOB_COMPLETION_INDEX" in done.stdout
+    for job in ("train-target", "finetune"):
+        assert f"job/reid-chexpert-study-{job}: Indexed Job, completions 4, target = targets[JOB_COMPLETION_INDEX]" \
+            in done.stdout
+    assert ("job/reid-chexpert-study-sample: Indexed Job, completions 400, target = targets[JOB_COMPLETION_INDEX / 100]"
+            ", shard = JOB_COMPLETION_INDEX % 100") in done.stdout
+    assert "job/reid-chexpert-study-score: Indexed Job, completions 10, shard = JOB_COMPLETION_INDEX" in done.stdout
+    assert "reid-batch finetune /etc/reid-batch/job.yaml --array-over targets" in done.stdout
     assert "kubectl create secret generic reid-batch-s3" in done.stdout and "k8s/apply.sh" in done.stdout
 
 
@@ -313,17 +338,18 @@ def test_apply_runs_the_jobs_in_order_and_stops_at_a_failed_one(tmp_path):
     subprocess.run(["bash", str(REPO / "k8s" / "apply.sh"), str(out)], env=env, check=True, capture_output=True)
     calls = (tmp_path / "kubectl.log").read_text().splitlines()
     applied = [Path(c.split()[-1]).stem for c in calls if c.startswith("apply")]
-    assert applied == ["00-manifest", "10-prepare", "20-finetune", "30-sample", "40-select", "50-score", "60-report"]
+    assert applied == ["00-manifest", "10-prepare", "20-train-target", "30-finetune", "40-sample", "50-select",
+                       "60-score", "70-report"]
     # Each Job is waited for before the next is applied.
-    waits = [i for i, c in enumerate(calls) if c.startswith(f"get -f {out}/30-sample.yaml")]
-    assert calls.index(f"apply -f {out}/30-sample.yaml") < waits[0] < calls.index(f"apply -f {out}/40-select.yaml")
+    waits = [i for i, c in enumerate(calls) if c.startswith(f"get -f {out}/40-sample.yaml")]
+    assert calls.index(f"apply -f {out}/40-sample.yaml") < waits[0] < calls.index(f"apply -f {out}/50-select.yaml")
 
     (tmp_path / "kubectl.log").unlink()
     env = _fake_kubectl(tmp_path, failing_job="sample")
     done = subprocess.run(["bash", str(REPO / "k8s" / "apply.sh"), str(out)], env=env, capture_output=True, text=True)
     assert done.returncode == 1 and "sample failed" in done.stderr
     applied = [Path(c.split()[-1]).stem for c in (tmp_path / "kubectl.log").read_text().splitlines() if c.startswith("apply")]
-    assert applied[-1] == "30-sample"
+    assert applied[-1] == "40-sample"
 
     (tmp_path / "kubectl.log").unlink()
     env = _fake_kubectl(tmp_path, failing_job=None)
@@ -331,7 +357,7 @@ def test_apply_runs_the_jobs_in_order_and_stops_at_a_failed_one(tmp_path):
                    capture_output=True)
     calls = (tmp_path / "kubectl.log").read_text().splitlines()
     assert [c.split()[0] + " " + Path(c.split()[-1]).stem for c in calls if c.split()[0] in ("apply", "delete")][:4] == \
-        ["apply 00-manifest", "delete 30-sample", "apply 30-sample", "delete 40-select"]
+        ["apply 00-manifest", "delete 40-sample", "apply 40-sample", "delete 50-select"]
 
 
 def test_apply_says_when_pods_cannot_be_scheduled_instead_of_polling_in_silence(tmp_path):

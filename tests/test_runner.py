@@ -22,8 +22,11 @@ def test_graph_orders_every_stage_of_every_target():
     manifest = _demo_manifest()
     graph = task_graph(manifest)
     names = [t.name for t in manifest.targets]
-    assert len(graph) == 6 + 6 * len(names)  # run-level: phantoms, prior, demographics, reid, calibrate, report
+    # run-level: phantoms, prior, demographics, reid, calibrate, report; per target: train-target,
+    # mahalanobis-reference, finetune, sample, select, score, evaluate
+    assert len(graph) == 6 + 7 * len(names)
     for name in names:
+        assert graph[Task("sample", name)] == {Task("finetune", name), Task("mahalanobis-reference", name)}
         assert graph[Task("finetune", name)] == {Task("train-prior"), Task("train-target", name)}
         assert graph[Task("score", name)] == {Task("select", name), Task("train-demographics")}
         assert graph[Task("evaluate", name)] == {Task("score", name), Task("train-reid")}

@@ -779,9 +779,9 @@ def test_ledoit_wolf_reference_images_go_through_the_sizer_and_survive_out_of_me
 
         small_memory.feature_prior = objective.feature_prior
         sizer = generation.BatchSizer("auto", torch.device("cuda"), largest_useful=12)  # adaptive: starts at 16
-        halved = reference.feature_gaussian(manifest, spec, small_memory, accelerator, sizer)
+        halved = reference.fit_ledoit_wolf_reference(manifest, spec, small_memory, accelerator, sizer)
         fixed = generation.BatchSizer(12, torch.device("cpu"), 12)
-        whole = reference.feature_gaussian(manifest, spec, objective, accelerator, fixed)
+        whole = reference.fit_ledoit_wolf_reference(manifest, spec, objective, accelerator, fixed)
     assert sizes == [12, 8, 4, 4, 4] and sizer.size == 4
     probe = torch.randn(5, halved.dim)
     torch.testing.assert_close(halved.distances(probe), whole.distances(probe), rtol=1e-4, atol=1e-4)
@@ -820,3 +820,86 @@ def test_every_stage_renders_a_candidate_the_same_way_whatever_the_mixed_precisi
             assert torch.equal(images, rendered), precision  # bit for bit, in either precision
             logits[precision] = columns["logit"]
     assert not np.array_equal(logits["no"], logits["bf16"])  # the target did run in bf16
+
+
+def _count_ledoit_wolf_fits(monkeypatch) -> list:
+    """Counts calls of the real Ledoit-Wolf fit (it still runs)."""
+    fits = []
+    real = mahalanobis.fit_ledoit_wolf
+
+    def counted(*args, **kwargs):
+        fits.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mahalanobis, "fit_ledoit_wolf", counted)
+    return fits
+
+
+def test_shards_of_a_target_score_against_one_committed_ledoit_wolf_gaussian_fitted_once(inputs, tmp_path,
+                                                                                        monkeypatch):
+    """Each shard fitted its own Ledoit-Wolf Gaussian (on a GPU: TF32, algorithm choice, another GPU after a resume).
+    Now it is fitted once and committed: the mahalanobis-reference stage fits it (as the cluster plan runs it,
+    before the sample array), and shards run one after the other as array tasks read it without fitting; without
+    that stage, the first shard fits and commits it and the next one reads it."""
+    from reid_batch.stages import mahalanobis_reference, select
+
+    selection = {"rule": "quantile", "mahalanobis": {"covariance": "ledoit_wolf", "reference_images": 12}}
+    options = {"num_candidates": 8, "num_shards": 2, "chunk_size": 4}
+    fits = _count_ledoit_wolf_fits(monkeypatch)
+
+    planned = make_manifest(inputs, str(tmp_path / "planned"), selection=selection, sampling_options=options)
+    commit_finetuned(planned, inputs)
+    assert mahalanobis_reference.run(planned) == 0
+    assert len(fits) == 1
+    store = run_store(planned)
+    prefix = layout.mahalanobis_reference_prefix("cnn")
+    committed = store.read_commit(prefix)["metadata"]["fingerprint"]
+    assert mahalanobis_reference.run(planned) == 0 and len(fits) == 1  # found committed: not fitted again
+    for shard in (0, 1):  # as two array tasks
+        sampling.sample(planned, shard=shard)
+    assert len(fits) == 1
+    for shard in (0, 1):
+        summary = store.read_json(f"cnn/candidates/shard={shard}/_SHARD.json")
+        assert summary["mahalanobis"]["fingerprint"] == committed
+        assert summary["mahalanobis_fingerprints"] == [committed]
+
+    alone = make_manifest(inputs, str(tmp_path / "alone"), selection=selection, sampling_options=options)
+    commit_finetuned(alone, inputs)
+    sampling.sample(alone, shard=1)
+    assert len(fits) == 2  # the first shard to need it fits it...
+    sampling.sample(alone, shard=0)
+    assert len(fits) == 2  # ...and the second reads the commit
+    store = run_store(alone)
+    fingerprints = {store.read_json(f"cnn/candidates/shard={k}/_SHARD.json")["mahalanobis"]["fingerprint"]
+                    for k in (0, 1)}
+    assert fingerprints == {store.read_commit(prefix)["metadata"]["fingerprint"]}
+    assert select.select(alone) == 0
+    # The same Gaussian gives the same bytes (safetensors wrote its metadata map in hash order: bytes differed).
+    stored = store.read_bytes(f"{prefix}/{layout.GAUSSIAN_FILE}")
+    assert reference._gaussian_bytes(reference.read_committed_ledoit_wolf(
+        store, alone.targets[0], store.read_commit(prefix)["metadata"]["identity"])) == stored
+
+    # A committed reference fitted for other settings is refused, never silently replaced or mixed.
+    changed = make_manifest(inputs, str(tmp_path / "alone"), sampling_options=options,
+                            selection={**selection, "mahalanobis": {"covariance": "ledoit_wolf",
+                                                                    "reference_images": 10}})
+    with pytest.raises(InputError, match="fitted for other inputs.*mahalanobis"):
+        mahalanobis_reference.run(changed)
+
+
+def test_select_refuses_shards_scored_against_different_gaussians(inputs, tmp_path):
+    """Every shard now reads one Gaussian, so differing fingerprints can no longer happen legitimately: select fails
+    (exit 2) instead of warning and ranking distances to different Gaussians together."""
+    from reid_batch.stages import select
+
+    manifest = make_manifest(inputs, str(tmp_path / "out"), sampling_options={"num_candidates": 6, "num_shards": 2})
+    commit_finetuned(manifest, inputs)
+    sampling.sample(manifest)
+    store = run_store(manifest)
+    key = "cnn/candidates/shard=1/_SHARD.json"
+    summary = store.read_json(key)
+    summary["mahalanobis_fingerprints"] = ["0123456789abcdef"]  # as if scored on a Gaussian of its own
+    store.write_json(key, summary)
+    with pytest.raises(InputError, match="different Mahalanobis Gaussians.*0123456789abcdef"):
+        select.select(manifest)
+    assert not store.is_committed("cnn/selection")

@@ -1,8 +1,10 @@
 """slurm/submit.sh on a real single-node Slurm (slurm-wlm + munge, started here), and its job scripts.
 
-The end-to-end test submits a tiny manifest's whole pipeline (the stages built so far), fails one sampling
-task on purpose through a wrapper command (test-only; the package knows nothing of it), re-submits only that
-task and what follows, and checks the outputs are complete and the same as `reid-batch run` of the manifest.
+The end-to-end test submits a tiny two-target manifest's whole pipeline (train-target and finetune as arrays over
+the targets, sample over target x shard, the Ledoit-Wolf reference fitted once per target before sampling), fails
+one sampling task on purpose through a wrapper command (test-only; the package knows nothing of it), re-submits
+only that task and what follows, and checks the outputs are complete and the same as `reid-batch run` of the
+manifest.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ CLIENTS = ("munge", "unmunge", "sbatch", "squeue", "scontrol", "sinfo", "srun")
 # container image by docker/build-local.sh): the whole pipeline in well under a minute of compute.
 SMOKE_MANIFEST = REPO / "docker" / "smoke.yaml"
 RUN_ID = yaml.safe_load(SMOKE_MANIFEST.read_text())["run_id"]
-FAILING_TASK = 1
+TARGETS = ("cnn", "cnn-b")  # the smoke manifest's target, and a second one so that the target arrays have two tasks
+SAMPLE_SHARDS = 2
+FAILING_TASK = 1  # of the sample array: target 0 (cnn), shard 1
 
 
 def built_stages() -> list[str]:
@@ -54,9 +58,16 @@ def submit_env(**extra: str) -> dict[str, str]:
 
 
 def write_manifest(directory: Path) -> Path:
+    """The smoke manifest with a second target (the target arrays get two tasks) and the Ledoit-Wolf Gaussian (fitted
+    in the train-target array, read by every sampling task)."""
     directory.mkdir(parents=True, exist_ok=True)
+    document = yaml.safe_load(SMOKE_MANIFEST.read_text())
+    (first,) = document["targets"]
+    assert first["name"] == TARGETS[0] and document["sampling"]["num_shards"] == SAMPLE_SHARDS
+    document["targets"].append({**first, "name": TARGETS[1]})
+    document["selection"]["mahalanobis"]["covariance"] = "ledoit_wolf"
     path = directory / "tiny.yaml"
-    shutil.copyfile(SMOKE_MANIFEST, path)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
 
 
@@ -82,20 +93,33 @@ def test_dry_run_chains_every_job_afterok_with_arrays_sized_from_the_manifest(tm
     done = run_submit(["--dry-run", "--parallel", "3", "--partition", "gpu", "--account", "lab", "--gpus", "1",
                        "--time", "sample=02:00:00", "--logs", str(tmp_path / "logs"), manifest.name], tmp_path, submit_env())
     lines = sbatch_lines(done.stdout)
-    assert [line[line.index("--parsable") + 1] for line in lines] == \
-        [f"--job-name=reid-{RUN_ID}-{job}" for job in ("prepare", "finetune", "sample", "select", "score", "report")]
-    for line, previous in zip(lines[1:], ["prepare", "finetune", "sample", "select", "score"]):
+    jobs = ("prepare", "train-target", "finetune", "sample", "select", "score", "report")
+    assert [line[line.index("--parsable") + 1] for line in lines] == [f"--job-name=reid-{RUN_ID}-{job}" for job in jobs]
+    for line, previous in zip(lines[1:], jobs):
         assert f"--dependency=afterok:<{previous}>" in line and "--kill-on-invalid-dep=yes" in line
     assert not any(a.startswith("--dependency") for a in lines[0])
     assert all("--partition=gpu" in line and "--account=lab" in line for line in lines)
-    sample, select, score = lines[2], lines[3], lines[4]
-    assert "--array=0-1%3" in sample and "--time=02:00:00" in sample and "--gpus-per-task=1" in sample
+    train_target, finetune, sample, select, score = lines[1:6]
+    # Targets are independent: one task per target (2), and sampling per target x shard (2 x 2).
+    assert "--array=0-1%3" in train_target and "--gpus-per-task=1" in train_target
+    assert "--array=0-1%3" in finetune and "--gpus-per-node=1" in finetune
+    assert "--array=0-3%3" in sample and "--time=02:00:00" in sample and "--gpus-per-task=1" in sample
     assert "--array=0-1%3" in score and "--time=24:00:00" in score
     assert not any(a.startswith("--gpus") for a in select)
-    prepare = (tmp_path / "logs" / "jobs" / "prepare.sh").read_text()
-    assert [line.split()[:2] for line in prepare.splitlines() if line.startswith("reid-batch")] == \
-        [["reid-batch", stage] for stage in ("make-phantoms", "train-prior", "train-reid", "train-target",
-                                             "train-demographics")]
+    assert not any(a.startswith("--array") for a in lines[0] + select + lines[6])
+
+    def stage_lines(job: str) -> list[list[str]]:
+        script = (tmp_path / "logs" / "jobs" / f"{job}.sh").read_text()
+        return [line.split() for line in script.splitlines() if line.startswith("reid-batch")]
+
+    assert stage_lines("prepare") == [["reid-batch", stage, "tiny.yaml"] for stage in
+                                      ("make-phantoms", "train-prior", "train-reid", "train-demographics")]
+    assert stage_lines("train-target") == [["reid-batch", stage, "tiny.yaml", "--array-over", "targets"]
+                                           for stage in ("train-target", "mahalanobis-reference")]
+    assert stage_lines("sample") == [["reid-batch", "sample", "tiny.yaml", "--array-over", "target-shards"]]
+    assert stage_lines("score") == [["reid-batch", "score", "tiny.yaml"]]  # a shard per task: the default
+    finetune_script = (tmp_path / "logs" / "jobs" / "finetune.sh").read_text()
+    assert '-m reid_batch finetune "$5" --array-over targets' in finetune_script
     assert (tmp_path / "logs" / "jobs" / "report.sh").read_text().splitlines()[-3:] == \
         ["reid-batch evaluate tiny.yaml", "reid-batch calibrate tiny.yaml", "reid-batch report tiny.yaml"]
 
@@ -174,7 +198,7 @@ def test_multi_node_finetune_gives_each_node_its_own_rank_and_one_rendezvous(tmp
     assert 1024 < port and port + 19999 - 4242 % 20000 < min(low, 32768)
     for rank, words in enumerate(launches):
         assert words[0] == "launch" and "--multi_gpu" in words
-        assert words[-4:] == ["-m", "reid_batch", "finetune", "tiny.yaml"]
+        assert words[-6:] == ["-m", "reid_batch", "finetune", "tiny.yaml", "--array-over", "targets"]
     ranks = [re.search(r"--machine_rank (\d+)", " ".join(w)).group(1) for w in launches]
     assert ranks == ["0", "1"]
     for words in launches:
@@ -197,24 +221,56 @@ def test_container_mode_runs_every_stage_through_apptainer_exec(tmp_path):
                 "--logs", str(logs), manifest.name], tmp_path, env)
     sample = (logs / "jobs" / "sample.sh").read_text().splitlines()[-1]
     assert shlex.split(sample) == ["apptainer", "exec", "--nv", "--bind", str(tmp_path), "--bind", "/data:/data:ro",
-                                   "--pwd", str(tmp_path), "/images/reid-batch.sif", "reid-batch", "sample", "tiny.yaml"]
+                                   "--pwd", str(tmp_path), "/images/reid-batch.sif", "reid-batch", "sample", "tiny.yaml",
+                                   "--array-over", "target-shards"]
     assert "exec apptainer exec --nv" in (logs / "jobs" / "finetune.sh").read_text()
 
 
 def test_plan_prints_the_slurm_jobs_and_the_shell_summary_submit_reads(tmp_path):
     manifest = write_manifest(tmp_path)
     text = subprocess.run([REID_BATCH, "plan", str(manifest)], capture_output=True, text=True, check=True).stdout
-    assert "[sample] sample: array of 2, after finetune" in text and "--array=0-1%16" in text
-    assert "[score] score: array of 2, after select" in text
+    assert "[train-target] train-target, mahalanobis-reference: array of 2 (targets: cnn, cnn-b), after prepare" in text
+    assert "[finetune] finetune: array of 2 (targets: cnn, cnn-b), after train-target" in text
+    assert "[sample] sample: array of 4 (2 targets x 2 shards), after finetune" in text and "--array=0-3%16" in text
+    assert "# target = targets[SLURM_ARRAY_TASK_ID / 2], shard = SLURM_ARRAY_TASK_ID % 2" in text
+    assert "[score] score: array of 2 (shards), after select" in text
     assert "srun --cpus-per-task=$SLURM_CPUS_PER_TASK accelerate launch" in text
     shell = subprocess.run([REID_BATCH, "plan", str(manifest), "--format", "shell"], capture_output=True, text=True,
                            check=True).stdout
     values = dict(line.split("=", 1) for line in shell.splitlines())
     local = subprocess.run([REID_BATCH, "plan", str(manifest), "--scheduler", "local"], capture_output=True,
                            text=True, check=True).stdout
-    assert f"reid-batch sample {manifest} --shard 1" in local and f"reid-batch score {manifest} --shard 1" in local
+    assert f"reid-batch sample {manifest} --target cnn-b --shard 1" in local
+    assert f"reid-batch finetune {manifest} --target cnn-b" in local and f"reid-batch score {manifest} --shard 1" in local
     assert values["run_id"] == RUN_ID and values["sample_shards"] == "2" and values["score_shards"] == "2"
+    assert values["train-target_tasks"] == values["finetune_tasks"] == "2" and values["sample_tasks"] == "4"
+    assert values["select_tasks"] == "''" and values["sample_stage_args"] == "'--array-over target-shards'"
     assert values["gpus"] == "0"
+
+
+@pytest.mark.parametrize("stage, over, index, message", [
+    ("train-target", "targets", "2", "SLURM_ARRAY_TASK_ID: task index 2 is outside 0..1: the manifest has 2 target(s)"),
+    ("finetune", "targets", "-1", "SLURM_ARRAY_TASK_ID: task index -1 is outside 0..1"),
+    ("sample", "target-shards", "4", "SLURM_ARRAY_TASK_ID: task index 4 is outside 0..3: the manifest has 2 target(s) "
+                                     "x 2 shard(s)"),
+    ("finetune", "targets", "one", "SLURM_ARRAY_TASK_ID: not an integer: 'one'"),
+    ("finetune", "targets", None, "SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX: --array-over targets needs"),
+])
+def test_a_target_array_task_with_a_bad_index_exits_2_naming_the_variable(tmp_path, stage, over, index, message):
+    manifest = write_manifest(tmp_path)
+    env = {k: v for k, v in submit_env().items() if k not in ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX")}
+    if index is not None:
+        env["SLURM_ARRAY_TASK_ID"] = index
+    done = subprocess.run([REID_BATCH, stage, str(manifest), "--array-over", over], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("stage, choices", [("sample", "{targets,target-shards}"), ("finetune", "{targets}"),
+                                            ("mahalanobis-reference", "{targets}")])
+def test_stage_help_offers_the_array_over_targets(stage, choices):
+    done = subprocess.run([REID_BATCH, stage, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and f"--array-over {choices}" in done.stdout, done.stderr
 
 
 @pytest.mark.parametrize("script", ["slurm/submit.sh", "k8s/apply.sh", "docker/build-local.sh"])
@@ -458,10 +514,23 @@ exec {REID_BATCH} "$@"
     states = slurm.wait_for(list(jobs.values()), timeout=420)
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((tmp_path / "logs").glob("*.out")))
 
+    # Targets ran as arrays: one task per target for training and stage 1.
+    for job in ("train-target", "finetune"):
+        assert {key: state for key, state in states.items() if key.startswith(f"{jobs[job]}_")} == \
+            {f"{jobs[job]}_{i}": "COMPLETED" for i in range(len(TARGETS))}, (states, logs)
+    # Each target's Ledoit-Wolf Gaussian was fitted once, in its train-target task; sampling tasks only read it.
+    fitted = [line for p in (tmp_path / "logs").glob("train-target-*.out") for line in p.read_text().splitlines()
+              if '"mahalanobis_reference_fitted"' in line]
+    assert sorted(json.loads(line)["target"] for line in fitted) == sorted(TARGETS), logs
+    sampling_logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("sample-*.out"))
+    assert '"mahalanobis_reference_fitted"' not in sampling_logs
+    assert sampling_logs.count('"mahalanobis_reference_read"') == len(TARGETS) * SAMPLE_SHARDS - 1  # one failed first
+
     if "sample" in jobs:
         sample = jobs["sample"]
         assert states[f"{sample}_{FAILING_TASK}"] == "FAILED", (states, logs)
-        assert states[f"{sample}_{1 - FAILING_TASK}"] == "COMPLETED", (states, logs)
+        assert all(states[f"{sample}_{i}"] == "COMPLETED" for i in range(len(TARGETS) * SAMPLE_SHARDS)
+                   if i != FAILING_TASK), (states, logs)
         before = list(jobs)[: list(jobs).index("sample")]
         after = list(jobs)[list(jobs).index("sample") + 1:]
         assert all(slurm.states_of(states, jobs[j]) == {"COMPLETED"} for j in before), (states, logs)
@@ -484,19 +553,23 @@ exec {REID_BATCH} "$@"
     # Every array task kept its own log in the run's output.
     shard_logs = slurm_dir / "out" / RUN_ID / "logs"
     if "sample" in jobs:
-        for shard in (0, 1):
-            events = [json.loads(line)["event"] for line in (shard_logs / f"sample-shard-{shard}.jsonl").read_text().splitlines()]
-            assert "sample_shard_done" in events
+        for target in TARGETS:
+            for shard in range(SAMPLE_SHARDS):
+                log_file = shard_logs / f"sample-{target}-shard-{shard}.jsonl"
+                events = [json.loads(line)["event"] for line in log_file.read_text().splitlines()]
+                assert "sample_shard_done" in events and "array_task" in events, log_file
 
-    # Stage 1 again, as 2 processes through srun + accelerate launch with the allocation's rendezvous.
+    # Stage 1 of the first target again (its array task alone), as 2 processes through srun + accelerate launch with
+    # the allocation's rendezvous.
     shutil.rmtree(slurm_dir / "out" / RUN_ID / "cnn" / "finetune")
-    resubmitted = run_submit([*common, "--stages", "finetune", "--finetune-processes-per-node", "2", "--cpus", "2",
-                              "tiny.yaml"], slurm_dir, env).stdout.split()
+    resubmitted = run_submit([*common, "--stages", "finetune", "--array", "0", "--finetune-processes-per-node", "2",
+                              "--cpus", "2", "tiny.yaml"], slurm_dir, env).stdout.split()
     states = slurm.wait_for([resubmitted[1]], timeout=300)
-    assert set(states.values()) == {"COMPLETED"}, states
+    assert states == {f"{resubmitted[1]}_0": "COMPLETED"}, states
     record = json.loads((slurm_dir / "out" / RUN_ID / "cnn" / "finetune" / "finetune.json").read_text())
     assert record["world_size"] == 2
-    assert {p.name for p in shard_logs.glob("finetune-rank-*.jsonl")} == {"finetune-rank-0.jsonl", "finetune-rank-1.jsonl"}
+    assert {p.name for p in shard_logs.glob("finetune-cnn-rank-*.jsonl")} == {"finetune-cnn-rank-0.jsonl",
+                                                                             "finetune-cnn-rank-1.jsonl"}
 
 
 def test_a_job_stopped_by_sigterm_requeues_itself_and_its_dependants_wait_but_a_cancelled_one_does_not(slurm, tmp_path):

@@ -118,12 +118,8 @@ def concat_columns(parts: list[dict]) -> dict[str, np.ndarray]:
             else np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def build_scorer(manifest: Manifest, spec: TargetSpec, generator, accelerator, sizer: BatchSizer) -> CandidateScorer:
-    """A generator (on the accelerator's device, eval mode) scored against the frozen target with the target's
-    objective terms and Mahalanobis model: sample's scorer for the fine-tuned generator, evaluate's for the prior."""
-    device = accelerator.device
-    model, num_classes = load_attack_target(manifest, spec)
-    generator, model = prepare_models(generator, model.to(device), device, manifest.sampling.compile)
+def build_objective(manifest: Manifest, spec: TargetSpec, model, accelerator) -> TargetObjective:
+    """The frozen target's objective as sampling scores it (with its reference statistics where it needs them)."""
     reference = vit_reference_stats(manifest, spec, model, accelerator) \
         if needs_reference_stats(model, spec.family) else None
     index = manifest.targets.index(spec)
@@ -131,6 +127,16 @@ def build_scorer(manifest: Manifest, spec: TargetSpec, generator, accelerator, s
                                 field_prefix=f"targets[{index}].objective")
     if objective.fallback is not None:
         log.event("scoring_objective_fallback", target=spec.name, **objective.fallback)
+    return objective
+
+
+def build_scorer(manifest: Manifest, spec: TargetSpec, generator, accelerator, sizer: BatchSizer) -> CandidateScorer:
+    """A generator (on the accelerator's device, eval mode) scored against the frozen target with the target's
+    objective terms and Mahalanobis model: sample's scorer for the fine-tuned generator, evaluate's for the prior."""
+    device = accelerator.device
+    model, num_classes = load_attack_target(manifest, spec)
+    generator, model = prepare_models(generator, model.to(device), device, manifest.sampling.compile)
+    objective = build_objective(manifest, spec, model, accelerator)
     gaussian = feature_gaussian(manifest, spec, objective, accelerator, sizer)
     log.event("mahalanobis_model", target=spec.name, **gaussian.summary())
     precision = effective_mixed_precision(device, manifest.sampling.mixed_precision)

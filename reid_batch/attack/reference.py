@@ -8,8 +8,11 @@
   settings, so a changed target or prior is never compared with stale statistics. Stage 1 and sampling read the
   same cache, so both stages compare with the same numbers.
 * The feature Gaussian of the Mahalanobis distance (`selection.mahalanobis`): the target's own running statistics
-  (diagonal), or Ledoit-Wolf on prior samples at ids layout.MAHALANOBIS_REFERENCE_ID_OFFSET + k (never a
-  candidate's). Every shard computes the same Gaussian deterministically.
+  (diagonal: a pure function of the stored weights, so every shard derives the same one), or Ledoit-Wolf on prior
+  samples at ids layout.MAHALANOBIS_REFERENCE_ID_OFFSET + k (never a candidate's). Ledoit-Wolf is FITTED ONCE per
+  target and committed at <target>/mahalanobis-reference/; every shard reads that commit. Fitting it per shard gave
+  each GPU its own Gaussian (TF32, cuBLAS algorithm choice, another GPU model after a resume), so distances of
+  different shards were not comparable. See `shared_ledoit_wolf` for why this survives concurrent array tasks.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor, nn
@@ -34,7 +37,8 @@ from reid_batch.attack.generation import BatchSizer, regenerate_images, target_i
 from reid_batch.attack.objectives import compute_reference_stats
 from reid_batch.data.datasets import ImageDataset, read_source
 from reid_batch.errors import InputError
-from reid_batch.layout import FINETUNE_REFERENCE_ID_OFFSET, MAHALANOBIS_REFERENCE_ID_OFFSET, finetune_reference_key
+from reid_batch.layout import (FINETUNE_REFERENCE_ID_OFFSET, GAUSSIAN_FILE, GAUSSIAN_SUMMARY_FILE,
+                               MAHALANOBIS_REFERENCE_ID_OFFSET, finetune_reference_key, mahalanobis_reference_prefix)
 from reid_batch.manifest import Manifest, TargetSpec
 from reid_batch.models.pggan import PGGANGenerator, generator_to_unit, latents_for_ids
 from reid_batch.models.targets import TargetInput, to_target_input
@@ -201,8 +205,15 @@ def feature_gaussian(manifest: Manifest, spec: TargetSpec, objective, accelerato
                   "last GroupNorm input, reference mean/var" if objective.fallback is not None else
                   "last BatchNorm2d running_mean/running_var")
         return mahalanobis.from_gaussian(prior[0], prior[1], settings.epsilon, source)
+    return shared_ledoit_wolf(manifest, spec, objective, accelerator, sizer)
+
+
+def fit_ledoit_wolf_reference(manifest: Manifest, spec: TargetSpec, objective, accelerator, sizer: BatchSizer,
+                              prior: PGGANGenerator | None = None) -> mahalanobis.MahalanobisModel:
+    """Ledoit-Wolf on the target features of `reference_images` prior samples (each process renders a share)."""
+    settings = manifest.selection.mahalanobis
     input_spec = target_input_spec(spec)
-    prior = load_prior(manifest).to(accelerator.device).eval()
+    prior = (prior if prior is not None else load_prior(manifest)).to(accelerator.device).eval()
     mine = my_share(accelerator, reference_ids(settings.reference_images))
 
     def features_of(ids: np.ndarray) -> np.ndarray:
@@ -218,3 +229,95 @@ def feature_gaussian(manifest: Manifest, spec: TargetSpec, objective, accelerato
     gathered = [part for part in gather_object_list(accelerator, mine) if len(part)]
     return mahalanobis.fit_ledoit_wolf(np.concatenate(gathered), settings.epsilon,
                                        source=f"Ledoit-Wolf on {settings.reference_images} prior samples")
+
+
+def ledoit_wolf_identity(manifest: Manifest, spec: TargetSpec, model: nn.Module, prior: PGGANGenerator) -> dict:
+    """What the fitted Gaussian depends on: the target's and the prior's exact weights, the target's settings, the
+    reference ids' seed and count, epsilon. NOT the device or precision: one fit serves every shard on any GPU."""
+    identity = {"format": 1, "target": weights_digest(model), "prior": weights_digest(prior),
+                "spec": spec.model_dump(mode="json"), "seed": manifest.sampling.seed,
+                "mahalanobis": manifest.selection.mahalanobis.model_dump(mode="json")}
+    return json.loads(json.dumps(identity))  # the form it takes once stored, so comparisons are exact
+
+
+def _gaussian_bytes(model: mahalanobis.MahalanobisModel) -> bytes:
+    # The Cholesky factor itself is stored, not the covariance: re-deriving it on each reader (eigvalsh, cholesky on
+    # another CPU's BLAS) could differ in the last bits, and the point is one Gaussian, bit for bit.
+    # One metadata entry: safetensors writes its metadata map in hash order, and two entries made the bytes of the
+    # same Gaussian differ from one process to the next.
+    summary = {"source": model.source, "regularisation": model.regularisation, "details": model.details,
+               "fingerprint": model.fingerprint()}
+    return save_tensors({"mean": model.mean.contiguous(), "factor": model.factor.contiguous()},
+                        metadata={"gaussian": json.dumps(summary, sort_keys=True)})
+
+
+def read_committed_ledoit_wolf(store, spec: TargetSpec, identity: dict) -> mahalanobis.MahalanobisModel | None:
+    """The committed Gaussian of this target, None if none is committed; an InputError if the commit was fitted for
+    other weights or settings (a commit is never replaced: delete it to fit again)."""
+    prefix = mahalanobis_reference_prefix(spec.name)
+    if not store.is_committed(prefix):
+        return None
+    found = store.read_commit(prefix).get("metadata", {}).get("identity")
+    if found != identity:
+        differing = sorted(k for k in set(identity) | set(found or {}) if (found or {}).get(k) != identity.get(k))
+        raise InputError(f"holds a Ledoit-Wolf reference fitted for other inputs (differs in: {', '.join(differing)});"
+                         " delete it (and the target's candidates/, selection/, scores/) to sample again",
+                         where=store.uri(prefix))
+    data = store.read_bytes(f"{prefix}/{GAUSSIAN_FILE}")
+    tensors = load_tensors(data)
+    summary = json.loads(_safetensors_metadata(data)["gaussian"])
+    model = mahalanobis.MahalanobisModel(tensors["mean"], tensors["factor"], False, summary["source"],
+                                         summary["regularisation"], summary["details"])
+    if model.fingerprint() != summary["fingerprint"]:
+        raise RuntimeError(f"{store.uri(f'{prefix}/{GAUSSIAN_FILE}')}: the stored Gaussian does not match its "
+                           "recorded fingerprint")
+    return model
+
+
+def shared_ledoit_wolf(manifest: Manifest, spec: TargetSpec, objective, accelerator,
+                       sizer: BatchSizer) -> mahalanobis.MahalanobisModel:
+    """The target's ONE Ledoit-Wolf Gaussian: the committed one if present (no fit), else fitted and committed here.
+
+    Why this is robust under concurrent array tasks and resume:
+    * The cluster plan fits it in the `mahalanobis-reference` stage, one task per target, in a job that ends before
+      the sample array starts: the shards only ever read, so they cannot race to fit. Resumed or re-run shards, on
+      whatever hardware, read the same commit, and nothing here depends on the device.
+    * Run without that stage (`reid-batch sample` alone, `--shard` by hand), the first caller fits and commits it
+      through the store's commit marker; a caller that finds the marker does not fit. Two callers that both fit
+      (started together) both try to commit; the store keeps the first commit and discards the later one
+      (storage.Store.committed), and EVERY caller then scores against what was committed, read back, never
+      against its own fit. Only two commits published within the same few milliseconds could leave two callers
+      with different Gaussians; `select` then refuses (the fingerprints differ) instead of mixing them.
+    """
+    store = run_store(manifest)
+    prior = load_prior(manifest)
+    identity = ledoit_wolf_identity(manifest, spec, objective.model, prior)
+    prefix = mahalanobis_reference_prefix(spec.name)
+    # The main process decides for all (read or fit): were each process to look for itself, a commit landing between
+    # their looks would send some into the fit's collective gather and leave them waiting for the others forever.
+    decision: list = [None]
+    if accelerator.is_main_process:
+        try:
+            decision = [read_committed_ledoit_wolf(store, spec, identity) is not None]
+        except InputError as error:
+            decision = [error]  # every process must learn of it, or the others would wait for the broadcast
+    if accelerator.num_processes > 1:
+        broadcast_object_list(decision)
+    if isinstance(decision[0], Exception):
+        raise decision[0]
+    if decision[0]:
+        committed = read_committed_ledoit_wolf(store, spec, identity)
+        log.event("mahalanobis_reference_read", target=spec.name, uri=store.uri(prefix),
+                  fingerprint=committed.fingerprint())
+        return committed
+    fitted = fit_ledoit_wolf_reference(manifest, spec, objective, accelerator, sizer, prior)
+    if accelerator.is_main_process:
+        metadata = {"identity": identity, "fingerprint": fitted.fingerprint()}
+        with store.committed(prefix, metadata) as staging:
+            staging.write_bytes(GAUSSIAN_FILE, _gaussian_bytes(fitted))
+            staging.write_json(GAUSSIAN_SUMMARY_FILE, fitted.summary())
+    accelerator.wait_for_everyone()
+    committed = read_committed_ledoit_wolf(store, spec, identity)
+    log.event("mahalanobis_reference_fitted", target=spec.name, uri=store.uri(prefix),
+              fingerprint=committed.fingerprint(), used_own_fit=committed.fingerprint() == fitted.fingerprint())
+    return committed

@@ -49,8 +49,9 @@ ViT targets need reference statistics (objective terms, CLS Gaussian): stage 1's
 `attack.reference.reference_stats` (its fingerprinted cache `<target>/finetune-reference.safetensors`, measured
 the same way if absent or stale), so both stages compare with the same numbers. `ledoit_wolf` needs reference
 features: `selection.mahalanobis.reference_images` PRIOR samples at ids layout.MAHALANOBIS_REFERENCE_ID_OFFSET + k (never a
-candidate's). Every shard computes the same Gaussian deterministically; its fingerprint is stored per chunk so
-that `select` can verify that all shards agree.
+candidate's), fitted ONCE per target (stage mahalanobis-reference, or the first shard) and committed at
+<target>/mahalanobis-reference/; every shard reads that commit. Its fingerprint is stored per chunk, and `select`
+refuses shards that disagree.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ Input: every shard of `<target>/candidates/` (see sample.py). Selection refuses 
 with pyarrow and places each value at its id, so everything below depends on the multiset of (id, scores) only:
 the same candidates give the same selection whatever the number of shards, chunks or processes that made them.
 
+Mahalanobis consistency: every shard records the fingerprint of the Gaussian it scored against; selection refuses
+(InputError) when they differ, since distances to different Gaussians cannot be ranked together. It cannot happen in
+a normal run: every shard derives or reads the same one (reid_batch.attack.reference).
+
 Scores: a candidate with a non-finite score (NaN or infinity) is counted (`non_finite`) and never selected.
 
 Ranks: rank_objective and rank_mahalanobis are 1 for the lowest value, ordinal, ties broken by the lower id;
@@ -41,7 +45,8 @@ import pyarrow.parquet as pq
 
 from reid_batch import log
 from reid_batch.attack.selection import QUANTILE_METHOD, committed_summaries, read_scores, select_candidates
-from reid_batch.layout import SELECTION_FILE, THRESHOLDS_FILE, selection_prefix
+from reid_batch.errors import InputError
+from reid_batch.layout import SELECTION_FILE, THRESHOLDS_FILE, candidates_prefix, selection_prefix
 from reid_batch.manifest import Manifest, TargetSpec
 from reid_batch.runtime import run_single_writer, run_store
 
@@ -96,13 +101,17 @@ def select_target(manifest: Manifest, spec: TargetSpec) -> dict | None:
         return store.read_json(f"{prefix}/{THRESHOLDS_FILE}")
     sampling, settings = manifest.sampling, manifest.selection
     summaries = committed_summaries(store, spec.name, sampling.num_candidates, sampling.num_shards)
+    consistency = mahalanobis_consistency(summaries)
+    if not consistency["consistent"]:
+        # Every shard reads one Gaussian (the target's running statistics, or the committed Ledoit-Wolf reference):
+        # different fingerprints mean candidates from different Gaussians, whose distances cannot be ranked together.
+        raise InputError(
+            f"the shards' candidates were scored against different Mahalanobis Gaussians (fingerprints "
+            f"{', '.join(consistency['fingerprints'])}); delete the target's candidates/ (and mahalanobis-reference/ "
+            "if it is not the one you want) and sample again", where=store.uri(candidates_prefix(spec.name)))
     objective, distance = read_scores(store, summaries, sampling.num_candidates)
     chosen = select_candidates(objective, distance, settings)
     selected = chosen["selected"]
-    consistency = mahalanobis_consistency(summaries)
-    if not consistency["consistent"]:
-        log.event("mahalanobis_reference_inconsistent", target=spec.name, fingerprints=consistency["fingerprints"],
-                  reason="shards scored against different Gaussians; their distances are not exactly comparable")
     rank_o, rank_m, combined = chosen["ranks"]
     rows = read_selected_rows(store, summaries, selected)
     if rows is None:
