@@ -620,6 +620,9 @@ class CalibrationSpec(Strict):
 
 class ComputeSpec(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    tf32: bool = Field(True, description="on a CUDA GPU (Ampere or newer), float32 matrix products and convolutions "
+                       "in TF32 (10-bit mantissa, several times the float32 rate); false for full float32. Part of "
+                       "the sampling plan: a resumed shard keeps it")
     num_workers: NonNegativeInt = 0
 
 

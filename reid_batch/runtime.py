@@ -60,13 +60,31 @@ def pick_device(manifest: Manifest) -> torch.device:
     CPU run (an old driver makes CUDA unavailable, and a 1024 px study would then run for weeks on the CPU)."""
     wanted = manifest.compute.device
     if torch.cuda.is_available() and wanted in ("cuda", "auto"):
+        configure_cuda_math(manifest.compute.tf32)
         return torch.device("cuda")
+    evidence = gpu_evidence()
     if wanted == "cuda":
-        raise InputError(cuda_unavailable_message(gpu_evidence()) if gpu_evidence() else
+        raise InputError(cuda_unavailable_message(evidence) if evidence else
                          "CUDA was asked for but no GPU is visible", "compute.device")
-    if wanted == "auto" and gpu_evidence() is not None:
-        raise InputError(cuda_unavailable_message(gpu_evidence()), "compute.device")
+    if wanted == "auto" and evidence is not None:
+        raise InputError(cuda_unavailable_message(evidence), "compute.device")
     return torch.device("cpu")
+
+
+def configure_cuda_math(tf32: bool) -> None:
+    """TF32 for float32 matmuls and convolutions as the manifest says (PyTorch's defaults differ between the two).
+
+    cudnn.benchmark stays off on purpose: it picks convolution algorithms by timing them in each process, so sample
+    and score (or a shard and its resumed second half) could render the same candidate with different algorithms,
+    which the one-rendering rule forbids; the generator's convolutions are a small part of a batch's time."""
+    precision = "tf32" if tf32 else "ieee"
+    if hasattr(torch.backends.cudnn, "conv"):  # torch >= 2.9: the precision API (allow_tf32 is deprecated)
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = False
 
 
 def seed_everything(seed: int) -> None:

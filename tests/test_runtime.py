@@ -64,3 +64,23 @@ def test_the_driver_table_covers_the_images_cuda():
     base = (REPO / "docker" / "Dockerfile").read_text().split("ARG BASE_IMAGE=", 1)[1].split()[0]
     cuda = base.split("-cuda", 1)[1].split("-", 1)[0]
     assert cuda in runtime.CUDA_DRIVER_FLOOR, (base, cuda)
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_a_cuda_device_gets_the_manifests_tf32_choice_and_no_cudnn_benchmark(monkeypatch, tf32):
+    """PyTorch's own defaults differ (TF32 on for convolutions, off for matmuls); the manifest decides both, and
+    cudnn.benchmark stays off so that every stage renders a candidate with the same algorithms."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        matmul.fp32_precision = conv.fp32_precision = "ieee" if tf32 else "tf32"
+        torch.backends.cudnn.benchmark = True
+        document = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
+        document["compute"] = {"device": "cuda", "tf32": tf32}
+        assert runtime.pick_device(parse_manifest(document)).type == "cuda"
+        expected = "tf32" if tf32 else "ieee"
+        assert matmul.fp32_precision == expected and conv.fp32_precision == expected
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark = saved

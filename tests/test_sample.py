@@ -515,8 +515,8 @@ def test_changed_plan_is_refused(inputs, tmp_path):
     store = run_store(manifest)
     summary_key = "cnn/candidates/shard=0/_SHARD.json"
     summary = store.read_json(summary_key)
-    assert summary["plan"]["compute"] == {"device": "cpu", "mixed_precision": "no", "compile": False}
-    summary["plan"]["compute"] = {"device": "NVIDIA H100 80GB HBM3", "mixed_precision": "bf16", "compile": True}
+    assert summary["plan"]["compute"] == {"device": "cpu", "mixed_precision": "no", "compile": False, "tf32": None}
+    summary["plan"]["compute"] = {"device": "NVIDIA H100 80GB HBM3", "mixed_precision": "bf16", "compile": True, "tf32": True}
     store.write_json(summary_key, summary)
     with pytest.raises(InputError, match="different plan.*compute"):
         sampling.sample(manifest)

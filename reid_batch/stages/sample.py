@@ -129,7 +129,7 @@ def shard_plan(manifest: Manifest, spec: TargetSpec, shard: int, finetune: dict,
         "finetune": finetune,
         "compute": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                     "mixed_precision": effective_mixed_precision(device, sampling.mixed_precision),
-                    "compile": sampling.compile},
+                    "compile": sampling.compile, "tf32": manifest.compute.tf32 if device.type == "cuda" else None},
     }
     return json.loads(json.dumps(plan))  # the form it takes once stored, so comparisons are exact
 
