@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 from torch import nn
 
 from reid_batch import layout
@@ -207,3 +208,31 @@ def selected_ids(store: Store, target: str) -> np.ndarray:
     require_committed(store, prefix, f"select --target {target}")
     table = store.read_parquet(f"{prefix}/{layout.SELECTION_FILE}", columns=["id"])
     return np.sort(table.column("id").to_numpy())
+
+
+def require_ppa_shards(store: Store, manifest: Manifest, spec: TargetSpec) -> list[str]:
+    """The _SHARD.json keys of a target's ppa attack (none if it does not list ppa); a missing one is an error that
+    names the command to run: evaluate must not score a partial attack."""
+    if "ppa" not in spec.attacks:
+        return []
+    keys = [f"{layout.ppa_shard_prefix(spec.name, shard)}/{layout.SUMMARY_FILE}"
+            for shard in range(manifest.sampling.num_shards)]
+    missing = [shard for shard, key in enumerate(keys) if not store.exists(key)]
+    if missing:
+        raise InputError(f"ppa shard(s) {missing} are not complete; run `reid-batch ppa --target {spec.name}`",
+                         where=store.uri(f"{layout.ppa_shard_prefix(spec.name, missing[0])}/{layout.SUMMARY_FILE}"))
+    return keys
+
+
+def read_ppa_kept(store: Store, manifest: Manifest, spec: TargetSpec) -> "pa.Table | None":
+    """Every kept row of a target's ppa attack, by (class, rank); None if the target does not list ppa (or no
+    shard attacked a class)."""
+    if "ppa" not in spec.attacks:
+        return None
+    tables = [store.read_parquet(key) for summary_key in require_ppa_shards(store, manifest, spec)
+              for key in store.read_json(summary_key)["files"]]
+    if not tables:
+        return None
+    table = pa.concat_tables(tables)
+    order = np.lexsort((table["rank"].to_numpy(), table["class"].to_numpy()))
+    return table.take(pa.array(order))

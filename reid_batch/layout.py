@@ -14,6 +14,8 @@ Torch-free: `report`, `plan` and the tests read it cheaply.
                                         shard (gaussian.safetensors, gaussian.json)
     <target>/candidates/shard=<I>/ .... per-candidate rows (Parquet), committed per chunk, _SHARD.json last
     <target>/candidates-images/ ....... candidate PNGs, only with sampling.save_images
+    <target>/ppa/shard=<I>/class=<C>/ . the ppa attack's kept samples of one class (kept.parquet: search id, class,
+                                        confidences, optimised latent), committed per class; _SHARD.json last
     <target>/selection/ ............... stage 2: selected ids, thresholds
     <target>/scores/shard=<I>/ ........ demographic predictions of the selected candidates (+ PNGs)
     <target>/scores-reference/ ........ the same model on the target's training images
@@ -32,6 +34,8 @@ Latent ids: every image the attack generates is `latents_for_ids(seed, id)`; dis
     0 .. num_candidates-1 ............ sampling candidates (sampling.seed); fine-tuning steps (finetune.seed)
     PRIOR_DISTANCE_ID_OFFSET + k ..... train-prior's distance-to-data images (1e6 + k)
     STAGE1_ID_OFFSET + k ............. evaluate's stage-1 sets, prior and fine-tuned (2**40 + k)
+    PPA_ID_OFFSET + c * PPA_CLASS_STRIDE + k  ppa's searched latents of class c (2**44 + c * 2**24 + k), before
+                                       optimisation (the optimised latent is stored: it is not a function of the id)
     LEAK_ID_OFFSET + k ............... evaluate's raw candidates for the leak statistic, every generator (2**50 + k)
     CALIBRATION_ID_OFFSET + k ........ calibrate's prior candidates, CALIBRATION_ID_STRIDE per repeat (2**56 + k)
     GRID_ID_OFFSET + k ............... fine-tuning's before/after grids (2**60 + k)
@@ -45,6 +49,8 @@ from __future__ import annotations
 
 PRIOR_DISTANCE_ID_OFFSET = 1_000_000
 STAGE1_ID_OFFSET = 2**40
+PPA_ID_OFFSET = 2**44
+PPA_CLASS_STRIDE = 2**24
 LEAK_ID_OFFSET = 2**50
 CALIBRATION_ID_OFFSET = 2**56
 CALIBRATION_ID_STRIDE = 2**32
@@ -153,6 +159,33 @@ def chunk_prefix(target: str, shard: int, chunk: int) -> str:
 
 def image_key(target: str, shard: int, candidate_id: int) -> str:
     return f"{target}/candidates-images/shard={shard}/{candidate_id}.png"
+
+
+# ------------------------------------------------------------------------------------------------ the ppa attack
+
+PPA_FILE = "kept.parquet"
+
+
+def ppa_prefix(target: str) -> str:
+    return attack_prefix(target, "ppa")
+
+
+def ppa_shard_prefix(target: str, shard: int) -> str:
+    return f"{ppa_prefix(target)}/shard={shard}"
+
+
+def ppa_class_prefix(target: str, shard: int, cls: int) -> str:
+    return f"{ppa_shard_prefix(target, shard)}/class={cls}"
+
+
+def ppa_shard_classes(num_classes: int, num_shards: int, shard: int) -> list[int]:
+    """The classes shard `shard` attacks: every num_shards-th, so each shard gets a near-equal share whatever the
+    class count (a shard beyond the class count gets none)."""
+    return list(range(shard, num_classes, num_shards))
+
+
+def ppa_search_ids(cls: int, search: int) -> list[int]:
+    return [PPA_ID_OFFSET + cls * PPA_CLASS_STRIDE + k for k in range(search)]
 
 
 # ------------------------------------------------------------------------------------------------ stage 2: selection

@@ -343,6 +343,9 @@ class TargetSpec(Strict):
     training_list: str | None = Field(
         None, description="checkpoint targets: a CSV naming what the checkpoint was trained on, by `patient_id` or "
         "by image `path` in data.private; without it membership is reported as not available")
+    attacks: list[Literal["study", "ppa"]] = Field(
+        ["study"], description="the attack modes run on this target: study (the study's two stages, always run) "
+        "and ppa (per-sample latent optimisation, settings in the ppa section); the report ranks them")
 
     @field_validator("name")
     @classmethod
@@ -389,6 +392,8 @@ class TargetSpec(Strict):
             # fail inside DenseNet's concatenations: ResNets are the architectures DP-SGD is known to train here.
             raise ValueError("preset dp trains ResNets (resnet18..152) with Opacus; train other architectures "
                              "elsewhere and give the checkpoint")
+        if "study" not in self.attacks or len(set(self.attacks)) != len(self.attacks):
+            raise ValueError("attacks: list each mode once, and keep study (the pipeline's stages always run it)")
         if self.objective.class_offsets and "logits" not in self.terms:
             raise ValueError("objective.class_offsets needs the logits term (the classes are what it conditions on)")
         allowed = FAMILY_TERMS[self.family]
@@ -489,6 +494,46 @@ class SamplingSpec(Strict):
     def _shards(self) -> "SamplingSpec":
         if self.num_shards > self.num_candidates:
             raise ValueError(f"num_shards ({self.num_shards}) exceeds num_candidates ({self.num_candidates})")
+        return self
+
+
+class PPASpec(Strict):
+    """The ppa attack (Plug & Play-style, per-sample latent optimisation) on targets listing ppa in `attacks`.
+
+    Per class: search latents, optimise the best toward the class, keep the most confident (attack.ppa,
+    stages.ppa). Defaults: measured on the demo's identity control (bench/ppa_identity.py)."""
+
+    generator: Literal["prior", "finetuned"] = Field(
+        "prior", description="the generator whose latents are optimised: the prior, or stage 1's fine-tuned one")
+    search: Annotated[int, Field(gt=0, lt=2**24)] = Field(
+        200, description="latents searched per class (by confidence over random views)")
+    optimise: PositiveInt = Field(8, description="of those, the most confident optimised per class")
+    keep: PositiveInt = Field(4, description="of those, kept per class (by confidence over final_views views)")
+    steps: PositiveInt = Field(150, description="Adam steps on each latent")
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(2e-2, description="Adam's learning rate on the latents")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.1, 0.1), description="Adam's betas (PPA's 0.1, 0.1: short memory, each view's gradient counts)")
+    search_views: PositiveInt = Field(4, description="random views averaged when ranking the searched latents")
+    final_views: PositiveInt = Field(32, description="random views averaged when ranking the optimised latents")
+    crop_scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = Field(
+        (0.8, 1.0), description="area of each random crop, as a share of the image (low, high)")
+    rotation_deg: Annotated[float, Field(ge=0, le=180)] = Field(5.0, description="largest rotation of a view")
+    brightness: Annotated[float, Field(ge=0, le=1)] = Field(0.1, description="largest brightness shift of a view")
+    latent_penalty: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+        1e-3, description="weight of (mean(z^2) - 1)^2: keeps each latent where the generator was trained")
+    bn_stats: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+        0.0, description="weight of the per-sample BatchNorm term in each step (BatchNorm targets; 0: off)")
+    keep_by: Literal["probability", "margin"] = Field(
+        "probability", description="rank the optimised latents by the class's probability or its logit margin")
+    batch_size: PositiveInt = Field(64, description="latents per forward pass when searching")
+    seed: Seed = Field(0, description="the searched latents and every random view are functions of (seed, id, step)")
+
+    @model_validator(mode="after")
+    def _counts(self) -> "PPASpec":
+        if not self.keep <= self.optimise <= self.search:
+            raise ValueError(f"need keep <= optimise <= search (got {self.keep}, {self.optimise}, {self.search})")
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError("crop_scale: low must not exceed high")
         return self
 
 
@@ -636,6 +681,7 @@ class Manifest(Strict):
     finetune: FinetuneSpec = FinetuneSpec()
     sampling: SamplingSpec = SamplingSpec()
     selection: SelectionSpec = SelectionSpec()
+    ppa: PPASpec = PPASpec()
     demographics: DemographicsSpec
     reid: ReidSpec | None = None
     evaluation: EvaluationSpec = EvaluationSpec()

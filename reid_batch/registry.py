@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from reid_batch.errors import InputError
-from reid_batch.manifest import Manifest
+from reid_batch.manifest import Manifest, TargetSpec
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,9 @@ class Stage:
     per_target: bool = True  # runs once per target (False: once per run)
     needs: tuple[str, ...] = ()  # stages whose outputs it reads: the same target's, or every target's for a per-run stage
     shards: Callable[[Manifest], int] | None = None  # an array task: the manifest's shard count
+    # Whether a per-target stage has work for a target (None: every target); `run` starts no task where it has none,
+    # and a scheduler's task for such a target returns at once.
+    applies: Callable[[TargetSpec], bool] | None = None
 
     @property
     def sharded(self) -> bool:
@@ -33,6 +36,9 @@ class Stage:
         """The callable that runs the stage (imports its module: torch and all)."""
         module, function = self.entry.split(":")
         return getattr(importlib.import_module(f"reid_batch.stages.{module}"), function)
+
+    def applies_to(self, target: TargetSpec) -> bool:
+        return self.applies is None or self.applies(target)
 
     def shard_count(self, manifest: Manifest) -> int:
         return self.shards(manifest) if self.shards is not None else 1
@@ -53,6 +59,11 @@ STAGES: tuple[Stage, ...] = (
           "mahalanobis_reference:run", needs=("train-prior", "train-target")),
     Stage("finetune", "stage 1: fine-tune the generator toward a target", "finetune:run",
           needs=("train-prior", "train-target")),
+    # The stronger attack beside the study's (targets listing ppa in `attacks`); sharded by class with sample's
+    # shard count, so each sample array task runs its shard of both.
+    Stage("ppa", "the ppa attack: optimise latents toward each class, keep the most confident", "ppa:run",
+          needs=("train-prior", "train-target", "finetune"), shards=lambda manifest: manifest.sampling.num_shards,
+          applies=lambda target: "ppa" in target.attacks),
     Stage("sample", "sample candidates, score them, write Parquet shards", "sample:sample",
           needs=("finetune", "mahalanobis-reference"),
           shards=lambda manifest: manifest.sampling.num_shards),
@@ -60,7 +71,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("score", "predict age and sex of the selected candidates", "score:score",
           needs=("select", "train-demographics"), shards=lambda manifest: manifest.demographics.num_shards),
     Stage("evaluate", "metrics: entropy, PCA kurtosis, FID, SSIM, re-id, the leak statistic", "evaluate:evaluate",
-          needs=("score", "train-reid")),
+          needs=("score", "train-reid", "ppa")),
     # Once per run: every target's calibration uses the same prior candidates, generated and embedded once.
     Stage("calibrate", "spike-in calibration: the smallest leak the instrument sees", "calibrate:calibrate",
           per_target=False, needs=("evaluate",)),
@@ -106,7 +117,7 @@ JOBS: tuple[Job, ...] = (
     # mahalanobis-reference needs the prior, hence after prepare; it ends before the sample array starts.
     Job("train-target", ("train-target", "mahalanobis-reference"), array_over=ARRAY_OVER_TARGETS),
     Job("finetune", ("finetune",), array_over=ARRAY_OVER_TARGETS, distributed=True),
-    Job("sample", ("sample",), array_over=ARRAY_OVER_TARGET_SHARDS),
+    Job("sample", ("ppa", "sample"), array_over=ARRAY_OVER_TARGET_SHARDS),
     Job("select", ("select",), uses_gpu=False),
     Job("score", ("score",), array_over=ARRAY_OVER_SHARDS),
     Job("report", ("evaluate", "calibrate", "report")),

@@ -116,10 +116,11 @@ def stage_log_key(stage: str, target: str | None, shard: int | None) -> str:
 def task_graph(manifest: Manifest) -> dict[Task, frozenset[Task]]:
     """Every task and the tasks it needs, from the stage registry, in a good start order: the run-level stages
     and every target's training first (the long prior leads), then each target's attack chain, target by target."""
-    names = [t.name for t in manifest.targets]
 
     def tasks(stage: Stage) -> list[Task]:
-        return [Task(stage.name, name) for name in names] if stage.per_target else [Task(stage.name)]
+        if not stage.per_target:
+            return [Task(stage.name)]
+        return [Task(stage.name, t.name) for t in manifest.targets if stage.applies_to(t)]
 
     def needs(stage: Stage, target: str | None) -> frozenset[Task]:
         found = set()
@@ -127,7 +128,8 @@ def task_graph(manifest: Manifest) -> dict[Task, frozenset[Task]]:
             if not need.per_target:
                 found.add(Task(need.name))
             elif target is not None:
-                found.add(Task(need.name, target))
+                if need.applies_to(manifest.target(target)):
+                    found.add(Task(need.name, target))
             else:  # a run-level stage after per-target ones needs them for every target
                 found.update(tasks(need))
         return frozenset(found)
@@ -138,8 +140,9 @@ def task_graph(manifest: Manifest) -> dict[Task, frozenset[Task]]:
     graph: dict[Task, frozenset[Task]] = {}
     for stage in preparing:
         graph.update((task, needs(stage, task.target)) for task in tasks(stage))
-    for name in names:
-        graph.update((Task(stage.name, name), needs(stage, name)) for stage in attacking)
+    for spec in manifest.targets:
+        graph.update((Task(stage.name, spec.name), needs(stage, spec.name)) for stage in attacking
+                     if stage.applies_to(spec))
     for stage in concluding:
         graph[Task(stage.name)] = needs(stage, None)
     return graph

@@ -57,12 +57,12 @@ def make_manifest(root: Path, inputs: dict[str, Path], output: str, s3_endpoint:
     train = {"preset": "normal", "epochs": 1, "batch_size": 8}
     document["targets"] = [
         # P2 at its smallest: 3 canaries at 1 and 3 at 2 training studies; coin seed 0 puts canaries on both sides.
-        {"name": "cnn", "arch": "resnet18", "input": {"size": SIZE},
+        {"name": "cnn", "arch": "resnet18", "input": {"size": SIZE}, "attacks": ["study", "ppa"],
          "train": {**train, "canaries": {"per_dose": 3, "duplicates": [1, 2], "seed": 0}}},
         {"name": "cnn-control", "arch": "resnet18", "train": {**train, "pool": "control"}, "input": {"size": SIZE}},
         # P1 at its smallest: 2 patients as 2 classes, attacked with the per-class latent offsets.
         {"name": "identity", "arch": "resnet18", "input": {"size": SIZE}, "objective": {"class_offsets": True},
-         "train": {"preset": "identity", "epochs": 1, "batch_size": 4,
+         "attacks": ["study", "ppa"], "train": {"preset": "identity", "epochs": 1, "batch_size": 4,
                    "identity": {"patients": 2, "studies": 4, "validation_studies": 1}}},
     ]
     document["generator"] = {"checkpoint": str(inputs["prior"]), "format": "reid", "latent_dim": LATENT,
@@ -71,6 +71,9 @@ def make_manifest(root: Path, inputs: dict[str, Path], output: str, s3_endpoint:
     document["sampling"] = {"num_candidates": 64, "batch_size": 32, "num_shards": 1, "chunk_size": 64,
                             "row_group_size": 64, "seed": 3}
     document["selection"] = {"rule": "top_k", "top_k": 7}
+    # The ppa attack at its smallest (the cnn target has one logit: attacked as two classes).
+    document["ppa"] = {"search": 6, "optimise": 3, "keep": 2, "steps": 3, "search_views": 2, "final_views": 3,
+                       "batch_size": 4}
     document["demographics"] = {"arch": "densenet_tiny", "checkpoint": str(inputs["demographics"]),
                                 "image_size": SIZE, "num_shards": 2}
     # FID is off here: each FID needs a 2048 x 2048 matrix square root, about a minute on a loaded 2-core machine.
@@ -91,7 +94,7 @@ def pipeline(tmp_path_factory):
     """The whole pipeline run once, each stage called directly: (manifest, root)."""
     from reid_batch.data.phantoms import WorldConfig, write_world
     from reid_batch.stages import finetune, train_reid, train_target
-    from reid_batch.stages import calibrate, evaluate, report, sample, score, select
+    from reid_batch.stages import calibrate, evaluate, ppa, report, sample, score, select
 
     root = tmp_path_factory.mktemp("evaluate")
     manifest = make_manifest(root, _inputs(root), str(root / "out"))
@@ -107,6 +110,9 @@ def pipeline(tmp_path_factory):
     with pytest.raises(InputError, match="evaluate"):
         report.report(manifest)
     score.score(manifest)
+    with pytest.raises(InputError, match="reid-batch ppa --target cnn"):
+        evaluate.evaluate(manifest, target="cnn")
+    assert ppa.run(manifest) == 0
     assert evaluate.evaluate(manifest) == 0
     with pytest.raises(InputError, match="calibrate"):
         report.report(manifest)
@@ -332,6 +338,130 @@ def test_identity_control_matches_samples_to_held_out_studies(pipeline):
     assert control["raw"]["samples"] == control["prior_raw"]["samples"] == settings.membership_candidates
 
 
+def test_ppa_keeps_its_most_confident_optimised_samples_and_evaluate_measures_them(pipeline):
+    """The ppa stage's committed rows regenerate the images evaluate measured: per class `keep` samples, best first,
+    from the class's own searched ids; the identity control and L recomputed from the stored latents agree with
+    metrics.json; a one-logit target is attacked as two classes."""
+    from reid_batch.analysis.identity import identity_control
+    from reid_batch.analysis.leak import committed_records, generator_scores, leak_test
+    from reid_batch.analysis.roles import identity_sets, pool_frame, train_pool
+    from reid_batch.artifacts import load_prior, load_reid_model
+    from reid_batch.formats import feature_matrix
+    from reid_batch.layout import PPA_CLASS_STRIDE, PPA_ID_OFFSET
+    from reid_batch.models.pggan import generator_to_unit
+    from reid_batch.models.reid import embed
+    from reid_batch.stages import evaluate
+    from reid_batch.artifacts import read_ppa_kept as read_kept
+
+    manifest, _ = pipeline
+    settings = manifest.ppa
+    prior = load_prior(manifest).eval()
+    model = load_reid_model(manifest)
+    for name in ("identity", "cnn"):
+        store, metrics, _ = _outputs(manifest, name)
+        kept = read_kept(store, manifest, manifest.target(name)).to_pandas()
+        assert sorted(kept["class"].unique()) == [0, 1] and (kept.groupby("class").size() == settings.keep).all()
+        for cls, rows in kept.groupby("class"):
+            assert rows["rank"].tolist() == list(range(settings.keep))
+            assert rows["confidence"].is_monotonic_decreasing
+            offset = rows["id"].to_numpy() - PPA_ID_OFFSET - cls * PPA_CLASS_STRIDE
+            assert ((offset >= 0) & (offset < settings.search)).all()
+        with torch.no_grad():
+            latents = torch.from_numpy(feature_matrix(read_kept(store, manifest, manifest.target(name))["latent"]))
+            features = embed(model, generator_to_unit(prior(latents), prior.config.output_range)).numpy()
+        attack = metrics["attacks"]["ppa"]
+        assert attack["kept"] == len(kept) == 2 * settings.keep and attack["generator"] == "prior"
+        records, patients, member = committed_records(store.read_parquet(f"{name}/evaluation/records.parquet"))
+        candidates = store.read_parquet(f"{name}/evaluation/leak_candidates.parquet").to_pandas()
+        prior_features = np.stack(candidates[candidates["generator"] == "prior"]["features"].to_numpy())
+        again = leak_test(member, generator_scores(records, patients, len(member), features),
+                          generator_scores(records, patients, len(member), prior_features[:len(features)]),
+                          manifest.evaluation.leak_bootstrap, manifest.evaluation.leak_permutations,
+                          manifest.evaluation.seed, evaluate.CONFIDENCE)
+        assert attack["leak"]["vs_prior"]["leak"] == pytest.approx(again["leak"], abs=1e-6)
+        assert attack["leak"]["vs_prior"]["p_value"] == pytest.approx(again["p_value"], abs=1e-9)
+        assert metrics["attacks"]["study"]["leak"]["vs_prior"] == metrics["leak"]["raw"]["vs_prior"]
+    # The identity control of the ppa samples: each asks for the class it was optimised toward.
+    store, metrics, _ = _outputs(manifest, "identity")
+    spec = manifest.target("identity")
+    sets = identity_sets(manifest, spec)
+    number = {p.name: i for i, p in enumerate(sets.scored + sets.distractors)}
+    rows, on_error = pool_frame(manifest, train_pool(spec))
+    gallery = evaluate.load_images(rows[rows["patient_id"].astype(str).isin(number)], SIZE, on_error, 0, set(),
+                                   "gallery", evaluate.FeatureSpace(model, SIZE))
+    kept = read_kept(store, manifest, spec)
+    with torch.no_grad():
+        latents = torch.from_numpy(feature_matrix(kept["latent"]))
+        features = embed(model, generator_to_unit(prior(latents), prior.config.output_range)).numpy()
+    again = identity_control(features, kept["class"].to_numpy().astype(np.int64), gallery.features,
+                             gallery.frame["patient_id"].astype(str).map(number).to_numpy(dtype=np.int64),
+                             np.arange(2), np.array([p.sex for p in sets.scored]),
+                             bootstrap=manifest.evaluation.leak_bootstrap, seed=manifest.evaluation.seed)
+    ppa_control = metrics["identity_control"]["ppa"]
+    assert ppa_control["samples"] == 2 * settings.keep
+    assert (ppa_control["top1"], ppa_control["p_value"]) == pytest.approx((again["top1"], again["p_value"]), abs=1e-9)
+
+
+def test_the_report_ranks_the_attacks_and_the_headline_names_the_strongest(pipeline):
+    from reid_batch.stages import report
+
+    manifest, _ = pipeline
+    store = run_store(manifest)
+    document = store.read_json("report/report.json")
+    page = store.read_bytes("report/report.html").decode("utf-8")
+    for name in TARGETS + ("identity",):
+        leak = document["targets"][name]["risk"]["leak"]
+        modes = [a["mode"] for a in leak["attacks"]]
+        assert sorted(modes) == sorted(["study", "ppa"] if name != "cnn-control" else ["study"])
+        keys = [(not a["detected"], -a["vs_prior"]["leak"]) for a in leak["attacks"]]
+        assert keys == sorted(keys) and leak["strongest"] == modes[0]
+        headline = document["targets"][name]["headline"]
+        if len(modes) > 1:
+            assert f"({modes[0]}, the strongest of 2 attacks)" in headline or f"detected by {modes[0]}" in headline
+            assert report.leak_cell(leak["attacks"][0]["vs_prior"]) in headline
+        else:
+            assert "strongest" not in headline
+        assert html_escape(leak["verdict"]) in page
+    header = list(report.risk_rows(document)[0])
+    assert "Attacks ranked (L vs prior)" in header and "Attacks ranked (L vs prior)" in page
+    # A ppa leak that both the interval and the permutation test see becomes the verdict, named.
+    metrics = {"leak": {"available": True, "raw": {"vs_prior": {"leak": 0.01, "ci": [-0.1, 0.1], "p_value": 0.4}}},
+               "attacks": {"study": {"leak": {"available": True, "vs_prior": {"leak": 0.01, "ci": [-0.1, 0.1],
+                                                                               "p_value": 0.4}}},
+                           "ppa": {"leak": {"available": True, "vs_prior": {"leak": 0.3, "ci": [0.1, 0.5],
+                                                                             "p_value": 0.001}}}}}
+    entry = report.leak_entry(metrics, None, None)
+    assert entry["strongest"] == "ppa" and entry["detected"] and "by the ppa attack" in entry["verdict"]
+    assert report.headline(entry).startswith("leak detected by ppa: L +0.300")
+    metrics["attacks"]["ppa"]["leak"]["vs_prior"]["p_value"] = 0.2  # the interval alone is not enough
+    entry = report.leak_entry(metrics, None, None)
+    assert entry["strongest"] == "ppa" and not entry["detected"] and "no leak detected" in entry["verdict"]
+
+
+def test_ppa_resumes_only_what_is_missing_and_refuses_another_plan(pipeline):
+    """A class whose commit is gone (a task killed before it) is attacked again, to the same rows; committed
+    classes are not redone; a re-run with other ppa settings is refused (exit 2) rather than mixed."""
+    from reid_batch.layout import ppa_class_prefix, ppa_shard_prefix
+    from reid_batch.stages import ppa
+
+    manifest, _ = pipeline
+    store = run_store(manifest)
+    before = {c: store.read_parquet(f"{ppa_class_prefix('identity', 0, c)}/kept.parquet") for c in (0, 1)}
+    kept_marker = store.read_commit(ppa_class_prefix("identity", 0, 0))
+    store.delete(f"{ppa_shard_prefix('identity', 0)}/_SHARD.json")
+    store.delete(ppa_class_prefix("identity", 0, 1))
+    assert not store.is_committed(ppa_class_prefix("identity", 0, 1))
+    assert ppa.run(manifest, target="identity") == 0
+    assert store.read_commit(ppa_class_prefix("identity", 0, 0)) == kept_marker  # not redone
+    for c in (0, 1):
+        assert store.read_parquet(f"{ppa_class_prefix('identity', 0, c)}/kept.parquet").equals(before[c])
+    document = manifest.model_dump(mode="json")
+    document["ppa"]["lr"] = 0.5
+    other = parse_manifest(document)
+    with pytest.raises(InputError, match="different plan .*ppa"):
+        ppa.run(other, target="identity")
+
+
 def test_canaries_train_by_their_coins_and_are_scored_by_a_held_out_study(pipeline):
     """P2: every included canary trains on exactly `d` studies and no excluded one on any; each AUC is recomputed
     from the held-out studies and the committed raw leak candidates."""
@@ -446,7 +576,7 @@ def test_report_agrees_with_the_parquet_outputs(pipeline):
     assert document["targets"]["cnn-control"]["risk"]["leak"]["vs_control"] is None
     # The summary is short: one headline risk per target; "leak vs control" of two AUCs is gone.
     header = next(iter(report.risk_rows(document)))
-    assert len(header) <= 6 and "Record-level membership AUC (prior)" not in page and "record_leak" not in page
+    assert len(header) <= 6 + ("Attacks ranked (L vs prior)" in header) and "Record-level membership AUC (prior)" not in page and "record_leak" not in page
     # Risk summary first, then the comparison, the per-target sections, the meanings, and the manifest.
     headings = ["Threat model", "1. Risk summary", "2. Side-by-side comparison", "3.1 Target cnn",
                 "3.2 Target cnn-control", "4. What these numbers show", "5. Reproducibility", "Manifest (resolved)"]
@@ -509,7 +639,8 @@ def test_report_has_a_controls_section(pipeline):
     markdown = store.read_bytes("report/report.md").decode("utf-8")
     assert list(document["controls"]) == ["identity"]
     header, rows = report.control_rows(document)
-    assert [row[1] for row in rows] == ["likely samples", "raw candidates", "prior (no attack)"]
+    assert [row[1] for row in rows] == ["likely samples", "raw candidates", "prior (no attack)",
+                                        "ppa (latents optimised per sample)"]
     assert "Permutation p" in header
     for row in rows:
         assert all(html_escape(cell) in page for cell in row) and all(cell in markdown for cell in row)
@@ -520,7 +651,7 @@ def test_report_has_a_controls_section(pipeline):
         assert all(html_escape(cell) in page for cell in row) and all(cell in markdown for cell in row)
     header, rows = report.canary_rows(document)
     assert list(document["canaries"]) == ["cnn"] and [row[2] for row in rows[:2]] == ["1", "2"]
-    assert len(rows) == 6 and "<h3>Canaries in the study's task</h3>" in page
+    assert len(rows) == 8 and "<h3>Canaries in the study's task</h3>" in page  # 4 sample sets (ppa too) x 2 doses
     for row in rows:
         assert all(html_escape(cell) in page for cell in row) and all(cell in markdown for cell in row)
     assert html_escape(report.canary_sentence("cnn", document["canaries"]["cnn"])) in page

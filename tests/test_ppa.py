@@ -125,3 +125,16 @@ def test_the_margin_measure_is_the_class_logit_over_the_largest_other_and_can_ra
     again = view_confidence(generate, target, kept.latents, torch.full((SMALL.keep,), 2), torch.from_numpy(kept.ids),
                             SMALL.final_views, 2, settings, seed=3, measure="margin")
     assert (again[:-1] >= again[1:] - 1e-5).all(), again
+
+
+def test_attack_class_in_small_groups_equals_one_batch():
+    """attack_class optimises its latents in groups of batch_size (memory bounded whatever `optimise` is): groups of
+    one give the kept ids, latents and confidences of a single batch."""
+    generate, target = _models()
+    settings = replace(SMALL, optimise=5, keep=3)
+    ids = np.arange(100, 112)
+    whole = attack_class(generate, target, 1, ids, LATENT, settings, seed=4, batch_size=64)
+    grouped = attack_class(generate, target, 1, ids, LATENT, settings, seed=4, batch_size=2)
+    assert whole.ids.tolist() == grouped.ids.tolist()
+    torch.testing.assert_close(grouped.latents, whole.latents, atol=1e-4, rtol=0)
+    torch.testing.assert_close(grouped.confidence, whole.confidence, atol=1e-5, rtol=0)

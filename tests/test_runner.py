@@ -22,14 +22,20 @@ def test_graph_orders_every_stage_of_every_target():
     manifest = _demo_manifest()
     graph = task_graph(manifest)
     names = [t.name for t in manifest.targets]
+    attacked = [t.name for t in manifest.targets if "ppa" in t.attacks]
+    assert attacked == ["identity", "identity-negative"]
     # run-level: phantoms, prior, demographics, reid, calibrate, report; per target: train-target,
-    # mahalanobis-reference, finetune, sample, select, score, evaluate
-    assert len(graph) == 6 + 7 * len(names)
+    # mahalanobis-reference, finetune, sample, select, score, evaluate; ppa only where a target lists it
+    assert len(graph) == 6 + 7 * len(names) + len(attacked)
     for name in names:
         assert graph[Task("sample", name)] == {Task("finetune", name), Task("mahalanobis-reference", name)}
         assert graph[Task("finetune", name)] == {Task("train-prior"), Task("train-target", name)}
         assert graph[Task("score", name)] == {Task("select", name), Task("train-demographics")}
-        assert graph[Task("evaluate", name)] == {Task("score", name), Task("train-reid")}
+        ppa = {Task("ppa", name)} if name in attacked else set()
+        assert graph[Task("evaluate", name)] == {Task("score", name), Task("train-reid")} | ppa
+        assert (Task("ppa", name) in graph) == (name in attacked)
+    for name in attacked:
+        assert graph[Task("ppa", name)] == {Task("train-prior"), Task("train-target", name), Task("finetune", name)}
     assert graph[Task("calibrate")] == {Task("evaluate", n) for n in names}
     assert graph[Task("report")] == {Task("calibrate"), Task("train-reid")}
     # Insertion order is a valid topological order: every task comes after what it needs.

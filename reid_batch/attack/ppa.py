@@ -155,13 +155,19 @@ def attack_class(generator: Callable[[Tensor], Tensor], target: Callable[[Tensor
                                         keys[i:i + batch_size], settings.search_views, _SEARCH_STREAM, settings,
                                         seed) for i in range(0, len(search_ids), batch_size)])
     chosen = torch.argsort(-scores.cpu(), stable=True)[:settings.optimise]
-    optimised = optimise_latents(generator, target, latents[chosen.to(device)], classes[chosen.to(device)],
-                                 keys[chosen], settings, seed)
-    final = view_confidence(generator, target, optimised, classes[:len(chosen)], keys[chosen], settings.final_views,
-                            _FINAL_STREAM, settings, seed).cpu()
-    rank = final if settings.keep_by == "probability" else view_confidence(
-        generator, target, optimised, classes[:len(chosen)], keys[chosen], settings.final_views, _FINAL_STREAM,
-        settings, seed, measure=settings.keep_by).cpu()
+    # In groups of batch_size: memory stays bounded whatever `optimise` is, and each latent's trajectory does not
+    # depend on the group it is in (see the module docstring), so the groups give what one batch would.
+    groups = [chosen[i:i + batch_size] for i in range(0, len(chosen), batch_size)]
+    optimised = torch.cat([optimise_latents(generator, target, latents[g.to(device)], classes[:len(g)], keys[g],
+                                            settings, seed) for g in groups])
+
+    def confidence(measure: str) -> Tensor:
+        return torch.cat([view_confidence(generator, target, optimised[i:i + len(g)], classes[:len(g)], keys[g],
+                                          settings.final_views, _FINAL_STREAM, settings, seed, measure=measure).cpu()
+                          for i, g in zip(range(0, len(chosen), batch_size), groups)])
+
+    final = confidence("probability")
+    rank = final if settings.keep_by == "probability" else confidence(settings.keep_by)
     best = torch.argsort(-rank, stable=True)[:settings.keep]
     return PPAResult(search_ids[chosen[best].numpy()], optimised[best.to(device)].cpu(), final[best],
                      scores.cpu()[chosen[best]])

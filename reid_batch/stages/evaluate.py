@@ -98,7 +98,7 @@ from reid_batch.analysis.roles import (OTHER_POOL, canary_sets, identity_sets, m
                                        train_pool, truth_for, world_truth)
 from reid_batch.analysis.space import PIXEL_SIZE, FeatureSpace
 from reid_batch.artifacts import (load_attack_target, load_demographic_model, load_finetuned_generator, load_prior,
-                                  load_reid_model, require_committed)
+                                  load_reid_model, read_ppa_kept, require_committed, require_ppa_shards)
 from reid_batch.attack.candidates import build_scorer, concat_columns
 from reid_batch.attack.generation import BatchSizer, generated_features, regenerate_images, target_input_spec
 from reid_batch.attack.objectives import requested_classes
@@ -106,7 +106,7 @@ from reid_batch.attack.selection import committed_summaries, read_scores, select
 from reid_batch.data.datasets import ImageDataset
 from reid_batch.data.phantoms import CANARY_HELDOUT_STUDY, WorldConfig, write_extra_studies
 from reid_batch.errors import InputError
-from reid_batch.formats import (clean_json, feature_column, figure_png, grey_uint8, pair_png, parquet_bytes,
+from reid_batch.formats import (clean_json, feature_column, feature_matrix, figure_png, grey_uint8, pair_png, parquet_bytes,
                                 software_versions)
 from reid_batch.layout import (FIGURES, LEAK_CANDIDATES_FILE, LEAK_ID_OFFSET, METRICS_FILE, RECORDS_FILE,
                                SCORES_FILE, SELECTION_FILE, STAGE1_ID_OFFSET, TABLE_FILE, THRESHOLDS_FILE,
@@ -114,7 +114,7 @@ from reid_batch.layout import (FIGURES, LEAK_CANDIDATES_FILE, LEAK_ID_OFFSET, ME
                                selection_prefix, target_prefix)
 from reid_batch.manifest import Manifest, TargetSpec
 from reid_batch.models.demographics import predict_demographics
-from reid_batch.models.pggan import latents_for_ids
+from reid_batch.models.pggan import generator_to_unit, latents_for_ids
 from reid_batch.models.targets import to_target_input
 from reid_batch.runtime import SingleProcess, pick_device, run_single_writer, run_store
 from reid_batch.storage import input_path
@@ -402,6 +402,7 @@ def _require_inputs(store, manifest: Manifest, spec: TargetSpec) -> None:
     if missing:
         raise InputError(f"score shard(s) {missing} are not committed; run `reid-batch score --target {spec.name}`",
                          where=store.uri(f"{spec.name}/scores"))
+    require_ppa_shards(store, manifest, spec)
 
 
 def _read_predictions(store, manifest: Manifest, spec: TargetSpec) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -450,10 +451,13 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
     reid = _reidentify(manifest, spec, training, OTHER_POOL[train_pool(spec)], likely, notes, resolution, space)
     leak, leak_tables, raw = _leak(manifest, spec, finetuned, shared, space, resolution, device, notes)
     raw_features = raw.features if raw is not None else None
-    identity = _identity(manifest, spec, likely, raw_features, shared, space, finetuned.config.latent_dim, device)
-    canaries = _canaries(manifest, spec, likely, raw_features, shared, space)
+    attacked = _ppa_attack(store, manifest, spec, shared, space, device, raw)
+    identity = _identity(manifest, spec, likely, raw_features, shared, space, finetuned.config.latent_dim, device,
+                         attacked)
+    canaries = _canaries(manifest, spec, likely, raw_features, shared, space, attacked)
     metrics = _metrics_document(store, manifest, spec, likely, stage1, stage2, demographics, reid, leak, notes,
                                 resolution)
+    metrics["attacks"] = clean_json(_attacks(leak, attacked))
     if identity is not None:
         metrics["identity_control"] = clean_json(identity)
     if canaries is not None:
@@ -711,6 +715,9 @@ class RawCandidates:
 
     features: np.ndarray
     demographics: dict[str, np.ndarray] | None
+    record_features: np.ndarray  # the member and non-member images, embedded
+    record_patients: np.ndarray  # each record's patient (0..P-1)
+    member: np.ndarray  # (P,) whether patient p is a member
 
 
 def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space: FeatureSpace, resolution: int,
@@ -779,7 +786,7 @@ def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space
         "features": feature_column(np.concatenate([attacked, shared.prior_candidate_features])),
     })
     tables = {RECORDS_FILE: parquet_bytes(records_table), LEAK_CANDIDATES_FILE: parquet_bytes(candidates_table)}
-    return summary, tables, RawCandidates(attacked, attacked_demographics)
+    return summary, tables, RawCandidates(attacked, attacked_demographics, loaded.features, codes, member)
 
 
 def _demographics_sink(manifest: Manifest, shared: Shared, device, parts: list) -> Callable[[torch.Tensor], None]:
@@ -855,7 +862,8 @@ def _target_probabilities(manifest: Manifest, spec: TargetSpec, images01: torch.
 
 
 def _identity(manifest: Manifest, spec: TargetSpec, likely: LikelySamples, raw_features: np.ndarray | None,
-              shared: Shared, space: FeatureSpace, latent_dim: int, device) -> dict | None:
+              shared: Shared, space: FeatureSpace, latent_dim: int, device,
+              attacked: "PPASamples | None" = None) -> dict | None:
     """The identity-class control's measures (analysis.identity) for a target of preset identity: the likely
     samples, the leak statistic's raw candidates of the attacked generator and, as the baseline, the prior's; each
     sample asks for the class its latent's z_0 encodes. Also how often the target itself sees the requested class
@@ -874,8 +882,9 @@ def _identity(manifest: Manifest, spec: TargetSpec, likely: LikelySamples, raw_f
     gallery_patient = gallery.frame["patient_id"].astype(str).map(number).to_numpy(dtype=np.int64)
     sexes = np.array([p.sex for p in sets.scored])
 
-    def measure(features: np.ndarray, ids: np.ndarray) -> dict:
-        classes = requested_classes(latents_for_ids(seed, ids, latent_dim), k).numpy()
+    def measure(features: np.ndarray, ids: np.ndarray | None, classes: np.ndarray | None = None) -> dict:
+        if classes is None:
+            classes = requested_classes(latents_for_ids(seed, ids, latent_dim), k).numpy()
         return identity_control(features, classes, gallery.features, gallery_patient, np.arange(k), sexes,
                                 bootstrap=settings.leak_bootstrap, seed=settings.seed, confidence=CONFIDENCE)
 
@@ -903,14 +912,18 @@ def _identity(manifest: Manifest, spec: TargetSpec, likely: LikelySamples, raw_f
         if key not in shared.prior_identity:
             shared.prior_identity[key] = measure(shared.prior_candidate_features, ids)
         result["prior_raw"] = shared.prior_identity[key]
+    if attacked is not None:
+        # ppa asks for its classes directly (each kept sample was optimised toward one), not through z_0.
+        result["ppa"] = measure(attacked.features, None, attacked.classes)
     log.event("identity_control", target=spec.name, role=sets.role, top1=result["likely"]["top1"],
               distinct=result["likely"]["distinct"], p_value=result["likely"]["p_value"],
-              raw_top1=result.get("raw", {}).get("top1"), target_agrees=result["target_agrees"])
+              raw_top1=result.get("raw", {}).get("top1"), target_agrees=result["target_agrees"],
+              ppa_top1=result.get("ppa", {}).get("top1"), ppa_p_value=result.get("ppa", {}).get("p_value"))
     return result
 
 
 def _canaries(manifest: Manifest, spec: TargetSpec, likely: LikelySamples, raw_features: np.ndarray | None,
-              shared: Shared, space: FeatureSpace) -> dict | None:
+              shared: Shared, space: FeatureSpace, attacked: "PPASamples | None" = None) -> dict | None:
     """P2 (analysis.canaries): per duplication level, included vs excluded canaries by the distance from each
     canary's held-out study to the closest candidate, for the likely samples, the attacked generator's raw leak
     candidates and, as a null that must stay at chance, the prior's."""
@@ -931,7 +944,8 @@ def _canaries(manifest: Manifest, spec: TargetSpec, likely: LikelySamples, raw_f
         "null": "the coins permuted among the canaries of one duplication level (one-sided)",
     }
     for name, features in (("likely", likely.features), ("raw", raw_features),
-                           ("prior_raw", shared.prior_candidate_features if raw_features is not None else None)):
+                           ("prior_raw", shared.prior_candidate_features if raw_features is not None else None),
+                           ("ppa", attacked.features if attacked is not None else None)):
         if features is None or not len(features):
             continue
         scores = pairwise_min_distance(heldout.features, features, canaries, len(canaries)).min(axis=1)
@@ -940,6 +954,72 @@ def _canaries(manifest: Manifest, spec: TargetSpec, likely: LikelySamples, raw_f
     log.event("canaries", target=spec.name, included=int(sets.included.sum()), of=len(canaries),
               **{f"raw_auc_d{d}": r["auc"] for d, r in (result.get("raw") or {}).items()})
     return result
+
+
+@dataclass(frozen=True)
+class PPASamples:
+    """The ppa attack's kept samples (stages.ppa), rendered and embedded, and what evaluate measured on them."""
+
+    classes: np.ndarray
+    features: np.ndarray
+    summary: dict
+
+
+def _ppa_attack(store, manifest: Manifest, spec: TargetSpec, shared: Shared, space: FeatureSpace, device,
+                raw: RawCandidates | None) -> PPASamples | None:
+    """The ppa attack's kept samples (None if the target does not list ppa): each rendered from its stored latent by
+    the generator the attack optimised through, embedded, and L measured as for the study's raw candidates, with the
+    null the same number of the prior's raw leak candidates (a pool as large, without the attack)."""
+    kept = read_ppa_kept(store, manifest, spec)
+    if kept is None:
+        return None
+    settings = manifest.ppa
+    generator = (load_finetuned_generator(manifest, spec.name) if settings.generator == "finetuned"
+                 else load_prior(manifest)).to(device).eval()
+    latents = torch.from_numpy(feature_matrix(kept["latent"]))
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(latents), LOADER_BATCH):
+            images = generator_to_unit(generator(latents[start:start + LOADER_BATCH].to(device)),
+                                       generator.config.output_range)
+            parts.append(space(to_grey(images).float().cpu()))
+    features = np.concatenate(parts) if parts else np.zeros((0, space.dims), np.float32)
+    classes = kept["class"].to_numpy().astype(np.int64)
+    confidence = kept["confidence"].to_numpy()
+    summary = {"mode": "ppa", "generator": settings.generator, "kept": len(kept),
+               "classes": int(len(np.unique(classes))), "kept_per_class": settings.keep,
+               "settings": settings.model_dump(mode="json"),
+               "mean_confidence": float(confidence.mean()) if len(confidence) else None,
+               "mean_searched_confidence": float(kept["searched_confidence"].to_numpy().mean()) if len(kept) else None}
+    if raw is None or shared.prior_candidate_features is None:
+        summary["leak"] = {"available": False, "reason": "membership is not available for this target"}
+    else:
+        null = shared.prior_candidate_features[:len(features)]
+        patients = len(raw.member)
+        result = leak_test(raw.member, generator_scores(raw.record_features, raw.record_patients, patients, features),
+                           generator_scores(raw.record_features, raw.record_patients, patients, null),
+                           manifest.evaluation.leak_bootstrap, manifest.evaluation.leak_permutations,
+                           manifest.evaluation.seed, CONFIDENCE)
+        summary["leak"] = {"available": True, "vs_prior": result, "null": f"the prior's first {len(null)} raw leak "
+                           f"candidates (ids {LEAK_ID_OFFSET} + k)", "compared": len(null)}
+    log.event("ppa_evaluated", target=spec.name, kept=len(kept),
+              leak=(summary["leak"].get("vs_prior") or {}).get("leak"))
+    return PPASamples(classes, features, summary)
+
+
+def _attacks(leak: dict, attacked: PPASamples | None) -> dict:
+    """Every attack mode run on the target, each with L against the prior (the study's: its raw candidates)."""
+    study = {"mode": "study", "description": "the study's two stages: a fine-tuned generator's raw candidates"}
+    if leak.get("available"):
+        study["leak"] = {"available": True, "vs_prior": leak["raw"]["vs_prior"],
+                         "compared": leak["raw"]["vs_prior"].get("candidates")}
+    else:
+        study["leak"] = {"available": False, "reason": leak.get("reason")}
+    modes = {"study": study}
+    if attacked is not None:
+        modes["ppa"] = {**attacked.summary, "description": "per-sample latent optimisation toward each class "
+                        "(Plug & Play-style): the kept samples"}
+    return modes
 
 
 def _selected_leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space: FeatureSpace, device,

@@ -155,8 +155,25 @@ def leak_verdict(leak: dict) -> str:
     return f"no leak larger than {percent(smallest)} of candidates being training patients detected"
 
 
+def attack_ranking(metrics: dict) -> list[dict]:
+    """Every attack mode run on a target with its L against the prior, strongest first: a detected leak before an
+    undetected one, then by L. A risk estimate is a lower bound set by the strongest attack tried."""
+    ranked = []
+    for mode, attack in (metrics.get("attacks") or {}).items():
+        leak = attack.get("leak") or {}
+        if leak.get("available"):
+            result = leak["vs_prior"]
+            # Both the interval and the permutation test: with a few dozen optimised samples the candidate bootstrap
+            # is coarse, and an interval alone can clear 0 where the permutation p does not.
+            detected = bool((result.get("ci") or [0])[0] > 0 and (result.get("p_value") or 1.0) <= 0.05)
+            ranked.append({"mode": mode, "vs_prior": result, "detected": detected,
+                           "compared": leak.get("compared"), "description": attack.get("description")})
+    return sorted(ranked, key=lambda r: (not r["detected"], -float(r["vs_prior"].get("leak") or 0.0)))
+
+
 def leak_entry(metrics: dict, control_leak: dict | None, calibration: dict | None) -> dict:
-    """A target's headline risk: L against the prior and the control model, the calibration, the verdict."""
+    """A target's headline risk: L against the prior and the control model, the calibration, the verdict, and the
+    attack modes ranked (the headline names the strongest)."""
     leak = metrics.get("leak") or {}
     if not leak.get("available"):
         entry = {"available": False, "reason": leak.get("reason", "the evaluation has no leak statistic")}
@@ -174,6 +191,14 @@ def leak_entry(metrics: dict, control_leak: dict | None, calibration: dict | Non
                 "largest_fraction", "detect_share", "fractions", "spikes")}
     entry["verdict"] = leak_verdict(entry)
     entry["detected"] = bool(entry.get("available") and (entry["vs_prior"].get("ci") or [0])[0] > 0)
+    ranking = attack_ranking(metrics) if entry.get("available") else []
+    entry["attacks"] = ranking
+    entry["strongest"] = ranking[0]["mode"] if ranking else "study"
+    if ranking and ranking[0]["mode"] != "study" and ranking[0]["detected"]:
+        strongest = ranking[0]["vs_prior"]
+        entry["detected"] = True
+        entry["verdict"] = (f"leak detected by the {ranking[0]['mode']} attack: L = {signed(strongest['leak'])}"
+                            f"{signed_interval(strongest['ci'])} against the prior")
     return entry
 
 
@@ -181,6 +206,13 @@ def headline(leak: dict) -> str:
     """A target's headline risk in one line (the ending of `run` prints it): L against the prior, the verdict."""
     if not leak.get("available"):
         return leak["verdict"]
+    ranking = leak.get("attacks") or []
+    if len(ranking) > 1:  # several attack modes: the strongest speaks, named
+        best = ranking[0]
+        if best["detected"]:
+            return f"leak detected by {best['mode']}: L {leak_cell(best['vs_prior'])} against the prior"
+        return f"L {leak_cell(best['vs_prior'])} ({best['mode']}, the strongest of {len(ranking)} attacks): " \
+               f"{leak['verdict']}"
     if leak.get("detected"):
         return f"leak detected: L {leak_cell(leak.get('vs_prior'))} against the prior"
     return f"L {leak_cell(leak.get('vs_prior'))}: {leak['verdict']}"
@@ -425,6 +457,7 @@ def leak_cell(result: dict | None) -> str:
 def risk_rows(document: dict) -> list[dict[str, str]]:
     """One row of display strings per target: the headline risk only (the rest is in the per-target sections)."""
     rows = []
+    several_modes = any(len(entry["risk"]["leak"].get("attacks") or []) > 1 for entry in document["targets"].values())
     for name, entry in document["targets"].items():
         metrics, leak = entry["metrics"], entry["risk"]["leak"]
         calibration = leak.get("calibration") or {}
@@ -439,12 +472,16 @@ def risk_rows(document: dict) -> list[dict[str, str]]:
             "Smallest detectable leak": percent(calibration.get("minimum_detectable_effect"))
             if calibration.get("available") and calibration.get("minimum_detectable_effect") is not None
             else "not reached" if calibration.get("available") else "n/a",
+            **({"Attacks ranked (L vs prior)": "; ".join(
+                f"{a['mode']} {signed(a['vs_prior']['leak'])}{signed_interval(a['vs_prior'].get('ci'))}"
+                for a in leak.get("attacks") or [])} if several_modes else {}),
             "Verdict": leak["verdict"],
         })
     return rows
 
 
-CONTROL_SETS = (("likely", "likely samples"), ("raw", "raw candidates"), ("prior_raw", "prior (no attack)"))
+CONTROL_SETS = (("likely", "likely samples"), ("raw", "raw candidates"), ("prior_raw", "prior (no attack)"),
+                ("ppa", "ppa (latents optimised per sample)"))
 
 
 def control_rows(document: dict) -> tuple[list[str], list[list[str]]]:
@@ -492,12 +529,13 @@ def canary_rows(document: dict) -> tuple[list[str], list[list[str]]]:
 def canary_sentence(name: str, canaries: dict) -> str:
     """What one canary target shows: the duplication levels at which the attack's candidates came closer to the
     canaries the target trained on, at p <= 0.01 Bonferroni-corrected over every (level, sample set) tested."""
-    tested = [(key, dose, result) for key in ("raw", "likely") for dose, result in (canaries.get(key) or {}).items()
+    tested = [(key, dose, result) for key in ("raw", "likely", "ppa") for dose, result in (canaries.get(key) or {}).items()
               if result.get("p_value") is not None]
     if not tested:
         return f"{name}: no duplication level had canaries on both sides of the coin."
     bar = 0.01 / len(tested)
-    found = [f"{dose} ({'raw candidates' if key == 'raw' else 'likely samples'}, AUC {number(result.get('auc'), 2)}, "
+    labels = {"raw": "raw candidates", "likely": "likely samples", "ppa": "ppa samples"}
+    found = [f"{dose} ({labels[key]}, AUC {number(result.get('auc'), 2)}, "
              f"p {p_value(result['p_value'])})" for key, dose, result in tested if result["p_value"] <= bar]
     levels = ", ".join(sorted({dose for _, dose, _ in tested}, key=int))
     if found:
@@ -552,7 +590,11 @@ def dose_rows(document: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def control_sentence(name: str, control: dict) -> str:
-    """What one identity control means for the study's targets."""
+    """What one identity control means for the study's targets (and, when run, for the ppa attack)."""
+    return _study_control_sentence(name, control) + _ppa_control_sentence(control)
+
+
+def _study_control_sentence(name: str, control: dict) -> str:
     likely = control.get("likely") or {}
     raw = control.get("raw") or {}
     # The stronger of the two sample sets speaks for the attack (the report's table shows both).
@@ -577,6 +619,21 @@ def control_sentence(name: str, control: dict) -> str:
         "so a null on the study's targets is informative." if found else
         "The attack did NOT reproduce the requested patients although the model encodes them: a null on the "
         "study's targets is therefore weak evidence of safety, bounded by this attack's reach."))
+
+
+def _ppa_control_sentence(control: dict) -> str:
+    result = control.get("ppa") or {}
+    if result.get("p_value") is None:
+        return ""
+    found = result["p_value"] <= 0.01
+    numbers = (f"top-1 {percent(result.get('top1'))} against a null of {percent(result.get('null_top1'))}, "
+               f"{result.get('distinct')} of {result.get('gallery_patients')} patients hit, "
+               f"p {p_value(result['p_value'])}")
+    if control.get("role") == "negative":
+        return f" The ppa attack (latents optimised per sample): {numbers}: " + (
+            "within chance, as it must be." if not found else "ABOVE chance on a model that never saw these patients.")
+    return f" The ppa attack (latents optimised per sample): {numbers}: " + (
+        "it reproduced the requested patients." if found else "it did not reproduce the requested patients.")
 
 
 def stage1_rows(document: dict) -> tuple[list[str], list[list[str]]]:
