@@ -362,6 +362,11 @@ class TargetSpec(Strict):
             raise ValueError(f"unknown architecture {v!r}; known: {known_names()}")
         return v
 
+    def plan_dump(self) -> dict:
+        """The target's settings as the plans of its stages store them: everything but `attacks` (which modes run
+        does not change what a stage computes, so adding ppa later must not invalidate stage 1 or the samples)."""
+        return self.model_dump(mode="json", exclude={"attacks"})
+
     @property
     def family(self) -> str:
         return arch_family(self.arch)  # type: ignore[return-value]
@@ -464,6 +469,15 @@ class DiscriminatorTermSpec(Strict):
         "prior/discriminator.safetensors, which a trained prior writes")
 
 
+class DemographicFeedbackSpec(Strict):
+    """The study's other future work: the demographic model as feedback, "to encourage generation of images that can
+    be more accurately predicted upon". Adds weight * (mean binary entropy, in nats, of the model's predicted sex
+    probability) to the fine-tuning loss: 0 when every image's sex is read with certainty, log 2 at a coin flip."""
+
+    weight: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        ..., description="weight of the term (it lies in [0, log 2 = 0.69])")
+
+
 class FinetuneSpec(Strict):
     optimizer: Literal["adam"] = "adam"
     lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-5
@@ -477,6 +491,8 @@ class FinetuneSpec(Strict):
     seed: Seed = 0
     discriminator: DiscriminatorTermSpec | None = Field(
         None, description="adversarial fine-tuning: a critic's term beside the target's (off by default)")
+    demographic_feedback: DemographicFeedbackSpec | None = Field(
+        None, description="the demographic model's sex-prediction entropy as a term (off by default)")
 
 
 class SamplingSpec(Strict):

@@ -27,6 +27,9 @@ class Stage:
     # Whether a per-target stage has work for a target (None: every target); `run` starts no task where it has none,
     # and a scheduler's task for such a target returns at once.
     applies: Callable[[TargetSpec], bool] | None = None
+    # Stages it needs only under some manifests (e.g. finetune reads the demographic model with
+    # finetune.demographic_feedback); the cluster plan's job order already covers them.
+    needs_if: Callable[[Manifest], tuple[str, ...]] | None = None
 
     @property
     def sharded(self) -> bool:
@@ -36,6 +39,9 @@ class Stage:
         """The callable that runs the stage (imports its module: torch and all)."""
         module, function = self.entry.split(":")
         return getattr(importlib.import_module(f"reid_batch.stages.{module}"), function)
+
+    def needs_for(self, manifest: Manifest) -> tuple[str, ...]:
+        return self.needs + (self.needs_if(manifest) if self.needs_if is not None else ())
 
     def applies_to(self, target: TargetSpec) -> bool:
         return self.applies is None or self.applies(target)
@@ -58,7 +64,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("mahalanobis-reference", "fit and commit the Ledoit-Wolf Gaussian of selection.mahalanobis",
           "mahalanobis_reference:run", needs=("train-prior", "train-target")),
     Stage("finetune", "stage 1: fine-tune the generator toward a target", "finetune:run",
-          needs=("train-prior", "train-target")),
+          needs=("train-prior", "train-target"),
+          needs_if=lambda manifest: ("train-demographics",) if manifest.finetune.demographic_feedback else ()),
     # The stronger attack beside the study's (targets listing ppa in `attacks`); sharded by class with sample's
     # shard count, so each sample array task runs its shard of both.
     Stage("ppa", "the ppa attack: optimise latents toward each class, keep the most confident", "ppa:run",

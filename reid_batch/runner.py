@@ -124,7 +124,7 @@ def task_graph(manifest: Manifest) -> dict[Task, frozenset[Task]]:
 
     def needs(stage: Stage, target: str | None) -> frozenset[Task]:
         found = set()
-        for need in map(BY_NAME.get, stage.needs):
+        for need in map(BY_NAME.get, stage.needs_for(manifest)):
             if not need.per_target:
                 found.add(Task(need.name))
             elif target is not None:

@@ -45,6 +45,17 @@ def test_graph_orders_every_stage_of_every_target():
         seen.add(task)
 
 
+def test_demographic_feedback_makes_finetune_wait_for_the_demographic_model():
+    document = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "manifests", "demo.yaml")))
+    document["finetune"]["demographic_feedback"] = {"weight": 1.0}
+    manifest = parse_manifest(document)
+    graph = task_graph(manifest)
+    for spec in manifest.targets:
+        assert graph[Task("finetune", spec.name)] == {Task("train-prior"), Task("train-target", spec.name),
+                                                      Task("train-demographics")}
+    assert Task("train-demographics") not in task_graph(_demo_manifest())[Task("finetune", "cnn")]
+
+
 class _Child:
     """A stand-in process whose exit code the test sets: run_graph only polls."""
 

@@ -235,7 +235,7 @@ def ledoit_wolf_identity(manifest: Manifest, spec: TargetSpec, model: nn.Module,
     """What the fitted Gaussian depends on: the target's and the prior's exact weights, the target's settings, the
     reference ids' seed and count, epsilon. NOT the device or precision: one fit serves every shard on any GPU."""
     identity = {"format": 1, "target": weights_digest(model), "prior": weights_digest(prior),
-                "spec": spec.model_dump(mode="json"), "seed": manifest.sampling.seed,
+                "spec": spec.plan_dump(), "seed": manifest.sampling.seed,
                 "mahalanobis": manifest.selection.mahalanobis.model_dump(mode="json")}
     return json.loads(json.dumps(identity))  # the form it takes once stored, so comparisons are exact
 

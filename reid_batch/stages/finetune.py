@@ -38,7 +38,9 @@ source's weights and settings, so a changed target or prior is never compared wi
 Outputs, committed together under <target>/finetune/: generator.safetensors (pggan "reid" format),
 losses.parquet (per step: each term's unweighted value, the weighted total, the gradient norm before clipping,
 step seconds, elapsed seconds; with `finetune.discriminator`, its term as column `discriminator`: minus the prior's
-critic's mean score of the batch, the study's future work of keeping stage-1 images on the X-ray manifold),
+critic's mean score of the batch, the study's future work of keeping stage-1 images on the X-ray manifold; with
+`finetune.demographic_feedback`, column `demographics`: the demographic model's mean binary entropy of the predicted
+sex, its other future work of images "that can be more accurately predicted upon"),
 samples_before.png / samples_after.png (the same fixed latents, 4x4 grids), finetune.json (terms and weights,
 reference source, steps, seconds per step, world size, ...).
 """
@@ -58,10 +60,11 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
+import torch.nn.functional as F
 from torch.distributed.nn.functional import all_reduce
 
 from reid_batch import log, preemption
-from reid_batch.artifacts import load_attack_target, load_prior, load_prior_discriminator
+from reid_batch.artifacts import load_attack_target, load_demographic_model, load_prior, load_prior_discriminator
 from reid_batch.attack.generation import effective_mixed_precision, generate_unit, id_latents, target_input_spec
 from reid_batch.attack.objectives import (TargetObjective, assign_classes, check_classes, condition_latents,
                                          needs_reference_stats)
@@ -73,6 +76,7 @@ from reid_batch.layout import (FINETUNE_CHECKPOINT_PART, FINETUNE_STATE_FILE, GE
 from reid_batch.manifest import FinetuneSpec, Manifest, TargetSpec
 from reid_batch.models.pggan import (PGGANGenerator, generator_bytes, generator_to_unit, latents_for_ids,
                                      with_class_offsets)
+from reid_batch.models.demographics import demographic_input
 from reid_batch.models.targets import TargetInput, to_target_input
 from reid_batch.runtime import load_state, pick_device, run_store, save_state
 from reid_batch.storage import COMMIT_MARKER
@@ -161,6 +165,9 @@ class Finetuner:
     reduce_sum: ReduceSum | None = None
     critic: nn.Module | None = None  # finetune.discriminator: frozen, on the device
     critic_weight: float = 0.0
+    demographic_model: nn.Module | None = None  # finetune.demographic_feedback: frozen, eval mode, on the device
+    demographic_size: int = 0
+    demographic_weight: float = 0.0
     per_process: int = field(init=False)
     classes: torch.Tensor = field(init=False)
 
@@ -198,6 +205,17 @@ class Finetuner:
                 sums = self.reduce_sum(sums) if self.reduce_sum is not None else sums
                 extra["discriminator"] = -sums[0] / sums[1]
                 total = total + self.critic_weight * extra["discriminator"]
+            if self.demographic_model is not None:
+                # The model's forward pass, not predict(): predict runs without gradients. Entropy of the sex
+                # probability from its logit (stable: softplus), averaged over every process's images.
+                _, sex_logit = self.demographic_model(demographic_input(image, self.demographic_size))
+                sex_logit = sex_logit.float()
+                p = torch.sigmoid(sex_logit)
+                entropy = F.softplus(sex_logit) - p * sex_logit  # -p log p - (1 - p) log(1 - p)
+                sums = torch.stack([entropy.sum(), entropy.new_tensor(float(entropy.numel()))])
+                sums = self.reduce_sum(sums) if self.reduce_sum is not None else sums
+                extra["demographics"] = sums[0] / sums[1]
+                total = total + self.demographic_weight * extra["demographics"]
         accelerator.backward(total)
         # Always measured (an infinite bound clips nothing): Adam is blind to a constant factor in the gradient,
         # so this norm is what shows that N processes compute the one-process gradient.
@@ -259,7 +277,7 @@ def settings_fingerprint(manifest: Manifest, spec: TargetSpec) -> str:
     """What a checkpoint must agree with to be resumed (not steps or cadences, which may be extended)."""
     return json.dumps({
         "finetune": manifest.finetune.model_dump(mode="json", exclude={"steps", "checkpoint_every", "log_every"}),
-        "target": spec.model_dump(mode="json"),
+        "target": spec.plan_dump(),
         "generator": manifest.generator.model_dump(mode="json"),
     }, sort_keys=True)
 
@@ -343,6 +361,9 @@ def finetune_record(spec: TargetSpec, fs: FinetuneSpec, objective, num_classes: 
         "discriminator": (None if fs.discriminator is None else
                           {"weight": fs.discriminator.weight,
                            "critic": fs.discriminator.checkpoint or "the prior's (train-prior)"}),
+        "demographic_feedback": (None if fs.demographic_feedback is None else
+                                 {"weight": fs.demographic_feedback.weight,
+                                  "term": "mean binary entropy of the demographic model's predicted sex (nats)"}),
         "objective_fallback": objective.fallback,
         "num_classes": num_classes,
         "reference": reference_info,
@@ -417,10 +438,15 @@ def finetune_target(manifest: Manifest, index: int, accelerator,
                              f"channel(s); the generator draws {prior.config.resolution} px with "
                              f"{prior.config.out_channels}", where="finetune.discriminator")
         critic = critic.to(device)
+    demographic_model = None
+    if fs.demographic_feedback is not None:
+        demographic_model = load_demographic_model(manifest).to(device).eval().requires_grad_(False)
     prepared_generator, prepared_optimizer = accelerator.prepare(generator, optimizer)
     trainer = Finetuner(prepared_generator, prepared_optimizer, objective, accelerator, fs, target_input_spec(spec),
                         tuple(generator.config.output_range), latent_dim, num_classes, trainable,
-                        differentiable_sum(world), critic, fs.discriminator.weight if critic is not None else 0.0)
+                        differentiable_sum(world), critic, fs.discriminator.weight if critic is not None else 0.0,
+                        demographic_model, manifest.demographics.image_size,
+                        fs.demographic_feedback.weight if demographic_model is not None else 0.0)
     log.event("finetune_start", target=spec.name, arch=spec.arch, terms=objective.weights, steps=fs.steps,
               from_step=start, batch_size=fs.batch_size, per_process=per_process, world_size=world, rank=rank,
               device=str(device), mixed_precision=fs.mixed_precision)

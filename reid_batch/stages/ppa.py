@@ -78,7 +78,7 @@ def generator_identity(manifest: Manifest, target: str) -> dict:
 
 
 def shard_plan(manifest: Manifest, spec: TargetSpec, shard: int, classes: int, device: torch.device) -> dict:
-    plan = {"format": PLAN_FORMAT, "target": spec.model_dump(mode="json"), "ppa": manifest.ppa.model_dump(mode="json"),
+    plan = {"format": PLAN_FORMAT, "target": spec.plan_dump(), "ppa": manifest.ppa.model_dump(mode="json"),
             "num_shards": manifest.sampling.num_shards, "shard": shard, "classes": classes,
             "generator": generator_identity(manifest, spec.name),
             "compute": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}}

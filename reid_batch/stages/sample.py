@@ -117,7 +117,7 @@ def shard_plan(manifest: Manifest, spec: TargetSpec, shard: int, finetune: dict,
     start, stop = shard_bounds(sampling.num_candidates, sampling.num_shards, shard)
     plan = {
         "format": PLAN_FORMAT,
-        "target": spec.model_dump(mode="json"),
+        "target": spec.plan_dump(),
         "seed": sampling.seed,
         "num_candidates": sampling.num_candidates,
         "num_shards": sampling.num_shards,
