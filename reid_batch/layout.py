@@ -231,6 +231,7 @@ FIGURES = {
     "losses": "figures/losses.png",
     "stage1_examples": "figures/stage1_examples.png",
     "likely_samples": "figures/likely_samples.png",
+    "ppa_samples": "figures/ppa_samples.png",  # only for a target attacked with ppa
 }
 
 

@@ -424,6 +424,12 @@ def test_the_report_ranks_the_attacks_and_the_headline_names_the_strongest(pipel
         assert html_escape(leak["verdict"]) in page
     header = list(report.risk_rows(document)[0])
     assert "Attacks ranked (L vs prior)" in header and "Attacks ranked (L vs prior)" in page
+    # The ppa samples' figure (one row per class) for the targets attacked with ppa, and their L row.
+    assert page.count("<h3>The ppa attack's samples</h3>") == 2
+    assert store.exists("identity/evaluation/figures/ppa_samples.png")
+    assert not store.exists("cnn-control/evaluation/figures/ppa_samples.png")
+    header, rows = report.leak_rows(document["targets"]["identity"]["risk"]["leak"])
+    assert rows[-1][0] == "ppa (kept samples)" and all(html_escape(cell) in page for cell in rows[-1])
     # A ppa leak that both the interval and the permutation test see becomes the verdict, named.
     metrics = {"leak": {"available": True, "raw": {"vs_prior": {"leak": 0.01, "ci": [-0.1, 0.1], "p_value": 0.4}}},
                "attacks": {"study": {"leak": {"available": True, "vs_prior": {"leak": 0.01, "ci": [-0.1, 0.1],

@@ -458,6 +458,8 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
     metrics = _metrics_document(store, manifest, spec, likely, stage1, stage2, demographics, reid, leak, notes,
                                 resolution)
     metrics["attacks"] = clean_json(_attacks(leak, attacked))
+    if attacked is not None:
+        leak_tables[FIGURES["ppa_samples"]] = attacked.figure
     if identity is not None:
         metrics["identity_control"] = clean_json(identity)
     if canaries is not None:
@@ -670,7 +672,7 @@ def _metrics_document(store, manifest: Manifest, spec: TargetSpec, likely: Likel
                      "first_total": float(losses["total"].iloc[0]) if len(losses) else None,
                      "last_total": float(losses["total"].iloc[-1]) if len(losses) else None},
         "stage1": stage1, "stage2": stage2, "demographics": demographics, "reidentification": reid, "leak": leak,
-        "notes": notes, "figures": dict(FIGURES), "table": TABLE_FILE, "pairs": "pairs/<id:09d>.png",
+        "notes": notes, "figures": {k: v for k, v in FIGURES.items() if k != "ppa_samples" or "ppa" in spec.attacks}, "table": TABLE_FILE, "pairs": "pairs/<id:09d>.png",
         "evaluation": settings.model_dump(mode="json"), "software": software_versions(),
         "resolution": resolution,
     }
@@ -963,6 +965,7 @@ class PPASamples:
     classes: np.ndarray
     features: np.ndarray
     summary: dict
+    figure: bytes  # the kept samples, one row per class (at most 10 rows of 8)
 
 
 def _ppa_attack(store, manifest: Manifest, spec: TargetSpec, shared: Shared, space: FeatureSpace, device,
@@ -977,14 +980,17 @@ def _ppa_attack(store, manifest: Manifest, spec: TargetSpec, shared: Shared, spa
     generator = (load_finetuned_generator(manifest, spec.name) if settings.generator == "finetuned"
                  else load_prior(manifest)).to(device).eval()
     latents = torch.from_numpy(feature_matrix(kept["latent"]))
-    parts = []
+    parts, shown = [], {}
+    classes = kept["class"].to_numpy().astype(np.int64)
     with torch.inference_mode():
         for start in range(0, len(latents), LOADER_BATCH):
-            images = generator_to_unit(generator(latents[start:start + LOADER_BATCH].to(device)),
-                                       generator.config.output_range)
-            parts.append(space(to_grey(images).float().cpu()))
+            images = to_grey(generator_to_unit(generator(latents[start:start + LOADER_BATCH].to(device)),
+                                               generator.config.output_range)).float().cpu()
+            parts.append(space(images))
+            for row, cls in enumerate(classes[start:start + LOADER_BATCH].tolist()):
+                if (cls in shown or len(shown) < 10) and len(shown.setdefault(cls, [])) < 8:
+                    shown[cls].append(images[row])
     features = np.concatenate(parts) if parts else np.zeros((0, space.dims), np.float32)
-    classes = kept["class"].to_numpy().astype(np.int64)
     confidence = kept["confidence"].to_numpy()
     summary = {"mode": "ppa", "generator": settings.generator, "kept": len(kept),
                "classes": int(len(np.unique(classes))), "kept_per_class": settings.keep,
@@ -1004,7 +1010,9 @@ def _ppa_attack(store, manifest: Manifest, spec: TargetSpec, shared: Shared, spa
                            f"candidates (ids {LEAK_ID_OFFSET} + k)", "compared": len(null)}
     log.event("ppa_evaluated", target=spec.name, kept=len(kept),
               leak=(summary["leak"].get("vs_prior") or {}).get("leak"))
-    return PPASamples(classes, features, summary)
+    figure = stage1_examples_png({f"class {c}": torch.stack(images) for c, images in shown.items()},
+                                 per_row=max((len(v) for v in shown.values()), default=1))
+    return PPASamples(classes, features, summary, figure)
 
 
 def _attacks(leak: dict, attacked: PPASamples | None) -> dict:

@@ -1033,10 +1033,25 @@ def _html_target(index: int, name: str, entry: dict, figures: dict[str, bytes], 
     out += _html_leak(entry["risk"]["leak"])
     out += _html_stage1(metrics["stage1"], figures)
     out += _html_likely_samples(metrics, ordered, len(samples), pairs)
+    out += _html_ppa(metrics, figures)
     out += _html_demographics(metrics, ordered)
     out += _html_reidentification(metrics["reidentification"], ordered)
     out += _html_losses_and_selection(metrics, figures)
     return out
+
+
+def _html_ppa(metrics: dict, figures: dict[str, bytes]) -> list[str]:
+    """The ppa attack's kept samples, one row per class (when the target was attacked with ppa)."""
+    attack = (metrics.get("attacks") or {}).get("ppa")
+    if not attack:
+        return []
+    esc = html.escape
+    return ["<h3>The ppa attack's samples</h3>", _image_html(figures.get("ppa_samples"), "ppa samples"),
+            f"<p class='note'>{attack.get('kept')} samples, {attack.get('kept_per_class')} per class (rows), each "
+            f"the most confident of {esc(str(_get(attack, 'settings', 'optimise')))} latents of the "
+            f"{esc(str(attack.get('generator')))} optimised for {esc(str(_get(attack, 'settings', 'steps')))} steps "
+            f"toward its class; mean confidence {number(attack.get('mean_confidence'), 3)} (before optimisation "
+            f"{number(attack.get('mean_searched_confidence'), 3)}).</p>"]
 
 
 def leak_rows(leak: dict) -> tuple[list[str], list[list[str]]]:
@@ -1047,7 +1062,9 @@ def leak_rows(leak: dict) -> tuple[list[str], list[list[str]]]:
     for kind, label, result in (("raw", "prior (un-fine-tuned)", leak.get("vs_prior")),
                           ("raw", f"control model {leak.get('control')}", leak.get("vs_control")),
                           (f"selected (stage 2, from {selected.get('pool')} each)", "prior, same rule",
-                           selected if selected.get("available") else None)):
+                           selected if selected.get("available") else None),
+                          *[(f"{a['mode']} (kept samples)", "prior, as many raw candidates", a["vs_prior"])
+                            for a in leak.get("attacks") or [] if a["mode"] != "study"]):
         if not result:
             continue
         tpr = result.get("tpr_at_fpr") or {}
