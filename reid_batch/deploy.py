@@ -37,7 +37,7 @@ from reid_batch.errors import InputError
 from reid_batch.manifest import Manifest
 from reid_batch.preemption import EXIT_REQUEUE
 from reid_batch.registry import (ARRAY_OVER_SHARDS, ARRAY_OVER_TARGET_SHARDS, ARRAY_OVER_TARGETS, BY_NAME, JOBS,
-                                 STAGES, Job, job_tasks, stage_shards)
+                                 STAGES, Job, job_stages, job_tasks, stage_shards)
 
 
 GROUP_NAMES = tuple(job.name for job in JOBS)
@@ -59,7 +59,7 @@ def plan(manifest: Manifest, stages: list[str] | None = None, start: str | None 
     first = GROUP_NAMES.index(start) if start else 0
     jobs = []
     for group in JOBS[first:]:
-        chosen = tuple(s for s in group.stages if s in wanted)
+        chosen = tuple(s for s in job_stages(manifest, group) if s in wanted)
         if chosen:
             jobs.append(replace(group, stages=chosen, tasks=job_tasks(manifest, group)))
     return jobs
@@ -84,7 +84,7 @@ def shell_summary(manifest: Manifest) -> str:
         "targets": " ".join(target.name for target in manifest.targets),
         "jobs": " ".join(job.name for job in JOBS),
         "stages": " ".join(stage.name for stage in STAGES),
-        **{f"{job.name}_stages": " ".join(job.stages) for job in JOBS},
+        **{f"{job.name}_stages": " ".join(job_stages(manifest, job)) for job in JOBS},
         # An array job's task count ("" for a plain job) and what each of its stages adds to take its part.
         **{f"{job.name}_tasks": job_tasks(manifest, job) if job.array else "" for job in JOBS},
         **{f"{job.name}_stage_args": " ".join(job.stage_arguments()) for job in JOBS},

@@ -541,6 +541,9 @@ class PPASpec(Strict):
         0.0, description="weight of the per-sample BatchNorm term in each step (BatchNorm targets; 0: off)")
     keep_by: Literal["probability", "margin"] = Field(
         "probability", description="rank the optimised latents by the class's probability or its logit margin")
+    loss: Literal["cross_entropy", "poincare"] = Field(
+        "cross_entropy", description="the class loss of each step: cross-entropy, or PPA's Poincare loss (does "
+        "not vanish once the class is certain)")
     batch_size: PositiveInt = Field(64, description="latents per forward pass when searching")
     seed: Seed = Field(0, description="the searched latents and every random view are functions of (seed, id, step)")
 

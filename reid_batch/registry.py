@@ -131,6 +131,13 @@ JOBS: tuple[Job, ...] = (
 )
 
 
+def job_stages(manifest: Manifest, job: Job) -> tuple[str, ...]:
+    """A job's stages that have work under this manifest: a stage that applies to no target (ppa where no target
+    lists it) is left out, so the scheduler starts no process for it."""
+    return tuple(name for name in job.stages
+                 if not BY_NAME[name].per_target or any(BY_NAME[name].applies_to(t) for t in manifest.targets))
+
+
 def stage_shards(manifest: Manifest, job: Job) -> int:
     """The shard count of a job's sharded stage (1 if none is sharded)."""
     return max(BY_NAME[stage].shard_count(manifest) for stage in job.stages)

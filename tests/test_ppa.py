@@ -138,3 +138,20 @@ def test_attack_class_in_small_groups_equals_one_batch():
     assert whole.ids.tolist() == grouped.ids.tolist()
     torch.testing.assert_close(grouped.latents, whole.latents, atol=1e-4, rtol=0)
     torch.testing.assert_close(grouped.confidence, whole.confidence, atol=1e-5, rtol=0)
+
+
+def test_poincare_loss_is_the_hyperbolic_distance_and_keeps_a_gradient_where_cross_entropy_has_none():
+    from reid_batch.attack.ppa import poincare_loss
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-1.0, -1.0, 30.0]], dtype=torch.float64, requires_grad=True)
+    classes = torch.tensor([0, 2])
+    u = logits.detach() / logits.detach().abs().sum(1, keepdim=True)
+    v = torch.nn.functional.one_hot(classes, 3).double().sub(1e-4).clamp(0, 1)
+    expected = torch.acosh(1 + 2 * ((u - v) ** 2).sum(1) / ((1 - (u ** 2).sum(1)) * (1 - (v ** 2).sum(1))))
+    loss = poincare_loss(logits, classes)
+    torch.testing.assert_close(loss.detach(), expected)
+    loss[1].backward()
+    assert logits.grad[1].abs().max() > 1e-3  # a certain class (p = 1 - 1e-13) still pulls
+    certain = logits.detach()[1:].clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(certain, classes[1:]).backward()
+    assert certain.grad.abs().max() < 1e-10

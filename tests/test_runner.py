@@ -99,3 +99,17 @@ def test_bad_jobs_value_exits_2(jobs, tmp_path):
     result = subprocess.run([sys.executable, "-m", "reid_batch", "run", "missing.yaml", "--jobs", jobs],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "--jobs" in result.stderr
+
+
+def test_the_cluster_plan_runs_ppa_in_the_sample_tasks_only_where_a_target_lists_it():
+    from reid_batch.deploy import plan, shell_summary
+
+    with_ppa = _demo_manifest()
+    document = with_ppa.model_dump(mode="json")
+    for target in document["targets"]:
+        target["attacks"] = ["study"]
+    without = parse_manifest(document)
+    assert [j.stages for j in plan(with_ppa) if j.name == "sample"] == [("ppa", "sample")]
+    assert [j.stages for j in plan(without) if j.name == "sample"] == [("sample",)]
+    assert "sample_stages='ppa sample'" in shell_summary(with_ppa)
+    assert "sample_stages=sample\n" in shell_summary(without)

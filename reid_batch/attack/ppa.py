@@ -60,6 +60,9 @@ class PPASettings:
     # What the kept samples are ranked by over the final views: "probability" (PPA's confidence) saturates at 1.0
     # after optimisation, "margin" (the class logit minus the largest other) keeps ranking where it does.
     keep_by: str = "probability"
+    # The class loss of each step: "cross_entropy", or PPA's "poincare" (the Poincare distance between the
+    # L1-normalised logits and the one-hot class), whose gradient does not vanish once the class is certain.
+    loss: str = "cross_entropy"
 
 
 def _uniforms(seed: int, stream: int, step: int, keys: Tensor, count: int) -> Tensor:
@@ -111,6 +114,17 @@ def view_confidence(generator: Callable[[Tensor], Tensor], target: Callable[[Ten
     return total / max(views, 1)
 
 
+def poincare_loss(logits: Tensor, classes: Tensor, xi: float = 1e-4) -> Tensor:
+    """(N,) PPA's Poincare loss (Struppek et al. 2022, after Li et al. 2019): the hyperbolic distance between the
+    logits scaled to unit L1 norm and the one-hot class pulled xi inside the unit ball."""
+    u = logits / logits.abs().sum(dim=1, keepdim=True).clamp_min(1e-12)
+    v = (F.one_hot(classes, logits.shape[1]).to(logits.dtype) - xi).clamp(0.0, 1.0)
+    # |u|_2 <= |u|_1 = 1, reaching 1 only when a single logit is non-zero: kept off the boundary, where the distance
+    # is infinite.
+    inside = (1 - u.pow(2).sum(dim=1)).clamp_min(1e-6) * (1 - v.pow(2).sum(dim=1))
+    return torch.acosh(1 + 2 * (u - v).pow(2).sum(dim=1) / inside)
+
+
 def optimise_latents(generator: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor], latents: Tensor,
                      classes: Tensor, keys: Tensor, settings: PPASettings, seed: int,
                      on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
@@ -121,7 +135,8 @@ def optimise_latents(generator: Callable[[Tensor], Tensor], target: Callable[[Te
     for step in range(settings.steps):
         views = random_views(generator(z), _uniforms(seed, _STEP_STREAM, step, keys, 5), settings)
         logits, penalty = _logits_and_penalty(target(views))
-        class_loss = F.cross_entropy(logits.float(), classes, reduction="none")
+        class_loss = poincare_loss(logits.float(), classes) if settings.loss == "poincare" else \
+            F.cross_entropy(logits.float(), classes, reduction="none")
         norm_loss = settings.latent_penalty * (z.pow(2).mean(dim=1) - 1.0).pow(2)
         loss = class_loss + norm_loss + (0.0 if penalty is None else penalty.float())
         optimizer.zero_grad(set_to_none=True)

@@ -24,7 +24,7 @@ Rows (kept.parquet, best first): id (int64, the searched latent's id), class (in
 confident), confidence (float32, mean softmax probability of the class over ppa.final_views random views after
 optimisation), searched_confidence (float32, the same latent's confidence over ppa.search_views views before),
 latent (fixed-size list of float32: the optimised latent; the image is the generator's output for it, in [0, 1]).
-A one-logit binary target is attacked as two classes (logits [0, l]: softmax = sigmoid).
+A one-logit binary target is attacked as two classes (logits [-l/2, l/2]: softmax = sigmoid).
 """
 
 from __future__ import annotations
@@ -129,7 +129,9 @@ class AttackedModels:
         return generator_to_unit(self.generator(latents), self._range)
 
     def _logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.zeros_like(logits), logits], dim=1) if self._binary else logits
+        # Two classes with the same softmax as sigmoid(l): [-l/2, l/2], not [0, l], whose L1-normalised form would
+        # sit on the Poincare loss's boundary.
+        return torch.cat([-logits / 2, logits / 2], dim=1) if self._binary else logits
 
     def target(self, images01: torch.Tensor):
         inputs = to_target_input(images01, self._input, check_range=False)
