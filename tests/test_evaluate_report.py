@@ -11,6 +11,7 @@ import base64
 from html import escape as html_escape
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -400,6 +401,22 @@ def test_ppa_keeps_its_most_confident_optimised_samples_and_evaluate_measures_th
     ppa_control = metrics["identity_control"]["ppa"]
     assert ppa_control["samples"] == 2 * settings.keep
     assert (ppa_control["top1"], ppa_control["p_value"]) == pytest.approx((again["top1"], again["p_value"]), abs=1e-9)
+
+
+def test_the_ppa_bench_script_reproduces_the_stage_and_its_identity_measure(pipeline, tmp_path):
+    """bench/ppa_identity.py (the multi-seed acceptance measure) runs the stage's attack: at ppa.seed it gives the
+    identity control that evaluate committed for the ppa samples."""
+    manifest, _ = pipeline
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump(manifest.model_dump(mode="json")))
+    subprocess.run([sys.executable, str(REPO / "bench" / "ppa_identity.py"), str(path), "--targets", "identity",
+                    "--seeds", str(manifest.ppa.seed), "--json", str(tmp_path / "out.json")], cwd=tmp_path,
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    measured = json.loads((tmp_path / "out.json").read_text())["results"][0]
+    _, metrics, _ = _outputs(manifest, "identity")
+    committed = metrics["identity_control"]["ppa"]
+    assert (measured["top1"], measured["distinct"], measured["p_value"]) == pytest.approx(
+        (committed["top1"], committed["distinct"], committed["p_value"]), abs=1e-9)
 
 
 def test_the_report_ranks_the_attacks_and_the_headline_names_the_strongest(pipeline):
