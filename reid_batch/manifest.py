@@ -541,6 +541,8 @@ class PPASpec(Strict):
         0.0, description="weight of the per-sample BatchNorm term in each step (BatchNorm targets; 0: off)")
     keep_by: Literal["probability", "margin"] = Field(
         "probability", description="rank the optimised latents by the class's probability or its logit margin")
+    step_views: PositiveInt = Field(1, description="random views per optimisation step, losses averaged (costs "
+                                    "that many target passes per step)")
     loss: Literal["cross_entropy", "poincare"] = Field(
         "cross_entropy", description="the class loss of each step: cross-entropy, or PPA's Poincare loss (does "
         "not vanish once the class is certain)")

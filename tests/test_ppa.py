@@ -155,3 +155,18 @@ def test_poincare_loss_is_the_hyperbolic_distance_and_keeps_a_gradient_where_cro
     certain = logits.detach()[1:].clone().requires_grad_(True)
     torch.nn.functional.cross_entropy(certain, classes[1:]).backward()
     assert certain.grad.abs().max() < 1e-10
+
+
+def test_several_views_per_step_keep_each_latent_independent_of_its_batch():
+    """step_views averages the class loss over that many random views per step: a latent still follows the same
+    path alone or in a batch, and the path differs from one view per step."""
+    generate, target = _models()
+    settings = replace(SMALL, steps=6, step_views=3)
+    keys = torch.arange(4)
+    latents = latents_for_ids(2, keys, LATENT)
+    classes = torch.tensor([0, 1, 2, 1])
+    together = optimise_latents(generate, target, latents, classes, keys, settings, seed=2)
+    alone = optimise_latents(generate, target, latents[2:3], classes[2:3], keys[2:3], settings, seed=2)
+    torch.testing.assert_close(alone[0], together[2], atol=1e-5, rtol=0)
+    one_view = optimise_latents(generate, target, latents, classes, keys, replace(settings, step_views=1), seed=2)
+    assert not torch.allclose(one_view, together, atol=1e-4)

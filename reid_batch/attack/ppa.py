@@ -63,6 +63,9 @@ class PPASettings:
     # The class loss of each step: "cross_entropy", or PPA's "poincare" (the Poincare distance between the
     # L1-normalised logits and the one-hot class), whose gradient does not vanish once the class is certain.
     loss: str = "cross_entropy"
+    # Random views of each image per optimisation step, their losses averaged (PPA: 1; more views average the
+    # gradient over transformations, at that many times the cost of a step).
+    step_views: int = 1
 
 
 def _uniforms(seed: int, stream: int, step: int, keys: Tensor, count: int) -> Tensor:
@@ -132,11 +135,21 @@ def optimise_latents(generator: Callable[[Tensor], Tensor], target: Callable[[Te
     Returns the optimised latents (detached). on_step(step, per-sample loss) sees every step."""
     z = latents.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=settings.lr, betas=settings.betas)
+    count = settings.step_views
     for step in range(settings.steps):
-        views = random_views(generator(z), _uniforms(seed, _STEP_STREAM, step, keys, 5), settings)
+        images = generator(z)
+        # `step_views` random views of each image in one target pass; the class loss is their mean (the per-sample
+        # penalty the target returns beside the logits too).
+        views = torch.cat([random_views(images, _uniforms(seed, _STEP_STREAM, step * count + v, keys, 5), settings)
+                           for v in range(count)]) if count > 1 else \
+            random_views(images, _uniforms(seed, _STEP_STREAM, step, keys, 5), settings)
         logits, penalty = _logits_and_penalty(target(views))
-        class_loss = poincare_loss(logits.float(), classes) if settings.loss == "poincare" else \
-            F.cross_entropy(logits.float(), classes, reduction="none")
+        repeated = classes.repeat(count)
+        class_loss = poincare_loss(logits.float(), repeated) if settings.loss == "poincare" else \
+            F.cross_entropy(logits.float(), repeated, reduction="none")
+        class_loss = class_loss.view(count, -1).mean(dim=0)
+        if penalty is not None:
+            penalty = penalty.float().view(count, -1).mean(dim=0)
         norm_loss = settings.latent_penalty * (z.pow(2).mean(dim=1) - 1.0).pow(2)
         loss = class_loss + norm_loss + (0.0 if penalty is None else penalty.float())
         optimizer.zero_grad(set_to_none=True)
