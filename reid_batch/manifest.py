@@ -197,6 +197,9 @@ class IdentitySpec(Strict):
         "of the same sexes class by class, scored against the positive's patients (it must stay at chance)")
     seed: Seed = Field(0, description="which patients are drawn (the same seed gives positive and negative sets "
                                       "that never overlap)")
+    defence: Literal["none", "regularised", "augmented", "groupnorm", "dp"] = Field(
+        "none", description="train the identity classes with a mitigation's recipe (as the presets of those names; "
+        "dp needs train.target_epsilon): the defences measured where a leak is known to exist")
 
 
 class CohortSpec(Strict):
@@ -284,13 +287,20 @@ class TargetTrainSpec(Strict):
                                  "max_images and cohort do not apply")
             if self.canaries is not None:
                 raise ValueError("canaries apply to the study's task (cardiomegaly), not to preset identity")
-        if self.preset != "dp" and (self.target_epsilon is not None or self.max_grad_norm is not None):
-            raise ValueError("target_epsilon and max_grad_norm apply to preset dp only")
-        if self.preset == "dp" and self.norm == "batch":
+        private = self.dp
+        if not private and (self.target_epsilon is not None or self.max_grad_norm is not None):
+            raise ValueError("target_epsilon and max_grad_norm apply to preset dp only (and to identity.defence dp)")
+        if private and self.norm == "batch":
             raise ValueError("preset dp trains GroupNorm models (Opacus cannot clip BatchNorm's per-sample gradients)")
-        if self.preset == "dp" and self.target_epsilon is None:
-            raise ValueError("preset dp needs target_epsilon")
+        if private and self.target_epsilon is None:
+            raise ValueError("preset dp needs target_epsilon (so does identity.defence dp)")
         return self
+
+
+    @property
+    def dp(self) -> bool:
+        """Trained with DP-SGD: preset dp, or an identity control defended with it."""
+        return self.preset == "dp" or (self.identity is not None and self.identity.defence == "dp")
 
 
 class FeatureTargetSpec(Strict):
@@ -392,7 +402,7 @@ class TargetSpec(Strict):
             raise ValueError("train.norm: group applies to CNN targets")
         if self.vit is not None and self.input.size % self.vit.patch_size:
             raise ValueError("input.size must be divisible by vit.patch_size")
-        if self.train is not None and self.train.preset == "dp" and not self.arch.startswith("resnet"):
+        if self.train is not None and self.train.dp and not self.arch.startswith("resnet"):
             # Opacus' hooks reject torchvision's in-place residual adds, and torch's expanded weights (used instead)
             # fail inside DenseNet's concatenations: ResNets are the architectures DP-SGD is known to train here.
             raise ValueError("preset dp trains ResNets (resnet18..152) with Opacus; train other architectures "

@@ -164,6 +164,35 @@ def test_identity_preset_trains_k_patients_as_k_classes_on_extra_studies(tiny_wo
     assert not world_paths & set(pd.read_csv(tmp_path / "demo" / "targets" / "cnn" / "train_images.csv")["path"])
 
 
+def test_a_defended_identity_control_trains_its_k_classes_with_dp_sgd(tiny_world, tmp_path):
+    """identity.defence: the identity control trained with a mitigation's recipe; dp runs Opacus on the K classes
+    (GroupNorm, clipping, the budget spent recorded), the recipes of the other defences are the presets' changes,
+    and invalid combinations are refused naming the field."""
+    from reid_batch.stages.train_target import resolve_recipe, run
+
+    identity = {"patients": 4, "studies": 6, "validation_studies": 2, "defence": "dp"}
+    document = tiny_manifest(tiny_world, tmp_path, preset="identity", epochs=2, batch_size=8, identity=identity,
+                             target_epsilon=8.0)
+    manifest = parse_manifest(document)
+    recipe = resolve_recipe(manifest.targets[0])
+    assert (recipe.norm, recipe.max_grad_norm, recipe.target_epsilon, recipe.num_classes) == ("group", 1.0, 8.0, 4)
+    assert run(manifest) == 0
+    record = yaml.safe_load((tmp_path / "demo" / "targets" / "cnn" / "training.json").read_text())
+    assert record["num_classes"] == 4 and record["norm"] == "group"
+    assert record["privacy"]["target_epsilon"] == 8.0 and 0 < record["privacy"]["epsilon"] <= 8.0 + 1e-6
+    for defence, expected in (("regularised", {"optimizer": "adamw", "dropout": 0.5, "patience": 3}),
+                              ("augmented", {"augment": True}), ("groupnorm", {"norm": "group"}),
+                              ("none", {"norm": "batch", "augment": False, "optimizer": "adam"})):
+        document["targets"][0]["train"] = {"preset": "identity", "identity": {**identity, "defence": defence}}
+        recipe = resolve_recipe(parse_manifest(document).targets[0])
+        assert {k: getattr(recipe, k) for k in expected} == expected, defence
+    for train, message in (({"identity": {**identity, "defence": "dp"}}, "needs target_epsilon"),
+                           ({"identity": {**identity, "defence": "none"}, "target_epsilon": 1.0}, "apply to preset dp")):
+        document["targets"][0]["train"] = {"preset": "identity", **train}
+        with pytest.raises(Exception, match=message):
+            parse_manifest(document)
+
+
 def test_cohort_trains_on_a_demographic_slice_only(tiny_world, tmp_path):
     """P4's target: only the slice's patients train and validate."""
     from reid_batch.stages.train_target import run

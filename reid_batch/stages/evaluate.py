@@ -654,6 +654,7 @@ def _metrics_document(store, manifest: Manifest, spec: TargetSpec, likely: Likel
         # What the training set was beyond the recipe: the report's dose-response compares plain pools only.
         training_record["cohort"] = spec.train.cohort.describe() if spec.train.cohort is not None else None
         training_record["canaries"] = spec.train.canaries is not None
+        training_record["identity_defence"] = spec.train.identity.defence if spec.train.identity is not None else None
     finetune_record = store.read_json(f"{finetune_prefix(spec.name)}/finetune.json")
     attack_terms = {"terms": finetune_record.get("terms"), "configured": finetune_record.get("terms_configured"),
                     "fallback": finetune_record.get("objective_fallback"),

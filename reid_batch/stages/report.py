@@ -322,9 +322,11 @@ def mitigation_summary(targets: dict[str, dict]) -> dict:
     for name, entry in targets.items():
         metrics, risk = entry["metrics"], entry["risk"]
         trained = metrics.get("target_training") or {}
+        ranking = _get(risk, "leak", "attacks") or []
+        strongest = ranking[0] if ranking else {"mode": "study", "vs_prior": _get(risk, "leak", "vs_prior")}
         privacy = trained.get("privacy") or {}
         rows.append({
-            "target": name, "preset": metrics.get("preset") or "checkpoint", "role": metrics.get("role"),
+            "target": name, "preset": _preset_label(metrics), "role": metrics.get("role"),
             "epsilon": privacy.get("epsilon"), "target_epsilon": privacy.get("target_epsilon"),
             "delta": privacy.get("delta"), "norm": trained.get("norm"),
             "val_auc": _get(trained, "val", "auc"), "val_accuracy": _get(trained, "val", "accuracy"),
@@ -332,7 +334,9 @@ def mitigation_summary(targets: dict[str, dict]) -> dict:
             "likely_samples": risk["likely_samples"], "candidates": risk["candidates"],
             "ssim_mean": risk["ssim_mean"], "sex_accuracy": risk["sex_accuracy"], "age_mae": risk["age_mae"],
             "reidentification_rate": risk["reidentification_rate"], "reidentification_ci": risk["reidentification_ci"],
-            "leak": _get(risk, "leak", "vs_prior", "leak"), "leak_ci": _get(risk, "leak", "vs_prior", "ci"),
+            # The strongest attack run on the target: a defence is judged by what the best attack still recovers.
+            "leak": _get(strongest, "vs_prior", "leak"), "leak_ci": _get(strongest, "vs_prior", "ci"),
+            "attack": strongest.get("mode", "study"),
             "leak_vs_control": _get(risk, "leak", "vs_control", "leak"),
             "leak_vs_control_ci": _get(risk, "leak", "vs_control", "ci"),
             "verdict": _get(risk, "leak", "verdict"),
@@ -343,8 +347,15 @@ def mitigation_summary(targets: dict[str, dict]) -> dict:
     return {"shown": len(presets) > 1 or any(r["epsilon"] is not None for r in rows), "rows": rows}
 
 
+def _preset_label(metrics: dict) -> str:
+    """The training recipe's name: the preset, with the defence of a defended identity control."""
+    defence = _get(metrics, "target_training", "identity_defence")
+    preset = metrics.get("preset") or "checkpoint"
+    return f"{preset} ({defence})" if defence not in (None, "none") else preset
+
+
 def mitigation_rows(document: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["Target", "Preset", "ε (δ)", "Val AUC", "Val acc.", "Train acc.", "Leak L vs prior",
+    header = ["Target", "Preset", "ε (δ)", "Val AUC", "Val acc.", "Train acc.", "Leak L vs prior (strongest attack)",
               "L vs control", "Likely samples", "NN SSIM", "Sex accuracy", "Age MAE", "Re-id rate (sample vote)",
               "Attack terms"]
     rows = []
@@ -352,7 +363,8 @@ def mitigation_rows(document: dict) -> tuple[list[str], list[list[str]]]:
         epsilon = f"{number(r['epsilon'], 2)} ({significant(r['delta'], 2)})" if r["epsilon"] is not None else "—"
         role = " (control)" if r["role"] == "control model" else ""
         rows.append([r["target"], r["preset"] + role, epsilon, number(r["val_auc"], 3), number(r["val_accuracy"], 3),
-                     number(r["train_accuracy"], 3), signed(r["leak"]) + signed_interval(r["leak_ci"]),
+                     number(r["train_accuracy"], 3),
+                     signed(r["leak"]) + signed_interval(r["leak_ci"]) + (f" ({r['attack']})" if r.get("attack") else ""),
                      signed(r["leak_vs_control"]) + signed_interval(r["leak_vs_control_ci"]),
                      f"{r['likely_samples']} of {r['candidates']}",
                      number(r["ssim_mean"], 3), percent(r["sex_accuracy"]), number(r["age_mae"], 1),
@@ -387,7 +399,7 @@ def mitigation_png(document: dict) -> bytes | None:
                       xytext=(5, 6 if i % 2 == 0 else -12), fontsize=8)
     axes.axhline(0.0 if record else 0.5, color="grey", linestyle=":", linewidth=1)
     axes.set(xlabel="utility: validation AUC",
-             ylabel="risk: " + ("leak L vs prior (none: 0)" if record else "re-identification rate (chance 0.5)"),
+             ylabel="risk: " + ("leak L vs prior, strongest attack (none: 0)" if record else "re-identification rate (chance 0.5)"),
              title="Mitigations: risk vs utility")
     figure.tight_layout()
     png = figure_png(figure, dpi=110)

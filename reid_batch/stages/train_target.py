@@ -21,6 +21,8 @@ Positive control (issue 17, P1):
                `validation_studies` more to validate on (synthetic world, `phantoms.write_extra_studies`), so the
                world's own studies of these patients stay held out. Cross-entropy over K outputs; Adam lr 1e-3,
                batch 32, 15 epochs, keep the best validation accuracy. Attacking class k asks for patient k.
+               `identity.defence` trains it with a mitigation's changes (regularised, augmented, groupnorm, dp as
+               above): the defences measured on a model known to encode its patients.
 Canaries (issue 17, P2; `train.canaries`, any preset but identity): atypical synthetic patients, each added to the
 training set by its own coin flip with `d` rendered studies (`phantoms.canary_patient`, `roles.canary_sets`), after
 the preset chose its images; `train_images.csv` marks them with `canary_dose`.
@@ -92,6 +94,19 @@ class Recipe:
     num_classes: int = 1  # one logit (binary) or K outputs (identity)
 
 
+def _defended(base: Recipe, defence: str) -> Recipe:
+    """The identity control's recipe with one mitigation's changes, as the mitigation presets make them."""
+    if defence == "regularised":
+        return replace(base, weight_decay=0.05, optimizer="adamw", dropout=0.5, patience=3)
+    if defence == "augmented":
+        return replace(base, augment=True)
+    if defence == "groupnorm":
+        return replace(base, norm="group")
+    if defence == "dp":
+        return replace(base, weight_decay=0.0, norm="group", max_grad_norm=1.0)
+    return base
+
+
 def resolve_recipe(spec: TargetSpec) -> Recipe:
     train = spec.train
     assert train is not None
@@ -108,6 +123,7 @@ def resolve_recipe(spec: TargetSpec) -> Recipe:
     elif train.preset == "identity":
         base = replace(normal, epochs=15, batch_size=32, lr=1e-3 if not vit else 3e-4,
                        num_classes=train.identity.patients, keep="best_val_accuracy")
+        base = _defended(base, train.identity.defence)
     else:
         base = replace(normal, batch_size=64, weight_decay=0.0, norm="group", max_grad_norm=1.0)
     return replace(
@@ -233,7 +249,6 @@ def train_one_epoch(model, optimizer, images01, labels, input_spec, batch_size, 
 def train_one_epoch_private(model, optimizer, loader, input_spec, device) -> float:
     """One epoch of DP-SGD over Opacus' Poisson-sampled loader (batches vary in size and may be empty)."""
     model.train()
-    loss_fn = nn.BCEWithLogitsLoss()
     total, seen = 0.0, 0
     for images, labels in loader:
         if len(images) == 0:
@@ -242,7 +257,9 @@ def train_one_epoch_private(model, optimizer, loader, input_spec, device) -> flo
             continue
         optimizer.zero_grad(set_to_none=True)
         x = to_target_input(images.to(device), input_spec)
-        loss = loss_fn(model(x).reshape(-1), labels.to(device))
+        # The batch mean, as Opacus' loss_reduction "mean" expects: one logit (binary) or K (a defended identity
+        # control).
+        loss = classification_loss(model(x).reshape(len(images), -1), labels.to(device))
         loss.backward()
         optimizer.step()
         total += loss.item() * len(images)
