@@ -222,7 +222,8 @@ EVALUATION_PART = "evaluation"
 METRICS_FILE = "metrics.json"
 TABLE_FILE = "evaluation.parquet"
 RECORDS_FILE = "records.parquet"  # the target's member and non-member images, embedded
-LEAK_CANDIDATES_FILE = "leak_candidates.parquet"  # raw candidates of the attacked generator and the prior, embedded
+LEAK_CANDIDATES_FILE = "leak_candidates.parquet"  # raw candidates of the attacked generator and the prior, and
+# the ppa attack's kept samples, embedded
 CALIBRATION_PART = "calibration"
 CALIBRATION_FILE = "calibration.json"
 CALIBRATION_FIGURE = "dose_response.png"

@@ -356,6 +356,9 @@ class TargetSpec(Strict):
     attacks: list[Literal["study", "ppa"]] = Field(
         ["study"], description="the attack modes run on this target: study (the study's two stages, always run) "
         "and ppa (per-sample latent optimisation, settings in the ppa section); the report ranks them")
+    baseline: Slug | None = Field(
+        None, description="the undefended target this one defends (a mitigation arm trained on the same patients): "
+        "the report measures the change of the baseline's strongest attack's L, paired on the shared patients")
 
     @field_validator("name")
     @classmethod
@@ -373,9 +376,10 @@ class TargetSpec(Strict):
         return v
 
     def plan_dump(self) -> dict:
-        """The target's settings as the plans of its stages store them: everything but `attacks` (which modes run
-        does not change what a stage computes, so adding ppa later must not invalidate stage 1 or the samples)."""
-        return self.model_dump(mode="json", exclude={"attacks"})
+        """The target's settings as the plans of its stages store them: everything but `attacks` and `baseline`
+        (which modes run, and what the report compares with, do not change what a stage computes: adding ppa later
+        must not invalidate stage 1 or the samples)."""
+        return self.model_dump(mode="json", exclude={"attacks", "baseline"})
 
     @property
     def family(self) -> str:
@@ -753,6 +757,10 @@ class Manifest(Strict):
                 if getattr(self.data.synthetic, f"{pool}_patients") > most:
                     raise ValueError(f"target {t.name!r}: with canaries, data.synthetic.{pool}_patients may be at "
                                      f"most {most} (the pool's last {CANARY_CAPACITY:,} ids are the canaries')")
+        for t in self.targets:
+            if t.baseline is not None and (t.baseline == t.name or t.baseline not in names):
+                raise ValueError(f"target {t.name!r}: baseline {t.baseline!r} must name another target of this "
+                                 f"manifest ({names})")
         critic = self.finetune.discriminator
         if critic is not None and critic.checkpoint is None and self.generator.checkpoint is not None:
             raise ValueError("finetune.discriminator needs a checkpoint: the prior comes from generator.checkpoint, "

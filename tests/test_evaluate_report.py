@@ -233,7 +233,7 @@ def test_the_leak_statistic_uses_the_targets_own_members(pipeline, name):
     from reid_batch.analysis.roles import patient_labels
     from reid_batch.analysis.leak import generator_scores, leak_test
     from reid_batch.formats import feature_matrix
-    from reid_batch.layout import LEAK_ID_OFFSET
+    from reid_batch.layout import LEAK_ID_OFFSET, PPA_FILE, ppa_class_prefix
 
     manifest, root = pipeline
     store, metrics, _ = _outputs(manifest, name)
@@ -253,8 +253,15 @@ def test_the_leak_statistic_uses_the_targets_own_members(pipeline, name):
     assert {_number(p) for p in members | nonmembers} <= set(_truth(root, pool).index)
     candidates = store.read_parquet(f"{name}/evaluation/leak_candidates.parquet")
     ids = candidates.column("id").to_numpy()
-    assert ids.min() >= LEAK_ID_OFFSET  # fresh latents: none used in fine-tuning or sampling
     generators = np.asarray(candidates.column("generator").to_pylist())
+    study_rows = np.isin(generators, ["attacked", "prior"])
+    assert ids[study_rows].min() >= LEAK_ID_OFFSET  # fresh latents: none used in fine-tuning or sampling
+    # A target attacked with ppa adds its kept samples, by their search ids (the ppa stage's own range).
+    kept = store.read_parquet(f"{ppa_class_prefix(name, 0, 0)}/{PPA_FILE}") if "ppa" in generators else None
+    assert set(generators) == ({"attacked", "prior", "ppa"} if kept is not None else {"attacked", "prior"})
+    if kept is not None:
+        assert set(kept.column("id").to_pylist()) <= set(ids[generators == "ppa"].tolist())
+        assert (generators == "ppa").sum() == metrics["attacks"]["ppa"]["kept"]
     features = feature_matrix(records.column("features"))
     patients = frame["patient"].to_numpy()
     member = frame.groupby("patient")["member"].first().to_numpy()
@@ -266,6 +273,13 @@ def test_the_leak_statistic_uses_the_targets_own_members(pipeline, name):
     assert again["leak"] == pytest.approx(raw["leak"]) and again["ci"] == pytest.approx(raw["ci"])
     assert raw["leak"] == pytest.approx(raw["auc_attacked"] - raw["auc_null"])
     assert raw["candidates"] == {"attacked": settings.membership_candidates, "null": settings.membership_candidates}
+    if kept is not None:  # ppa's L from the committed rows: its kept samples against as many prior candidates
+        ppa = generator_scores(features, patients, len(member),
+                               feature_matrix(candidates.column("features"))[generators == "ppa"])
+        null = generator_scores(features, patients, len(member), feature_matrix(candidates.column("features"))[
+            generators == "prior"][:(generators == "ppa").sum()])
+        again = leak_test(member, ppa, null, settings.leak_bootstrap, settings.leak_permutations, settings.seed)
+        assert again["leak"] == pytest.approx(metrics["attacks"]["ppa"]["leak"]["vs_prior"]["leak"])
     # Stage 2's selection, against the prior's candidates through the same rule from a pool of the same size.
     selected = leak["selected"]["vs_prior"]
     assert selected["pool"] == min(manifest.sampling.num_candidates, settings.membership_candidates)

@@ -184,3 +184,74 @@ def test_non_members_take_the_members_label_mix():
     assert list(chosen) == sorted(set(chosen.tolist()))
     assert pool[same_label_mix(members, pool, cap=10, seed=0)].value_counts().to_dict() == {0: 5, 1: 5}
     assert len(same_label_mix(members, pd.Series([2, 2]), cap=10, seed=0)) == 0
+
+
+# ------------------------------------------------------------------------------------------------ defence change
+
+
+def _tables(images, groups, member, paths=None):
+    """records.parquet as evaluate writes it, from the test world."""
+    import pyarrow as pa
+
+    from reid_batch.formats import feature_column
+
+    paths = paths or [f"img{i}.png" for i in range(len(images))]
+    return pa.table({"path": paths, "patient_id": [f"p{g}" for g in groups], "patient": groups.astype(np.int64),
+                     "member": member[groups], "label": np.zeros(len(images)),
+                     "features": feature_column(images.astype(np.float32))})
+
+
+def _candidate_table(**by_generator):
+    import pyarrow as pa
+
+    from reid_batch.formats import feature_column
+
+    names = [name for name, rows in by_generator.items() for _ in rows]
+    features = np.concatenate(list(by_generator.values())).astype(np.float32)
+    return pa.table({"generator": names, "id": np.arange(len(names), dtype=np.int64),
+                     "features": feature_column(features)})
+
+
+def test_defence_change_sees_a_defence_that_removes_a_leak_and_not_one_that_changes_nothing():
+    from reid_batch.stages.report import defence_change
+
+    rng = np.random.default_rng(11)
+    members, images, groups, member = _world(rng)
+    records = _tables(images, groups, member)
+    prior = _candidates(400, rng)
+    # Positive control: the baseline's ppa samples are 30% copies of members, the defended target's are not.
+    baseline = _candidate_table(attacked=_candidates(400, rng), prior=prior, ppa=_candidates(200, rng, members, 0.3))
+    defended = _candidate_table(attacked=_candidates(400, rng), prior=prior, ppa=_candidates(200, rng))
+    seen = defence_change("ppa", records, records, defended, baseline, 500, 500, 0)
+    assert seen["available"] and seen["lowered"] and seen["change"] < -0.1
+    assert seen["ci"][1] < 0 and seen["p_value"] < 0.01 and seen["candidates"] == {"defended": 200, "baseline": 200}
+    # Its null: the same tables with the two targets swapped is an increase, never "lowered".
+    swapped = defence_change("ppa", records, records, baseline, defended, 500, 500, 0)
+    assert not swapped["lowered"] and swapped["change"] == pytest.approx(-seen["change"])
+    # A defence that changes nothing (both generators random): the interval covers 0 in about 95% of worlds.
+    covered = lowered = 0
+    for seed in range(10):
+        rng = np.random.default_rng(200 + seed)
+        _, images, groups, member = _world(rng, patients=30)
+        records = _tables(images, groups, member)
+        a, b = (_candidate_table(attacked=_candidates(300, rng), prior=prior) for _ in range(2))
+        result = defence_change("study", records, records, a, b, 300, 300, seed)
+        covered += result["ci"][0] <= 0 <= result["ci"][1]
+        lowered += result["lowered"]
+    assert covered >= 8 and lowered <= 1
+
+
+def test_defence_change_needs_the_same_patients_and_the_modes_candidates():
+    from reid_batch.stages.report import defence_change
+
+    rng = np.random.default_rng(3)
+    _, images, groups, member = _world(rng, patients=10)
+    records = _tables(images, groups, member)
+    other = _tables(images, groups, member, paths=[f"other{i}.png" for i in range(len(images))])
+    study_only = _candidate_table(attacked=_candidates(50, rng), prior=_candidates(50, rng))
+    with_ppa = _candidate_table(attacked=_candidates(50, rng), prior=_candidates(50, rng), ppa=_candidates(8, rng))
+    result = defence_change("study", records, other, study_only, study_only, 100, 100, 0)
+    assert not result["available"] and "different member and non-member images" in result["reason"]
+    result = defence_change("ppa", records, records, study_only, with_ppa, 100, 100, 0)
+    assert not result["available"] and "no ppa candidates" in result["reason"] and "defended" in result["reason"]
+    assert defence_change("ppa", records, records, with_ppa, with_ppa, 100, 100, 0)["change"] == 0.0

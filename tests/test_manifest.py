@@ -92,6 +92,8 @@ BROKEN = [
     ("canaries-dose-too-large", lambda d: _set(d, "targets.0.train.canaries", {"duplicates": [65]}), "targets[0].train.canaries.duplicates"),
     ("canaries-on-identity", lambda d: _set(d, "targets.4.train.canaries", {"per_dose": 4}), "targets[4].train"),
     ("canaries-crowded-world", lambda d: _set(_set(d, "targets.0.train.canaries", {}), "data.synthetic.private_patients", 55_000), "private_patients may be at most 50000"),
+    ("baseline-unknown", lambda d: _set(d, "targets.1.baseline", "cnn-undefended"), "baseline 'cnn-undefended' must name another target"),
+    ("baseline-itself", lambda d: _set(d, "targets.0.baseline", "cnn"), "baseline 'cnn' must name another target"),
     ("cohort-empty", lambda d: _set(d, "targets.0.train.cohort", {}), "targets[0].train.cohort"),
     ("cohort-ages-reversed", lambda d: _set(d, "targets.0.train.cohort", {"min_age": 70, "max_age": 60}), "targets[0].train.cohort"),
     ("class-offsets-without-logits", lambda d: _set(d, "targets.0.objective", {"terms": {"bn_stats": 1.0}, "class_offsets": True}), "targets[0]"),

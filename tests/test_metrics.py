@@ -381,3 +381,67 @@ def test_the_gpu_histogram_path_equals_bincount_in_any_chunking(rng, chunk_pixel
     levels[2] = 17  # a constant image: one full bin
     expected = torch.stack([torch.bincount(row, minlength=256) for row in levels]).double()
     assert torch.equal(metrics.scatter_histograms(levels, chunk_pixels), expected)
+
+
+# ------------------------------------------------------------------------------------------------ utility intervals
+
+
+@pytest.mark.parametrize("outputs", [1, 2, 4])
+def test_resampled_classifier_metrics_match_classifier_metrics_on_each_resample(outputs):
+    """The vectorised resamples (padded ranks, K one-vs-rest AUCs) against sklearn's on the same rows."""
+    from reid_batch.analysis.metrics import classifier_metrics, resampled_classifier_metrics
+
+    rng = np.random.default_rng(outputs)
+    labels = torch.from_numpy(rng.integers(0, max(outputs, 2), 48))
+    signal = torch.nn.functional.one_hot(labels, outputs).float() if outputs > 1 else labels[:, None].float()
+    logits = torch.from_numpy(rng.normal(size=(48, outputs))).float() + signal
+    patients = [f"p{i // 3}" for i in range(48)]  # clusters of 3 images: resamples differ in length
+    rows, accuracy, auc = resampled_classifier_metrics(logits, labels, patients, 40, seed=3)
+    assert len({len(r) for r in rows}) == 1  # equal clusters: equal lengths
+    rows2, accuracy2, auc2 = resampled_classifier_metrics(logits, labels, None, 40, seed=3)
+    checked = 0
+    for r, a, u in list(zip(rows, accuracy, auc)) + list(zip(rows2, accuracy2, auc2)):
+        expected = classifier_metrics(logits[r], labels[r])
+        assert a == pytest.approx(expected["accuracy"])
+        if np.isfinite(expected["auc"]):
+            assert u == pytest.approx(expected["auc"], abs=1e-9)
+            checked += 1
+        else:
+            assert not np.isfinite(u)
+    assert checked >= 40
+
+
+def test_resampled_classifier_metrics_with_unequal_clusters():
+    from reid_batch.analysis.metrics import classifier_metrics, resampled_classifier_metrics
+
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(rng.integers(0, 2, 30))
+    logits = torch.from_numpy(rng.normal(size=(30, 1))).float() + labels[:, None].float()
+    patients = [f"p{min(i, 20) // 2}" for i in range(30)]  # the last patient has 11 images
+    rows, accuracy, auc = resampled_classifier_metrics(logits, labels, patients, 30, seed=1)
+    assert len({len(r) for r in rows}) > 1
+    for r, a, u in zip(rows, accuracy, auc):
+        expected = classifier_metrics(logits[r], labels[r])
+        assert a == pytest.approx(expected["accuracy"])
+        assert u == pytest.approx(expected["auc"], abs=1e-9) if np.isfinite(expected["auc"]) else not np.isfinite(u)
+
+
+def test_classifier_intervals_resample_patients_not_their_copies():
+    """Five copies of each patient's image: resampling images pretends to 5x the patients and narrows the interval;
+    resampling patients gives the width of the patients alone (the positive control for the clustering)."""
+    from reid_batch.analysis.metrics import classifier_intervals
+
+    rng = np.random.default_rng(7)
+    labels = torch.from_numpy(rng.integers(0, 2, 30))
+    logits = torch.from_numpy(rng.normal(size=(30, 1))).float() + labels[:, None].float()
+    copies = torch.arange(30).repeat_interleave(5)
+    alone = classifier_intervals(logits, labels, None, bootstrap=400, seed=0)
+    as_images = classifier_intervals(logits[copies], labels[copies], None, bootstrap=400, seed=0)
+    as_patients = classifier_intervals(logits[copies], labels[copies], [str(int(i)) for i in copies], 400, 0)
+    width = {name: r["auc_ci"][1] - r["auc_ci"][0] for name, r in
+             (("alone", alone), ("images", as_images), ("patients", as_patients))}
+    assert width["images"] < 0.6 * width["patients"]
+    assert width["patients"] == pytest.approx(width["alone"], rel=0.25)
+    assert as_patients["resampled"] == "patients" and alone["resampled"] == "images"
+    low, high = alone["accuracy_ci"]
+    assert low <= float(((logits[:, 0] > 0).long() == labels).float().mean()) <= high

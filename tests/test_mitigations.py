@@ -33,9 +33,10 @@ def make_manifest(root: Path, inputs: dict[str, Path]):
         "version": 1, "run_id": "mitigations", "output": {"uri": str(root / "out")},
         "data": {"synthetic": {"root": str(root / "world"), **WORLD}, "val_fraction": 0.2, "split_seed": 0},
         "targets": [
-            {"name": "dp", "arch": "resnet18", "input": {"size": SIZE},
+            # Defences of the augmented arm (the same training patients): the report pairs their L with its.
+            {"name": "dp", "arch": "resnet18", "input": {"size": SIZE}, "baseline": "augmented",
              "train": {"preset": "dp", "target_epsilon": 8.0, "max_grad_norm": 1.0, **one}},
-            {"name": "regularised", "arch": "resnet18", "input": {"size": SIZE},
+            {"name": "regularised", "arch": "resnet18", "input": {"size": SIZE}, "baseline": "augmented",
              "train": {"preset": "regularised", "epochs": 2, "patience": 1, "batch_size": 8}},
             {"name": "augmented", "arch": "resnet18", "input": {"size": SIZE}, "train": {"preset": "augmented", **one}},
             {"name": "control", "arch": "resnet18", "input": {"size": SIZE},
@@ -212,9 +213,25 @@ def test_report_sets_utility_beside_risk_for_every_target(pipeline):
         assert rows[name]["reidentification_rate"] == evaluation["reidentification"]["rate"]
         assert rows[name]["likely_samples"] == 5
         assert rows[name]["leak"] == evaluation["leak"]["raw"]["vs_prior"]["leak"]
+        # Utility with its interval: a bootstrap of the validation patients, recorded at training.
+        trained = _training(manifest, name)["val"]
+        assert trained["resampled"] == "patients" and rows[name]["val_accuracy_ci"] == trained["accuracy_ci"]
+        low, high = trained["accuracy_ci"]
+        assert low <= trained["accuracy"] <= high
+    # The defences' change of L against their baseline, paired on the same patients: with the same records and the
+    # same null, it is the difference of the two targets' attacked AUCs, which each evaluation computed alone.
+    assert rows["augmented"]["defence"] is None
+    for name in ("dp", "regularised"):
+        change = rows[name]["defence"]
+        assert change["available"] and change["baseline"] == "augmented" and change["mode"] == "study"
+        auc = {n: store.read_json(f"{n}/evaluation/metrics.json")["leak"]["raw"]["vs_prior"]["auc_attacked"]
+               for n in (name, "augmented")}
+        assert change["change"] == pytest.approx(auc[name] - auc["augmented"], abs=1e-9)
+        assert change["ci"][0] <= change["change"] <= change["ci"][1] and 0 < change["p_value"] <= 1
     markdown = store.read_bytes(f"{prefix}/report.md").decode()
     section = markdown.split("## Mitigations")[1].split("\n## ")[0]
     assert all(f"| {name} |" in section for name in TARGETS)
+    assert "- dp (dp) " in section and "against augmented" in section and "- regularised (regularised) " in section
     assert "dp: gn_stats 1, feature_stats 1, logits 1, tv 1e-05 (fallback: bn_stats dropped, replaced by gn_stats" \
         in markdown
     page = store.read_bytes(f"{prefix}/report.html").decode()

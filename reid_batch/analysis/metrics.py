@@ -743,6 +743,67 @@ def classifier_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, 
     return {"accuracy": accuracy, "auc": auc}
 
 
+def resampled_classifier_metrics(logits: torch.Tensor, labels: torch.Tensor, groups: Sequence | None,
+                                 bootstrap: int, seed: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """classifier_metrics' accuracy and AUC on `bootstrap` resamples of the images, vectorised: (the image rows of
+    each resample, accuracy (B,), AUC (B,), NaN where a resample misses a class). groups: each image's cluster, the
+    unit resampled with replacement (None: each image alone)."""
+    y = labels.numpy().astype(int)
+    if logits.shape[1] == 1:
+        score = torch.sigmoid(logits.float()[:, 0]).numpy()
+        predicted, columns = (score >= 0.5).astype(int), [(score, 1)]
+    else:
+        probabilities = torch.softmax(logits.float(), dim=1).numpy()
+        predicted = probabilities.argmax(1)
+        columns = [(probabilities[:, 1], 1)] if logits.shape[1] == 2 else \
+            [(probabilities[:, k], k) for k in range(logits.shape[1])]
+    cluster = np.arange(len(y)) if groups is None else pd.factorize(pd.Series(list(groups)).astype(str))[0]
+    members = [np.flatnonzero(cluster == c) for c in range(cluster.max() + 1)]
+    rng = np.random.default_rng(seed)
+    rows = [np.concatenate([members[c] for c in draw]) for draw in rng.integers(0, len(members),
+                                                                                (bootstrap, len(members)))]
+    # Clusters differ in size, so resamples differ in length: each is padded to the longest with -1.
+    index = np.full((bootstrap, max(len(r) for r in rows)), -1)
+    for b, r in enumerate(rows):
+        index[b, :len(r)] = r
+    valid = index >= 0
+    safe = np.where(valid, index, 0)
+    accuracy = np.where(valid, predicted[safe] == y[safe], False).sum(1) / valid.sum(1)
+    pad = (~valid).sum(1)[:, None]
+    aucs = []
+    for score, k in columns:
+        # A padding score is below every real one (probabilities are >= 0), so a real image's rank among the real
+        # ones is its rank minus the padding count; Mann-Whitney with ties counted half, as roc_auc_score.
+        ranks = stats.rankdata(np.where(valid, score[safe], -1.0), axis=1) - pad
+        positive, negative = valid & (y[safe] == k), valid & (y[safe] != k)
+        m, n = positive.sum(1), negative.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            aucs.append((np.where(positive, ranks, 0.0).sum(1) - m * (m + 1) / 2) / (m * n))
+    return rows, accuracy, np.mean(aucs, axis=0)
+
+
+def classifier_intervals(logits: torch.Tensor, labels: torch.Tensor, groups: Sequence | None = None,
+                         bootstrap: int = 200, seed: int = 0, confidence: float = 0.95) -> dict:
+    """Percentile intervals of classifier_metrics' accuracy and AUC over `bootstrap` resamples of the validation set.
+
+    groups: the cluster of each image (its patient, where validation patients are unseen in training: a patient's
+    images move together); None resamples images. A resample missing a class has no AUC and is left out of the AUC's
+    interval; with fewer than half the resamples left, that interval is None."""
+    if not len(labels) or bootstrap <= 0:
+        return {"accuracy_ci": None, "auc_ci": None, "bootstrap": bootstrap, "resampled": None}
+    _, accuracy, auc = resampled_classifier_metrics(logits, labels, groups, bootstrap, seed)
+    tail = (1 - confidence) / 2
+
+    def interval(values: np.ndarray) -> list[float] | None:
+        values = values[np.isfinite(values)]
+        if len(values) < bootstrap / 2:
+            return None
+        return [float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))]
+
+    return {"accuracy_ci": interval(accuracy), "auc_ci": interval(auc), "bootstrap": bootstrap,
+            "resampled": "images" if groups is None else "patients"}
+
+
 def mean_shift(attacked: ArrayLike, null: ArrayLike, bootstrap: int, seed: int, confidence: float = 0.95) -> dict:
     """mean(attacked) - mean(null) with a percentile interval over both sets resampled with replacement (P4: the
     shift of the predicted age or male share of a generator's samples from the prior's)."""

@@ -452,6 +452,10 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
     leak, leak_tables, raw = _leak(manifest, spec, finetuned, shared, space, resolution, device, notes)
     raw_features = raw.features if raw is not None else None
     attacked = _ppa_attack(store, manifest, spec, shared, space, device, raw)
+    if attacked is not None and raw is not None:
+        leak_tables[LEAK_CANDIDATES_FILE] = leak_candidates_bytes(
+            LEAK_ID_OFFSET + np.arange(len(raw.features), dtype=np.int64), raw.features,
+            shared.prior_candidate_features, attacked)
     identity = _identity(manifest, spec, likely, raw_features, shared, space, finetuned.config.latent_dim, device,
                          attacked)
     canaries = _canaries(manifest, spec, likely, raw_features, shared, space, attacked)
@@ -783,13 +787,23 @@ def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space
         "label": pa.array(pd.to_numeric(frame["label"], errors="coerce").to_numpy(dtype=np.float64)),
         "features": feature_column(loaded.features),
     })
-    candidates_table = pa.table({
-        "generator": pa.array(["attacked"] * len(ids) + ["prior"] * len(ids)),
-        "id": pa.array(np.concatenate([ids, ids])),
-        "features": feature_column(np.concatenate([attacked, shared.prior_candidate_features])),
-    })
-    tables = {RECORDS_FILE: parquet_bytes(records_table), LEAK_CANDIDATES_FILE: parquet_bytes(candidates_table)}
+    tables = {RECORDS_FILE: parquet_bytes(records_table),
+              LEAK_CANDIDATES_FILE: leak_candidates_bytes(ids, attacked, shared.prior_candidate_features)}
     return summary, tables, RawCandidates(attacked, attacked_demographics, loaded.features, codes, member)
+
+
+def leak_candidates_bytes(ids: np.ndarray, attacked: np.ndarray, prior: np.ndarray,
+                          ppa: "PPASamples | None" = None) -> bytes:
+    """leak_candidates.parquet: each candidate's generator ("attacked": the study's fine-tuned generator, "prior",
+    "ppa": the ppa attack's kept samples), id and embedding; the report measures L between targets from it."""
+    generators = ["attacked"] * len(ids) + ["prior"] * len(ids)
+    all_ids, features = [ids, ids], [attacked, prior]
+    if ppa is not None:
+        generators += ["ppa"] * len(ppa.ids)
+        all_ids.append(np.asarray(ppa.ids, np.int64))
+        features.append(ppa.features)
+    return parquet_bytes(pa.table({"generator": pa.array(generators), "id": pa.array(np.concatenate(all_ids)),
+                                   "features": feature_column(np.concatenate(features))}))
 
 
 def _demographics_sink(manifest: Manifest, shared: Shared, device, parts: list) -> Callable[[torch.Tensor], None]:
@@ -963,6 +977,7 @@ def _canaries(manifest: Manifest, spec: TargetSpec, likely: LikelySamples, raw_f
 class PPASamples:
     """The ppa attack's kept samples (stages.ppa), rendered and embedded, and what evaluate measured on them."""
 
+    ids: np.ndarray  # each kept sample's search id (its latent is in the ppa stage's kept.parquet)
     classes: np.ndarray
     features: np.ndarray
     summary: dict
@@ -1013,7 +1028,7 @@ def _ppa_attack(store, manifest: Manifest, spec: TargetSpec, shared: Shared, spa
               leak=(summary["leak"].get("vs_prior") or {}).get("leak"))
     figure = stage1_examples_png({f"class {c}": torch.stack(images) for c, images in shown.items()},
                                  per_row=max((len(v) for v in shown.values()), default=1))
-    return PPASamples(classes, features, summary, figure)
+    return PPASamples(kept["id"].to_numpy().astype(np.int64), classes, features, summary, figure)
 
 
 def _attacks(leak: dict, attacked: PPASamples | None) -> dict:

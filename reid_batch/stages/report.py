@@ -220,9 +220,10 @@ def headline(leak: dict) -> str:
 
 def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd.DataFrame],
                  manifest_document: dict, demographic_model: dict | None = None, reid_model: dict | None = None,
-                 calibrations: dict[str, dict] | None = None, control_leaks: dict[str, dict] | None = None) -> dict:
+                 calibrations: dict[str, dict] | None = None, control_leaks: dict[str, dict] | None = None,
+                 defence_changes: dict[str, dict] | None = None) -> dict:
     """The machine-readable report: per target its metrics, headline risk and samples, plus the comparison."""
-    calibrations, control_leaks = calibrations or {}, control_leaks or {}
+    calibrations, control_leaks, defence_changes = calibrations or {}, control_leaks or {}, defence_changes or {}
     targets = {}
     for name, metrics in evaluations.items():
         table = tables[name]
@@ -244,6 +245,7 @@ def build_report(run_id: str, evaluations: dict[str, dict], tables: dict[str, pd
             "distinct_patients": reid.get("distinct_train_patients") if reid.get("available") else None,
             "membership_auc": reid.get("membership_auc") if reid.get("available") else None,
             "ssim_mean": _get(metrics, "stage2", "ssim_mean"),
+            "defence": defence_changes.get(name),
             "devices_reproduced": _get(reid, "devices", "reproduced")
             if _get(reid, "devices", "available") and _get(reid, "devices", "interpretable") else None,
         }
@@ -284,6 +286,43 @@ def control_leak(records, target_candidates, control_candidates, bootstrap: int,
     result = leak_test(member, generator_scores(features, patients, count, attacked),
                        generator_scores(features, patients, count, null), bootstrap, permutations, seed)
     return result
+
+
+# Which rows of leak_candidates.parquet hold an attack mode's candidates.
+MODE_CANDIDATES = {"study": "attacked", "ppa": "ppa"}
+
+
+def defence_change(mode: str, records, baseline_records, candidates, baseline_candidates, bootstrap: int,
+                   permutations: int, seed: int) -> dict:
+    """The change of an attack mode's L from a baseline target to a defended one, paired on their shared patients:
+    change = AUC(defended's candidates) - AUC(baseline's) on the same members and non-members (the prior null is the
+    same for both, so this is L(defended) - L(baseline)), with analysis.leak's two-way bootstrap interval and paired
+    permutation p ("the defence lowers L", one-sided). Tables as in records.parquet and leak_candidates.parquet."""
+    columns = ("patient_id", "path", "member")
+    if any(records.column(c).to_pylist() != baseline_records.column(c).to_pylist() for c in columns):
+        return {"available": False, "mode": mode,
+                "reason": "the two targets were measured on different member and non-member images"}
+    wanted = MODE_CANDIDATES[mode]
+    defended, baseline = (feature_matrix(t.filter(pc.equal(t.column("generator"), wanted)).column("features"))
+                          for t in (candidates, baseline_candidates))
+    if not len(defended) or not len(baseline):
+        return {"available": False, "mode": mode,
+                "reason": f"no {mode} candidates committed for {'the defended target' if not len(defended) else 'the baseline'}"}
+    features, patients, member = committed_records(records)
+    if defended.shape[1] != features.shape[1] or baseline.shape[1] != features.shape[1]:
+        return {"available": False, "mode": mode, "reason": "the candidates were embedded in different spaces"}
+    count = len(member)
+    # leak_test measures AUC(first) - AUC(second): the baseline first, so its L is the drop; negated for the change.
+    drop = leak_test(member, generator_scores(features, patients, count, baseline),
+                     generator_scores(features, patients, count, defended), bootstrap, permutations, seed)
+    low, high = drop["ci"] if drop["ci"] is not None else (None, None)
+    return {"available": True, "mode": mode, "change": -drop["leak"],
+            "ci": None if low is None else [-high, -low], "p_value": drop["p_value"],
+            # As for a detected leak (attack_ranking): the interval and the permutation test both.
+            "lowered": bool(low is not None and low > 0 and (drop["p_value"] or 1.0) <= 0.05), "members": drop["members"],
+            "nonmembers": drop["nonmembers"], "candidates": {"defended": len(defended), "baseline": len(baseline)},
+            "auc_defended": drop["auc_null"], "auc_baseline": drop["auc_attacked"], "bootstrap": bootstrap,
+            "permutations": permutations}
 
 
 def _canonical(terms: dict) -> dict:
@@ -330,6 +369,7 @@ def mitigation_summary(targets: dict[str, dict]) -> dict:
             "epsilon": privacy.get("epsilon"), "target_epsilon": privacy.get("target_epsilon"),
             "delta": privacy.get("delta"), "norm": trained.get("norm"),
             "val_auc": _get(trained, "val", "auc"), "val_accuracy": _get(trained, "val", "accuracy"),
+            "val_auc_ci": _get(trained, "val", "auc_ci"), "val_accuracy_ci": _get(trained, "val", "accuracy_ci"),
             "train_accuracy": _get(trained, "train", "accuracy"),
             "likely_samples": risk["likely_samples"], "candidates": risk["candidates"],
             "ssim_mean": risk["ssim_mean"], "sex_accuracy": risk["sex_accuracy"], "age_mae": risk["age_mae"],
@@ -340,6 +380,7 @@ def mitigation_summary(targets: dict[str, dict]) -> dict:
             "leak_vs_control": _get(risk, "leak", "vs_control", "leak"),
             "leak_vs_control_ci": _get(risk, "leak", "vs_control", "ci"),
             "verdict": _get(risk, "leak", "verdict"),
+            "defence": risk.get("defence"),
             "attack_terms": list(_canonical(_get(metrics, "attack_terms", "terms") or {})),
             "fallback": _get(metrics, "attack_terms", "fallback") is not None,
         })
@@ -356,15 +397,18 @@ def _preset_label(metrics: dict) -> str:
 
 def mitigation_rows(document: dict) -> tuple[list[str], list[list[str]]]:
     header = ["Target", "Preset", "ε (δ)", "Val AUC", "Val acc.", "Train acc.", "Leak L vs prior (strongest attack)",
-              "L vs control", "Likely samples", "NN SSIM", "Sex accuracy", "Age MAE", "Re-id rate (sample vote)",
+              "Change of L vs baseline (paired)", "L vs control", "Likely samples", "NN SSIM", "Sex accuracy", "Age MAE", "Re-id rate (sample vote)",
               "Attack terms"]
     rows = []
     for r in document["mitigation"]["rows"]:
         epsilon = f"{number(r['epsilon'], 2)} ({significant(r['delta'], 2)})" if r["epsilon"] is not None else "—"
         role = " (control)" if r["role"] == "control model" else ""
-        rows.append([r["target"], r["preset"] + role, epsilon, number(r["val_auc"], 3), number(r["val_accuracy"], 3),
+        rows.append([r["target"], r["preset"] + role, epsilon,
+                     number(r["val_auc"], 3) + interval(r.get("val_auc_ci"), digits=3),
+                     number(r["val_accuracy"], 3) + interval(r.get("val_accuracy_ci"), digits=3),
                      number(r["train_accuracy"], 3),
                      signed(r["leak"]) + signed_interval(r["leak_ci"]) + (f" ({r['attack']})" if r.get("attack") else ""),
+                     defence_cell(r.get("defence")),
                      signed(r["leak_vs_control"]) + signed_interval(r["leak_vs_control_ci"]),
                      f"{r['likely_samples']} of {r['candidates']}",
                      number(r["ssim_mean"], 3), percent(r["sex_accuracy"]), number(r["age_mae"], 1),
@@ -373,8 +417,43 @@ def mitigation_rows(document: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def defence_cell(change: dict | None) -> str:
+    """A defended target's change of L against its baseline: value, interval, p, the attack and the baseline."""
+    if not change:
+        return "—"
+    if not change.get("available"):
+        return f"n/a vs {change['baseline']}: {change.get('reason')}"
+    return (f"{signed(change['change'])}{signed_interval(change['ci'])}, p {p_value(change['p_value'])} "
+            f"({change['mode']} vs {change['baseline']})")
+
+
+def defence_sentences(document: dict) -> list[str]:
+    """One sentence per defended target: did the defence lower the strongest attack's L, at what utility."""
+    sentences = []
+    rows = {r["target"]: r for r in document["mitigation"]["rows"]}
+    for r in rows.values():
+        change = r.get("defence")
+        if not change:
+            continue
+        base = rows.get(change["baseline"], {})
+        if not change.get("available"):
+            sentences.append(f"{r['target']}: its change against {change['baseline']} could not be measured "
+                             f"({change.get('reason')}).")
+            continue
+        utility = (f" Validation accuracy {number(r['val_accuracy'], 3)}{interval(r.get('val_accuracy_ci'), digits=3)} "
+                   f"against {number(base.get('val_accuracy'), 3)}{interval(base.get('val_accuracy_ci'), digits=3)}."
+                   if base else "")
+        what = (f"lowers the {change['mode']} attack's L by {abs(change['change']):.3f}" if change["lowered"] else
+                f"changes the {change['mode']} attack's L by {signed(change['change'])}, within chance")
+        sentences.append(f"{r['target']} ({r['preset']}) {what} against {change['baseline']} "
+                         f"({signed_interval(change['ci']).strip()}, p {p_value(change['p_value'])}, paired on "
+                         f"{change['members']} members and {change['nonmembers']} non-members).{utility}")
+    return sentences
+
+
 def mitigation_png(document: dict) -> bytes | None:
-    """Risk (the leak L against the prior, else the sample-vote rate; 95% CI) against utility (validation AUC)."""
+    """Risk (the leak L against the prior, else the sample-vote rate) against utility (validation AUC), each with its
+    95% interval (the utility's: a bootstrap of the validation patients, where training.json has one)."""
     rows = document["mitigation"]["rows"]
     record = any(r["leak"] is not None for r in rows)
     risk, risk_ci = ("leak", "leak_ci") if record else ("reidentification_rate", "reidentification_ci")
@@ -387,10 +466,12 @@ def mitigation_png(document: dict) -> bytes | None:
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
     for i, r in enumerate(sorted(rows, key=lambda r: r["val_auc"])):
         low, high = r[risk_ci] or (r[risk],) * 2
+        left, right = r.get("val_auc_ci") or (r["val_auc"],) * 2
         control = r["role"] == "control model"
         axes.errorbar(r["val_auc"], r[risk],
                       # Interval bounds can miss the value by a rounding error at 0 or 1; matplotlib refuses < 0.
                       yerr=[[max(0.0, r[risk] - low)], [max(0.0, high - r[risk])]],
+                      xerr=[[max(0.0, r["val_auc"] - left)], [max(0.0, right - r["val_auc"])]],
                       fmt="s" if control else "o", color="grey" if control else "C3" if r["epsilon"] is not None
                       else "C0", capsize=3)
         label = r["target"] + (f" (ε={r['epsilon']:.2g})" if r["epsilon"] is not None else "")
@@ -398,7 +479,7 @@ def mitigation_png(document: dict) -> bytes | None:
         axes.annotate(label, (r["val_auc"], r[risk]), textcoords="offset points",
                       xytext=(5, 6 if i % 2 == 0 else -12), fontsize=8)
     axes.axhline(0.0 if record else 0.5, color="grey", linestyle=":", linewidth=1)
-    axes.set(xlabel="utility: validation AUC",
+    axes.set(xlabel="utility: validation AUC (95% CI)",
              ylabel="risk: " + ("leak L vs prior, strongest attack (none: 0)" if record else "re-identification rate (chance 0.5)"),
              title="Mitigations: risk vs utility")
     figure.tight_layout()
@@ -1016,7 +1097,12 @@ def _html_mitigations(document: dict, figures: dict[str, dict[str, bytes]]) -> l
     out.append("<p class='note'>Utility is the target's own validation split (patient-grouped); risk is the "
                "attack's outcome on that target. ε is the Opacus accountant's for the steps taken, at δ = 1/N. "
                "Targets marked fallback were attacked without BatchNorm statistics (GroupNorm model): their "
-               "attack used the terms listed. Few likely samples give wide intervals.</p>")
+               "attack used the terms listed. Few likely samples give wide intervals. The change of L is measured "
+               "on the patients both targets share (the baseline's strongest attack, the same mode on both): "
+               "patient-level chance cancels, so it is tighter than the difference of the two intervals.</p>")
+    sentences = defence_sentences(document)
+    if sentences:
+        out.append("<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul>")
     out.append(_image_html(figures.get("_report", {}).get("mitigation"), "risk vs utility"))
     return out
 
@@ -1297,6 +1383,9 @@ def render_markdown(document: dict) -> str:
         lines += ["", "## Mitigations: utility and risk side by side", ""]
         header, rows = mitigation_rows(document)
         lines.append(_table_markdown(header, rows))
+        sentences = defence_sentences(document)
+        if sentences:
+            lines += [""] + [f"- {s}" for s in sentences]
         lines += ["", f"Risk vs utility plot: `{MITIGATION_FIGURE}`."]
     lines += ["", "## Attack objective terms", ""]
     lines += [f"- {n}: {attack_terms_text(_get(e, 'metrics', 'attack_terms'))}" for n, e in document["targets"].items()]
@@ -1342,6 +1431,33 @@ def _control_leaks(store, manifest: Manifest, evaluations: dict[str, dict], cont
     return leaks
 
 
+def _defence_changes(store, manifest: Manifest, evaluations: dict[str, dict]) -> dict[str, dict]:
+    """Per target with a baseline (both evaluated): the change of the baseline's strongest attack's L, paired."""
+    settings = manifest.evaluation
+    changes = {}
+    for name in evaluations:
+        baseline = manifest.target(name).baseline
+        if baseline is None or not store.is_committed(evaluation_prefix(baseline)):
+            continue
+        theirs = evaluations.get(baseline) or store.read_json(f"{evaluation_prefix(baseline)}/{METRICS_FILE}")
+        ranking = attack_ranking(theirs)
+        mode = ranking[0]["mode"] if ranking else "study"
+        if not _get(theirs, "leak", "available") or not _get(evaluations[name], "leak", "available"):
+            result = {"available": False, "mode": mode, "reason": "membership is not available for both targets"}
+        else:
+            mine, other = evaluation_prefix(name), evaluation_prefix(baseline)
+            result = defence_change(mode, store.read_parquet(f"{mine}/{RECORDS_FILE}"),
+                                    store.read_parquet(f"{other}/{RECORDS_FILE}"),
+                                    store.read_parquet(f"{mine}/{LEAK_CANDIDATES_FILE}"),
+                                    store.read_parquet(f"{other}/{LEAK_CANDIDATES_FILE}"),
+                                    settings.leak_bootstrap, settings.leak_permutations, settings.seed)
+        changes[name] = {**result, "baseline": baseline}
+        log.event("report_defence_change", target=name, baseline=baseline, mode=mode,
+                  change=round(result["change"], 4) if result.get("available") else None,
+                  ci=[round(v, 4) for v in result["ci"]] if result.get("ci") else None)
+    return changes
+
+
 def report(manifest: Manifest, target: str | None = None) -> int:
     """`reid-batch report`: render every target's evaluation (or one target's) into one report."""
     store = run_store(manifest)
@@ -1355,7 +1471,11 @@ def report(manifest: Manifest, target: str | None = None) -> int:
     # Control models are read too (their candidates are the second null): a new one means a new report.
     controls = [t.name for t in manifest.targets if t.train is not None and t.train.pool == "control"
                 and store.is_committed(evaluation_prefix(t.name))]
-    inputs = {n: store.read_commit(evaluation_prefix(n))["created"] for n in sorted(set(names) | set(controls))}
+    # So are the baselines of defended targets (the change of L is measured against their candidates).
+    baselines = [b for b in sorted({manifest.target(n).baseline for n in names} - {None})
+                 if store.is_committed(evaluation_prefix(b))]
+    inputs = {n: store.read_commit(evaluation_prefix(n))["created"]
+              for n in sorted(set(names) | set(controls) | set(baselines))}
     inputs.update({f"{n}/calibration": store.read_commit(calibration_prefix(n))["created"] for n in names})
     for read in (REID_PREFIX, PRIOR_QUALITY_PREFIX):  # the instrument section reads them: new ones, a new report
         if store.is_committed(read):
@@ -1387,7 +1507,7 @@ def report(manifest: Manifest, target: str | None = None) -> int:
     control_metrics = {n: store.read_json(f"{evaluation_prefix(n)}/{METRICS_FILE}") for n in controls}
     control_leaks = _control_leaks(store, manifest, evaluations, control_metrics)
     document = build_report(manifest.run_id, evaluations, tables, manifest.model_dump(mode="json"), demographic_model,
-                            reid_model, calibrations, control_leaks)
+                            reid_model, calibrations, control_leaks, _defence_changes(store, manifest, evaluations))
     prior_strip = None
     if store.is_committed(PRIOR_QUALITY_PREFIX):
         document["prior_quality"] = store.read_json(f"{PRIOR_QUALITY_PREFIX}/{PRIOR_QUALITY_FILE}")

@@ -49,7 +49,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from reid_batch import log
-from reid_batch.analysis.metrics import classifier_metrics
+from reid_batch.analysis.metrics import classifier_intervals, classifier_metrics
 from reid_batch.analysis.roles import canary_sets, identity_sets
 from reid_batch.attack.generation import target_input_spec
 from reid_batch.data.datasets import ImageDataset, patient_split, read_source
@@ -507,7 +507,13 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
     else:
         kept_epoch = history[-1]["epoch"]
     train_metrics = classifier_metrics(predict_logits(model, train_x, input_spec, device), train_y)
-    val_metrics = classifier_metrics(predict_logits(model, val_x, input_spec, device), val_y)
+    val_logits = predict_logits(model, val_x, input_spec, device)
+    val_metrics = classifier_metrics(val_logits, val_y)
+    # The utility's interval: validation patients unseen in training are the unit resampled (a patient's images move
+    # together); where they were seen (the identity preset validates on other studies of its patients), images are.
+    unseen = not set(val_frame["patient_id"].astype(str)) & set(train_frame["patient_id"].astype(str))
+    val_metrics.update(classifier_intervals(val_logits, val_y, val_frame["patient_id"].astype(str).tolist()
+                                            if unseen else None, manifest.evaluation.bootstrap, spec.train.seed))
     record = {
         "target": spec.name, "arch": spec.arch, "preset": spec.train.preset, "pool": spec.train.pool,
         "recipe": asdict(recipe), "kept_epoch": kept_epoch, "num_classes": recipe.num_classes,
