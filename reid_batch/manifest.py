@@ -682,13 +682,16 @@ class CalibrationSpec(Strict):
 
     fractions: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
         [0.0, 0.01, 0.02, 0.05, 0.1], description="shares of the candidates replaced by images of member patients")
+    ppa_fractions: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        [0.0, 0.1, 0.25, 0.5], description="for targets attacked with ppa: shares of a pool as large as its kept "
+        "samples replaced by images of member patients (a few dozen samples: larger shares than the study's)")
     seeds: Annotated[int, Field(ge=1)] = Field(5, description="repeats per non-zero fraction")
     null_seeds: Annotated[int, Field(ge=1)] = Field(20, description="repeats at fraction 0 (the false-positive rate)")
     detect_share: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
         0.8, description="a fraction is detectable when L's interval excludes 0 in at least this share of its seeds")
     seed: Seed = 0
 
-    @field_validator("fractions")
+    @field_validator("fractions", "ppa_fractions")
     @classmethod
     def _fractions(cls, v: list[float]) -> list[float]:
         if 0.0 not in v:

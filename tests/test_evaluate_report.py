@@ -302,6 +302,22 @@ def test_calibration_spikes_member_patients_into_prior_candidates(pipeline):
         assert (runs["detected"] == (runs["ci_low"] > 0)).all()
         assert document["false_positive_rate"] == runs.loc[runs["fraction"] == 0, "detected"].mean()
         assert store.read_bytes(f"{name}/calibration/dose_response.png")[:4] == b"\x89PNG"
+        # Targets attacked with ppa are calibrated again at its pool size, with its detection rule.
+        ppa = document.get("ppa")
+        if "ppa" not in manifest.target(name).attacks:
+            assert ppa is None
+            continue
+        assert ppa["candidates"] == store.read_json(f"{name}/evaluation/metrics.json")["attacks"]["ppa"]["kept"]
+        runs = pd.DataFrame(ppa["runs"])
+        assert sorted(runs["fraction"].unique()) == settings.ppa_fractions
+        assert (runs["fraction"] == 0).sum() == settings.null_seeds and (runs["fraction"] == 0.5).sum() == settings.seeds
+        assert (runs["detected"] == ((runs["ci_low"] > 0) & (runs["p_value"] <= 0.05))).all()
+    from reid_batch.stages.report import calibration_rows
+
+    header, rows = calibration_rows(json.loads(store.read_bytes("report/report.json")))
+    labels = [row[0] for row in rows]
+    assert labels == ["cnn", "cnn · ppa (4 samples)", "cnn-control", "identity", "identity · ppa (4 samples)"]
+    assert "Detected at 50%" in header and "Detected at 10%" in header
     # Committed: a second call keeps it as it is.
     before = store.read_commit("cnn/calibration")["created"]
     assert calibrate.calibrate(manifest, target="cnn") == 0
@@ -473,6 +489,17 @@ def test_the_report_ranks_the_attacks_and_the_headline_names_the_strongest(pipel
     metrics["attacks"]["ppa"]["leak"]["vs_prior"]["p_value"] = 0.2  # the interval alone is not enough
     entry = report.leak_entry(metrics, None, None)
     assert entry["strongest"] == "ppa" and not entry["detected"] and "no leak detected" in entry["verdict"]
+    assert "not calibrated at the ppa attack's pool size" in entry["verdict"]
+    # Undetected, the strongest ppa attack is worded by its own calibration (its pool size), not the study's.
+    calibration = {"available": True, "minimum_detectable_effect": 0.02, "largest_fraction": 0.1,
+                   "ppa": {"candidates": 40, "minimum_detectable_effect": 0.25, "largest_fraction": 0.5}}
+    entry = report.leak_entry(metrics, None, calibration)
+    assert entry["verdict"] == "no leak larger than 25% of the ppa samples being training patients detected"
+    calibration["ppa"]["minimum_detectable_effect"] = None
+    assert "did not reliably see even 50% of them" in report.leak_entry(metrics, None, calibration)["verdict"]
+    metrics["attacks"]["ppa"]["leak"]["vs_prior"]["leak"] = 0.0  # study strongest: the study's calibration words it
+    assert report.leak_entry(metrics, None, calibration)["verdict"] == \
+        "no leak larger than 2% of candidates being training patients detected"
 
 
 def test_ppa_resumes_only_what_is_missing_and_refuses_another_plan(pipeline):

@@ -255,3 +255,26 @@ def test_defence_change_needs_the_same_patients_and_the_modes_candidates():
     result = defence_change("ppa", records, records, study_only, with_ppa, 100, 100, 0)
     assert not result["available"] and "no ppa candidates" in result["reason"] and "defended" in result["reason"]
     assert defence_change("ppa", records, records, with_ppa, with_ppa, 100, 100, 0)["change"] == 0.0
+
+
+def test_ppa_calibration_sees_a_spiked_small_pool_and_not_its_null():
+    """calibrate.ppa_repeat at a ppa attack's pool size (40): the whole pool replaced by member spikes is detected
+    (interval and permutation p both), no spikes is not; half is seen by L but not reliably at this size."""
+    from types import SimpleNamespace
+
+    from reid_batch.stages.calibrate import ppa_repeat, summarise
+
+    rng = np.random.default_rng(5)
+    members, images, groups, member = _world(rng, patients=30)
+    base, null = (_scores(images, groups, _candidates(400, rng)) for _ in range(2))
+    spikes = _scores(images, groups, members[rng.integers(0, 30, 40)] + NOISE * rng.normal(size=(40, DIMS)))
+    settings = SimpleNamespace(ppa_fractions=[0.0, 0.5, 1.0], seeds=3, null_seeds=3, seed=0)
+    evaluation = SimpleNamespace(leak_bootstrap=300, leak_permutations=300)
+    runs = []
+    for repeat in range(3):
+        runs += ppa_repeat(member, base, null, spikes.distances, 40, settings, evaluation, repeat, rng)
+    summary = summarise(runs, settings.ppa_fractions, 0.8)
+    assert summary["minimum_detectable_effect"] == 1.0 and summary["false_positive_rate"] == 0.0
+    means = {row["fraction"]: row["leak_mean"] for row in summary["fractions"]}
+    assert abs(means[0.0]) < 0.1 < means[0.5] < means[1.0]
+    assert all(r["detected"] == (r["ci_low"] > 0 and r["p_value"] <= 0.05) for r in runs)

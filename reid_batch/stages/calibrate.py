@@ -21,6 +21,11 @@ repeats whose interval excludes 0 ("detected"); the false-positive rate (detecte
 detectable effect (the smallest f > 0 detected in at least `calibration.detect_share` of its repeats). The report
 words its verdict from it: "no leak larger than <MDE> detected", never "no leak".
 
+A target attacked with ppa (`attacks: [study, ppa]`) is calibrated a second time at its attack's pool size: the
+ppa samples' L compares a few dozen kept samples with as many prior candidates, so the same doses are repeated on
+the first `kept` candidates of each base and null, at `calibration.ppa_fractions` (larger shares: 10% of 40 samples
+is 4), detected as the report ranks attacks (interval above 0 and permutation p <= 0.05). calibration.json `ppa`.
+
 Output, committed: <target>/calibration/ calibration.json, dose_response.png. A committed calibration is kept; delete
 it to calibrate again.
 
@@ -105,6 +110,30 @@ def summarise(runs: list[dict], fractions: list[float], detect_share: float) -> 
     return {"fractions": per_fraction, "false_positive_rate": null["detected_share"],
             "null_repeats": null["repeats"], "minimum_detectable_effect": min(detectable) if detectable else None,
             "largest_fraction": max(fractions), "detect_share": detect_share}
+
+
+def ppa_repeat(member: np.ndarray, base: GeneratorScores, null: GeneratorScores, spikes: np.ndarray, pool: int,
+               settings, evaluation, repeat: int, rng: np.random.Generator) -> list[dict]:
+    """One repeat of the calibration at a ppa attack's pool size: the first `pool` base and null candidates, a share
+    of the base replaced by member spikes; detected as the report ranks attacks (interval above 0 and p <= 0.05)."""
+    base, null = GeneratorScores(base.distances[:, :pool]), GeneratorScores(null.distances[:, :pool])
+    runs = []
+    for fraction in settings.ppa_fractions:
+        if repeat >= (settings.null_seeds if fraction == 0 else settings.seeds):
+            continue
+        result = leak_test(member, spiked(base, spikes, fraction, rng), null, evaluation.leak_bootstrap,
+                           evaluation.leak_permutations, seed=settings.seed + repeat, confidence=CONFIDENCE)
+        detected = bool(result["detected"] and result["p_value"] <= 0.05)
+        runs.append({"fraction": fraction, "repeat": repeat, "leak": result["leak"], "ci_low": result["ci"][0],
+                     "ci_high": result["ci"][1], "p_value": result["p_value"], "detected": detected,
+                     "auc_spiked": result["auc_attacked"], "auc_null": result["auc_null"]})
+    return runs
+
+
+def _nested(mapping, *path):
+    for key in path:
+        mapping = mapping.get(key) if isinstance(mapping, dict) else None
+    return mapping
 
 
 def dose_response_png(runs: list[dict], summary: dict, title: str) -> bytes:
@@ -223,9 +252,13 @@ def calibrate_target(manifest: Manifest, spec: TargetSpec, shared: Calibration) 
     members, _ = member_patients(manifest, spec)
     member_ids = np.array(sorted(members))
     synthetic = manifest.data.synthetic is not None and getattr(manifest.data, pool) is None
-    largest = int(round(max(settings.fractions) * evaluation.membership_candidates))
+    # A ppa attack's L compares its kept samples with as many prior candidates: calibrated at that pool size.
+    metrics = store.read_json(f"{evaluation_prefix(spec.name)}/metrics.json")
+    ppa_pool = int(_nested(metrics, "attacks", "ppa", "kept") or 0) if "ppa" in spec.attacks else 0
+    largest = max(int(round(max(settings.fractions) * evaluation.membership_candidates)),
+                  int(round(max(settings.ppa_fractions) * ppa_pool)))
 
-    runs = []
+    runs, ppa_runs = [], []
     repeats = max(settings.seeds, settings.null_seeds)
     for repeat in log.progress(range(repeats), desc=f"{spec.name} calibration repeats", total=repeats):
         rng = np.random.default_rng([settings.seed, repeat])
@@ -248,6 +281,9 @@ def calibrate_target(manifest: Manifest, spec: TargetSpec, shared: Calibration) 
             runs.append({"fraction": fraction, "repeat": repeat, "leak": result["leak"],
                          "ci_low": result["ci"][0], "ci_high": result["ci"][1], "detected": result["detected"],
                          "auc_spiked": result["auc_attacked"], "auc_null": result["auc_null"]})
+        if ppa_pool:
+            ppa_runs += ppa_repeat(member, base_scores, null_scores, spike_scores, ppa_pool, settings, evaluation,
+                                   repeat, rng)
         log.event("calibrate_repeat", target=spec.name, repeat=repeat,
                   **{f"leak_{100 * r['fraction']:g}pct": round(r["leak"], 4) for r in runs if r["repeat"] == repeat})
     summary = summarise(runs, settings.fractions, settings.detect_share)
@@ -262,13 +298,19 @@ def calibrate_target(manifest: Manifest, spec: TargetSpec, shared: Calibration) 
         "feature_space": shared.features.description,
         **summary, "runs": runs,
     }
+    if ppa_pool:
+        document["ppa"] = {
+            "candidates": ppa_pool, "detected_when": "L's interval excludes 0 and its permutation p <= 0.05 (as the "
+            "report ranks attacks)", "base_and_null": f"the first {ppa_pool} of each repeat's base and null",
+            **summarise(ppa_runs, settings.ppa_fractions, settings.detect_share), "runs": ppa_runs}
     document = clean_json(document)
     png = dose_response_png(runs, summary, f"{spec.name}: spike-in calibration")
     with store.committed(prefix, {"stage": "calibrate", "target": spec.name}) as out:
         out.write_json(CALIBRATION_FILE, document)
         out.write_bytes(CALIBRATION_FIGURE, png)
     log.event("calibrate_done", target=spec.name, false_positive_rate=summary["false_positive_rate"],
-              minimum_detectable_effect=summary["minimum_detectable_effect"])
+              minimum_detectable_effect=summary["minimum_detectable_effect"],
+              ppa_minimum_detectable_effect=_nested(document, "ppa", "minimum_detectable_effect"))
     return document
 
 

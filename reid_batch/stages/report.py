@@ -188,7 +188,7 @@ def leak_entry(metrics: dict, control_leak: dict | None, calibration: dict | Non
         if calibration is not None:
             entry["calibration"] = {k: calibration.get(k) for k in (
                 "available", "reason", "minimum_detectable_effect", "false_positive_rate", "null_repeats",
-                "largest_fraction", "detect_share", "fractions", "spikes")}
+                "largest_fraction", "detect_share", "fractions", "spikes", "ppa")}
     entry["verdict"] = leak_verdict(entry)
     entry["detected"] = bool(entry.get("available") and (entry["vs_prior"].get("ci") or [0])[0] > 0)
     ranking = attack_ranking(metrics) if entry.get("available") else []
@@ -199,7 +199,22 @@ def leak_entry(metrics: dict, control_leak: dict | None, calibration: dict | Non
         entry["detected"] = True
         entry["verdict"] = (f"leak detected by the {ranking[0]['mode']} attack: L = {signed(strongest['leak'])}"
                             f"{signed_interval(strongest['ci'])} against the prior")
+    elif ranking and ranking[0]["mode"] == "ppa" and not entry["detected"]:
+        # The strongest attack is ppa and nothing was detected: its own calibration (at its pool size) words it.
+        entry["verdict"] = ppa_verdict((entry.get("calibration") or {}).get("ppa"), ranking[0]["compared"])
     return entry
+
+
+def ppa_verdict(calibration: dict | None, samples: int | None) -> str:
+    """No leak detected by the ppa attack, with the smallest share of its samples the calibration saw."""
+    if not calibration:
+        return ("no leak detected; the instrument is not calibrated at the ppa attack's pool size (run `reid-batch "
+                "calibrate`), so the smallest leak it could see is unknown")
+    smallest = calibration.get("minimum_detectable_effect")
+    if smallest is None:
+        return (f"no leak detected, but at the ppa attack's {samples} samples the instrument did not reliably see even "
+                f"{percent(calibration['largest_fraction'])} of them being member patients: no conclusion")
+    return f"no leak larger than {percent(smallest)} of the ppa samples being training patients detected"
 
 
 def headline(leak: dict) -> str:
@@ -897,25 +912,34 @@ def prior_rows(document: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def calibration_rows(document: dict) -> tuple[list[str], list[list[str]]]:
-    """Per target: the false-positive rate at f = 0, the detected share per spike fraction, the smallest detectable."""
-    fractions = sorted({row["fraction"] for entry in document["targets"].values()
-                        for row in (_get(entry, "risk", "leak", "calibration", "fractions") or [])})
-    header = ["Target", "Members / non-members", "False positives at 0%"] + \
-        [f"Detected at {100 * f:g}%" for f in fractions if f > 0] + ["Smallest detectable leak"]
-    rows = []
+    """Per target: the false-positive rate at f = 0, the detected share per spike fraction, the smallest detectable;
+    a second row at a ppa attack's pool size where the target was attacked with ppa."""
+    measured = []  # (row label, calibration, the target's leak entry)
     for name, entry in document["targets"].items():
         leak = entry["risk"]["leak"]
         calibration = leak.get("calibration") or {}
-        if not calibration.get("available"):
-            rows.append([name, "n/a", calibration.get("reason") or leak.get("reason") or "not calibrated"]
+        measured.append((name, calibration, leak))
+        if calibration.get("ppa"):
+            measured.append((f"{name} · ppa ({calibration['ppa']['candidates']} samples)", calibration["ppa"], leak))
+    fractions = sorted({row["fraction"] for _, calibration, _ in measured
+                        for row in (calibration.get("fractions") or [])})
+    header = ["Target", "Members / non-members", "False positives at 0%"] + \
+        [f"Detected at {100 * f:g}%" for f in fractions if f > 0] + ["Smallest detectable leak"]
+    rows = []
+    for label, calibration, leak in measured:
+        if not calibration.get("available", True):
+            rows.append([label, "n/a", calibration.get("reason") or leak.get("reason") or "not calibrated"]
                         + [""] * (len(header) - 3))
+            continue
+        if not calibration.get("fractions"):
+            rows.append([label, "n/a", leak.get("reason") or "not calibrated"] + [""] * (len(header) - 3))
             continue
         by_fraction = {row["fraction"]: row for row in calibration["fractions"]}
         null = by_fraction.get(0.0, {})
         cells = [f"{by_fraction[f]['detected']} of {by_fraction[f]['repeats']} (L {signed(by_fraction[f]['leak_mean'])})"
                  if f in by_fraction else "" for f in fractions if f > 0]
         smallest = calibration.get("minimum_detectable_effect")
-        rows.append([name, f"{leak.get('member_patients')} / {leak.get('nonmember_patients')}",
+        rows.append([label, f"{leak.get('member_patients')} / {leak.get('nonmember_patients')}",
                      f"{null.get('detected')} of {null.get('repeats')}", *cells,
                      percent(smallest) if smallest is not None else
                      f"not reached by {percent(calibration.get('largest_fraction'))}"])
