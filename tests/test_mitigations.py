@@ -231,7 +231,8 @@ def test_report_sets_utility_beside_risk_for_every_target(pipeline):
     markdown = store.read_bytes(f"{prefix}/report.md").decode()
     section = markdown.split("## Mitigations")[1].split("\n## ")[0]
     assert all(f"| {name} |" in section for name in TARGETS)
-    assert "- dp (dp) " in section and "against augmented" in section and "- regularised (regularised) " in section
+    assert "- dp (dp): the study attack's L " in section and "against augmented" in section
+    assert "- regularised (regularised): " in section
     assert "dp: gn_stats 1, feature_stats 1, logits 1, tv 1e-05 (fallback: bn_stats dropped, replaced by gn_stats" \
         in markdown
     page = store.read_bytes(f"{prefix}/report.html").decode()
@@ -296,3 +297,26 @@ def test_a_groupnorm_arm_without_dp(tmp_path):
            "train": {"preset": "normal", "norm": "group"}}
     with pytest.raises(InputError, match="CNN targets"):
         parse_manifest({**document, "targets": [vit]})
+
+
+def test_defence_sentences_say_lowered_only_when_interval_and_p_agree():
+    from reid_batch.stages.report import defence_cell, defence_sentences
+
+    def row(name, preset, defence=None, accuracy=1.0):
+        return {"target": name, "preset": preset, "val_accuracy": accuracy, "val_accuracy_ci": [accuracy - 0.1, accuracy],
+                "defence": defence}
+
+    lowered = {"available": True, "mode": "ppa", "baseline": "identity", "change": -0.19, "ci": [-0.33, -0.05],
+               "p_value": 0.004, "lowered": True, "members": 10, "nonmembers": 213}
+    chance = {**lowered, "change": -0.05, "ci": [-0.2, 0.1], "p_value": 0.3, "lowered": False}
+    missing = {"available": False, "mode": "study", "baseline": "identity", "reason": "different images"}
+    document = {"mitigation": {"rows": [row("identity", "identity"), row("dp1", "identity (dp)", lowered, 0.225),
+                                        row("gn", "identity (groupnorm)", chance), row("other", "normal", missing)]}}
+    first, second, third = defence_sentences(document)
+    assert first.startswith("dp1 (identity (dp)): the ppa attack's L falls by 0.190 against identity [-0.330, -0.050], "
+                            "p 0.004 (paired on 10 members and 213 non-members). Validation accuracy 0.225")
+    assert "changes by -0.050 against identity" in second and second.endswith(
+        "within chance. Validation accuracy 1.000 [0.900, 1.000] against 1.000 [0.900, 1.000].")
+    assert third == "other: its change against identity could not be measured (different images)."
+    assert defence_cell(lowered) == "-0.190 [-0.330, -0.050], p 0.004 (ppa vs identity)"
+    assert defence_cell(None) == "—" and defence_cell(missing).startswith("n/a vs identity")

@@ -458,11 +458,12 @@ def defence_sentences(document: dict) -> list[str]:
         utility = (f" Validation accuracy {number(r['val_accuracy'], 3)}{interval(r.get('val_accuracy_ci'), digits=3)} "
                    f"against {number(base.get('val_accuracy'), 3)}{interval(base.get('val_accuracy_ci'), digits=3)}."
                    if base else "")
-        what = (f"lowers the {change['mode']} attack's L by {abs(change['change']):.3f}" if change["lowered"] else
-                f"changes the {change['mode']} attack's L by {signed(change['change'])}, within chance")
-        sentences.append(f"{r['target']} ({r['preset']}) {what} against {change['baseline']} "
-                         f"({signed_interval(change['ci']).strip()}, p {p_value(change['p_value'])}, paired on "
-                         f"{change['members']} members and {change['nonmembers']} non-members).{utility}")
+        what = f"falls by {abs(change['change']):.3f}" if change["lowered"] else \
+            f"changes by {signed(change['change'])}"
+        sentences.append(f"{r['target']} ({r['preset']}): the {change['mode']} attack's L {what} against "
+                         f"{change['baseline']}{signed_interval(change['ci'])}, p {p_value(change['p_value'])} (paired "
+                         f"on {change['members']} members and {change['nonmembers']} non-members)"
+                         + ("." if change["lowered"] else ": within chance.") + utility)
     return sentences
 
 
