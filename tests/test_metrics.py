@@ -445,3 +445,16 @@ def test_classifier_intervals_resample_patients_not_their_copies():
     assert as_patients["resampled"] == "patients" and alone["resampled"] == "images"
     low, high = alone["accuracy_ci"]
     assert low <= float(((logits[:, 0] > 0).long() == labels).float().mean()) <= high
+
+
+def test_classifier_intervals_do_not_collapse_when_every_image_is_right():
+    """40 of 40 right: the percentile bootstrap would say [1, 1]; Wilson's interval says how little 40 images prove."""
+    from reid_batch.analysis.metrics import classifier_intervals, wilson_interval
+
+    labels = torch.arange(40) % 4
+    logits = torch.nn.functional.one_hot(labels, 4).float() * 5
+    by_images = classifier_intervals(logits, labels, None, bootstrap=100)
+    assert by_images["accuracy_ci"] == pytest.approx(list(wilson_interval(40, 40)))
+    assert by_images["accuracy_ci"][0] < 0.95
+    by_patients = classifier_intervals(logits, labels, [str(i // 4) for i in range(40)], bootstrap=100)
+    assert by_patients["accuracy_ci"] == pytest.approx(list(wilson_interval(10, 10)))  # 10 patients, all right

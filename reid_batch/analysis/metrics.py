@@ -749,12 +749,12 @@ def resampled_classifier_metrics(logits: torch.Tensor, labels: torch.Tensor, gro
     each resample, accuracy (B,), AUC (B,), NaN where a resample misses a class). groups: each image's cluster, the
     unit resampled with replacement (None: each image alone)."""
     y = labels.numpy().astype(int)
+    predicted = _predictions(logits)
     if logits.shape[1] == 1:
         score = torch.sigmoid(logits.float()[:, 0]).numpy()
-        predicted, columns = (score >= 0.5).astype(int), [(score, 1)]
+        columns = [(score, 1)]
     else:
         probabilities = torch.softmax(logits.float(), dim=1).numpy()
-        predicted = probabilities.argmax(1)
         columns = [(probabilities[:, 1], 1)] if logits.shape[1] == 2 else \
             [(probabilities[:, k], k) for k in range(logits.shape[1])]
     cluster = np.arange(len(y)) if groups is None else pd.factorize(pd.Series(list(groups)).astype(str))[0]
@@ -788,11 +788,20 @@ def classifier_intervals(logits: torch.Tensor, labels: torch.Tensor, groups: Seq
 
     groups: the cluster of each image (its patient, where validation patients are unseen in training: a patient's
     images move together); None resamples images. A resample missing a class has no AUC and is left out of the AUC's
-    interval; with fewer than half the resamples left, that interval is None."""
+    interval; with fewer than half the resamples left, that interval is None.
+
+    Accuracy over independent images is a binomial proportion: its interval is Wilson's, which, unlike a percentile
+    bootstrap, does not collapse to [1, 1] when every image is right. Over patients it is the bootstrap's, or, when
+    every patient is all right (or all wrong), Wilson's over the patients."""
     if not len(labels) or bootstrap <= 0:
         return {"accuracy_ci": None, "auc_ci": None, "bootstrap": bootstrap, "resampled": None}
     _, accuracy, auc = resampled_classifier_metrics(logits, labels, groups, bootstrap, seed)
     tail = (1 - confidence) / 2
+    correct = _predictions(logits) == labels.numpy().astype(int)
+    units = len(correct) if groups is None else len(set(map(str, groups)))
+    wilson = None
+    if groups is None or correct.all() or not correct.any():
+        wilson = list(wilson_interval(int(round(correct.mean() * units)), units, confidence))
 
     def interval(values: np.ndarray) -> list[float] | None:
         values = values[np.isfinite(values)]
@@ -800,8 +809,15 @@ def classifier_intervals(logits: torch.Tensor, labels: torch.Tensor, groups: Seq
             return None
         return [float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))]
 
-    return {"accuracy_ci": interval(accuracy), "auc_ci": interval(auc), "bootstrap": bootstrap,
+    return {"accuracy_ci": wilson or interval(accuracy), "auc_ci": interval(auc), "bootstrap": bootstrap,
             "resampled": "images" if groups is None else "patients"}
+
+
+def _predictions(logits: torch.Tensor) -> np.ndarray:
+    """classifier_metrics' predicted class: probability >= 0.5 of one logit, or the argmax of K."""
+    if logits.shape[1] == 1:
+        return (torch.sigmoid(logits.float()[:, 0]).numpy() >= 0.5).astype(int)
+    return logits.float().argmax(1).numpy()
 
 
 def mean_shift(attacked: ArrayLike, null: ArrayLike, bootstrap: int, seed: int, confidence: float = 0.95) -> dict:
