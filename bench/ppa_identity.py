@@ -65,7 +65,7 @@ def attack_target(manifest, name: str, overrides: dict, seeds: list[int], space)
             for cls in range(models.classes):
                 result = ppa.attack_class(models.generate, models.target, cls,
                                           np.asarray(ppa_search_ids(cls, settings.search), np.int64),
-                                          models.latent_dim, settings, seed, device, seeded.ppa.batch_size)
+                                          models.latent_dim, settings, seed, device, models.sizers)
                 kept.append(result.latents)
                 classes += [cls] * len(result.ids)
                 confidence.append(result.confidence)

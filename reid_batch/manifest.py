@@ -560,7 +560,9 @@ class PPASpec(Strict):
     loss: Literal["cross_entropy", "poincare"] = Field(
         "cross_entropy", description="the class loss of each step: cross-entropy, or PPA's Poincare loss (does "
         "not vanish once the class is certain)")
-    batch_size: PositiveInt = Field(64, description="latents per forward pass when searching")
+    batch_size: PositiveInt | Literal["auto"] = Field(
+        64, description="latents per pass (searching, and each optimisation group), or auto: on a GPU sized from a "
+        "measured probe and halved on an out-of-memory error (a latent's path does not depend on its group)")
     seed: Seed = Field(0, description="the searched latents and every random view are functions of (seed, id, step)")
 
     @model_validator(mode="after")

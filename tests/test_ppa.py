@@ -140,6 +140,37 @@ def test_attack_class_in_small_groups_equals_one_batch():
     torch.testing.assert_close(grouped.confidence, whole.confidence, atol=1e-5, rtol=0)
 
 
+def test_attack_class_halves_its_groups_on_out_of_memory_and_gets_the_same_result():
+    """batch_size auto on a GPU: an optimisation group that runs out of memory is halved until one fits, and the
+    result is the single batch's (each latent's path is its own). The out-of-memory error is raised by the target
+    when a backward pass would hold more than 2 latents, as a full GPU would."""
+    from reid_batch.attack.generation import BatchSizer
+    from reid_batch.attack.ppa import Sizers
+
+    generate, target = _models()
+    settings = replace(SMALL, optimise=5, keep=3)
+    ids = np.arange(100, 112)
+    whole = attack_class(generate, target, 1, ids, LATENT, settings, seed=4, batch_size=64)
+    sizes = []
+
+    def small_gpu(images):
+        if torch.is_grad_enabled() and len(images) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        sizes.append((torch.is_grad_enabled(), len(images)))
+        return target(images)
+
+    gpu = torch.device("cuda")  # only its type: the sizer adapts; the tensors stay on the CPU
+    sizers = Sizers(BatchSizer("auto", gpu, len(ids), memory=None), BatchSizer("auto", gpu, len(ids), memory=None))
+    shrunk = attack_class(generate, small_gpu, 1, ids, LATENT, settings, seed=4, batch_size=sizers)
+    assert sizers.optimise.size == 2 and max(n for grad, n in sizes if grad) == 2
+    assert sizers.search.size >= len(ids)  # the passes without gradients never ran out
+    assert whole.ids.tolist() == shrunk.ids.tolist()
+    torch.testing.assert_close(shrunk.latents, whole.latents, atol=1e-4, rtol=0)
+    # A fixed size is the user's choice: an out-of-memory error is raised, not hidden.
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        attack_class(generate, small_gpu, 1, ids, LATENT, settings, seed=4, batch_size=Sizers.of(4, gpu, len(ids)))
+
+
 def test_poincare_loss_is_the_hyperbolic_distance_and_keeps_a_gradient_where_cross_entropy_has_none():
     from reid_batch.attack.ppa import poincare_loss
 

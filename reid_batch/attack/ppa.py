@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from reid_batch.attack.generation import BatchSizer
 from reid_batch.models.pggan import latents_for_ids
 
 # Keys of the random streams: a search or final view, and an optimisation step, never share one.
@@ -170,32 +171,50 @@ class PPAResult:
     searched_confidence: Tensor  # the same samples' confidence before optimisation
 
 
+@dataclass
+class Sizers:
+    """The batch sizes of one attack: `search` for the passes without gradients (search and final views), `optimise`
+    for the Adam groups (their backward pass holds far more memory per latent). With `auto` on a GPU each halves on
+    an out-of-memory error until a group fits (attack.generation.BatchSizer), which cannot change the result: a
+    latent's path does not depend on its group. Made once per target, so a size learnt on one class serves the next."""
+
+    search: BatchSizer
+    optimise: BatchSizer
+
+    @classmethod
+    def of(cls, batch_size: int | str, device: torch.device | str, count: int) -> "Sizers":
+        device = torch.device(device)
+        return cls(BatchSizer(batch_size, device, count), BatchSizer(batch_size, device, count))
+
+
 def attack_class(generator: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor], cls: int,
                  search_ids: np.ndarray, latent_dim: int, settings: PPASettings, seed: int,
-                 device: torch.device | str = "cpu", batch_size: int = 64) -> PPAResult:
+                 device: torch.device | str = "cpu", batch_size: int | str | Sizers = 64) -> PPAResult:
     """Search, optimise and keep for class `cls`. search_ids: the ids whose latents (latents_for_ids(seed, id))
-    are searched; the kept samples are named by them."""
+    are searched; the kept samples are named by them. batch_size: latents per pass (an int, "auto", or Sizers)."""
+    sizers = batch_size if isinstance(batch_size, Sizers) else Sizers.of(batch_size, device, len(search_ids))
     search_ids = np.asarray(search_ids, np.int64)
     keys = torch.from_numpy(search_ids.copy())
     classes = torch.full((len(search_ids),), int(cls), dtype=torch.long, device=device)
     latents = latents_for_ids(seed, search_ids, latent_dim).to(device)
-    scores = torch.cat([view_confidence(generator, target, latents[i:i + batch_size], classes[i:i + batch_size],
-                                        keys[i:i + batch_size], settings.search_views, _SEARCH_STREAM, settings,
-                                        seed) for i in range(0, len(search_ids), batch_size)])
-    chosen = torch.argsort(-scores.cpu(), stable=True)[:settings.optimise]
-    # In groups of batch_size: memory stays bounded whatever `optimise` is, and each latent's trajectory does not
-    # depend on the group it is in (see the module docstring), so the groups give what one batch would.
-    groups = [chosen[i:i + batch_size] for i in range(0, len(chosen), batch_size)]
-    optimised = torch.cat([optimise_latents(generator, target, latents[g.to(device)], classes[:len(g)], keys[g],
-                                            settings, seed) for g in groups])
 
-    def confidence(measure: str) -> Tensor:
-        return torch.cat([view_confidence(generator, target, optimised[i:i + len(g)], classes[:len(g)], keys[g],
-                                          settings.final_views, _FINAL_STREAM, settings, seed, measure=measure).cpu()
-                          for i, g in zip(range(0, len(chosen), batch_size), groups)])
+    def confidence(rows: np.ndarray, candidates: Tensor, views: int, stream: int, measure: str) -> Tensor:
+        """(len(rows),) confidence of candidates[rows], whose random streams are keys[rows], in sized batches."""
+        return torch.cat(sizers.search.run(np.arange(len(rows)), lambda at: view_confidence(
+            generator, target, candidates[torch.from_numpy(at).to(device)], classes[:len(at)],
+            keys[torch.from_numpy(rows[at])], views, stream, settings, seed, measure=measure).cpu()))
 
-    final = confidence("probability")
-    rank = final if settings.keep_by == "probability" else confidence(settings.keep_by)
+    everything = np.arange(len(search_ids))
+    scores = confidence(everything, latents, settings.search_views, _SEARCH_STREAM, "probability")
+    chosen = torch.argsort(-scores, stable=True)[:settings.optimise].numpy()
+    # In sized groups: memory stays bounded whatever `optimise` is, and each latent's trajectory does not depend on
+    # the group it is in (see the module docstring), so the groups give what one batch would.
+    optimised = torch.cat(sizers.optimise.run(chosen, lambda group: optimise_latents(
+        generator, target, latents[torch.from_numpy(group).to(device)], classes[:len(group)],
+        keys[torch.from_numpy(group)], settings, seed)))
+    final = confidence(chosen, optimised, settings.final_views, _FINAL_STREAM, "probability")
+    rank = final if settings.keep_by == "probability" else \
+        confidence(chosen, optimised, settings.final_views, _FINAL_STREAM, settings.keep_by)
     best = torch.argsort(-rank, stable=True)[:settings.keep]
-    return PPAResult(search_ids[chosen[best].numpy()], optimised[best.to(device)].cpu(), final[best],
-                     scores.cpu()[chosen[best]])
+    return PPAResult(search_ids[chosen[best.numpy()]], optimised[best.to(device)].cpu(), final[best],
+                     scores[torch.from_numpy(chosen[best.numpy()])])

@@ -78,7 +78,10 @@ def generator_identity(manifest: Manifest, target: str) -> dict:
 
 
 def shard_plan(manifest: Manifest, spec: TargetSpec, shard: int, classes: int, device: torch.device) -> dict:
-    plan = {"format": PLAN_FORMAT, "target": spec.plan_dump(), "ppa": manifest.ppa.model_dump(mode="json"),
+    # Not the batch size: a latent's path does not depend on its group, so a task resumed with a smaller one (after
+    # an out-of-memory error) continues the same attack.
+    plan = {"format": PLAN_FORMAT, "target": spec.plan_dump(),
+            "ppa": manifest.ppa.model_dump(mode="json", exclude={"batch_size"}),
             "num_shards": manifest.sampling.num_shards, "shard": shard, "classes": classes,
             "generator": generator_identity(manifest, spec.name),
             "compute": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}}
@@ -124,6 +127,8 @@ class AttackedModels:
         self._bn = settings.bn_stats
         self.objective = TargetObjective(self.model, {"bn_stats": 1.0}, spec.objective,
                                          field_prefix="ppa.bn_stats") if self._bn > 0 else None
+        # One pair of batch sizers for every class of the target: what `auto` learns on one class serves the next.
+        self.sizers = ppa.Sizers.of(settings.batch_size, device, settings.search)
 
     def generate(self, latents: torch.Tensor) -> torch.Tensor:
         return generator_to_unit(self.generator(latents), self._range)
@@ -155,7 +160,7 @@ def _attack_shard(manifest: Manifest, spec: TargetSpec, shard: int, plan: dict, 
         started = time.perf_counter()
         result = ppa.attack_class(models.generate, models.target, cls,
                                   np.asarray(ppa_search_ids(cls, settings.search), np.int64), models.latent_dim,
-                                  settings, manifest.ppa.seed, device, manifest.ppa.batch_size)
+                                  settings, manifest.ppa.seed, device, models.sizers)
         with store.committed(ppa_class_prefix(spec.name, shard, cls), {"plan": plan, "class": cls}) as staging:
             staging.write_bytes(PPA_FILE, parquet_bytes(kept_table(result, cls)))
         log.event("ppa_class_committed", target=spec.name, shard=shard, cls=cls, kept=len(result.ids),
