@@ -520,6 +520,14 @@ def test_ppa_resumes_only_what_is_missing_and_refuses_another_plan(pipeline):
     for c in (0, 1):
         assert store.read_parquet(f"{ppa_class_prefix('identity', 0, c)}/kept.parquet").equals(before[c])
     document = manifest.model_dump(mode="json")
+    # The batch size is not part of the plan (a latent's path is its own): a re-run with another one continues,
+    # and so does a shard committed when plans still held it.
+    summary_key = f"{ppa_shard_prefix('identity', 0)}/_SHARD.json"
+    summary = store.read_json(summary_key)
+    summary["plan"]["ppa"]["batch_size"] = 4
+    store.write_json(summary_key, summary)
+    assert ppa.run(parse_manifest({**document, "ppa": {**document["ppa"], "batch_size": 1}}), target="identity") == 0
+    assert store.read_commit(ppa_class_prefix("identity", 0, 0)) == kept_marker
     document["ppa"]["lr"] = 0.5
     other = parse_manifest(document)
     with pytest.raises(InputError, match="different plan .*ppa"):
