@@ -231,8 +231,8 @@ def test_report_sets_utility_beside_risk_for_every_target(pipeline):
     markdown = store.read_bytes(f"{prefix}/report.md").decode()
     section = markdown.split("## Mitigations")[1].split("\n## ")[0]
     assert all(f"| {name} |" in section for name in TARGETS)
-    assert "- dp (dp): the study attack's L " in section and "against augmented" in section
-    assert "- regularised (regularised): " in section
+    assert "- dp, dp: the study attack's L " in section and "against augmented" in section
+    assert "- regularised, regularised: " in section
     assert "dp: gn_stats 1, feature_stats 1, logits 1, tv 1e-05 (fallback: bn_stats dropped, replaced by gn_stats" \
         in markdown
     page = store.read_bytes(f"{prefix}/report.html").decode()
@@ -313,7 +313,7 @@ def test_defence_sentences_say_lowered_only_when_interval_and_p_agree():
     document = {"mitigation": {"rows": [row("identity", "identity"), row("dp1", "identity (dp)", lowered, 0.225),
                                         row("gn", "identity (groupnorm)", chance), row("other", "normal", missing)]}}
     first, second, third = defence_sentences(document)
-    assert first.startswith("dp1 (identity (dp)): the ppa attack's L falls by 0.190 against identity [-0.330, -0.050], "
+    assert first.startswith("dp1, identity (dp): the ppa attack's L falls by 0.190 against identity [-0.330, -0.050], "
                             "p 0.004 (paired on 10 members and 213 non-members). Validation accuracy 0.225")
     assert "changes by -0.050 against identity" in second and second.endswith(
         "within chance. Validation accuracy 1.000 [0.900, 1.000] against 1.000 [0.900, 1.000].")

@@ -460,7 +460,7 @@ def defence_sentences(document: dict) -> list[str]:
                    if base else "")
         what = f"falls by {abs(change['change']):.3f}" if change["lowered"] else \
             f"changes by {signed(change['change'])}"
-        sentences.append(f"{r['target']} ({r['preset']}): the {change['mode']} attack's L {what} against "
+        sentences.append(f"{r['target']}, {r['preset']}: the {change['mode']} attack's L {what} against "
                          f"{change['baseline']}{signed_interval(change['ci'])}, p {p_value(change['p_value'])} (paired "
                          f"on {change['members']} members and {change['nonmembers']} non-members)"
                          + ("." if change["lowered"] else ": within chance.") + utility)
@@ -1141,7 +1141,8 @@ def _html_mitigations(document: dict, figures: dict[str, dict[str, bytes]]) -> l
     out.append("<h2>1b. Mitigations: utility and risk side by side</h2>")
     header, rows = mitigation_rows(document)
     out.append(_table_html(header, rows))
-    out.append("<p class='note'>Utility is the target's own validation split (patient-grouped); risk is the "
+    out.append("<p class='note'>Utility is the target's own validation split (patient-grouped; the identity "
+               "control's is other studies of its patients), with 95% intervals; risk is the "
                "attack's outcome on that target. ε is the Opacus accountant's for the steps taken, at δ = 1/N. "
                "Targets marked fallback were attacked without BatchNorm statistics (GroupNorm model): their "
                "attack used the terms listed. Few likely samples give wide intervals. The change of L is measured "
