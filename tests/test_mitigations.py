@@ -320,3 +320,20 @@ def test_defence_sentences_say_lowered_only_when_interval_and_p_agree():
     assert third == "other: its change against identity could not be measured (different images)."
     assert defence_cell(lowered) == "-0.190 [-0.330, -0.050], p 0.004 (ppa vs identity)"
     assert defence_cell(None) == "—" and defence_cell(missing).startswith("n/a vs identity")
+
+
+def test_the_paired_column_is_left_out_when_no_target_names_a_baseline():
+    from reid_batch.stages.report import mitigation_rows
+
+    row = {"target": "a", "preset": "normal", "role": None, "epsilon": None, "delta": None, "val_auc": 0.9,
+           "val_accuracy": 0.8, "train_accuracy": 1.0, "leak": 0.1, "leak_ci": [0.0, 0.2], "attack": "study",
+           "leak_vs_control": None, "leak_vs_control_ci": None, "likely_samples": 3, "candidates": 10,
+           "ssim_mean": 0.5, "sex_accuracy": 0.5, "age_mae": 10.0, "reidentification_rate": None,
+           "reidentification_ci": None, "attack_terms": ["tv"], "fallback": False, "defence": None}
+    header, rows = mitigation_rows({"mitigation": {"rows": [row]}})
+    assert "Change of L vs baseline (paired)" not in header and len(rows[0]) == len(header)
+    change = {"available": True, "mode": "study", "baseline": "a", "change": -0.1, "ci": [-0.2, 0.0],
+              "p_value": 0.06, "lowered": False, "members": 3, "nonmembers": 3}
+    header, rows = mitigation_rows({"mitigation": {"rows": [row, {**row, "target": "b", "defence": change}]}})
+    column = header.index("Change of L vs baseline (paired)")
+    assert len(rows[0]) == len(header) and rows[0][column] == "—" and rows[1][column].startswith("-0.100")

@@ -415,6 +415,9 @@ def mitigation_rows(document: dict) -> tuple[list[str], list[list[str]]]:
               "Change of L vs baseline (paired)", "L vs control", "Likely samples", "NN SSIM", "Sex accuracy", "Age MAE", "Re-id rate (sample vote)",
               "Attack terms"]
     rows = []
+    paired = any(r.get("defence") for r in document["mitigation"]["rows"])
+    if not paired:  # no target names a baseline: no column of dashes
+        header.remove("Change of L vs baseline (paired)")
     for r in document["mitigation"]["rows"]:
         epsilon = f"{number(r['epsilon'], 2)} ({significant(r['delta'], 2)})" if r["epsilon"] is not None else "—"
         role = " (control)" if r["role"] == "control model" else ""
@@ -423,7 +426,7 @@ def mitigation_rows(document: dict) -> tuple[list[str], list[list[str]]]:
                      number(r["val_accuracy"], 3) + interval(r.get("val_accuracy_ci"), digits=3),
                      number(r["train_accuracy"], 3),
                      signed(r["leak"]) + signed_interval(r["leak_ci"]) + (f" ({r['attack']})" if r.get("attack") else ""),
-                     defence_cell(r.get("defence")),
+                     *([defence_cell(r.get("defence"))] if paired else []),
                      signed(r["leak_vs_control"]) + signed_interval(r["leak_vs_control_ci"]),
                      f"{r['likely_samples']} of {r['candidates']}",
                      number(r["ssim_mean"], 3), percent(r["sex_accuracy"]), number(r["age_mae"], 1),
@@ -1042,7 +1045,9 @@ def _html_calibration(document: dict, figures: dict[str, dict[str, bytes]]) -> l
     out = ["<h3>Calibration: the smallest leak this instrument sees</h3>",
            "<p class='note'>Prior candidates with a share of them replaced by new images of the target's member "
            "patients, against other prior candidates: detected = L's 95% interval above 0. The smallest detectable "
-           "leak is the smallest share detected in most repeats; at 0% every detection is a false positive.</p>"]
+           "leak is the smallest share detected in most repeats; at 0% every detection is a false positive. A "
+           "'· ppa' row repeats it at the ppa attack's pool size (as many candidates as it kept, larger shares), "
+           "detected as attacks are ranked: the interval above 0 and permutation p <= 0.05.</p>"]
     header, rows = calibration_rows(document)
     out.append(_table_html(header, rows))
     plots = [_image_html(figures[name]["dose_response"], f"{name}: dose-response") for name in document["targets"]
@@ -1145,9 +1150,11 @@ def _html_mitigations(document: dict, figures: dict[str, dict[str, bytes]]) -> l
                "control's is other studies of its patients), with 95% intervals; risk is the "
                "attack's outcome on that target. ε is the Opacus accountant's for the steps taken, at δ = 1/N. "
                "Targets marked fallback were attacked without BatchNorm statistics (GroupNorm model): their "
-               "attack used the terms listed. Few likely samples give wide intervals. The change of L is measured "
-               "on the patients both targets share (the baseline's strongest attack, the same mode on both): "
-               "patient-level chance cancels, so it is tighter than the difference of the two intervals.</p>")
+               "attack used the terms listed. Few likely samples give wide intervals."
+               + (" The change of L is measured on the patients both targets share (the baseline's strongest attack, "
+                  "the same mode on both): patient-level chance cancels, so it is tighter than the difference of the "
+                  "two intervals." if any(r.get("defence") for r in document["mitigation"]["rows"]) else "")
+               + "</p>")
     sentences = defence_sentences(document)
     if sentences:
         out.append("<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul>")
