@@ -321,8 +321,8 @@ def defence_change(mode: str, records, baseline_records, candidates, baseline_ca
     defended, baseline = (feature_matrix(t.filter(pc.equal(t.column("generator"), wanted)).column("features"))
                           for t in (candidates, baseline_candidates))
     if not len(defended) or not len(baseline):
-        return {"available": False, "mode": mode,
-                "reason": f"no {mode} candidates committed for {'the defended target' if not len(defended) else 'the baseline'}"}
+        missing = "the defended target" if not len(defended) else "the baseline"
+        return {"available": False, "mode": mode, "reason": f"no {mode} candidates committed for {missing}"}
     features, patients, member = committed_records(records)
     if defended.shape[1] != features.shape[1] or baseline.shape[1] != features.shape[1]:
         return {"available": False, "mode": mode, "reason": "the candidates were embedded in different spaces"}
@@ -334,8 +334,8 @@ def defence_change(mode: str, records, baseline_records, candidates, baseline_ca
     return {"available": True, "mode": mode, "change": -drop["leak"],
             "ci": None if low is None else [-high, -low], "p_value": drop["p_value"],
             # As for a detected leak (attack_ranking): the interval and the permutation test both.
-            "lowered": bool(low is not None and low > 0 and (drop["p_value"] or 1.0) <= 0.05), "members": drop["members"],
-            "nonmembers": drop["nonmembers"], "candidates": {"defended": len(defended), "baseline": len(baseline)},
+            "lowered": bool(low is not None and low > 0 and (drop["p_value"] or 1.0) <= 0.05),
+            "members": drop["members"], "nonmembers": drop["nonmembers"], "candidates": {"defended": len(defended), "baseline": len(baseline)},
             "auc_defended": drop["auc_null"], "auc_baseline": drop["auc_attacked"], "bootstrap": bootstrap,
             "permutations": permutations}
 
@@ -412,8 +412,8 @@ def _preset_label(metrics: dict) -> str:
 
 def mitigation_rows(document: dict) -> tuple[list[str], list[list[str]]]:
     header = ["Target", "Preset", "ε (δ)", "Val AUC", "Val acc.", "Train acc.", "Leak L vs prior (strongest attack)",
-              "Change of L vs baseline (paired)", "L vs control", "Likely samples", "NN SSIM", "Sex accuracy", "Age MAE", "Re-id rate (sample vote)",
-              "Attack terms"]
+              "Change of L vs baseline (paired)", "L vs control", "Likely samples", "NN SSIM", "Sex accuracy",
+              "Age MAE", "Re-id rate (sample vote)", "Attack terms"]
     rows = []
     paired = any(r.get("defence") for r in document["mitigation"]["rows"])
     if not paired:  # no target names a baseline: no column of dashes
