@@ -130,12 +130,6 @@ def ppa_repeat(member: np.ndarray, base: GeneratorScores, null: GeneratorScores,
     return runs
 
 
-def _nested(mapping, *path):
-    for key in path:
-        mapping = mapping.get(key) if isinstance(mapping, dict) else None
-    return mapping
-
-
 def dose_response_png(runs: list[dict], summary: dict, title: str) -> bytes:
     table = pd.DataFrame(runs)
     figure = Figure(figsize=(6.4, 3.8), dpi=100)
@@ -254,7 +248,8 @@ def calibrate_target(manifest: Manifest, spec: TargetSpec, shared: Calibration) 
     synthetic = manifest.data.synthetic is not None and getattr(manifest.data, pool) is None
     # A ppa attack's L compares its kept samples with as many prior candidates: calibrated at that pool size.
     metrics = store.read_json(f"{evaluation_prefix(spec.name)}/metrics.json")
-    ppa_pool = int(_nested(metrics, "attacks", "ppa", "kept") or 0) if "ppa" in spec.attacks else 0
+    ppa = (metrics.get("attacks") or {}).get("ppa") or {}
+    ppa_pool = int(ppa.get("kept") or 0) if "ppa" in spec.attacks else 0
     largest = max(int(round(max(settings.fractions) * evaluation.membership_candidates)),
                   int(round(max(settings.ppa_fractions) * ppa_pool)))
 
@@ -310,7 +305,7 @@ def calibrate_target(manifest: Manifest, spec: TargetSpec, shared: Calibration) 
         out.write_bytes(CALIBRATION_FIGURE, png)
     log.event("calibrate_done", target=spec.name, false_positive_rate=summary["false_positive_rate"],
               minimum_detectable_effect=summary["minimum_detectable_effect"],
-              ppa_minimum_detectable_effect=_nested(document, "ppa", "minimum_detectable_effect"))
+              ppa_minimum_detectable_effect=(document.get("ppa") or {}).get("minimum_detectable_effect"))
     return document
 
 

@@ -452,7 +452,7 @@ def evaluate_target(manifest: Manifest, spec: TargetSpec, shared: Shared) -> dic
     leak, leak_tables, raw = _leak(manifest, spec, finetuned, shared, space, resolution, device, notes)
     raw_features = raw.features if raw is not None else None
     attacked = _ppa_attack(store, manifest, spec, shared, space, device, raw)
-    if attacked is not None and raw is not None:
+    if raw is not None:
         leak_tables[LEAK_CANDIDATES_FILE] = leak_candidates_bytes(
             LEAK_ID_OFFSET + np.arange(len(raw.features), dtype=np.int64), raw.features,
             shared.prior_candidate_features, attacked)
@@ -787,8 +787,8 @@ def _leak(manifest: Manifest, spec: TargetSpec, finetuned, shared: Shared, space
         "label": pa.array(pd.to_numeric(frame["label"], errors="coerce").to_numpy(dtype=np.float64)),
         "features": feature_column(loaded.features),
     })
-    tables = {RECORDS_FILE: parquet_bytes(records_table),
-              LEAK_CANDIDATES_FILE: leak_candidates_bytes(ids, attacked, shared.prior_candidate_features)}
+    # leak_candidates.parquet is written by evaluate_target, once the ppa samples (if any) are embedded too.
+    tables = {RECORDS_FILE: parquet_bytes(records_table)}
     return summary, tables, RawCandidates(attacked, attacked_demographics, loaded.features, codes, member)
 
 

@@ -515,10 +515,10 @@ def mitigation_png(document: dict) -> bytes | None:
     for i, (x, y, names) in enumerate(groups):
         # Points that coincide share one label (a line each); neighbours along the utility axis take turns above and
         # below; labels of points at the right edge extend to the left, inside the axes.
-        at_right = x >= right and len(groups) > 1
+        at_right, rise = x >= right and len(groups) > 1, (6, -12, 18, -24)[i % 4]
         axes.annotate("\n".join(names), (x, y), textcoords="offset points", fontsize=8,
-                      xytext=(-6 if at_right else 5, (6, -12, 18, -24)[i % 4]), ha="right" if at_right else "left",
-                      va="bottom" if (6, -12, 18, -24)[i % 4] > 0 else "top")
+                      xytext=(-6 if at_right else 5, rise), ha="right" if at_right else "left",
+                      va="bottom" if rise > 0 else "top")
     axes.axhline(0.0 if record else 0.5, color="grey", linestyle=":", linewidth=1)
     axes.set(xlabel="utility: validation AUC (95% CI)",
              ylabel="risk: " + ("leak L vs prior, strongest attack (none: 0)" if record else "re-identification rate (chance 0.5)"),
@@ -1490,6 +1490,13 @@ def _defence_changes(store, manifest: Manifest, evaluations: dict[str, dict]) ->
     """Per target with a baseline (both evaluated): the change of the baseline's strongest attack's L, paired."""
     settings = manifest.evaluation
     changes = {}
+    tables: dict[str, object] = {}
+
+    def table(key: str):  # a baseline shared by several defended arms is read once
+        if key not in tables:
+            tables[key] = store.read_parquet(key)
+        return tables[key]
+
     for name in evaluations:
         baseline = manifest.target(name).baseline
         if baseline is None or not store.is_committed(evaluation_prefix(baseline)):
@@ -1501,10 +1508,8 @@ def _defence_changes(store, manifest: Manifest, evaluations: dict[str, dict]) ->
             result = {"available": False, "mode": mode, "reason": "membership is not available for both targets"}
         else:
             mine, other = evaluation_prefix(name), evaluation_prefix(baseline)
-            result = defence_change(mode, store.read_parquet(f"{mine}/{RECORDS_FILE}"),
-                                    store.read_parquet(f"{other}/{RECORDS_FILE}"),
-                                    store.read_parquet(f"{mine}/{LEAK_CANDIDATES_FILE}"),
-                                    store.read_parquet(f"{other}/{LEAK_CANDIDATES_FILE}"),
+            result = defence_change(mode, table(f"{mine}/{RECORDS_FILE}"), table(f"{other}/{RECORDS_FILE}"),
+                                    table(f"{mine}/{LEAK_CANDIDATES_FILE}"), table(f"{other}/{LEAK_CANDIDATES_FILE}"),
                                     settings.leak_bootstrap, settings.leak_permutations, settings.seed)
         changes[name] = {**result, "baseline": baseline}
         log.event("report_defence_change", target=name, baseline=baseline, mode=mode,
