@@ -19,6 +19,15 @@ class InputError(Exception):
         super().__init__(f"{where}: {message}" if where else message)
 
 
+def require_same_plan(found: dict | None, expected: dict, where: str, holds: str, remedy: str) -> None:
+    """Refuse (InputError at `where`) outputs committed under another plan than `expected`, naming the keys that
+    differ: mixing results of two plans would silently corrupt what is measured from them."""
+    if found == expected:
+        return
+    differing = sorted(k for k in set(expected) | set(found or {}) if (found or {}).get(k) != expected.get(k))
+    raise InputError(f"holds {holds} of a different plan (differs in: {', '.join(differing)}); {remedy}", where=where)
+
+
 class StorageError(Exception):
     """The output store failed in a way the user's input did not cause: S3 down past the retry budget, a full
     disk. The message names the location; retrying later (or elsewhere) can succeed, so the exit code is 1."""

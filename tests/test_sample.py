@@ -883,7 +883,7 @@ def test_shards_of_a_target_score_against_one_committed_ledoit_wolf_gaussian_fit
     changed = make_manifest(inputs, str(tmp_path / "alone"), sampling_options=options,
                             selection={**selection, "mahalanobis": {"covariance": "ledoit_wolf",
                                                                     "reference_images": 10}})
-    with pytest.raises(InputError, match="fitted for other inputs.*mahalanobis"):
+    with pytest.raises(InputError, match="Ledoit-Wolf reference of a different plan.*mahalanobis"):
         mahalanobis_reference.run(changed)
 
 

@@ -36,7 +36,7 @@ from reid_batch.attack import mahalanobis
 from reid_batch.attack.generation import BatchSizer, regenerate_images, target_input_spec
 from reid_batch.attack.objectives import compute_reference_stats
 from reid_batch.data.datasets import ImageDataset, read_source
-from reid_batch.errors import InputError
+from reid_batch.errors import InputError, require_same_plan
 from reid_batch.layout import (FINETUNE_REFERENCE_ID_OFFSET, GAUSSIAN_FILE, GAUSSIAN_SUMMARY_FILE,
                                MAHALANOBIS_REFERENCE_ID_OFFSET, finetune_reference_key, mahalanobis_reference_prefix)
 from reid_batch.manifest import Manifest, TargetSpec
@@ -258,11 +258,8 @@ def read_committed_ledoit_wolf(store, spec: TargetSpec, identity: dict) -> mahal
     if not store.is_committed(prefix):
         return None
     found = store.read_commit(prefix).get("metadata", {}).get("identity")
-    if found != identity:
-        differing = sorted(k for k in set(identity) | set(found or {}) if (found or {}).get(k) != identity.get(k))
-        raise InputError(f"holds a Ledoit-Wolf reference fitted for other inputs (differs in: {', '.join(differing)});"
-                         " delete it (and the target's candidates/, selection/, scores/) to sample again",
-                         where=store.uri(prefix))
+    require_same_plan(found, identity, store.uri(prefix), "a Ledoit-Wolf reference",
+                      "delete it (and the target's candidates/, selection/, scores/) to sample again")
     data = store.read_bytes(f"{prefix}/{GAUSSIAN_FILE}")
     tensors = load_tensors(data)
     summary = json.loads(_safetensors_metadata(data)["gaussian"])

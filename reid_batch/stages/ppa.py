@@ -42,7 +42,7 @@ from reid_batch.artifacts import finetune_identity, load_attack_target, load_fin
 from reid_batch.attack import ppa
 from reid_batch.attack.generation import target_input_spec
 from reid_batch.attack.objectives import TargetObjective
-from reid_batch.errors import InputError
+from reid_batch.errors import InputError, require_same_plan
 from reid_batch.formats import feature_column, parquet_bytes
 from reid_batch.layout import (PPA_FILE, PRIOR_PREFIX, SUMMARY_FILE, ppa_class_prefix, ppa_search_ids,
                                ppa_shard_classes, ppa_shard_prefix)
@@ -92,11 +92,8 @@ def _check_plan(found: dict | None, plan: dict, uri: str) -> None:
     if found is not None and isinstance(found.get("ppa"), dict):
         # Plans committed before the batch size left them still hold it; it never changed a result.
         found = {**found, "ppa": {k: v for k, v in found["ppa"].items() if k != "batch_size"}}
-    if found == plan:
-        return
-    differing = sorted(k for k in set(plan) | set(found or {}) if (found or {}).get(k) != plan.get(k))
-    raise InputError(f"holds ppa results of a different plan (differs in: {', '.join(differing)}); use a new run_id, "
-                     "or delete that target's ppa/ (and evaluation/) to attack again", where=uri)
+    require_same_plan(found, plan, uri, "ppa results", "use a new run_id, or delete that target's ppa/ "
+                      "(and evaluation/) to attack again")
 
 
 def kept_table(result: ppa.PPAResult, cls: int) -> pa.Table:

@@ -72,7 +72,7 @@ from reid_batch.artifacts import finetune_identity, load_finetuned_generator
 from reid_batch.attack.candidates import CandidateScorer, build_scorer, concat_columns
 from reid_batch.attack.generation import BatchSizer, effective_mixed_precision
 from reid_batch.attack.reference import gather_object_list, my_share
-from reid_batch.errors import InputError
+from reid_batch.errors import InputError, require_same_plan
 from reid_batch.formats import png_files_job
 from reid_batch.layout import (CHUNK_FILE, SUMMARY_FILE, chunk_bounds, chunk_prefix, image_key, shard_bounds,
                                shard_prefix)
@@ -135,12 +135,8 @@ def shard_plan(manifest: Manifest, spec: TargetSpec, shard: int, finetune: dict,
 
 
 def _check_plan(found: dict | None, plan: dict, uri: str) -> None:
-    if found == plan:
-        return
-    differing = sorted(k for k in set(plan) | set(found or {}) if (found or {}).get(k) != plan.get(k))
-    raise InputError(
-        f"holds candidates of a different plan (differs in: {', '.join(differing)}); use a new run_id, or delete "
-        "that target's candidates/ (and selection/, scores/) to sample again", where=uri)
+    require_same_plan(found, plan, uri, "candidates", "use a new run_id, or delete that target's candidates/ "
+                      "(and selection/, scores/) to sample again")
 
 
 @dataclass
