@@ -4,8 +4,9 @@ label-permutation p-value per seed, for the identity target and its negative (is
 It runs exactly what the `ppa` stage runs (stages.ppa: the manifest's `ppa` section, the searched ids
 layout.ppa_search_ids, the prior or fine-tuned generator) with `ppa.seed` set to each seed in turn, and scores the
 kept samples as `evaluate` does (analysis.identity on a gallery of 2K patients: the scored K and K distractors), so
-seed ppa.seed reproduces the run's own report. It reads a run that has trained the prior, the re-identification
-embedding and the identity targets (e.g. `reid-batch demo`'s run) and writes nothing to it.
+seed ppa.seed reproduces the run's own report when run with the thread count the stage ran with (ppa's float32 path
+depends on it; the demo's tasks run with OMP_NUM_THREADS=1 on 2 cores). It reads a run that has trained the prior,
+the re-identification embedding and the identity targets (e.g. `reid-batch demo`'s run) and writes nothing to it.
 
     PYTHONPATH=$PWD python bench/ppa_identity.py runs-demo.yaml --seeds 0,1,2
     PYTHONPATH=$PWD python bench/ppa_identity.py M.yaml --settings '{"lr": 0.005, "steps": 300, "bn_stats": 0.01}'
