@@ -175,8 +175,9 @@ class PPAResult:
 class Sizers:
     """The batch sizes of one attack: `search` for the passes without gradients (search and final views), `optimise`
     for the Adam groups (their backward pass holds far more memory per latent). With `auto` on a GPU each halves on
-    an out-of-memory error until a group fits (attack.generation.BatchSizer), which cannot change the result: a
-    latent's path does not depend on its group. Made once per target, so a size learnt on one class serves the next."""
+    an out-of-memory error until a group fits (attack.generation.BatchSizer), which changes the result only by
+    floating-point rounding: a latent's path does not depend on its group (in float32 some CPUs' convolutions round
+    differently by batch size, and Adam can grow that; tests compare groups in float64). Made once per target, so a size learnt on one class serves the next."""
 
     search: BatchSizer
     optimise: BatchSizer
