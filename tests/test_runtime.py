@@ -3,6 +3,10 @@ CUDA version and the driver it needs, never a silent CPU run of a GPU-sized stud
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,7 @@ import torch
 import yaml
 
 from reid_batch import runtime
+from reid_batch.cli import keep_freed_memory
 from reid_batch.errors import InputError
 from reid_batch.manifest import parse_manifest
 
@@ -84,3 +89,42 @@ def test_a_cuda_device_gets_the_manifests_tf32_choice_and_no_cudnn_benchmark(mon
         assert torch.backends.cudnn.benchmark is False
     finally:
         matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark = saved
+
+
+# A large tensor allocated, filled and freed again and again, as calibrate's repeats do; prints the minor page faults
+# of five of them once glibc's heap has settled (in the first few the heap still grows and pages fault in either way).
+_REFAULT_PROGRAM = """
+import resource, sys
+import torch
+from reid_batch.cli import keep_freed_memory
+print(keep_freed_memory() if sys.argv[1] == "keep" else False)
+def churn():
+    x = torch.empty(64 * 2**20 // 4); x.fill_(1.0); del x
+for _ in range(5):
+    churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    churn()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_the_cli_keeps_freed_memory_so_a_freed_tensor_is_not_faulted_in_again():
+    def faults(mode: str) -> tuple[str, int]:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+        result = subprocess.run([sys.executable, "-c", _REFAULT_PROGRAM, mode], capture_output=True, text=True,
+                                env=environment, check=True, cwd=REPO)
+        took, count = result.stdout.split()
+        return took, int(count)
+
+    # glibc's default: 64 MiB is mmap'ed and unmapped each time, 16,384 pages faulted in again per allocation.
+    took, default = faults("default")
+    assert default > 5 * 10_000
+    took, kept = faults("keep")
+    assert took == "True" and kept < default / 4, (default, kept)  # at most one of the five faulted in again
+
+
+def test_keep_freed_memory_leaves_glibc_variables_the_user_set(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert keep_freed_memory() is False

@@ -658,6 +658,8 @@ def test_two_processes_write_the_rows_of_one(inputs, tmp_path):
 
 _PEAK_RSS = """
 import json, resource, sys
+from reid_batch.cli import keep_freed_memory
+keep_freed_memory()  # as every reid-batch process does: kept freed memory must not grow with the candidates either
 from reid_batch.manifest import parse_manifest
 from reid_batch.stages.sample import sample
 from reid_batch import artifacts
