@@ -1,17 +1,21 @@
 # Two commands: `make demo` runs the whole pipeline on the built-in synthetic world; `make test` runs the suite.
+# `make test-fast` runs the suite without the tests marked slow (the heavy end-to-end ones).
 # Both create .venv on first use and reinstall only when pyproject.toml changes.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test system-packages
+.PHONY: demo test test-fast system-packages
 
 demo: $(VENV)/.stamp-install
 	$(BIN)/reid-batch demo
 
 test: $(VENV)/.stamp-test system-packages
 	$(BIN)/python -m pytest -q
+
+test-fast: $(VENV)/.stamp-test system-packages
+	$(BIN)/python -m pytest -q -m "not slow"
 
 $(VENV)/.stamp-install: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -1,11 +1,12 @@
 """The ppa attack on the identity control of a finished run, over several seeds: top-1, distinct patients and the
-label-permutation p-value per seed, for the identity target and its negative (issue 18's acceptance measure).
+label-permutation p-value per seed, for the identity target and its negative: whether ppa finds the patients a
+model is known to encode, beyond one seed's luck.
 
 It runs exactly what the `ppa` stage runs (stages.ppa: the manifest's `ppa` section, the searched ids
 layout.ppa_search_ids, the prior or fine-tuned generator) with `ppa.seed` set to each seed in turn, and scores the
 kept samples as `evaluate` does (analysis.identity on a gallery of 2K patients: the scored K and K distractors), so
 seed ppa.seed reproduces the run's own report when run with the thread count the stage ran with (ppa's float32 path
-depends on it; the demo's tasks run with OMP_NUM_THREADS=1 on 2 cores). It reads a run that has trained the prior,
+depends on it: set OMP_NUM_THREADS as the stage's task had it). It reads a run that has trained the prior,
 the re-identification embedding and the identity targets (e.g. `reid-batch demo`'s run) and writes nothing to it.
 
     PYTHONPATH=$PWD python bench/ppa_identity.py runs-demo.yaml --seeds 0,1,2
@@ -33,7 +34,7 @@ from reid_batch.layout import ppa_search_ids
 from reid_batch.manifest import load_manifest, parse_manifest
 from reid_batch.models.pggan import generator_to_unit
 from reid_batch.runtime import pick_device
-from reid_batch.stages.evaluate import load_images
+from reid_batch.evaluation.images import load_images
 from reid_batch.stages.ppa import AttackedModels, settings_of
 
 
@@ -53,7 +54,7 @@ def attack_target(manifest, name: str, overrides: dict, seeds: list[int], space)
     models = AttackedModels(with_settings(manifest, overrides, seeds[0]), spec, device)
     # At the generator's resolution, as evaluate loads the gallery.
     gallery = load_images(rows[rows["patient_id"].astype(str).isin(number)], models.generator.config.resolution,
-                          on_error, 0, set(), f"{name} gallery", space)
+                          on_error=on_error, num_workers=0, keep=set(), desc=f"{name} gallery", space=space)
     gallery_patient = gallery.frame["patient_id"].astype(str).map(number).to_numpy(dtype=np.int64)
     sexes = np.array([p.sex for p in sets.scored])
     results = []
@@ -66,7 +67,8 @@ def attack_target(manifest, name: str, overrides: dict, seeds: list[int], space)
             for cls in range(models.classes):
                 result = ppa.attack_class(models.generate, models.target, cls,
                                           np.asarray(ppa_search_ids(cls, settings.search), np.int64),
-                                          models.latent_dim, settings, seed, device, models.sizers)
+                                          models.latent_dim, settings, seed=seed, device=device,
+                                          batch_size=models.sizers)
                 kept.append(result.latents)
                 classes += [cls] * len(result.ids)
                 confidence.append(result.confidence)

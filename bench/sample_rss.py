@@ -4,7 +4,7 @@ Builds randomly initialised checkpoints of the chosen configuration (a ResNet18 
 the run's fine-tuned generator), then runs `python -m reid_batch sample` once per count, each in its own process,
 and reads that process's own peak RSS (os.wait4). One shard, chunks of 4096, as a cluster task would run.
 
-    PYTHONPATH=$PWD python bench/sample_rss.py --config demo --counts 10000 1000000   # ~25 min on 2 cores
+    PYTHONPATH=$PWD python bench/sample_rss.py --config demo --counts 10000 1000000   # the long one
     PYTHONPATH=$PWD python bench/sample_rss.py --config tiny --counts 10000 100000 --json rss.json
 
 demo: the built-in demo's sizes (PGGAN depths [64, 64, 32, 16], latent 128, 32 px; ResNet18 at 32 px), as in

@@ -223,7 +223,8 @@ class BaselineScorer:
     (one single-term TargetObjective each), and the Mahalanobis distance per sample in a Python loop
     (scipy.spatial.distance.mahalanobis with the inverse covariance). Same definitions, so the same numbers."""
 
-    def __init__(self, generator, target, spec: TargetSpec, reference, gaussian, num_classes: int, seed: int, device):
+    def __init__(self, generator, target, spec: TargetSpec, *, reference, gaussian, num_classes: int, seed: int,
+                 device):
         self.generator = generator
         self.device = device
         self.seed = seed
@@ -294,11 +295,12 @@ def fast_scorer(manifest: Manifest, spec: TargetSpec, models: BenchModels, devic
                                                 getattr(manifest.sampling, "compile", False))
     objective = TargetObjective(target, spec.terms, spec.objective, models.reference, family=spec.family)
     gaussian = gaussian or bench_gaussian(manifest, spec, objective, models, device)
-    return candidates.CandidateScorer(generator, objective, generation.target_input_spec(spec), gaussian,
-                                    models.num_classes, manifest.sampling.seed, device, precision)
+    return candidates.CandidateScorer(generator, objective, input_spec=generation.target_input_spec(spec),
+                                      gaussian=gaussian, num_classes=models.num_classes, seed=manifest.sampling.seed,
+                                      device=device, mixed_precision=precision)
 
 
-def bench_sample(manifest: Manifest, spec: TargetSpec, device, batches: int = 4, baseline: bool = True,
+def bench_sample(manifest: Manifest, spec: TargetSpec, device, *, batches: int = 4, baseline: bool = True,
                  baseline_batches: int | None = None, batch_size: int | None = None, random_init: bool = False,
                  warmup: int = 1, peak_size: int | None = None) -> dict:
 
@@ -349,8 +351,9 @@ def bench_sample(manifest: Manifest, spec: TargetSpec, device, batches: int = 4,
         # The notebooks' layout: prepare_models converted the modules to channels_last in place.
         models.generator.to(memory_format=torch.contiguous_format)
         models.target.to(memory_format=torch.contiguous_format)
-        base_scorer = BaselineScorer(models.generator.requires_grad_(True), models.target, spec, models.reference,
-                                     scorer.gaussian, models.num_classes, manifest.sampling.seed, device)
+        base_scorer = BaselineScorer(models.generator.requires_grad_(True), models.target, spec,
+                                     reference=models.reference, gaussian=scorer.gaussian,
+                                     num_classes=models.num_classes, seed=manifest.sampling.seed, device=device)
         try:
             base = timed(base_scorer.score, ids, BASELINE_BATCH_SIZE, baseline_batches or batches, device, warmup)
         finally:
@@ -376,10 +379,12 @@ def bench_finetune(manifest: Manifest, spec: TargetSpec, device, steps: int = 3,
     optimizer = torch.optim.Adam(trainable, lr=manifest.finetune.lr)
     objective = TargetObjective(models.target, spec.terms, spec.objective, models.reference, family=spec.family)
     prepared, prepared_optimizer = accelerator.prepare(generator, optimizer)
-    trainer = ft.Finetuner(prepared, prepared_optimizer, objective, accelerator, manifest.finetune,
-                           generation.target_input_spec(spec), tuple(generator.config.output_range),
-                           generator.config.latent_dim, models.num_classes, trainable,
-                           ft.differentiable_sum(accelerator.num_processes))
+    trainer = ft.Finetuner(generator=prepared, optimizer=prepared_optimizer, objective=objective,
+                           accelerator=accelerator, spec=manifest.finetune,
+                           input_spec=generation.target_input_spec(spec),
+                           output_range=tuple(generator.config.output_range), latent_dim=generator.config.latent_dim,
+                           num_classes=models.num_classes, trainable=trainable,
+                           reduce_sum=ft.differentiable_sum(accelerator.num_processes))
     for step in range(warmup):
         trainer.step(step)
     accelerator.wait_for_everyone()
@@ -401,7 +406,7 @@ def bench_finetune(manifest: Manifest, spec: TargetSpec, device, steps: int = 3,
 # ------------------------------------------------------------------------------------------------ ppa
 
 
-def bench_ppa(manifest: Manifest, spec: TargetSpec, device, steps: int = 3, batch_size: int | None = None,
+def bench_ppa(manifest: Manifest, spec: TargetSpec, device, *, steps: int = 3, batch_size: int | None = None,
               baseline: bool = True, baseline_latents: int | None = None, random_init: bool = False,
               peak_size: int | None = None) -> dict:
     """Latent-steps/s of per-sample latent optimisation, batched against a per-sample loop over the same latents."""
@@ -424,7 +429,7 @@ def bench_ppa(manifest: Manifest, spec: TargetSpec, device, steps: int = 3, batc
 
     def optimise(rows: slice, how_many_steps: int) -> None:
         ppa.optimise_latents(generate, target, latents[rows], classes[rows], keys[rows],
-                             ppa.PPASettings(steps=how_many_steps), manifest.sampling.seed)
+                             ppa.PPASettings(steps=how_many_steps), seed=manifest.sampling.seed)
 
     optimise(slice(0, batch), 1)  # warm-up
     flops_per_latent_step = count_flops(lambda: optimise(slice(0, 1), 1))
@@ -538,11 +543,12 @@ def run(manifest: Manifest, stage: str = "sample", device: str | None = None, ta
     else:
         dev = _device(manifest, device)
         if stage == "sample":
-            result = bench_sample(manifest, spec, dev, batches, baseline, baseline_batches, batch_size, random_init,
+            result = bench_sample(manifest, spec, dev, batches=batches, baseline=baseline,
+                                  baseline_batches=baseline_batches, batch_size=batch_size, random_init=random_init,
                                   peak_size=peak_size)
         elif stage == "ppa":
-            result = bench_ppa(manifest, spec, dev, steps, batch_size, baseline, baseline_batches, random_init,
-                               peak_size)
+            result = bench_ppa(manifest, spec, dev, steps=steps, batch_size=batch_size, baseline=baseline,
+                               baseline_latents=baseline_batches, random_init=random_init, peak_size=peak_size)
         else:
             result = bench_finetune(manifest, spec, dev, steps, random_init)
     result = {**result, "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -412,8 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # glibc's malloc hands every freed block over 32 MiB back to the kernel and trims its heap past 128 KiB, so a stage that
 # allocates and frees large tensors in a loop (calibrate's repeats, training steps) faults the same pages in again
-# every time. On a 2-core VM whose page faults cost 1.7 us each that was a quarter of calibrate's CPU time on the demo's
-# cnn target (74 s of 285 s in the kernel; 1 s with this). Kept memory is reused, never more than the stage's own peak.
+# every time, which on a machine with slow page faults is a large share of the stage's CPU time (measured in
+# docs/results/2026-12-08-code-notes.md). Kept memory is reused, never more than the stage's own peak.
 _MALLOC_KEEP_BYTES = 1 << 30
 _MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 

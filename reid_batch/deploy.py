@@ -1,21 +1,8 @@
 """How the pipeline runs on a cluster: one job plan, its Slurm commands, its Kubernetes manifests.
 
-The plan groups the stages into scheduler jobs, each run after the one before it succeeded:
-
-    prepare       make-phantoms, train-prior, train-reid,                    one job, stages in sequence
-                  train-demographics
-    train-target  train-target, mahalanobis-reference                        array over targets
-    finetune      stage 1                                                    array over targets, each task
-                                                                             multi-process/-node
-    sample        an array over targets x sampling.num_shards               target = index / num_shards,
-                                                                             shard = index % num_shards
-    select        stage 2's global thresholds                                one job, no GPU
-    score         an array over demographics.num_shards                     shard = task index
-    report        evaluate, calibrate, report                                one job, stages in sequence
-
-Targets are independent, so each is trained and fine-tuned in its own task: a study of N targets takes the time of
-one when N GPUs are free. A task's index is SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX; `reid-batch STAGE
---array-over targets|target-shards` maps it through the manifest's target order (registry.array_task).
+The plan groups the stages into scheduler jobs (registry.JOBS), each run after the one before it succeeded; jobs over
+independent targets or shards are arrays, so a study of N targets takes the time of one when N GPUs are free. The
+jobs and what each array task selects: docs/pipeline.md.
 
 Slurm runs it through `slurm/submit.sh` (which asks `reid-batch plan --format shell` for the shard counts);
 Kubernetes through the manifests `render_kubernetes` writes (`reid-batch k8s`). Only the manifest module is
@@ -311,7 +298,7 @@ def _labels(manifest: Manifest, component: str) -> dict[str, str]:
 
 def pod_memory(options: KubernetesOptions, gpus: int) -> str:
     """A pod's memory request and limit: `memory` per process (one per GPU, at least one), plus the memory-backed
-    /dev/shm, which the kernel charges to the pod's limit (8 finetune ranks in 16Gi were OOM-killed)."""
+    /dev/shm, which the kernel charges to the pod's limit: left out, a pod of many finetune ranks is OOM-killed."""
     processes = max(1, gpus)
     return _quantity(processes * memory_bytes(options.memory, "--memory") + memory_bytes(options.shm_size, "--shm"))
 

@@ -203,7 +203,7 @@ class IdentitySpec(Strict):
 
 
 class CohortSpec(Strict):
-    """A demographic slice of the pool to train on (P4, cohort skew): the target's patients are only these."""
+    """A demographic slice of the pool to train on (cohort skew): the target's patients are only these."""
 
     sex: Literal["M", "F"] | None = Field(None, description="only patients of this sex")
     min_age: Annotated[float, Field(ge=0, le=120)] | None = Field(None, description="only patients at least this old")
@@ -227,7 +227,7 @@ class CohortSpec(Strict):
 
 
 class CanarySpec(Strict):
-    """Canaries in the study's task (P2): atypical patients, each put in the training set by its own coin flip (the
+    """Canaries in the study's task: atypical patients, each put in the training set by its own coin flip (the
     ones left out are the in-model control), with `d` training studies for each d of `duplicates`. Every canary is
     scored by a further study of it that no model trained on."""
 
@@ -333,8 +333,8 @@ class ObjectiveSpec(Strict):
     layernorm_layers: Literal["all"] | list[str] = "all"
     attention_blocks: Literal["all"] | list[str] = "all"
     reference: ReferenceSpec = ReferenceSpec()
-    # Off by default: the study's method conditions only through z_0. With K > 2 classes that collapsed stage 1 onto
-    # one patient (issue 17); a learned offset per class gives each class its own region of latent space.
+    # Off by default: the study's method conditions only through z_0. With K > 2 classes that can collapse stage 1
+    # onto one patient; a learned offset per class gives each class its own region of latent space.
     class_offsets: bool = Field(
         False, description="learn a latent offset per class beside the generator (the class is still read from z_0): "
         "the fix for stage 1 collapsing many classes onto one; off = the study's method")
@@ -531,7 +531,8 @@ class PPASpec(Strict):
     """The ppa attack (Plug & Play-style, per-sample latent optimisation) on targets listing ppa in `attacks`.
 
     Per class: search latents, optimise the best toward the class, keep the most confident (attack.ppa,
-    stages.ppa). Defaults: measured on the demo's identity control (bench/ppa_identity.py)."""
+    stages.ppa). Defaults: chosen on the demo's identity control with bench/ppa_identity.py (attack.ppa.PPASettings
+    says why)."""
 
     generator: Literal["prior", "finetuned"] = Field(
         "prior", description="the generator whose latents are optimised: the prior, or stage 1's fine-tuned one")
@@ -892,7 +893,7 @@ def load_manifest(path: str | os.PathLike, schema_only: bool = False) -> Manifes
     return manifest
 
 
-# Meanings for fields whose name alone does not say enough (the README's reference is generated from these).
+# Meanings for fields whose name alone does not say enough (docs/manifest.md's reference is generated from these).
 FIELD_NOTES = {
     "version": f"manifest schema version; this reid-batch reads {MANIFEST_VERSION}",
     "run_id": "name of the run: letters, digits, '.', '_', '-'; outputs go to <output.uri>/<run_id>/",
@@ -957,7 +958,7 @@ FIELD_NOTES = {
 
 
 def reference_markdown() -> str:
-    """The manifest field reference as a Markdown table, generated from the schema (the README embeds it)."""
+    """The manifest field reference as a Markdown table, generated from the schema (docs/manifest.md embeds it)."""
     rows = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
 
     def type_name(annotation: Any) -> str:

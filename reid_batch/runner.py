@@ -2,11 +2,8 @@
 
 On a cluster the scheduler runs the stages (slurm/, k8s/); on a laptop or a workstation `run` does. With `--jobs 1`
 the stages run one after another in this process. With N > 1 every task is its own `reid-batch <stage> MANIFEST
---target T` process, started as soon as the tasks it needs have finished:
-
-    make-phantoms -> train-prior, train-reid, train-target[t], train-demographics
-    train-prior + train-target[t] -> finetune[t] -> sample[t] -> select[t]
-    select[t] + train-demographics -> score[t] -> evaluate[t] (+ train-reid);  every evaluate[t] -> calibrate -> report
+--target T` process, started as soon as the tasks it needs have finished (the task graph comes from the stage
+registry's `needs`; docs/pipeline.md draws it).
 
 Why processes and not threads: small convolutions use a second core poorly inside one PyTorch process, but two
 single-threaded processes use it fully (each child gets OMP_NUM_THREADS = cores // N unless the caller set it; a

@@ -134,7 +134,7 @@ def launched_state(manifest: Manifest):
     """Accelerate's process state when this stage runs under a multi-process launcher, else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    from accelerate import PartialState  # a 5 s import, paid only by a launched multi-process task
+    from accelerate import PartialState  # a slow import, paid only by a launched multi-process task
 
     return PartialState(cpu=pick_device(manifest).type == "cpu")
 

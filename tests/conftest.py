@@ -1,9 +1,11 @@
-"""Shared fixtures: a real S3 API (moto server on loopback) and stores on local disk and on S3."""
+"""Shared fixtures: a real S3 API (moto server on loopback), stores on local disk and on S3, and a tiny synthetic
+world. Shared plain builders are in helpers.py."""
 
 from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +71,15 @@ def any_store(request, tmp_path) -> Store:
         return open_store(str(tmp_path / "store"))
     uri, settings = request.getfixturevalue("s3_bucket")
     return open_store(uri, settings)
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory) -> Path:
+    """A 32 px synthetic world (40 private, 60 public, 20 control patients), written once per test module; the
+    manifest on it is helpers.tiny_manifest."""
+    from reid_batch.data.phantoms import WorldConfig, write_world
+
+    root = tmp_path_factory.mktemp("world") / "world"
+    write_world(str(root), WorldConfig(seed=3, image_size=32, private_patients=40, public_patients=60,
+                                       control_patients=20, max_studies_per_patient=2))
+    return root

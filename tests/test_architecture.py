@@ -4,7 +4,8 @@
 * stages are peers: no module of reid_batch.stages imports another stage;
 * libraries never reach up: nothing below the stages imports a stage, the registry, the CLI or the runners;
 * every stage of the registry has its module, and every stage module is in the registry;
-* the registry, the CLI's module, the manifest, the layout and `report` load without torch.
+* the registry, the CLI's module, the manifest, the layout, the results records and `report` load without torch;
+* docs/architecture.md lists every module, and no module that is gone.
 """
 
 from __future__ import annotations
@@ -121,7 +122,51 @@ def test_registry_and_stage_modules_agree():
 
 
 @pytest.mark.parametrize("module", ["reid_batch.cli", "reid_batch.registry", "reid_batch.layout",
-                                    "reid_batch.manifest", "reid_batch.deploy", "reid_batch.stages.report"])
+                                    "reid_batch.manifest", "reid_batch.deploy", "reid_batch.stages.report",
+                                    "reid_batch.results"])
 def test_light_modules_load_without_torch(module):
     code = f"import sys, {module}; sys.exit(3 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0, f"{module} imports torch"
+
+
+def listed_in_code_map() -> set[str]:
+    """The modules docs/architecture.md lists: every `reid_batch/....py` path in its text."""
+    import re
+
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    return set(re.findall(r"`(reid_batch/[\w/]+\.py)`", text))
+
+
+def test_the_code_map_lists_every_module_and_nothing_that_is_gone():
+    present = {str(path.relative_to(PACKAGE.parent)) for path in PACKAGE.rglob("*.py") if path.name != "__init__.py"}
+    listed = listed_in_code_map()
+    assert not present - listed, f"modules missing from docs/architecture.md: {sorted(present - listed)}"
+    assert not listed - present, f"docs/architecture.md lists modules that are gone: {sorted(listed - present)}"
+    # Positive control: the parser finds the rows, so an empty set cannot pass by accident.
+    assert "reid_batch/results.py" in listed and len(listed) > 50
+
+
+# Callables that take any number of positional arguments by design (a layer list).
+VARIADIC = {"nn.Sequential", "torch.nn.Sequential"}
+
+
+def long_positional_calls(source: str) -> list[tuple[int, str, int]]:
+    """(line, callee, count) of every call passing more than six positional arguments."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            count = sum(1 for argument in node.args if not isinstance(argument, ast.Starred))
+            if count > 6 and ast.unparse(node.func) not in VARIADIC:
+                found.append((node.lineno, ast.unparse(node.func), count))
+    return found
+
+
+def test_no_call_passes_more_than_six_positional_arguments():
+    """A reader cannot tell the seventh positional argument from the sixth: such calls take keywords."""
+    offenders = [f"{path.relative_to(PACKAGE.parent)}:{line}: {callee} with {count}"
+                 for path in sorted(PACKAGE.rglob("*.py"))
+                 for line, callee, count in long_positional_calls(path.read_text(encoding="utf-8"))]
+    assert not offenders, offenders
+    # Positive control: the check sees a long call, and lets a variadic layer list through.
+    assert long_positional_calls("f(1, 2, 3, 4, 5, 6, 7)") == [(1, "f", 7)]
+    assert long_positional_calls("nn.Sequential(a, b, c, d, e, f, g)") == []

@@ -87,8 +87,9 @@ def test_baseline_and_fast_path_give_the_same_statistics(tmp_path, target):
                 models.target(torch.rand(8, 3, 32, 32) * 2 - 1)
         models.target.eval()
     fast = bench.fast_scorer(manifest, spec, models, device)
-    baseline = bench.BaselineScorer(models.generator.requires_grad_(True), models.target, spec, models.reference,
-                                    fast.gaussian, models.num_classes, manifest.sampling.seed, device)
+    baseline = bench.BaselineScorer(models.generator.requires_grad_(True), models.target, spec,
+                                    reference=models.reference, gaussian=fast.gaussian,
+                                    num_classes=models.num_classes, seed=manifest.sampling.seed, device=device)
     ids = np.arange(100, 124)
     fast_columns, _ = fast.score(ids, shard=0)
     slow_columns = {}

@@ -64,7 +64,8 @@ def test_groups_with_one_side_only_are_not_measured_and_doses_are_apart():
 
 
 def test_the_report_sentence_corrects_for_every_level_and_set_tested():
-    from reid_batch.stages.report import canary_rows, canary_sentence
+    from reid_batch.reporting.tables import canary_rows
+    from reid_batch.reporting.sentences import canary_sentence
 
     def level(p):
         return {"included": 6, "excluded": 6, "auc": 0.9, "ci": [0.6, 1.0], "p_value": p}

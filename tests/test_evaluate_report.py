@@ -3,6 +3,7 @@ trained for one epoch by the recipe, stage 1 for 2 steps, 64 candidates, selecti
 
 The metric functions themselves are checked against their references in test_metrics.py; here the point is that
 the stage wires them to the right data and that the report says what the Parquet outputs say.
+The pipeline's manifest and inputs are built by helpers.evaluation_manifest and helpers.evaluation_inputs.
 """
 
 from __future__ import annotations
@@ -25,69 +26,18 @@ import yaml
 
 from reid_batch.errors import InputError
 from reid_batch.manifest import parse_manifest
+from reid_batch.results import Evaluation, read
+from reid_batch.analysis.leak import control_leak
+from reid_batch.reporting.sentences import canary_sentence, control_sentence
+from reid_batch.reporting.tables import canary_rows, control_rows, leak_rows, population_rows, prior_rows, risk_rows
+from reid_batch.reporting.text import leak_cell
+from reid_batch.reporting.verdicts import headline, leak_entry
 from reid_batch.runtime import run_store
+from helpers import (EVALUATION_SIZE as SIZE, EVALUATION_WORLD as WORLD, LATENT, evaluation_inputs,
+                     evaluation_manifest)
 
 REPO = Path(__file__).resolve().parents[1]
-LATENT = 16
-DEPTHS = [32, 16, 8, 8]  # 4 -> 32 px
-SIZE = 32
-WORLD = {"seed": 0, "image_size": SIZE, "private_patients": 16, "public_patients": 8, "control_patients": 10,
-         "max_studies_per_patient": 2}
 TARGETS = ("cnn", "cnn-control")
-
-
-def _inputs(directory: Path) -> dict[str, Path]:
-    from reid_batch.checkpoints import save_state_dict
-    from reid_batch.models.pggan import PGGANConfig, PGGANGenerator, save_generator
-    from reid_batch.stages.train_demographics import build_model
-
-    torch.manual_seed(0)
-    save_generator(PGGANGenerator(PGGANConfig(latent_dim=LATENT, depths=tuple(DEPTHS), out_channels=1)),
-                   directory / "prior.safetensors")
-    torch.manual_seed(0)
-    save_state_dict(build_model("densenet_tiny").state_dict(), directory / "demographics.safetensors")
-    return {"prior": directory / "prior.safetensors", "demographics": directory / "demographics.safetensors"}
-
-
-def make_manifest(root: Path, inputs: dict[str, Path], output: str, s3_endpoint: str | None = None):
-    document = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
-    document["output"] = {"uri": output}
-    if s3_endpoint:
-        document["output"]["s3"] = {"endpoint": s3_endpoint, "region": "us-east-1"}
-    document["data"] = {"synthetic": {"root": str(root / "world"), **WORLD}, "val_fraction": 0.2, "split_seed": 0}
-    train = {"preset": "normal", "epochs": 1, "batch_size": 8}
-    document["targets"] = [
-        # P2 at its smallest: 3 canaries at 1 and 3 at 2 training studies; coin seed 0 puts canaries on both sides.
-        {"name": "cnn", "arch": "resnet18", "input": {"size": SIZE}, "attacks": ["study", "ppa"],
-         "train": {**train, "canaries": {"per_dose": 3, "duplicates": [1, 2], "seed": 0}}},
-        {"name": "cnn-control", "arch": "resnet18", "train": {**train, "pool": "control"}, "input": {"size": SIZE}},
-        # P1 at its smallest: 2 patients as 2 classes, attacked with the per-class latent offsets.
-        {"name": "identity", "arch": "resnet18", "input": {"size": SIZE}, "objective": {"class_offsets": True},
-         "attacks": ["study", "ppa"], "train": {"preset": "identity", "epochs": 1, "batch_size": 4,
-                   "identity": {"patients": 2, "studies": 4, "validation_studies": 1}}},
-    ]
-    document["generator"] = {"checkpoint": str(inputs["prior"]), "format": "reid", "latent_dim": LATENT,
-                             "depths": DEPTHS, "out_channels": 1}
-    document["finetune"] = {"steps": 2, "batch_size": 4, "lr": 1e-4, "checkpoint_every": 100, "log_every": 1}
-    document["sampling"] = {"num_candidates": 64, "batch_size": 32, "num_shards": 1, "chunk_size": 64,
-                            "row_group_size": 64, "seed": 3}
-    document["selection"] = {"rule": "top_k", "top_k": 7}
-    # The ppa attack at its smallest (the cnn target has one logit: attacked as two classes).
-    document["ppa"] = {"search": 6, "optimise": 3, "keep": 2, "steps": 3, "search_views": 2, "final_views": 3,
-                       "batch_size": 4}
-    document["demographics"] = {"arch": "densenet_tiny", "checkpoint": str(inputs["demographics"]),
-                                "image_size": SIZE, "num_shards": 2}
-    # FID is off here: each FID needs a 2048 x 2048 matrix square root, about a minute on a loaded 2-core machine.
-    # distribution_metrics' FID wiring is tested below on small features; the metric itself in test_metrics.py.
-    document["evaluation"] = {"num_images": 12, "pca_components": 5, "bootstrap": 20, "fid": False,
-                              "membership_candidates": 40, "leak_bootstrap": 200, "leak_permutations": 200,
-                              "population_shift": True}
-    # A tiny embedding (one epoch on 8 public patients): the wiring, not its quality, is tested here.
-    document["reid"] = {"arch": "reid_small", "image_size": SIZE, "embedding_dim": 16, "width": 8,
-                        "train": {"epochs": 1, "patients_per_batch": 4, "validate_every": 1}}
-    document["calibration"] = {"fractions": [0.0, 0.1], "seeds": 2, "null_seeds": 2}
-    document["compute"] = {"device": "cpu"}
-    return parse_manifest(document)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +48,7 @@ def pipeline(tmp_path_factory):
     from reid_batch.stages import calibrate, evaluate, ppa, report, sample, score, select
 
     root = tmp_path_factory.mktemp("evaluate")
-    manifest = make_manifest(root, _inputs(root), str(root / "out"))
+    manifest = evaluation_manifest(root, evaluation_inputs(root), str(root / "out"))
     write_world(manifest.data.synthetic.root, WorldConfig(**WORLD, device_rate=0.3, workers=1))
     train_target.run(manifest)
     train_reid.run(manifest)
@@ -123,13 +73,15 @@ def pipeline(tmp_path_factory):
 
 
 def _outputs(manifest, name: str):
-    from reid_batch.stages import evaluate
+    from reid_batch.layout import METRICS_FILE, TABLE_FILE, evaluation_prefix
 
     store = run_store(manifest)
-    prefix = evaluate.evaluation_prefix(name)
+    prefix = evaluation_prefix(name)
     assert store.is_committed(prefix)
-    metrics = store.read_json(f"{prefix}/{evaluate.METRICS_FILE}")
-    table = store.read_parquet(f"{prefix}/{evaluate.TABLE_FILE}").to_pandas()
+    metrics = store.read_json(f"{prefix}/{METRICS_FILE}")
+    # The typed record evaluate wrote reads back as exactly the JSON on disk (every field of a real run is known).
+    assert read(Evaluation, store, f"{prefix}/{METRICS_FILE}").to_json() == metrics
+    table = store.read_parquet(f"{prefix}/{TABLE_FILE}").to_pandas()
     return store, metrics, table
 
 
@@ -268,7 +220,8 @@ def test_the_leak_statistic_uses_the_targets_own_members(pipeline, name):
     scores = [generator_scores(features, patients, len(member), feature_matrix(candidates.column("features"))[
         generators == g]) for g in ("attacked", "prior")]
     settings = manifest.evaluation
-    again = leak_test(member, *scores, settings.leak_bootstrap, settings.leak_permutations, settings.seed)
+    again = leak_test(member, *scores, bootstrap=settings.leak_bootstrap, permutations=settings.leak_permutations,
+                      seed=settings.seed)
     raw = leak["raw"]["vs_prior"]
     assert again["leak"] == pytest.approx(raw["leak"]) and again["ci"] == pytest.approx(raw["ci"])
     assert raw["leak"] == pytest.approx(raw["auc_attacked"] - raw["auc_null"])
@@ -278,7 +231,7 @@ def test_the_leak_statistic_uses_the_targets_own_members(pipeline, name):
                                feature_matrix(candidates.column("features"))[generators == "ppa"])
         null = generator_scores(features, patients, len(member), feature_matrix(candidates.column("features"))[
             generators == "prior"][:(generators == "ppa").sum()])
-        again = leak_test(member, ppa, null, settings.leak_bootstrap, settings.leak_permutations, settings.seed)
+        again = leak_test(member, ppa, null, bootstrap=settings.leak_bootstrap, permutations=settings.leak_permutations, seed=settings.seed)
         assert again["leak"] == pytest.approx(metrics["attacks"]["ppa"]["leak"]["vs_prior"]["leak"])
     # Stage 2's selection, against the prior's candidates through the same rule from a pool of the same size.
     selected = leak["selected"]["vs_prior"]
@@ -312,7 +265,7 @@ def test_calibration_spikes_member_patients_into_prior_candidates(pipeline):
         assert sorted(runs["fraction"].unique()) == settings.ppa_fractions
         assert (runs["fraction"] == 0).sum() == settings.null_seeds and (runs["fraction"] == 0.5).sum() == settings.seeds
         assert (runs["detected"] == ((runs["ci_low"] > 0) & (runs["p_value"] <= 0.05))).all()
-    from reid_batch.stages.report import calibration_rows
+    from reid_batch.reporting.tables import calibration_rows
 
     header, rows = calibration_rows(json.loads(store.read_bytes("report/report.json")))
     labels = [row[0] for row in rows]
@@ -381,8 +334,10 @@ def test_ppa_keeps_its_most_confident_optimised_samples_and_evaluate_measures_th
     from reid_batch.layout import PPA_CLASS_STRIDE, PPA_ID_OFFSET
     from reid_batch.models.pggan import generator_to_unit
     from reid_batch.models.reid import embed
-    from reid_batch.stages import evaluate
+    from reid_batch.analysis.space import FeatureSpace
     from reid_batch.artifacts import read_ppa_kept as read_kept
+    from reid_batch.evaluation.images import load_images
+    from reid_batch.evaluation.shared import CONFIDENCE
 
     manifest, _ = pipeline
     settings = manifest.ppa
@@ -407,8 +362,8 @@ def test_ppa_keeps_its_most_confident_optimised_samples_and_evaluate_measures_th
         prior_features = np.stack(candidates[candidates["generator"] == "prior"]["features"].to_numpy())
         again = leak_test(member, generator_scores(records, patients, len(member), features),
                           generator_scores(records, patients, len(member), prior_features[:len(features)]),
-                          manifest.evaluation.leak_bootstrap, manifest.evaluation.leak_permutations,
-                          manifest.evaluation.seed, evaluate.CONFIDENCE)
+                          bootstrap=manifest.evaluation.leak_bootstrap, permutations=manifest.evaluation.leak_permutations,
+                          seed=manifest.evaluation.seed, confidence=CONFIDENCE)
         assert attack["leak"]["vs_prior"]["leak"] == pytest.approx(again["leak"], abs=1e-6)
         assert attack["leak"]["vs_prior"]["p_value"] == pytest.approx(again["p_value"], abs=1e-9)
         assert metrics["attacks"]["study"]["leak"]["vs_prior"] == metrics["leak"]["raw"]["vs_prior"]
@@ -418,8 +373,8 @@ def test_ppa_keeps_its_most_confident_optimised_samples_and_evaluate_measures_th
     sets = identity_sets(manifest, spec)
     number = {p.name: i for i, p in enumerate(sets.scored + sets.distractors)}
     rows, on_error = pool_frame(manifest, train_pool(spec))
-    gallery = evaluate.load_images(rows[rows["patient_id"].astype(str).isin(number)], SIZE, on_error, 0, set(),
-                                   "gallery", evaluate.FeatureSpace(model, SIZE))
+    gallery = load_images(rows[rows["patient_id"].astype(str).isin(number)], SIZE, on_error, 0, desc="gallery",
+                          space=FeatureSpace(model, SIZE))
     kept = read_kept(store, manifest, spec)
     with torch.no_grad():
         latents = torch.from_numpy(feature_matrix(kept["latent"]))
@@ -450,7 +405,6 @@ def test_the_ppa_bench_script_reproduces_the_stage_and_its_identity_measure(pipe
 
 
 def test_the_report_ranks_the_attacks_and_the_headline_names_the_strongest(pipeline):
-    from reid_batch.stages import report
 
     manifest, _ = pipeline
     store = run_store(manifest)
@@ -462,43 +416,50 @@ def test_the_report_ranks_the_attacks_and_the_headline_names_the_strongest(pipel
         assert sorted(modes) == sorted(["study", "ppa"] if name != "cnn-control" else ["study"])
         keys = [(not a["detected"], -a["vs_prior"]["leak"]) for a in leak["attacks"]]
         assert keys == sorted(keys) and leak["strongest"] == modes[0]
-        headline = document["targets"][name]["headline"]
+        line = document["targets"][name]["headline"]
         if len(modes) > 1:
-            assert f"({modes[0]}, the strongest of 2 attacks)" in headline or f"detected by {modes[0]}" in headline
-            assert report.leak_cell(leak["attacks"][0]["vs_prior"]) in headline
+            assert f"({modes[0]}, the strongest of 2 attacks)" in line or f"detected by {modes[0]}" in line
+            assert leak_cell(leak["attacks"][0]["vs_prior"]) in line
         else:
-            assert "strongest" not in headline
+            assert "strongest" not in line
         assert html_escape(leak["verdict"]) in page
-    header = list(report.risk_rows(document)[0])
+    header = list(risk_rows(document)[0])
     assert "Attacks ranked (L vs prior)" in header and "Attacks ranked (L vs prior)" in page
     # The ppa samples' figure (one row per class) for the targets attacked with ppa, and their L row.
     assert page.count("<h3>The ppa attack's samples</h3>") == 2
     assert store.exists("identity/evaluation/figures/ppa_samples.png")
     assert not store.exists("cnn-control/evaluation/figures/ppa_samples.png")
-    header, rows = report.leak_rows(document["targets"]["identity"]["risk"]["leak"])
+    header, rows = leak_rows(document["targets"]["identity"]["risk"]["leak"])
     assert rows[-1][0] == "ppa (kept samples)" and all(html_escape(cell) in page for cell in rows[-1])
     # A ppa leak that both the interval and the permutation test see becomes the verdict, named.
-    metrics = {"leak": {"available": True, "raw": {"vs_prior": {"leak": 0.01, "ci": [-0.1, 0.1], "p_value": 0.4}}},
-               "attacks": {"study": {"leak": {"available": True, "vs_prior": {"leak": 0.01, "ci": [-0.1, 0.1],
-                                                                               "p_value": 0.4}}},
-                           "ppa": {"leak": {"available": True, "vs_prior": {"leak": 0.3, "ci": [0.1, 0.5],
-                                                                             "p_value": 0.001}}}}}
-    entry = report.leak_entry(metrics, None, None)
+    from reid_batch.results import (Attack, AttackLeak, Calibration, LeakSummary, LeakTest, PPACalibration,
+                                    VersusPrior)
+
+    def attack(mode: str, leak: float, ci: list[float], p: float) -> Attack:
+        return Attack(mode=mode, description=mode, leak=AttackLeak(available=True, vs_prior=LeakTest(
+            leak=leak, ci=ci, p_value=p)))
+
+    study = LeakSummary(available=True, raw=VersusPrior(vs_prior=LeakTest(leak=0.01, ci=[-0.1, 0.1], p_value=0.4)))
+    attacks = {"study": attack("study", 0.01, [-0.1, 0.1], 0.4), "ppa": attack("ppa", 0.3, [0.1, 0.5], 0.001)}
+    entry = leak_entry(study, attacks, None, None)
     assert entry["strongest"] == "ppa" and entry["detected"] and "by the ppa attack" in entry["verdict"]
-    assert report.headline(entry).startswith("leak detected by ppa: L +0.300")
-    metrics["attacks"]["ppa"]["leak"]["vs_prior"]["p_value"] = 0.2  # the interval alone is not enough
-    entry = report.leak_entry(metrics, None, None)
+    assert headline(entry).startswith("leak detected by ppa: L +0.300")
+    attacks["ppa"].leak.vs_prior.p_value = 0.2  # the interval alone is not enough
+    entry = leak_entry(study, attacks, None, None)
     assert entry["strongest"] == "ppa" and not entry["detected"] and "no leak detected" in entry["verdict"]
     assert "not calibrated at the ppa attack's pool size" in entry["verdict"]
     # Undetected, the strongest ppa attack is worded by its own calibration (its pool size), not the study's.
-    calibration = {"available": True, "minimum_detectable_effect": 0.02, "largest_fraction": 0.1,
-                   "ppa": {"candidates": 40, "minimum_detectable_effect": 0.25, "largest_fraction": 0.5}}
-    entry = report.leak_entry(metrics, None, calibration)
+    ppa = PPACalibration(candidates=40, detected_when="", base_and_null="", fractions=[], false_positive_rate=0.0,
+                         null_repeats=0, minimum_detectable_effect=0.25, largest_fraction=0.5, detect_share=0.8,
+                         runs=[])
+    calibration = Calibration(schema_version=1, available=True, target="identity", minimum_detectable_effect=0.02,
+                              largest_fraction=0.1, ppa=ppa)
+    entry = leak_entry(study, attacks, None, calibration)
     assert entry["verdict"] == "no leak larger than 25% of the ppa samples being training patients detected"
-    calibration["ppa"]["minimum_detectable_effect"] = None
-    assert "did not reliably see even 50% of them" in report.leak_entry(metrics, None, calibration)["verdict"]
-    metrics["attacks"]["ppa"]["leak"]["vs_prior"]["leak"] = 0.0  # study strongest: the study's calibration words it
-    assert report.leak_entry(metrics, None, calibration)["verdict"] == \
+    ppa.minimum_detectable_effect = None
+    assert "did not reliably see even 50% of them" in leak_entry(study, attacks, None, calibration)["verdict"]
+    attacks["ppa"].leak.vs_prior.leak = 0.0  # study strongest: the study's calibration words it
+    assert leak_entry(study, attacks, None, calibration)["verdict"] == \
         "no leak larger than 2% of candidates being training patients detected"
 
 
@@ -576,7 +537,6 @@ def test_canaries_train_by_their_coins_and_are_scored_by_a_held_out_study(pipeli
 def test_prior_quality_is_measured_once_and_reported(pipeline):
     """calibrate's prior-quality: the prior's samples against public images in the embedding, with the real-vs-real
     floor and the classifier two-sample test; the report's instrument section shows the numbers and the strip."""
-    from reid_batch.stages import report
 
     manifest, _ = pipeline
     store = run_store(manifest)
@@ -589,7 +549,7 @@ def test_prior_quality_is_measured_once_and_reported(pipeline):
     document = store.read_json("report/report.json")
     page = store.read_bytes("report/report.html").decode("utf-8")
     markdown = store.read_bytes("report/report.md").decode("utf-8")
-    header, rows = report.prior_rows(document)
+    header, rows = prior_rows(document)
     assert rows and all(html_escape(cell) in page for cell in rows[0]) and all(cell in markdown for cell in rows[0])
     assert page.count("prior samples (top) over public images") == 1
 
@@ -630,7 +590,7 @@ def test_report_agrees_with_the_parquet_outputs(pipeline):
             assert f"<td>{value:.3f}</td>" in page
         leak = entry["risk"]["leak"]
         assert leak["vs_prior"] == metrics["leak"]["raw"]["vs_prior"]
-        assert report.leak_cell(leak["vs_prior"]) in page and report.leak_cell(leak["vs_prior"]) in markdown
+        assert leak_cell(leak["vs_prior"]) in page and leak_cell(leak["vs_prior"]) in markdown
         assert html_escape(leak["verdict"]) in page and leak["verdict"] in markdown
         calibration = store.read_json(f"{name}/calibration/calibration.json")
         assert leak["calibration"]["false_positive_rate"] == calibration["false_positive_rate"]
@@ -639,15 +599,15 @@ def test_report_agrees_with_the_parquet_outputs(pipeline):
     # The second null: the target's candidates against the control model's, scored on the TARGET's records.
     leak = document["targets"]["cnn"]["risk"]["leak"]
     settings = manifest.evaluation
-    expected = report.control_leak(store.read_parquet("cnn/evaluation/records.parquet"),
-                                   store.read_parquet("cnn/evaluation/leak_candidates.parquet"),
-                                   store.read_parquet("cnn-control/evaluation/leak_candidates.parquet"),
-                                   settings.leak_bootstrap, settings.leak_permutations, settings.seed)
+    expected = control_leak(store.read_parquet("cnn/evaluation/records.parquet"),
+                            store.read_parquet("cnn/evaluation/leak_candidates.parquet"),
+                            store.read_parquet("cnn-control/evaluation/leak_candidates.parquet"),
+                            settings.leak_bootstrap, settings.leak_permutations, settings.seed)
     assert leak["control"] == "cnn-control" and leak["vs_control"]["leak"] == pytest.approx(expected["leak"])
     assert leak["vs_control"]["ci"] == pytest.approx(expected["ci"])
     assert document["targets"]["cnn-control"]["risk"]["leak"]["vs_control"] is None
     # The summary is short: one headline risk per target; "leak vs control" of two AUCs is gone.
-    header = next(iter(report.risk_rows(document)))
+    header = next(iter(risk_rows(document)))
     assert len(header) <= 6 + ("Attacks ranked (L vs prior)" in header) and "Record-level membership AUC (prior)" not in page and "record_leak" not in page
     # Risk summary first, then the comparison, the per-target sections, the meanings, and the manifest.
     headings = ["Threat model", "1. Risk summary", "2. Side-by-side comparison", "3.1 Target cnn",
@@ -702,7 +662,6 @@ def test_population_shift_is_the_attacked_minus_the_prior_predictions(pipeline):
 
 
 def test_report_has_a_controls_section(pipeline):
-    from reid_batch.stages import report
 
     manifest, _ = pipeline
     store = run_store(manifest)
@@ -710,29 +669,29 @@ def test_report_has_a_controls_section(pipeline):
     page = store.read_bytes("report/report.html").decode("utf-8")
     markdown = store.read_bytes("report/report.md").decode("utf-8")
     assert list(document["controls"]) == ["identity"]
-    header, rows = report.control_rows(document)
+    header, rows = control_rows(document)
     assert [row[1] for row in rows] == ["likely samples", "raw candidates", "prior (no attack)",
                                         "ppa (latents optimised per sample)"]
     assert "Permutation p" in header
     for row in rows:
         assert all(html_escape(cell) in page for cell in row) and all(cell in markdown for cell in row)
-    assert html_escape(report.control_sentence("identity", document["controls"]["identity"])) in page
-    header, rows = report.population_rows(document)
+    assert html_escape(control_sentence("identity", document["controls"]["identity"])) in page
+    header, rows = population_rows(document)
     assert [row[0] for row in rows] == [t.name for t in manifest.targets]
     for row in rows:
         assert all(html_escape(cell) in page for cell in row) and all(cell in markdown for cell in row)
-    header, rows = report.canary_rows(document)
+    header, rows = canary_rows(document)
     assert list(document["canaries"]) == ["cnn"] and [row[2] for row in rows[:2]] == ["1", "2"]
     assert len(rows) == 8 and "<h3>Canaries in the study's task</h3>" in page  # 4 sample sets (ppa too) x 2 doses
     for row in rows:
         assert all(html_escape(cell) in page for cell in row) and all(cell in markdown for cell in row)
-    assert html_escape(report.canary_sentence("cnn", document["canaries"]["cnn"])) in page
+    assert html_escape(canary_sentence("cnn", document["canaries"]["cnn"])) in page
 
 
 def test_dose_response_rows_need_one_architecture_at_two_sizes():
     """P3: overfit targets by images per class, the normal one of the same architecture as "all"; a lone overfit
     target of another architecture is not a dose-response."""
-    from reid_batch.stages.report import dose_rows
+    from reid_batch.reporting.tables import dose_rows
 
     def entry(arch, preset, per_class, leak):
         return {"metrics": {"arch": arch, "preset": preset, "train_pool": "private",
@@ -791,7 +750,7 @@ def test_report_reads_and_writes_s3_and_needs_no_torch(pipeline, s3_bucket):
 
 def test_distribution_metrics_fid_pairs_and_basis():
     from reid_batch.analysis.metrics import fid, fit_pca, pca_kurtosis
-    from reid_batch.stages.evaluate import distribution_metrics
+    from reid_batch.evaluation.stage1 import distribution_metrics
 
     generator = torch.Generator().manual_seed(0)
     sets = {"prior": torch.rand(10, 1, 16, 16, generator=generator),
@@ -829,7 +788,7 @@ def test_device_detector_calibration():
 
 
 def test_manifest_redaction(monkeypatch):
-    from reid_batch.stages.report import safe_manifest
+    from reid_batch.reporting.document import safe_manifest
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value-123")
     cleaned = safe_manifest({"output": {"uri": "s3://user:pw@bucket/x", "note": "key AKIAABCDEFGHIJKLMNOP"},
@@ -856,7 +815,7 @@ def test_held_out_set_matches_the_training_label_mix():
 
 def test_report_shows_the_demographic_models_own_validation():
     """train-demographics writes its validation under "val"; the report once read other keys and printed n/a."""
-    from reid_batch.stages.report import _html_risk_summary
+    from reid_batch.reporting.html import _html_risk_summary
 
     document = {"targets": {}, "demographic_model": {"val": {"age_mae": 7.3705, "sex_accuracy": 0.9875}}}
     text = "\n".join(_html_risk_summary(document))
@@ -865,7 +824,8 @@ def test_report_shows_the_demographic_models_own_validation():
 
 def test_report_states_its_instrument():
     """The report opens with its ruler: the embedding's verification, or that there is none (pixel distances)."""
-    from reid_batch.stages.report import _html_instrument, instrument_summary
+    from reid_batch.reporting.html import _html_instrument
+    from reid_batch.reporting.document import instrument_summary
 
     none = {"instrument": instrument_summary(None)}
     assert "blind to identity" in "\n".join(_html_instrument(none))

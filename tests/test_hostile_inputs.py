@@ -30,7 +30,7 @@ import yaml
 from PIL import Image
 
 from reid_batch.cli import main
-from test_sample import build_inputs, make_manifest
+from helpers import build_inputs, make_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER_NAME = "code-was-executed"

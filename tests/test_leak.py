@@ -17,7 +17,7 @@ from reid_batch.analysis.leak import (GeneratorScores, auc_rows, generator_score
                                       tpr_at_fpr)
 from reid_batch.errors import InputError
 from reid_batch.manifest import parse_manifest
-from test_recipes import tiny_manifest, tiny_world  # noqa: F401 - fixture
+from helpers import tiny_manifest
 
 DIMS = 16
 NOISE = 0.3
@@ -142,12 +142,13 @@ def _checkpoint_manifest(world, tmp_path, training_list=None):
 
 def test_checkpoint_membership_comes_from_its_training_list_or_is_not_available(tiny_world, tmp_path):
     from reid_batch.analysis.roles import NO_TRAINING_LIST, membership_records, pool_frame
-    from reid_batch.stages.report import leak_entry
+    from reid_batch.reporting.verdicts import leak_entry
+    from reid_batch.results import LeakSummary
 
     manifest = _checkpoint_manifest(tiny_world, tmp_path)
     records, reason, _ = membership_records(manifest, manifest.targets[0], 1000, 0)
     assert records is None and reason == NO_TRAINING_LIST
-    entry = leak_entry({"leak": {"available": False, "reason": reason}}, None, None)
+    entry = leak_entry(LeakSummary(available=False, reason=reason), {}, None, None)
     assert entry["verdict"] == "membership: not available (no training list)"
 
     rows, _ = pool_frame(manifest, "private")
@@ -213,7 +214,7 @@ def _candidate_table(**by_generator):
 
 
 def test_defence_change_sees_a_defence_that_removes_a_leak_and_not_one_that_changes_nothing():
-    from reid_batch.stages.report import defence_change
+    from reid_batch.analysis.leak import defence_change
 
     rng = np.random.default_rng(11)
     members, images, groups, member = _world(rng)
@@ -222,11 +223,11 @@ def test_defence_change_sees_a_defence_that_removes_a_leak_and_not_one_that_chan
     # Positive control: the baseline's ppa samples are 30% copies of members, the defended target's are not.
     baseline = _candidate_table(attacked=_candidates(400, rng), prior=prior, ppa=_candidates(200, rng, members, 0.3))
     defended = _candidate_table(attacked=_candidates(400, rng), prior=prior, ppa=_candidates(200, rng))
-    seen = defence_change("ppa", records, records, defended, baseline, 500, 500, 0)
+    seen = defence_change("ppa", records, records, defended, baseline, bootstrap=500, permutations=500, seed=0)
     assert seen["available"] and seen["lowered"] and seen["change"] < -0.1
     assert seen["ci"][1] < 0 and seen["p_value"] < 0.01 and seen["candidates"] == {"defended": 200, "baseline": 200}
     # Its null: the same tables with the two targets swapped is an increase, never "lowered".
-    swapped = defence_change("ppa", records, records, baseline, defended, 500, 500, 0)
+    swapped = defence_change("ppa", records, records, baseline, defended, bootstrap=500, permutations=500, seed=0)
     assert not swapped["lowered"] and swapped["change"] == pytest.approx(-seen["change"])
     # A defence that changes nothing (both generators random): the interval covers 0 in about 95% of worlds.
     covered = lowered = 0
@@ -235,14 +236,14 @@ def test_defence_change_sees_a_defence_that_removes_a_leak_and_not_one_that_chan
         _, images, groups, member = _world(rng, patients=30)
         records = _tables(images, groups, member)
         a, b = (_candidate_table(attacked=_candidates(300, rng), prior=prior) for _ in range(2))
-        result = defence_change("study", records, records, a, b, 300, 300, seed)
+        result = defence_change("study", records, records, a, b, bootstrap=300, permutations=300, seed=seed)
         covered += result["ci"][0] <= 0 <= result["ci"][1]
         lowered += result["lowered"]
     assert covered >= 8 and lowered <= 1
 
 
 def test_defence_change_needs_the_same_patients_and_the_modes_candidates():
-    from reid_batch.stages.report import defence_change
+    from reid_batch.analysis.leak import defence_change
 
     rng = np.random.default_rng(3)
     _, images, groups, member = _world(rng, patients=10)
@@ -250,11 +251,12 @@ def test_defence_change_needs_the_same_patients_and_the_modes_candidates():
     other = _tables(images, groups, member, paths=[f"other{i}.png" for i in range(len(images))])
     study_only = _candidate_table(attacked=_candidates(50, rng), prior=_candidates(50, rng))
     with_ppa = _candidate_table(attacked=_candidates(50, rng), prior=_candidates(50, rng), ppa=_candidates(8, rng))
-    result = defence_change("study", records, other, study_only, study_only, 100, 100, 0)
+    result = defence_change("study", records, other, study_only, study_only, bootstrap=100, permutations=100, seed=0)
     assert not result["available"] and "different member and non-member images" in result["reason"]
-    result = defence_change("ppa", records, records, study_only, with_ppa, 100, 100, 0)
+    result = defence_change("ppa", records, records, study_only, with_ppa, bootstrap=100, permutations=100, seed=0)
     assert not result["available"] and "no ppa candidates" in result["reason"] and "defended" in result["reason"]
-    assert defence_change("ppa", records, records, with_ppa, with_ppa, 100, 100, 0)["change"] == 0.0
+    same = defence_change("ppa", records, records, with_ppa, with_ppa, bootstrap=100, permutations=100, seed=0)
+    assert same["change"] == 0.0
 
 
 def test_ppa_calibration_sees_a_spiked_small_pool_and_not_its_null():
@@ -272,7 +274,8 @@ def test_ppa_calibration_sees_a_spiked_small_pool_and_not_its_null():
     evaluation = SimpleNamespace(leak_bootstrap=300, leak_permutations=300)
     runs = []
     for repeat in range(3):
-        runs += ppa_repeat(member, base, null, spikes.distances, 40, settings, evaluation, repeat, rng)
+        runs += ppa_repeat(member, base, null, spikes.distances, pool=40, settings=settings, evaluation=evaluation,
+                           repeat=repeat, rng=rng)
     summary = summarise(runs, settings.ppa_fractions, 0.8)
     assert summary["minimum_detectable_effect"] == 1.0 and summary["false_positive_rate"] == 0.0
     means = {row["fraction"]: row["leak_mean"] for row in summary["fractions"]}

@@ -238,19 +238,19 @@ def test_shard_defaults_from_scheduler_environment(monkeypatch):
     os.environ.pop("SLURM_ARRAY_TASK_ID", None)
 
 
-def test_readme_field_reference_is_generated_from_the_schema():
+def test_docs_manifest_field_reference_is_generated_from_the_schema():
     from reid_batch.manifest import reference_markdown
 
-    readme = (REPO / "README.md").read_text()
-    block = readme.split("<!-- manifest-reference:start -->\n", 1)[1].split("<!-- manifest-reference:end -->", 1)[0]
-    assert block.strip() == reference_markdown().strip(), "regenerate the README's field reference"
+    document = (REPO / "docs" / "manifest.md").read_text()
+    block = document.split("<!-- manifest-reference:start -->\n", 1)[1].split("<!-- manifest-reference:end -->", 1)[0]
+    assert block.strip() == reference_markdown().strip(), "regenerate the field reference in docs/manifest.md"
 
 
 def test_reference_statistics_default_to_public_images():
     """The prior's own samples as reference put stage 1 at the terms' minimum from the start: public is the default,
     and the report says where the reference came from."""
     from reid_batch.manifest import ReferenceSpec
-    from reid_batch.stages.report import attack_terms_text
+    from reid_batch.reporting.text import attack_terms_text
 
     assert ReferenceSpec().source == "public"
     terms = {"ln_stats": 1.0, "logits": 1.0}

@@ -17,10 +17,9 @@ from torch import nn
 
 from reid_batch.manifest import parse_manifest
 from reid_batch.runtime import run_store
-from test_evaluate_report import _inputs  # the same tiny prior and demographic model
+# The same tiny prior and demographic model as test_evaluate_report.
+from helpers import EVALUATION_DEPTHS as DEPTHS, LATENT, evaluation_inputs
 
-LATENT = 16
-DEPTHS = [32, 16, 8, 8]  # 4 -> 32 px
 SIZE = 32
 WORLD = {"seed": 0, "image_size": SIZE, "private_patients": 14, "public_patients": 1, "control_patients": 10,
          "max_studies_per_patient": 2}
@@ -67,7 +66,7 @@ def pipeline(tmp_path_factory):
     from reid_batch.stages import calibrate, evaluate, report, sample, score, select
 
     root = tmp_path_factory.mktemp("mitigations")
-    manifest = make_manifest(root, _inputs(root))
+    manifest = make_manifest(root, evaluation_inputs(root))
     write_world(manifest.data.synthetic.root, WorldConfig(**WORLD, device_rate=0.3, workers=1))
     train_target.run(manifest)
     finetune.run(manifest)
@@ -251,8 +250,8 @@ def test_a_one_image_remainder_batch_is_skipped_not_fatal():
     model = build_target("resnet18", 1, image_size=SIZE)
     images, labels = torch.rand(17, 1, SIZE, SIZE), torch.tensor([0.0, 1.0] * 8 + [1.0])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    loss = train_one_epoch(model, optimizer, images, labels, TargetInput(SIZE), 16, torch.Generator().manual_seed(0),
-                           torch.device("cpu"))
+    loss = train_one_epoch(model, optimizer, images, labels, input_spec=TargetInput(SIZE), batch_size=16,
+                           generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
     assert math.isfinite(loss)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         model.train()(torch.rand(1, 3, SIZE, SIZE))
@@ -300,7 +299,8 @@ def test_a_groupnorm_arm_without_dp(tmp_path):
 
 
 def test_defence_sentences_say_lowered_only_when_interval_and_p_agree():
-    from reid_batch.stages.report import defence_cell, defence_sentences
+    from reid_batch.reporting.tables import defence_cell
+    from reid_batch.reporting.sentences import defence_sentences
 
     def row(name, preset, defence=None, accuracy=1.0):
         return {"target": name, "preset": preset, "val_accuracy": accuracy, "val_accuracy_ci": [accuracy - 0.1, accuracy],
@@ -323,7 +323,7 @@ def test_defence_sentences_say_lowered_only_when_interval_and_p_agree():
 
 
 def test_the_paired_column_is_left_out_when_no_target_names_a_baseline():
-    from reid_batch.stages.report import mitigation_rows
+    from reid_batch.reporting.tables import mitigation_rows
 
     row = {"target": "a", "preset": "normal", "role": None, "epsilon": None, "delta": None, "val_auc": 0.9,
            "val_accuracy": 0.8, "train_accuracy": 1.0, "leak": 0.1, "leak_ci": [0.0, 0.2], "attack": "study",

@@ -54,11 +54,11 @@ def test_optimisation_raises_the_requested_class_confidence():
     keys = torch.arange(6)
     latents = latents_for_ids(1, keys, LATENT)
     classes = torch.tensor([0, 1, 2, 0, 1, 2])
-    before = view_confidence(generate, target, latents, classes, keys, 8, 2, SMALL, seed=1)
+    before = view_confidence(generate, target, latents, classes, keys, views=8, stream=2, settings=SMALL, seed=1)
     losses = []
     optimised = optimise_latents(generate, target, latents, classes, keys, SMALL, seed=1,
                                  on_step=lambda step, loss: losses.append(loss.mean().item()))
-    after = view_confidence(generate, target, optimised, classes, keys, 8, 2, SMALL, seed=1)
+    after = view_confidence(generate, target, optimised, classes, keys, views=8, stream=2, settings=SMALL, seed=1)
     # In log-probability: a random generator reaches some classes only a little way, but every one moves.
     gain = torch.log(after) - torch.log(before)
     assert gain.mean() > 0.5 and (gain > 0).all() and losses[-1] < 0.8 * losses[0]
@@ -105,8 +105,9 @@ def test_a_penalty_the_target_returns_beside_its_logits_is_optimised_per_sample(
     brightness = lambda z: generate(z).mean(dim=(1, 2, 3))  # noqa: E731
     assert brightness(penalised).mean() < brightness(plain).mean() - 0.05
     assert (brightness(penalised) < brightness(plain)).sum() >= 4
-    torch.testing.assert_close(view_confidence(generate, dimmed, latents, classes, keys, 4, 2, SMALL, seed=1),
-                               view_confidence(generate, target, latents, classes, keys, 4, 2, SMALL, seed=1))
+    torch.testing.assert_close(
+        view_confidence(generate, dimmed, latents, classes, keys, views=4, stream=2, settings=SMALL, seed=1),
+        view_confidence(generate, target, latents, classes, keys, views=4, stream=2, settings=SMALL, seed=1))
 
 
 def test_the_margin_measure_is_the_class_logit_over_the_largest_other_and_can_rank_the_kept():
@@ -115,7 +116,8 @@ def test_the_margin_measure_is_the_class_logit_over_the_largest_other_and_can_ra
     latents = latents_for_ids(7, keys, LATENT)
     classes = torch.tensor([0, 1, 2, 1, 0])
     still = PPASettings(crop_scale=(1.0, 1.0), rotation_deg=0.0, brightness=0.0)
-    margin = view_confidence(generate, target, latents, classes, keys, 3, 2, still, seed=1, measure="margin")
+    margin = view_confidence(generate, target, latents, classes, keys, views=3, stream=2, settings=still, seed=1,
+                             measure="margin")
     with torch.no_grad():
         logits = target(generate(latents))
     for i, c in enumerate(classes.tolist()):
@@ -126,7 +128,7 @@ def test_the_margin_measure_is_the_class_logit_over_the_largest_other_and_can_ra
     assert len(kept.ids) == SMALL.keep and len(set(kept.ids.tolist())) == SMALL.keep
     # Best first by margin, over the same final views the attack ranked them with (stream 2).
     again = view_confidence(generate, target, kept.latents, torch.full((SMALL.keep,), 2), torch.from_numpy(kept.ids),
-                            SMALL.final_views, 2, settings, seed=3, measure="margin")
+                            views=SMALL.final_views, stream=2, settings=settings, seed=3, measure="margin")
     assert (again[:-1] >= again[1:] - 1e-5).all(), again
 
 

@@ -33,7 +33,7 @@ from reid_batch.preemption import EXIT_REQUEUE
 from reid_batch.runtime import run_store
 from reid_batch.stages import score as scoring
 from reid_batch import layout
-from test_sample import build_inputs, make_manifest
+from helpers import build_inputs, make_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 9009

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -16,33 +12,9 @@ import torch
 import yaml
 
 from reid_batch.manifest import parse_manifest
+from helpers import commit_marker, kill_and_resume_equals_clean_run, tiny_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory) -> Path:
-    from reid_batch.data.phantoms import WorldConfig, write_world
-
-    root = tmp_path_factory.mktemp("world") / "world"
-    write_world(str(root), WorldConfig(seed=3, image_size=32, private_patients=40, public_patients=60,
-                                       control_patients=20, max_studies_per_patient=2))
-    return root
-
-
-def tiny_manifest(world: Path, output: Path, **target_train) -> dict:
-    document = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
-    document["output"] = {"uri": str(output)}
-    document["data"]["synthetic"].update(root=str(world), image_size=32, private_patients=40, public_patients=60,
-                                         control_patients=20, max_studies_per_patient=2, seed=3)
-    train = {"preset": "normal", "epochs": 2, "batch_size": 16, **target_train}
-    document["targets"] = [{"name": "cnn", "arch": "resnet18", "train": train, "input": {"size": 32, "channels": 3}}]
-    document["demographics"] = {"arch": "densenet_tiny", "image_size": 32, "train": {"epochs": 2, "batch_size": 16}}
-    return document
-
-
-def _commit_marker(output: Path, prefix: str) -> Path:
-    return output / "demo" / prefix / "_COMMITTED"
 
 
 def test_train_target_normal_writes_record_and_exact_training_list(tiny_world, tmp_path):
@@ -52,7 +24,7 @@ def test_train_target_normal_writes_record_and_exact_training_list(tiny_world, t
     manifest = parse_manifest(tiny_manifest(tiny_world, tmp_path))
     assert run(manifest) == 0
     out = tmp_path / "demo" / "targets" / "cnn"
-    assert _commit_marker(tmp_path, "targets/cnn").exists()
+    assert commit_marker(tmp_path, "targets/cnn").exists()
     record = yaml.safe_load((out / "training.json").read_text())
     assert record["recipe"]["lr"] == 1e-3 and record["recipe"]["weight_decay"] == 1e-3
     assert len(record["history"]) == 2
@@ -91,39 +63,6 @@ def test_overfit_preset_memorises_its_few_images(tiny_world, tmp_path):
     assert record["recipe"]["batch_size"] == 1 and record["train_images"] == 6
     assert record["train"]["accuracy"] == 1.0
     assert len(record["history"]) < 30 or record["history"][-1]["train_accuracy"] == 1.0
-
-
-def kill_and_resume_equals_clean_run(tmp_path: Path, stage: str, make_manifest, resume_key: str, prefix: str) -> None:
-    """Run `stage` cleanly; run it again, SIGKILL it once its resume state exists, re-run: same weights."""
-    from safetensors.torch import load_file
-
-    def manifest_file(output: Path) -> Path:
-        path = output.parent / f"{output.name}.yaml"
-        path.write_text(yaml.safe_dump(make_manifest(output)))
-        return path
-
-    clean_out, killed_out = tmp_path / "clean", tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "reid_batch", stage]
-    subprocess.run(command + [str(manifest_file(clean_out))], check=True, env=env, capture_output=True)
-
-    process = subprocess.Popen(command + [str(manifest_file(killed_out))], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    resume = killed_out / "demo" / resume_key
-    deadline = time.time() + 120
-    while not resume.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    assert process.poll() is None, "training finished before it could be killed; make it longer"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not _commit_marker(killed_out, prefix).exists()
-    subprocess.run(command + [str(manifest_file(killed_out))], check=True, env=env, capture_output=True)
-
-    clean = load_file(str(clean_out / "demo" / prefix / "model.safetensors"))
-    resumed = load_file(str(killed_out / "demo" / prefix / "model.safetensors"))
-    assert clean.keys() == resumed.keys()
-    for key in clean:
-        torch.testing.assert_close(resumed[key], clean[key], rtol=0, atol=1e-6, msg=key)
 
 
 def test_identity_preset_trains_k_patients_as_k_classes_on_extra_studies(tiny_world, tmp_path):

@@ -15,7 +15,7 @@ from reid_batch.errors import InputError
 from reid_batch.manifest import arch_family, parse_manifest
 from reid_batch.models.targets import build_target, infer_num_classes
 from reid_batch.stages.train_demographics import build_model
-from test_sample import TARGET_SIZE, build_inputs, make_manifest
+from helpers import TARGET_SIZE, build_inputs, make_manifest
 
 # Names the manifest used to accept although the builder never built them, and one it rejected that it built.
 ONCE_DISAGREED = ("resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2", "vit_h_14", "vit_tiny")

@@ -15,7 +15,7 @@ from reid_batch.analysis.metrics import patient_verification
 from reid_batch.artifacts import load_reid_model
 from reid_batch.manifest import parse_manifest
 from reid_batch.stages import train_reid
-from test_recipes import kill_and_resume_equals_clean_run, tiny_manifest, tiny_world  # noqa: F401 - fixture
+from helpers import kill_and_resume_equals_clean_run, tiny_manifest
 
 REID = {"arch": "reid_small", "image_size": 32, "width": 8, "embedding_dim": 16,
         "train": {"epochs": 2, "patients_per_batch": 16, "lr": 2.0e-3, "validate_every": 1}}
@@ -77,7 +77,7 @@ def test_nt_xent_rewards_matching_views():
     assert matched < 0.1 < mismatched
 
 
-def test_train_reid_commits_its_embedding_and_metrics(tiny_world, tmp_path):  # noqa: F811 - fixture
+def test_train_reid_commits_its_embedding_and_metrics(tiny_world, tmp_path):
     document = tiny_manifest(tiny_world, tmp_path)
     document["reid"] = REID
     manifest = parse_manifest(document)
@@ -103,7 +103,7 @@ def test_train_reid_commits_its_embedding_and_metrics(tiny_world, tmp_path):  # 
     assert load_reid_model(parse_manifest(document)) is None
 
 
-def test_train_reid_resumes_after_sigkill_to_the_same_weights(tiny_world, tmp_path):  # noqa: F811 - fixture
+def test_train_reid_resumes_after_sigkill_to_the_same_weights(tiny_world, tmp_path):
     def make_manifest(output):
         document = tiny_manifest(tiny_world, output)
         document["reid"] = {**REID, "train": {**REID["train"], "epochs": 6}}

@@ -1,6 +1,6 @@
 """Candidate sampling: id layout, resumable chunks on local disk and S3, Mahalanobis, multi-process, flat memory.
 
-The builders at the top are shared with test_select.py and test_score.py (imported from this module).
+The shared builders (tiny checkpoints, the manifest) are in helpers.py.
 """
 
 from __future__ import annotations
@@ -18,112 +18,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
-from reid_batch import artifacts, layout
+from reid_batch import layout
 from reid_batch.analysis import metrics
 from reid_batch.attack import candidates, generation, mahalanobis, reference
 from reid_batch.errors import InputError
-from reid_batch.manifest import parse_manifest
 from reid_batch.runtime import run_store
 from reid_batch.stages import sample as sampling
+from helpers import HostWork, all_rows, build_inputs, commit_finetuned, make_manifest, tiny_generator
 
 REPO = Path(__file__).resolve().parents[1]
-LATENT = 16
-DEPTHS = [32, 16, 8]  # 4 -> 16 px
-TARGET_SIZE = 16
 
 
 # ------------------------------------------------------------------------------------------------ builders
-
-
-def _tiny_generator(seed: int):
-    from reid_batch.models.pggan import PGGANConfig, PGGANGenerator
-
-    torch.manual_seed(seed)
-    return PGGANGenerator(PGGANConfig(latent_dim=LATENT, depths=tuple(DEPTHS), out_channels=1))
-
-
-def _generator_bytes(generator, directory: Path, name: str) -> bytes:
-    from reid_batch.models.pggan import save_generator
-
-    path = directory / name
-    save_generator(generator, path)
-    return path.read_bytes()
-
-
-def build_inputs(directory: Path) -> dict[str, Path]:
-    """Random tiny checkpoints: prior and fine-tuned PGGANs, a ResNet18 with non-trivial BatchNorm statistics,
-    a tiny ViT, and a tiny demographic DenseNet."""
-    from reid_batch.checkpoints import save_state_dict
-    from reid_batch.models.targets import build_target
-    from reid_batch.stages.train_demographics import build_model
-
-    directory.mkdir(parents=True, exist_ok=True)
-    _generator_bytes(_tiny_generator(0), directory, "prior.safetensors")
-    _generator_bytes(_tiny_generator(1), directory, "finetuned.safetensors")
-    torch.manual_seed(0)
-    cnn = build_target("resnet18", 1)
-    cnn.train()
-    with torch.no_grad():  # BatchNorm running statistics of some "training data"
-        for _ in range(3):
-            cnn(torch.rand(8, 3, TARGET_SIZE, TARGET_SIZE) * 2 - 1)
-    save_state_dict(cnn.state_dict(), directory / "cnn.safetensors")
-    vit = build_target("vit_custom", 1, image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
-    save_state_dict(vit.state_dict(), directory / "vit.safetensors")
-    torch.manual_seed(0)
-    save_state_dict(build_model("densenet_tiny").state_dict(), directory / "demographics.safetensors")
-    return {name: directory / f"{name}.safetensors" for name in ("prior", "finetuned", "cnn", "vit", "demographics")}
-
-
-def make_manifest(inputs: dict[str, Path], output: str, s3_endpoint: str | None = None, target: str = "cnn",
-                  sampling_options: dict | None = None, selection: dict | None = None, demographics: dict | None = None,
-                  data: dict | None = None, target_section: dict | None = None):
-    document = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
-    document["output"] = {"uri": output}
-    if data is not None:
-        document["data"] = data
-    if s3_endpoint:
-        document["output"]["s3"] = {"endpoint": s3_endpoint, "region": "us-east-1"}
-    if target == "cnn":
-        document["targets"] = [{"name": "cnn", "arch": "resnet18", "checkpoint": str(inputs["cnn"]),
-                                "input": {"size": TARGET_SIZE}}]
-    else:
-        document["targets"] = [{"name": "vit", "arch": "vit_custom", "checkpoint": str(inputs["vit"]),
-                                "input": {"size": 16},
-                                "vit": {"patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32},
-                                "objective": {"reference": {"source": "prior", "num_images": 16}}}]
-    if target_section is not None:
-        document["targets"] = [target_section]
-    document["generator"] = {"checkpoint": str(inputs["prior"]), "format": "reid", "latent_dim": LATENT,
-                             "depths": DEPTHS, "out_channels": 1}
-    document["sampling"] = {"num_candidates": 24, "num_shards": 2, "chunk_size": 5, "batch_size": 4,
-                            "row_group_size": 3, "seed": 7, **(sampling_options or {})}
-    document["selection"] = selection or {"rule": "quantile", "objective_quantile": 0.5, "mahalanobis_quantile": 0.5}
-    document["demographics"] = {"arch": "densenet_tiny", "checkpoint": str(inputs["demographics"]), "image_size": 32,
-                                **(demographics or {})}
-    document["compute"] = {"device": "cpu"}
-    return parse_manifest(document)
-
-
-def commit_finetuned(manifest, inputs: dict[str, Path]) -> None:
-    """Stand-in for stage 1's committed result: the fine-tuned generator of every target."""
-    store = run_store(manifest)
-    for spec in manifest.targets:
-        with store.committed(f"{spec.name}/finetune", {"stage": "finetune"}) as out:
-            out.write_bytes("generator.safetensors", inputs["finetuned"].read_bytes())
-
-
-def all_rows(manifest, target: str = "cnn"):
-    """Every committed candidate row of a target, sorted by id (pandas)."""
-    store = run_store(manifest)
-    summaries, missing = artifacts.read_shard_summaries(store, target, manifest.sampling.num_shards)
-    assert not missing
-    tables = [pq.read_table(store.path(c["key"]), filesystem=store.filesystem).to_pandas()
-              for s in summaries.values() for c in s["chunks"]]
-    import pandas as pd
-
-    return pd.concat(tables).sort_values("id").reset_index(drop=True)
 
 
 def output_location(kind: str, tmp_path: Path, request) -> tuple[str, str | None]:
@@ -313,15 +220,16 @@ class _SmallMemoryGenerator(torch.nn.Module):
 def test_evaluate_generation_goes_through_the_sizer_and_survives_out_of_memory():
     """evaluate generated its image sets at a fixed 64 per batch, outside any out-of-memory handling. It now renders
     through the sizer: an `auto` one halves until a batch fits and the images are those of one big batch."""
-    from reid_batch.stages import evaluate
+    from reid_batch.analysis.metrics import to_grey
+    from reid_batch.evaluation.images import generate
 
-    inner = _tiny_generator(0).eval()
+    inner = tiny_generator(0).eval()
     generator = _SmallMemoryGenerator(inner, limit=4)
     sizer = generation.BatchSizer("auto", torch.device("cuda"), largest_useful=12)  # adaptive: starts at 16
     ids = np.arange(100, 112)
-    images = evaluate.generate(generator, ids, seed=7, device=torch.device("cpu"), sizer=sizer)
+    images = generate(generator, ids, seed=7, device=torch.device("cpu"), sizer=sizer)
     assert generator.batches == [12, 8, 4, 4, 4] and sizer.size == 4
-    expected = evaluate.to_grey(generation.regenerate_images(inner, ids, seed=7, device=torch.device("cpu")))
+    expected = to_grey(generation.regenerate_images(inner, ids, seed=7, device=torch.device("cpu")))
     torch.testing.assert_close(images, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -329,7 +237,7 @@ def test_generated_features_retry_a_batch_without_counting_it_twice():
     """The leak candidates' features (and, in the same pass, their predicted demographics) go through the sizer: a
     batch that runs out of memory in the feature model is retried smaller, and the second measure (each_batch) sees
     every image exactly once."""
-    generator = _tiny_generator(1).eval()
+    generator = tiny_generator(1).eval()
     sizer = generation.BatchSizer("auto", torch.device("cuda"), largest_useful=10)
     feature_batches, seen = [], []
 
@@ -340,15 +248,15 @@ def test_generated_features_retry_a_batch_without_counting_it_twice():
         return grey.flatten(1).numpy()
 
     ids = np.arange(10)
-    got = generation.generated_features(generator, ids, 7, torch.device("cpu"), features, sizer,
+    got = generation.generated_features(generator, ids, 7, torch.device("cpu"), features=features, sizer=sizer,
                                         each_batch=lambda images: seen.append(len(images)))
     assert feature_batches == [10, 8, 4, 2, 2, 2, 2, 2] and sizer.size == 2
     assert seen == [2] * 5 and got.shape[0] == 10
     whole = generation.regenerate_images(generator, ids, 7, torch.device("cpu")).flatten(1).numpy()
     np.testing.assert_allclose(got, whole, atol=1e-5)
     with pytest.raises(torch.cuda.OutOfMemoryError):  # a fixed batch size is the user's choice: never changed
-        generation.generated_features(generator, ids, 7, torch.device("cpu"), features,
-                                      generation.BatchSizer(8, torch.device("cuda"), 10))
+        generation.generated_features(generator, ids, 7, torch.device("cpu"), features=features,
+                                      sizer=generation.BatchSizer(8, torch.device("cuda"), 10))
 
 
 # ------------------------------------------------------------------------------------------------ Mahalanobis
@@ -548,45 +456,12 @@ def test_saved_images_are_the_regenerated_candidates_and_rows_match_a_lone_resco
     model, classes = load_attack_target(manifest, spec)
     with TargetObjective(model, spec.terms, spec.objective) as objective:
         gaussian = reference.feature_gaussian(manifest, spec, objective, None, None)
-        scorer = candidates.CandidateScorer(generator, objective, generation.target_input_spec(spec), gaussian, classes,
-                                          7, torch.device("cpu"))
+        scorer = candidates.CandidateScorer(generator, objective, input_spec=generation.target_input_spec(spec),
+                                            gaussian=gaussian, num_classes=classes, seed=7, device=torch.device("cpu"))
         alone, _ = scorer.score(np.array([7]), shard=1)
     row = rows[rows["id"] == 7].iloc[0]
     for column in ("objective_total", "mahalanobis", "logit", "pixel_entropy", "image_mean"):
         assert alone[column][0] == pytest.approx(row[column], rel=1e-4, abs=1e-6), column
-
-
-class HostWork:
-    """Counts, per thread, the device-to-host copies (Tensor.cpu of computed tensors) and PNG encodings
-    (formats.png_bytes) made while it is installed: on a GPU each copy on the loop's thread is a wait for the
-    device. On this CPU they cost nothing, so they are counted rather than timed."""
-
-    def __init__(self, monkeypatch):
-        import threading
-
-        from reid_batch import formats
-
-        self.copies: dict[str, int] = {}
-        self.pngs: dict[str, int] = {}
-        original_cpu, original_png = torch.Tensor.cpu, formats.png_bytes
-
-        def cpu(tensor, *args, **kwargs):
-            # int64 tensors here are ids made on the host from numpy (latents_for_ids): no copy on a GPU either.
-            if tensor.dtype != torch.int64:
-                name = threading.current_thread().name
-                self.copies[name] = self.copies.get(name, 0) + 1
-            return original_cpu(tensor, *args, **kwargs)
-
-        def png(image):
-            name = threading.current_thread().name
-            self.pngs[name] = self.pngs.get(name, 0) + 1
-            return original_png(image)
-
-        monkeypatch.setattr(torch.Tensor, "cpu", cpu)
-        monkeypatch.setattr(formats, "png_bytes", png)
-
-    def on_main_thread(self) -> tuple[int, int]:
-        return self.copies.get("MainThread", 0), self.pngs.get("MainThread", 0)
 
 
 def test_sampling_loop_leaves_png_encoding_to_the_writer_thread(inputs, tmp_path, monkeypatch):
@@ -816,8 +691,9 @@ def test_every_stage_renders_a_candidate_the_same_way_whatever_the_mixed_precisi
     with TargetObjective(model, spec.terms, spec.objective) as objective:
         gaussian = reference.feature_gaussian(manifest, spec, objective, None, None)
         for precision in ("no", "bf16"):
-            scorer = candidates.CandidateScorer(generator, objective, generation.target_input_spec(spec), gaussian,
-                                                classes, 7, torch.device("cpu"), precision)
+            scorer = candidates.CandidateScorer(generator, objective, input_spec=generation.target_input_spec(spec),
+                                                gaussian=gaussian, num_classes=classes, seed=7,
+                                                device=torch.device("cpu"), mixed_precision=precision)
             columns, images = scorer.score(ids, shard=0, keep_images=True)
             assert torch.equal(images, rendered), precision  # bit for bit, in either precision
             logits[precision] = columns["logit"]

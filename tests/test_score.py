@@ -18,7 +18,7 @@ from reid_batch.stages import score as scoring
 from reid_batch.stages import select as selection
 from reid_batch.attack import generation
 from reid_batch import layout
-from test_sample import HostWork, build_inputs, commit_finetuned, make_manifest
+from helpers import HostWork, build_inputs, commit_finetuned, make_manifest
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +146,8 @@ def test_scoring_loop_copies_predictions_once_and_encodes_pngs_in_a_writer_threa
         selected = np.arange(100, 100 + count)
         with pytest.MonkeyPatch.context() as patch:
             work = HostWork(patch)
-            scoring.score_shard(manifest, manifest.targets[0], 0, selected, generator, model, torch.device("cpu"),
-                                sizer)
+            scoring.score_shard(manifest, manifest.targets[0], 0, selected=selected, generator=generator, model=model,
+                                device=torch.device("cpu"), sizer=sizer)
         main_thread[count] = work.on_main_thread()
         assert sum(n for name, n in work.pngs.items() if name.startswith("png-writer")) == count
         store = run_store(manifest)

@@ -17,7 +17,7 @@ import yaml
 
 from conftest import S3_REGION
 from reid_batch.cli import main
-from test_sample import build_inputs, commit_finetuned, make_manifest
+from helpers import build_inputs, commit_finetuned, make_manifest
 
 
 def _manifest_file(manifest, path: Path, **s3) -> Path:

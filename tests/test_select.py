@@ -12,7 +12,7 @@ from reid_batch.runtime import run_store
 from reid_batch.stages import sample as sampling
 from reid_batch.attack import selection as rule
 from reid_batch.stages import select as selection
-from test_sample import all_rows, build_inputs, commit_finetuned, make_manifest
+from helpers import all_rows, build_inputs, commit_finetuned, make_manifest
 
 
 @pytest.fixture(scope="module")

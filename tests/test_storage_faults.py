@@ -31,7 +31,7 @@ from reid_batch.runtime import run_store
 from reid_batch.stages import sample as sampling
 from reid_batch.stages import select as selection
 from reid_batch.storage import S3Settings, open_store
-from test_sample import all_rows, build_inputs, commit_finetuned, make_manifest
+from helpers import all_rows, build_inputs, commit_finetuned, make_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 # Totals over this module, printed at the end (the issue asks for the count of faults injected).

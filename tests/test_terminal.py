@@ -1,4 +1,4 @@
-"""The terminal experience (issue 20): what a person sees on a terminal, what a pipe gets, what the run keeps.
+"""The terminal experience: what a person sees on a terminal, what a pipe gets, what the run keeps.
 
 One tiny pipeline run under a pseudo-terminal, the way a person runs it; then the same run, already complete, through a
 pipe; the log files the first run left in its output.
@@ -23,7 +23,7 @@ import yaml
 from reid_batch import log
 from reid_batch.manifest import parse_manifest
 from reid_batch.runner import task_graph
-from test_evaluate_report import _inputs, make_manifest
+from helpers import evaluation_inputs, evaluation_manifest
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _TASK_LINE = re.compile(r"^\[(\d+)/(\d+)\] (\S+) \.\.\. (\d+\.\d s|\d+ min \d\d s)$")
@@ -67,7 +67,7 @@ def lines_a_person_sees(written: str) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("terminal")
-    document = make_manifest(root, _inputs(root), str(root / "out")).model_dump(mode="json")
+    document = evaluation_manifest(root, evaluation_inputs(root), str(root / "out")).model_dump(mode="json")
     document["targets"] = document["targets"][:1]
     manifest = parse_manifest(document)
     path = root / "manifest.yaml"

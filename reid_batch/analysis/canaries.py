@@ -1,5 +1,5 @@
-"""Canaries (issue 17, P2): did the attack come closer to the canaries the target trained on than to the ones it did
-not? Pure numpy.
+"""Canaries: did the attack come closer to the canaries the target trained on than to the ones it did not? Pure
+numpy. See docs/method.md for where this control sits among the others.
 
 Each canary was put in the training set by its own fair coin, so before training the included and the excluded
 canaries are exchangeable: the excluded ones are the in-model control, and permuting the coins is an exact null

@@ -1,4 +1,4 @@
-"""The identity-class positive control (issue 17, P1): did the attack on class k produce patient k?
+"""The identity-class positive control: did the attack on class k produce patient k? See docs/method.md.
 
 A target whose classes are K patients (train preset `identity`) is attacked like any other; its likely samples each
 carry the class the attack asked for. Every sample is matched, in the re-identification embedding, against a gallery
@@ -63,8 +63,8 @@ def identity_control(sample_features: np.ndarray, sample_classes: np.ndarray, ga
                      gallery_patient: np.ndarray, scored: np.ndarray, sexes: np.ndarray,
                      permutations: int = PERMUTATIONS,
                      bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict:
-    """P1's measures (module docstring). sample_classes: the class each sample was asked for, 0..K-1; gallery_patient:
-    each gallery image's patient, 0..2K-1; scored[k]: the patient (0..2K-1) class k is scored against; sexes[k]: that
+    """The control's measures (module docstring). sample_classes: the class each sample was asked for, 0..K-1;
+    gallery_patient: each gallery image's patient, 0..2K-1; scored[k]: the patient (0..2K-1) class k is scored against; sexes[k]: that
     patient's sex (the permutation strata)."""
     sample_classes = np.asarray(sample_classes, np.int64)
     scored = np.asarray(scored, np.int64)

@@ -1,31 +1,12 @@
-"""The leak statistic: does the attacked generator come closer to the target's training patients than a null
-generator does, measured on the same patients? Pure numpy (no torch): the report computes it too.
+"""The leak statistic L = AUC(attacked generator) - AUC(null generator) on the same member and non-member patients,
+with its interval, p-value and TPR at low FPR. Pure numpy (no torch): the report computes it too.
 
-Records are patients. Each member (a patient the target trained on) and non-member (a patient of the same source it
-never saw, equal in number and label mix) has a score per generator: the distance from the closest of its images to
-the closest of that generator's candidates, in the re-identification embedding. A generator's membership AUC is
-P(member score < non-member score) (ties count half). The leak is
-
-    L = AUC(attacked generator) - AUC(null generator),
-
-both on the SAME members and non-members, so whatever makes the two patient sets differ (the pools, the label mix,
-how photogenic they are) enters both AUCs alike and cancels; only what the attacked generator does differently
-stays. Nulls: the un-fine-tuned prior, and a generator fine-tuned against a control model trained on other patients.
-
-Uncertainty comes from two samples, and the interval resamples both (`bootstrap` times): the patients (members and
-non-members separately, with replacement; a patient is a cluster of its images, so its images move together) and
-each generator's candidates (with replacement; a patient's score is recomputed as its distance to the closest
-resampled candidate). The interval is the percentile interval of the resampled L* re-centred on L: resampling
-candidates leaves about 63% of them distinct, which pulls L* towards 0 whenever a few close candidates carry a leak;
-that shift is an artefact, the spread is not. On the demo's normal target (215 members, 51 non-members, 2,000
-candidates) the patients-only interval covered 0 in 18 of 20 leak-free repeats, this one in 20 of 20, and both
-detected a 5% spike in 20 of 20. The p-value is a paired permutation test of
-"attacked and null are exchangeable": per patient, its two scores, as within-generator percentiles, are swapped at
-random; p = (1 + #{L* >= L}) / (1 + permutations), one-sided (a leak makes L positive).
-
-TPR at a low false-positive rate: the share of members scored below the non-members' `fpr` quantile (the members
-an auditor flags while flagging at most that share of non-members), for each generator; with few non-members the
-1% threshold is the closest non-member itself.
+A patient's score per generator is the distance from the closest of its images to the closest of that generator's
+candidates; both AUCs are taken on the SAME patients, so whatever makes members and non-members differ cancels and
+only what the attacked generator does differently stays. The interval resamples patients and candidates and is
+re-centred on L, because resampling candidates alone pulls L* towards 0 (docs/results/2026-12-08-code-notes.md has
+the repeats that chose this); the p-value swaps each patient's two scores at random. The statistics in full:
+docs/method.md.
 """
 
 from __future__ import annotations
@@ -33,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.compute as pc
 from scipy import stats
 
 from reid_batch.formats import feature_matrix
@@ -110,7 +92,7 @@ def _resampled_scores(nearest: np.ndarray, nearest_distances: np.ndarray, presen
     return nearest_distances[np.arange(nearest.shape[0])[None, :], first]
 
 
-def leak_test(member: np.ndarray, attacked: GeneratorScores, null: GeneratorScores, bootstrap: int = 1000,
+def leak_test(member: np.ndarray, attacked: GeneratorScores, null: GeneratorScores, *, bootstrap: int = 1000,
               permutations: int = 1000, seed: int = 0, confidence: float = 0.95,
               fprs: tuple[float, ...] = DEFAULT_FPRS) -> dict:
     """L = AUC(attacked) - AUC(null) on the same patients, with its two-way bootstrap interval, permutation p-value
@@ -188,3 +170,62 @@ def committed_records(table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     member = np.zeros(int(patients.max()) + 1 if len(patients) else 0, bool)
     member[patients] = flags
     return feature_matrix(table.column("features")), patients, member
+
+
+# ------------------------------------------------------------------------------------------------ between targets
+# The report compares committed candidates of two targets (a control model's, a baseline's) on one target's records.
+
+
+# Which rows of leak_candidates.parquet hold an attack mode's candidates.
+MODE_CANDIDATES = {"study": "attacked", "ppa": "ppa"}
+
+
+def control_leak(records, target_candidates, control_candidates, bootstrap: int, permutations: int, seed: int
+                 ) -> dict | None:
+    """L of the target's attacked candidates against a control model's, on the TARGET's records (Arrow tables of
+    records.parquet and leak_candidates.parquet); None when the two were embedded in different spaces."""
+    features, patients, member = committed_records(records)
+    attacked, null = (feature_matrix(t.filter(pc.equal(t.column("generator"), "attacked")).column("features"))
+                      for t in (target_candidates, control_candidates))
+    if attacked.shape[1] != features.shape[1] or null.shape[1] != features.shape[1]:
+        return None
+    count = len(member)
+    result = leak_test(member, generator_scores(features, patients, count, attacked),
+                       generator_scores(features, patients, count, null), bootstrap=bootstrap,
+                       permutations=permutations, seed=seed)
+    return result
+
+
+def defence_change(mode: str, records, baseline_records, candidates, baseline_candidates, *, bootstrap: int,
+                   permutations: int, seed: int) -> dict:
+    """The change of an attack mode's L from a baseline target to a defended one, paired on their shared patients:
+    change = AUC(defended's candidates) - AUC(baseline's) on the same members and non-members (the prior null is the
+    same for both, so this is L(defended) - L(baseline)), with analysis.leak's two-way bootstrap interval and paired
+    permutation p ("the defence lowers L", one-sided). Tables as in records.parquet and leak_candidates.parquet."""
+    columns = ("patient_id", "path", "member")
+    if any(records.column(c).to_pylist() != baseline_records.column(c).to_pylist() for c in columns):
+        return {"available": False, "mode": mode,
+                "reason": "the two targets were measured on different member and non-member images"}
+    wanted = MODE_CANDIDATES[mode]
+    defended, baseline = (feature_matrix(t.filter(pc.equal(t.column("generator"), wanted)).column("features"))
+                          for t in (candidates, baseline_candidates))
+    if not len(defended) or not len(baseline):
+        missing = "the defended target" if not len(defended) else "the baseline"
+        return {"available": False, "mode": mode, "reason": f"no {mode} candidates committed for {missing}"}
+    features, patients, member = committed_records(records)
+    if defended.shape[1] != features.shape[1] or baseline.shape[1] != features.shape[1]:
+        return {"available": False, "mode": mode, "reason": "the candidates were embedded in different spaces"}
+    count = len(member)
+    # leak_test measures AUC(first) - AUC(second): the baseline first, so its L is the drop; negated for the change.
+    drop = leak_test(member, generator_scores(features, patients, count, baseline),
+                     generator_scores(features, patients, count, defended), bootstrap=bootstrap,
+                     permutations=permutations, seed=seed)
+    low, high = drop["ci"] if drop["ci"] is not None else (None, None)
+    return {"available": True, "mode": mode, "change": -drop["leak"],
+            "ci": None if low is None else [-high, -low], "p_value": drop["p_value"],
+            # As for a detected leak (attack_ranking): the interval and the permutation test both.
+            "lowered": bool(low is not None and low > 0 and (drop["p_value"] or 1.0) <= 0.05),
+            "members": drop["members"], "nonmembers": drop["nonmembers"],
+            "candidates": {"defended": len(defended), "baseline": len(baseline)},
+            "auc_defended": drop["auc_null"], "auc_baseline": drop["auc_attacked"], "bootstrap": bootstrap,
+            "permutations": permutations}

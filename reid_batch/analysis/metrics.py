@@ -821,8 +821,8 @@ def _predictions(logits: torch.Tensor) -> np.ndarray:
 
 
 def mean_shift(attacked: ArrayLike, null: ArrayLike, bootstrap: int, seed: int, confidence: float = 0.95) -> dict:
-    """mean(attacked) - mean(null) with a percentile interval over both sets resampled with replacement (P4: the
-    shift of the predicted age or male share of a generator's samples from the prior's)."""
+    """mean(attacked) - mean(null) with a percentile interval over both sets resampled with replacement (cohort
+    skew: the shift of the predicted age or male share of a generator's samples from the prior's)."""
     attacked, null = np.asarray(attacked, np.float64), np.asarray(null, np.float64)
     rng = np.random.default_rng(seed)
     draws = (attacked[rng.integers(0, len(attacked), (bootstrap, len(attacked)))].mean(1)

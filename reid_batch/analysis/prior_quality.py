@@ -32,8 +32,8 @@ def embedding_frechet(samples: np.ndarray, real: np.ndarray, other_real: np.ndar
 
 class _Discriminator(nn.Module):
     """Three strided convolutions and a linear read-out of a 4 x 4 map: small enough to train in seconds on a CPU.
-    The read-out keeps where things are (a global average did not: on the demo prior's blobs it scored 0.53 after 10
-    epochs where this scores 0.99), since what gives a bad prior away is anatomy in the wrong place."""
+    The read-out keeps where things are, where a global average pool would not (see
+    docs/results/2026-12-08-code-notes.md), since what gives a bad prior away is anatomy in the wrong place."""
 
     def __init__(self, width: int = 16):
         super().__init__()

@@ -62,7 +62,7 @@ def candidate_schema(num_classes: int, terms: list[str]) -> pa.Schema:
 class CandidateScorer:
     """Generator + frozen target objective + Mahalanobis model: candidate ids in, statistic columns out."""
 
-    def __init__(self, generator, objective, input_spec, gaussian, num_classes: int, seed: int,
+    def __init__(self, generator, objective, *, input_spec, gaussian, num_classes: int, seed: int,
                  device: torch.device, mixed_precision: str = "no"):
         self.generator = generator
         self.objective = objective
@@ -143,5 +143,6 @@ def build_scorer(manifest: Manifest, spec: TargetSpec, generator, accelerator, s
     if precision != manifest.sampling.mixed_precision:
         log.event("mixed_precision_not_used", asked=manifest.sampling.mixed_precision, device=str(device),
                   reason="autocast is used on CUDA only (bf16 where the GPU supports it)")
-    return CandidateScorer(generator, objective, target_input_spec(spec), gaussian, num_classes,
-                           manifest.sampling.seed, device, precision)
+    return CandidateScorer(generator, objective, input_spec=target_input_spec(spec), gaussian=gaussian,
+                           num_classes=num_classes, seed=manifest.sampling.seed, device=device,
+                           mixed_precision=precision)

@@ -20,8 +20,8 @@ from reid_batch.models.pggan import PGGANGenerator, generator_to_unit, latents_f
 from reid_batch.models.targets import TargetInput
 
 CPU_BATCH_SIZE = 256
-# On a CPU a batch is best kept cache-sized: with the 1024 px PGGAN a compiled forward cost 1.38 / 1.46 / 1.52 s
-# per candidate at batch 2 / 4 / 8 (one thread). `auto` keeps batch x generator pixels within this budget.
+# On a CPU a batch is best kept cache-sized: a large generator's time per candidate grows with the batch (measured
+# in docs/results/2026-12-08-code-notes.md). `auto` keeps batch x generator pixels within this budget.
 CPU_AUTO_PIXELS = 2 * 1024 * 1024
 MAX_AUTO_BATCH_SIZE = 4096
 
@@ -47,7 +47,7 @@ def regenerate_images(generator, ids: Iterable[int] | np.ndarray, seed: int, dev
 
     Always in float32, whatever `mixed_precision` says: sample, score, evaluate and the Ledoit-Wolf reference all
     render through here, so the images scored and reported are the ones whose statistics selected them (bf16
-    rendering changed 22% of the 8-bit levels of a small PGGAN). Mixed precision applies to the target only."""
+    rendering changes a sizeable share of the 8-bit levels). Mixed precision applies to the target only."""
     # A copy: ids read from Parquet are read-only arrays, which torch warns about sharing.
     ids = torch.from_numpy(np.array(ids, dtype=np.int64))
     latents = latents_for_ids(seed, ids, generator.config.latent_dim).to(device)
@@ -87,7 +87,7 @@ class DynamicBatch(nn.Module):
 
 def prepare_models(generator, target, device: torch.device, compile: bool = False):
     """(generator, target) ready for inference: channels_last (NHWC convolutions: tensor cores take them without
-    transposes; oneDNN on a CPU ran the 256 px PGGAN 25 % faster), and the generator torch.compile'd if asked (the
+    transposes, and oneDNN's CPU convolutions are faster in it too), and the generator torch.compile'd if asked (the
     target is left as is: the objective's hooks record its activations, which a compiled graph would not expose
     as they are). Converts the modules in place.
 
@@ -259,7 +259,7 @@ def id_latents(seed: int, first_id: int, count: int, latent_dim: int) -> Tensor:
     return latents_for_ids(seed, first_id + torch.arange(count), latent_dim)
 
 
-def generated_features(generator, ids: np.ndarray, seed: int, device, features: Callable[[Tensor], np.ndarray],
+def generated_features(generator, ids: np.ndarray, seed: int, device, *, features: Callable[[Tensor], np.ndarray],
                        sizer: BatchSizer, each_batch: Callable[[Tensor], None] | None = None) -> np.ndarray:
     """features() of the grey [0, 1] CPU images of latent ids, batch by batch through `sizer` (an `auto` one halves
     on CUDA out-of-memory): never more than one batch of images in memory, whatever the number of ids (evaluate's

@@ -1,4 +1,4 @@
-"""Per-sample latent optimisation, the core of a Plug & Play-style attack (issue 18; Struppek et al. 2022).
+"""Per-sample latent optimisation, the core of a Plug & Play-style attack (Struppek et al. 2022).
 
 The study's stage 1 learns a distribution: fresh latents every step, statistics of a whole training set, so nothing
 pulls one candidate toward one patient. Here each latent is its own optimisation problem, for a requested class:
@@ -40,11 +40,9 @@ _SEARCH_STREAM, _FINAL_STREAM, _STEP_STREAM = 1, 2, 3
 
 @dataclass(frozen=True)
 class PPASettings:
-    """Defaults: the pilot on the demo's world (issue 18); PPA's CelebA config searches 5,000, optimises 200 for 70
-    epochs and keeps 50 per class. lr 2e-2, not PPA's 5e-3: on the demo's identity control (K = 10, 20-patient
-    gallery, seeds 0 and 1, bench/ppa_identity.py) top-1 was 22.5% at 5e-3, 36% at 2e-2, 30% at 5e-2, 35% at 5e-3
-    with 400 steps (2.7x the time); stronger crops (area 0.5-1, 10 degrees) fell to 12.5%, the per-sample
-    BatchNorm term at 0.01 to 10% (seed 0), ranking by margin over 16 optimised latents stayed at 32.5%."""
+    """Defaults sized for the demo's world, far smaller than PPA's CelebA config (search 5,000, optimise 200 for 70
+    epochs, keep 50 per class). lr 2e-2, not PPA's 5e-3, and these crops, because they found the identity control's
+    patients most often of the settings tried with bench/ppa_identity.py (docs/results/2026-12-08-code-notes.md)."""
 
     search: int = 200
     optimise: int = 8
@@ -99,7 +97,7 @@ def _logits_and_penalty(output) -> tuple[Tensor, Tensor | None]:
 
 
 def view_confidence(generator: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor], latents: Tensor,
-                    classes: Tensor, keys: Tensor, views: int, stream: int, settings: PPASettings,
+                    classes: Tensor, keys: Tensor, *, views: int, stream: int, settings: PPASettings,
                     seed: int, measure: str = "probability") -> Tensor:
     """(N,) the target's softmax probability of each latent's class (measure "margin": its logit minus the largest
     other logit), averaged over `views` random views."""
@@ -130,7 +128,7 @@ def poincare_loss(logits: Tensor, classes: Tensor, xi: float = 1e-4) -> Tensor:
 
 
 def optimise_latents(generator: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor], latents: Tensor,
-                     classes: Tensor, keys: Tensor, settings: PPASettings, seed: int,
+                     classes: Tensor, keys: Tensor, settings: PPASettings, *, seed: int,
                      on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
     """Adam on a copy of `latents` (N, D) toward `classes` (N,); keys (N,) name each sample's random stream.
     Returns the optimised latents (detached). on_step(step, per-sample loss) sees every step."""
@@ -189,7 +187,7 @@ class Sizers:
 
 
 def attack_class(generator: Callable[[Tensor], Tensor], target: Callable[[Tensor], Tensor], cls: int,
-                 search_ids: np.ndarray, latent_dim: int, settings: PPASettings, seed: int,
+                 search_ids: np.ndarray, latent_dim: int, settings: PPASettings, *, seed: int,
                  device: torch.device | str = "cpu", batch_size: int | str | Sizers = 64) -> PPAResult:
     """Search, optimise and keep for class `cls`. search_ids: the ids whose latents (latents_for_ids(seed, id))
     are searched; the kept samples are named by them. batch_size: latents per pass (an int, "auto", or Sizers)."""
@@ -203,7 +201,8 @@ def attack_class(generator: Callable[[Tensor], Tensor], target: Callable[[Tensor
         """(len(rows),) confidence of candidates[rows], whose random streams are keys[rows], in sized batches."""
         return torch.cat(sizers.search.run(np.arange(len(rows)), lambda at: view_confidence(
             generator, target, candidates[torch.from_numpy(at).to(device)], classes[:len(at)],
-            keys[torch.from_numpy(rows[at])], views, stream, settings, seed, measure=measure).cpu()))
+            keys[torch.from_numpy(rows[at])], views=views, stream=stream, settings=settings, seed=seed,
+            measure=measure).cpu()))
 
     everything = np.arange(len(search_ids))
     scores = confidence(everything, latents, settings.search_views, _SEARCH_STREAM, "probability")
@@ -212,7 +211,7 @@ def attack_class(generator: Callable[[Tensor], Tensor], target: Callable[[Tensor
     # the group it is in (see the module docstring), so the groups give what one batch would.
     optimised = torch.cat(sizers.optimise.run(chosen, lambda group: optimise_latents(
         generator, target, latents[torch.from_numpy(group).to(device)], classes[:len(group)],
-        keys[torch.from_numpy(group)], settings, seed)))
+        keys[torch.from_numpy(group)], settings, seed=seed)))
     final = confidence(chosen, optimised, settings.final_views, _FINAL_STREAM, "probability")
     rank = final if settings.keep_by == "probability" else \
         confidence(chosen, optimised, settings.final_views, _FINAL_STREAM, settings.keep_by)

@@ -783,7 +783,7 @@ def write_extra_studies(root: str | os.PathLike, config: WorldConfig, patients: 
     return rows
 
 
-# Canaries (issue 17, P2): atypical patients outside every pool's table, rendered only when a target trains on them.
+# Canaries: atypical patients outside every pool's table, rendered only when a target trains on them.
 # They take the last CANARY_CAPACITY indices of their pool's id range, which no world's table reaches (a world may
 # hold at most `_ID_CAPACITY - CANARY_CAPACITY` patients in a pool that has canaries). Training studies start at
 # EXTRA_STUDY_FROM; the study every canary is scored by is CANARY_HELDOUT_STUDY, beyond any training dose.

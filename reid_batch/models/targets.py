@@ -73,7 +73,7 @@ NORM_METADATA_KEY = "norm"
 
 def to_groupnorm(model: nn.Module) -> nn.Module:
     """The model with every BatchNorm replaced by GroupNorm(gcd(32, C), C), as Opacus does it (and validates)."""
-    from opacus.validators import ModuleValidator  # a 2 s import, paid only by GroupNorm (DP-SGD) targets
+    from opacus.validators import ModuleValidator  # a slow import, paid only by GroupNorm (DP-SGD) targets
 
     fixed = ModuleValidator.fix(model)
     for module in fixed.modules():

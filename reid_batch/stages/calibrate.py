@@ -1,39 +1,16 @@
 """`reid-batch calibrate`: how large a leak the instrument can see on this target's records, by spike-in.
 
-The leak statistic (analysis.leak) is only worth its interval if it (a) stays at 0 when nothing leaks and (b) moves
-when something does. Calibration measures both on the target's own members and non-members (evaluate's
-records.parquet, in the same feature space), with generators whose leak is known:
+The leak statistic is only worth its interval if it stays at 0 when nothing leaks and moves when something does.
+Per repeat, prior candidates (`base`) have a share f replaced by new images of member patients (`spiked`) and are
+compared with as many other prior candidates (`null`) on the target's own records, with the evaluation's interval:
+the share of repeats detected at each f gives the false-positive rate (f = 0) and the smallest detectable leak,
+which the report's verdict quotes. A target attacked with ppa is calibrated again at that attack's pool size.
+Each repeat draws its own latents, spike positions and patients, so repeats are independent. The method, and what
+a verdict may say: docs/method.md.
 
-  base       `membership_candidates` prior candidates (a generator that never saw the target);
-  spiked     the base with a share f of its candidates (positions drawn at random) replaced by images of member
-             patients that were not in the training set: on the synthetic world, fresh renders of the same patients
-             (new studies: new pose, exposure and noise); on real data, acquisition-augmented copies of the members'
-             images (models.reid.augment: what the embedding is trained to ignore). The spiked patients are drawn
-             from ALL the target's members, not only those the statistic measures: a leak spreads over the training
-             set, and a dose aimed at the measured few would overstate what the instrument can see;
-  null       as many OTHER prior candidates.
-
-For each f in `calibration.fractions` and each repeat (`calibration.seeds`, `calibration.null_seeds` at f = 0), L =
-AUC(spiked) - AUC(null) with the evaluation's interval. Each repeat draws its own base and null (latent ids
-CALIBRATION_ID_OFFSET + repeat * CALIBRATION_ID_STRIDE + k, disjoint from every other range), spike positions and
-spiked patients, so repeats are independent. Reported: per fraction, L and its interval per repeat and the share of
-repeats whose interval excludes 0 ("detected"); the false-positive rate (detected share at f = 0); the minimum
-detectable effect (the smallest f > 0 detected in at least `calibration.detect_share` of its repeats). The report
-words its verdict from it: "no leak larger than <MDE> detected", never "no leak".
-
-A target attacked with ppa (`attacks: [study, ppa]`) is calibrated a second time at its attack's pool size: the
-ppa samples' L compares a few dozen kept samples with as many prior candidates, so the same doses are repeated on
-the first `kept` candidates of each base and null, at `calibration.ppa_fractions` (larger shares: 10% of 40 samples
-is 4), detected as the report ranks attacks (interval above 0 and permutation p <= 0.05). calibration.json `ppa`.
-
-Output, committed: <target>/calibration/ calibration.json, dose_response.png. A committed calibration is kept; delete
-it to calibrate again.
-
-The other half of what a null means: whether the attack's generator prior draws chest X-rays at all
-(analysis.prior_quality), measured once per run before the targets: PRIOR_QUALITY_IMAGES prior samples (train-prior's
-distance ids, PRIOR_DISTANCE_ID_OFFSET + k) against as many public images, and a second disjoint public set for the
-floor: the Fréchet distance in the embedding, the classifier two-sample test, and a strip of samples over real images.
-Output, committed: prior-quality/ quality.json, strip.png.
+Output, committed: `<target>/calibration/` calibration.json (a results.Calibration) and dose_response.png; once per
+run, `prior-quality/` quality.json and strip.png (how well the prior draws chest X-rays: analysis.prior_quality). A
+committed calibration is kept; delete it to calibrate again.
 """
 
 from __future__ import annotations
@@ -59,10 +36,11 @@ from reid_batch.errors import InputError
 from reid_batch.analysis.prior_quality import embedding_frechet, two_sample_classifier
 from reid_batch.formats import clean_json, figure_png
 from reid_batch.layout import (CALIBRATION_FIGURE, CALIBRATION_FILE, CALIBRATION_ID_OFFSET, CALIBRATION_ID_STRIDE,
-                               PRIOR_DISTANCE_ID_OFFSET, PRIOR_QUALITY_FILE, PRIOR_QUALITY_PREFIX, PRIOR_QUALITY_STRIP,
-                               RECORDS_FILE, calibration_prefix, evaluation_prefix)
+                               METRICS_FILE, PRIOR_DISTANCE_ID_OFFSET, PRIOR_QUALITY_FILE, PRIOR_QUALITY_PREFIX,
+                               PRIOR_QUALITY_STRIP, RECORDS_FILE, calibration_prefix, evaluation_prefix)
 from reid_batch.manifest import Manifest, TargetSpec
 from reid_batch.models.reid import augment
+from reid_batch.results import Calibration, Evaluation, read, record_of, write
 from reid_batch.runtime import pick_device, run_single_writer, run_store
 
 GENERATION_BATCH = 256
@@ -112,7 +90,7 @@ def summarise(runs: list[dict], fractions: list[float], detect_share: float) -> 
             "largest_fraction": max(fractions), "detect_share": detect_share}
 
 
-def ppa_repeat(member: np.ndarray, base: GeneratorScores, null: GeneratorScores, spikes: np.ndarray, pool: int,
+def ppa_repeat(member: np.ndarray, base: GeneratorScores, null: GeneratorScores, spikes: np.ndarray, *, pool: int,
                settings, evaluation, repeat: int, rng: np.random.Generator) -> list[dict]:
     """One repeat of the calibration at a ppa attack's pool size: the first `pool` base and null candidates, a share
     of the base replaced by member spikes; detected as the report ranks attacks (interval above 0 and p <= 0.05)."""
@@ -121,8 +99,9 @@ def ppa_repeat(member: np.ndarray, base: GeneratorScores, null: GeneratorScores,
     for fraction in settings.ppa_fractions:
         if repeat >= (settings.null_seeds if fraction == 0 else settings.seeds):
             continue
-        result = leak_test(member, spiked(base, spikes, fraction, rng), null, evaluation.leak_bootstrap,
-                           evaluation.leak_permutations, seed=settings.seed + repeat, confidence=CONFIDENCE)
+        result = leak_test(member, spiked(base, spikes, fraction, rng), null, bootstrap=evaluation.leak_bootstrap,
+                           permutations=evaluation.leak_permutations, seed=settings.seed + repeat,
+                           confidence=CONFIDENCE)
         detected = bool(result["detected"] and result["p_value"] <= 0.05)
         runs.append({"fraction": fraction, "repeat": repeat, "leak": result["leak"], "ci_low": result["ci"][0],
                      "ci_high": result["ci"][1], "p_value": result["p_value"], "detected": detected,
@@ -192,7 +171,7 @@ def augmented_copies(manifest: Manifest, pool: str, patient_ids: list[str], seed
 # ------------------------------------------------------------------------------------------------ the shell
 
 
-class Calibration:
+class SharedCandidates:
     """What every target of one `calibrate` call shares: the embedding, the prior, its candidates' features per
     repeat (loaded on first use: a call whose targets are all committed loads nothing)."""
 
@@ -201,7 +180,7 @@ class Calibration:
         self._loaded = False
         self._candidates: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def load(self) -> "Calibration":
+    def load(self) -> "SharedCandidates":
         if not self._loaded:
             self.device = pick_device(self.manifest)
             reid = self.manifest.reid
@@ -217,28 +196,29 @@ class Calibration:
             count = self.manifest.evaluation.membership_candidates
             first = CALIBRATION_ID_OFFSET + repeat * CALIBRATION_ID_STRIDE
             ids = first + np.arange(2 * count, dtype=np.int64)
-            both = generated_features(self.prior, ids, self.manifest.sampling.seed, self.device, self.features,
-                                      BatchSizer(GENERATION_BATCH, self.device, len(ids)))
+            both = generated_features(self.prior, ids, self.manifest.sampling.seed, self.device, features=self.features,
+                                      sizer=BatchSizer(GENERATION_BATCH, self.device, len(ids)))
             self._candidates[repeat] = (both[:count], both[count:])
         return self._candidates[repeat]
 
 
-def calibrate_target(manifest: Manifest, spec: TargetSpec, shared: Calibration) -> dict | None:
+def calibrate_target(manifest: Manifest, spec: TargetSpec, shared: SharedCandidates) -> Calibration:
     store = run_store(manifest)
     prefix = calibration_prefix(spec.name)
     if store.is_committed(prefix):
         log.event("calibrate_skipped", target=spec.name, reason="already committed")
-        return store.read_json(f"{prefix}/{CALIBRATION_FILE}")
+        return read(Calibration, store, f"{prefix}/{CALIBRATION_FILE}")
     require_committed(store, evaluation_prefix(spec.name), f"evaluate --target {spec.name}")
     shared.load()
     settings, evaluation = manifest.calibration, manifest.evaluation
     records_key = f"{evaluation_prefix(spec.name)}/{RECORDS_FILE}"
     if not store.exists(records_key):
-        metrics = store.read_json(f"{evaluation_prefix(spec.name)}/metrics.json")
-        reason = (metrics.get("leak") or {}).get("reason", "no member and non-member records")
-        document = {"available": False, "reason": reason, "target": spec.name}
+        evaluation = read(Evaluation, store, f"{evaluation_prefix(spec.name)}/{METRICS_FILE}")
+        reason = evaluation.leak.reason or "no member and non-member records"
+        document = record_of(Calibration, {"available": False, "reason": reason, "target": spec.name},
+                             where=store.uri(f"{prefix}/{CALIBRATION_FILE}"))
         with store.committed(prefix, {"stage": "calibrate", "target": spec.name}) as out:
-            out.write_json(CALIBRATION_FILE, document)
+            write(out, CALIBRATION_FILE, document)
         log.event("calibrate_unavailable", target=spec.name, reason=reason)
         return document
     features, codes, member = committed_records(store.read_parquet(records_key))
@@ -247,9 +227,8 @@ def calibrate_target(manifest: Manifest, spec: TargetSpec, shared: Calibration) 
     member_ids = np.array(sorted(members))
     synthetic = manifest.data.synthetic is not None and getattr(manifest.data, pool) is None
     # A ppa attack's L compares its kept samples with as many prior candidates: calibrated at that pool size.
-    metrics = store.read_json(f"{evaluation_prefix(spec.name)}/metrics.json")
-    ppa = (metrics.get("attacks") or {}).get("ppa") or {}
-    ppa_pool = int(ppa.get("kept") or 0) if "ppa" in spec.attacks else 0
+    ppa = read(Evaluation, store, f"{evaluation_prefix(spec.name)}/{METRICS_FILE}").attacks.get("ppa")
+    ppa_pool = int((ppa.kept if ppa is not None else 0) or 0) if "ppa" in spec.attacks else 0
     largest = max(int(round(max(settings.fractions) * evaluation.membership_candidates)),
                   int(round(max(settings.ppa_fractions) * ppa_pool)))
 
@@ -271,14 +250,14 @@ def calibrate_target(manifest: Manifest, spec: TargetSpec, shared: Calibration) 
             spike_scores = generator_scores(features, codes, len(member), shared.features(images)).distances
         for fraction in fractions:
             result = leak_test(member, spiked(base_scores, spike_scores, fraction, rng), null_scores,
-                               evaluation.leak_bootstrap, permutations=0, seed=settings.seed + repeat,
+                               bootstrap=evaluation.leak_bootstrap, permutations=0, seed=settings.seed + repeat,
                                confidence=CONFIDENCE)
             runs.append({"fraction": fraction, "repeat": repeat, "leak": result["leak"],
                          "ci_low": result["ci"][0], "ci_high": result["ci"][1], "detected": result["detected"],
                          "auc_spiked": result["auc_attacked"], "auc_null": result["auc_null"]})
         if ppa_pool:
-            ppa_runs += ppa_repeat(member, base_scores, null_scores, spike_scores, ppa_pool, settings, evaluation,
-                                   repeat, rng)
+            ppa_runs += ppa_repeat(member, base_scores, null_scores, spike_scores, pool=ppa_pool, settings=settings,
+                                   evaluation=evaluation, repeat=repeat, rng=rng)
         log.event("calibrate_repeat", target=spec.name, repeat=repeat,
                   **{f"leak_{100 * r['fraction']:g}pct": round(r["leak"], 4) for r in runs if r["repeat"] == repeat})
     summary = summarise(runs, settings.fractions, settings.detect_share)
@@ -298,18 +277,18 @@ def calibrate_target(manifest: Manifest, spec: TargetSpec, shared: Calibration) 
             "candidates": ppa_pool, "detected_when": "L's interval excludes 0 and its permutation p <= 0.05 (as the "
             "report ranks attacks)", "base_and_null": f"the first {ppa_pool} of each repeat's base and null",
             **summarise(ppa_runs, settings.ppa_fractions, settings.detect_share), "runs": ppa_runs}
-    document = clean_json(document)
+    document = record_of(Calibration, clean_json(document), where=store.uri(f"{prefix}/{CALIBRATION_FILE}"))
     png = dose_response_png(runs, summary, f"{spec.name}: spike-in calibration")
     with store.committed(prefix, {"stage": "calibrate", "target": spec.name}) as out:
-        out.write_json(CALIBRATION_FILE, document)
+        write(out, CALIBRATION_FILE, document)
         out.write_bytes(CALIBRATION_FIGURE, png)
     log.event("calibrate_done", target=spec.name, false_positive_rate=summary["false_positive_rate"],
               minimum_detectable_effect=summary["minimum_detectable_effect"],
-              ppa_minimum_detectable_effect=(document.get("ppa") or {}).get("minimum_detectable_effect"))
+              ppa_minimum_detectable_effect=document.ppa.minimum_detectable_effect if document.ppa else None)
     return document
 
 
-def measure_prior(manifest: Manifest, shared: Calibration) -> dict | None:
+def measure_prior(manifest: Manifest, shared: SharedCandidates) -> dict | None:
     """prior-quality/: how far the prior's samples are from real public images (module docstring); once per run."""
     store = run_store(manifest)
     if store.is_committed(PRIOR_QUALITY_PREFIX):
@@ -366,7 +345,7 @@ def _strip_png(images01: torch.Tensor, columns: int) -> bytes:
 def calibrate(manifest: Manifest, target: str | None = None) -> int:
     """`reid-batch calibrate`: spike-in calibration for one target (None = every target), and once per run the
     prior's quality; see the module docstring."""
-    shared = Calibration(manifest)
+    shared = SharedCandidates(manifest)
 
     def work(spec: TargetSpec) -> dict | None:
         measure_prior(manifest, shared)  # committed after the first target: a lookup

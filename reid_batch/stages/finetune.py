@@ -148,9 +148,10 @@ def freeze_unused_layers(generator: PGGANGenerator) -> list[nn.Parameter]:
     return [p for p in generator.parameters() if p.requires_grad]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Finetuner:
-    """One generator update per `step(s)`; the generator and optimizer are already `accelerator.prepare`d."""
+    """One generator update per `step(s)`; the generator and optimizer are already `accelerator.prepare`d.
+    Keyword-only: sixteen settings, several of the same type, are easy to pass in the wrong order."""
 
     generator: nn.Module
     optimizer: Any
@@ -227,15 +228,6 @@ class Finetuner:
         return dict(zip(list(named) + ["total", "grad_norm"], values.cpu().tolist()))
 
 
-# ------------------------------------------------------------------------------------------------- images
-
-
-# ------------------------------------------------------------------------------------------------- targets
-
-
-# ------------------------------------------------------------------------------------------------- ViT reference
-
-
 # ------------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -285,7 +277,7 @@ def settings_fingerprint(manifest: Manifest, spec: TargetSpec) -> str:
 # ------------------------------------------------------------------------------------------------- the shell
 
 
-def _train_step(trainer, step: int, rows: list[dict], seconds_before: float, started: float, name: str,
+def _train_step(trainer, step: int, *, rows: list[dict], seconds_before: float, started: float, name: str,
                 fs: FinetuneSpec, start: int, main: bool) -> int:
     """One optimisation step, its loss row appended to `rows`; returns the number of steps done."""
     tic = time.perf_counter()
@@ -324,7 +316,7 @@ def restore_scaler(scaler, saved: dict | None, target: str) -> None:
               growth_tracker=saved.get("_growth_tracker"))
 
 
-def resume_from_checkpoint(store, spec: TargetSpec, fs: FinetuneSpec, fingerprint: str, generator: nn.Module,
+def resume_from_checkpoint(store, spec: TargetSpec, fs: FinetuneSpec, *, fingerprint: str, generator: nn.Module,
                            optimizer, scaler=None) -> tuple[list[dict], int, float]:
     """Load the newest committed checkpoint into the generator, optimizer and fp16 GradScaler (`scaler`, None
     without one), if there is one, refusing one of other settings: (loss rows so far, steps done, seconds spent)."""
@@ -348,7 +340,7 @@ def resume_from_checkpoint(store, spec: TargetSpec, fs: FinetuneSpec, fingerprin
     return list(state["losses"]), start, float(state["seconds"])
 
 
-def finetune_record(spec: TargetSpec, fs: FinetuneSpec, objective, num_classes: int, reference_info: dict | None,
+def finetune_record(spec: TargetSpec, fs: FinetuneSpec, objective, *, num_classes: int, reference_info: dict | None,
                     world: int, device, start: int, total_seconds: float, rows: list[dict]) -> dict:
     """finetune.json: what was fine-tuned, how, and the first and last losses."""
     step_seconds = [r["seconds"] for r in rows]
@@ -424,8 +416,8 @@ def finetune_target(manifest: Manifest, index: int, accelerator,
         groups.append({"params": offsets, "lr": spec.objective.class_offset_lr})
     optimizer = torch.optim.Adam(groups, lr=fs.lr, betas=tuple(fs.betas))
     fingerprint = settings_fingerprint(manifest, spec)
-    rows, start, seconds_before = resume_from_checkpoint(store, spec, fs, fingerprint, generator, optimizer,
-                                                         accelerator.scaler)
+    rows, start, seconds_before = resume_from_checkpoint(store, spec, fs, fingerprint=fingerprint, generator=generator,
+                                                         optimizer=optimizer, scaler=accelerator.scaler)
     # No process may see a checkpoint the main process writes during training as its starting point.
     accelerator.wait_for_everyone()
 
@@ -442,11 +434,13 @@ def finetune_target(manifest: Manifest, index: int, accelerator,
     if fs.demographic_feedback is not None:
         demographic_model = load_demographic_model(manifest).to(device).eval().requires_grad_(False)
     prepared_generator, prepared_optimizer = accelerator.prepare(generator, optimizer)
-    trainer = Finetuner(prepared_generator, prepared_optimizer, objective, accelerator, fs, target_input_spec(spec),
-                        tuple(generator.config.output_range), latent_dim, num_classes, trainable,
-                        differentiable_sum(world), critic, fs.discriminator.weight if critic is not None else 0.0,
-                        demographic_model, manifest.demographics.image_size,
-                        fs.demographic_feedback.weight if demographic_model is not None else 0.0)
+    trainer = Finetuner(generator=prepared_generator, optimizer=prepared_optimizer, objective=objective,
+                        accelerator=accelerator, spec=fs, input_spec=target_input_spec(spec),
+                        output_range=tuple(generator.config.output_range), latent_dim=latent_dim,
+                        num_classes=num_classes, trainable=trainable, reduce_sum=differentiable_sum(world),
+                        critic=critic, critic_weight=fs.discriminator.weight if critic is not None else 0.0,
+                        demographic_model=demographic_model, demographic_size=manifest.demographics.image_size,
+                        demographic_weight=fs.demographic_feedback.weight if demographic_model is not None else 0.0)
     log.event("finetune_start", target=spec.name, arch=spec.arch, terms=objective.weights, steps=fs.steps,
               from_step=start, batch_size=fs.batch_size, per_process=per_process, world_size=world, rank=rank,
               device=str(device), mixed_precision=fs.mixed_precision)
@@ -469,7 +463,8 @@ def finetune_target(manifest: Manifest, index: int, accelerator,
     # SIGTERM waits for the end of the step it lands in: that step is checkpointed, then the task stops.
     with preemption.deferred_region():
         for step in (log.progress(steps, desc=f"finetune {spec.name}", total=len(steps)) if main else steps):
-            done = _train_step(trainer, step, rows, seconds_before, started, spec.name, fs, start, main)
+            done = _train_step(trainer, step, rows=rows, seconds_before=seconds_before, started=started,
+                               name=spec.name, fs=fs, start=start, main=main)
             checkpoint_due = done % fs.checkpoint_every == 0 and done < fs.steps
             if checkpoint_due and main:
                 save_checkpoint(done, rows[-1]["elapsed"])
@@ -481,8 +476,8 @@ def finetune_target(manifest: Manifest, index: int, accelerator,
     accelerator.wait_for_everyone()
     total_seconds = seconds_before + time.perf_counter() - started
 
-    record = finetune_record(spec, fs, objective, num_classes, reference_info, world, device, start, total_seconds,
-                             rows)
+    record = finetune_record(spec, fs, objective, num_classes=num_classes, reference_info=reference_info, world=world,
+                             device=device, start=start, total_seconds=total_seconds, rows=rows)
     record["mixed_precision_used"] = accelerator.mixed_precision
     # The fp16 loss scale reached: one far below 65536 says the gradients overflowed often (steps were skipped).
     record["loss_scale"] = accelerator.scaler.get_scale() if accelerator.scaler is not None else None

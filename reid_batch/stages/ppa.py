@@ -1,4 +1,5 @@
-"""The ppa attack: per-sample latent optimisation toward each class, beside the study's two stages (issue 18).
+"""The ppa attack: per-sample latent optimisation toward each class, beside the study's two stages, because a
+per-sample attack can pull a candidate toward one patient where stage 1's distribution does not.
 
 For each target that lists `ppa` in `attacks`, every class c of the target is attacked on its own
 (reid_batch.attack.ppa.attack_class): `ppa.search` latents (ids layout.ppa_search_ids(c), latent = a pure function
@@ -151,7 +152,7 @@ class AttackedModels:
 
 
 @preemption.deferred  # SIGTERM: the class in progress is finished and committed, then the task stops
-def _attack_shard(manifest: Manifest, spec: TargetSpec, shard: int, plan: dict, pending: list[int],
+def _attack_shard(manifest: Manifest, spec: TargetSpec, shard: int, *, plan: dict, pending: list[int],
                   models: AttackedModels, device: torch.device) -> None:
     store = run_store(manifest)
     settings = settings_of(manifest)
@@ -160,7 +161,7 @@ def _attack_shard(manifest: Manifest, spec: TargetSpec, shard: int, plan: dict, 
         started = time.perf_counter()
         result = ppa.attack_class(models.generate, models.target, cls,
                                   np.asarray(ppa_search_ids(cls, settings.search), np.int64), models.latent_dim,
-                                  settings, manifest.ppa.seed, device, models.sizers)
+                                  settings, seed=manifest.ppa.seed, device=device, batch_size=models.sizers)
         with store.committed(ppa_class_prefix(spec.name, shard, cls), {"plan": plan, "class": cls}) as staging:
             staging.write_bytes(PPA_FILE, parquet_bytes(kept_table(result, cls)))
         log.event("ppa_class_committed", target=spec.name, shard=shard, cls=cls, kept=len(result.ids),
@@ -197,7 +198,7 @@ def attack_target(manifest: Manifest, spec: TargetSpec, shards: list[int], devic
             log.event("ppa_shard_start", target=spec.name, shard=shard, classes=mine,
                       already_committed=len(mine) - len(pending), generator=manifest.ppa.generator)
             started = time.perf_counter()
-            _attack_shard(manifest, spec, shard, plan, pending, models, device)
+            _attack_shard(manifest, spec, shard, plan=plan, pending=pending, models=models, device=device)
             store.write_json(summary_key, {
                 "plan": plan, "classes": mine, "kept_per_class": manifest.ppa.keep,
                 "files": [f"{ppa_class_prefix(spec.name, shard, c)}/{PPA_FILE}" for c in mine],

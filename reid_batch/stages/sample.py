@@ -84,12 +84,6 @@ PLAN_FORMAT = 1
 _CHUNK_MARKER = re.compile(rf"^chunk=(\d+)/{re.escape(COMMIT_MARKER)}$")
 
 
-# ------------------------------------------------------------------------------------------------ id layout
-
-
-# ------------------------------------------------------------------------------------------------ image statistics
-
-
 # ------------------------------------------------------------------------------------------------ the pure core
 
 
@@ -101,9 +95,6 @@ class ChunkWriter(BackgroundWriter):
 
     def __init__(self) -> None:
         super().__init__("chunk-writer")
-
-
-# ------------------------------------------------------------------------------------------------ reference statistics
 
 
 # ------------------------------------------------------------------------------------------------ plan and resume
@@ -167,7 +158,7 @@ def shard_progress(store, target: str, shard: int, plan: dict) -> ShardProgress:
 
 
 @preemption.deferred  # SIGTERM: the chunk in progress is finished and committed, then the task stops
-def _sample_shard(manifest: Manifest, spec: TargetSpec, shard: int, plan: dict, progress: ShardProgress,
+def _sample_shard(manifest: Manifest, spec: TargetSpec, shard: int, *, plan: dict, progress: ShardProgress,
                   scorer: CandidateScorer, accelerator, sizer: BatchSizer) -> dict | None:
     store = run_store(manifest)
     sampling = manifest.sampling
@@ -285,7 +276,8 @@ def sample_target(manifest: Manifest, spec: TargetSpec, shards: list[int], accel
     generator = load_finetuned_generator(manifest, spec.name).to(accelerator.device).eval()
     scorer = build_scorer(manifest, spec, generator, accelerator, sizer)
     try:
-        summaries = [_sample_shard(manifest, spec, shard, plan, progress, scorer, accelerator, sizer)
+        summaries = [_sample_shard(manifest, spec, shard, plan=plan, progress=progress, scorer=scorer,
+                                   accelerator=accelerator, sizer=sizer)
                      for shard, plan, progress in todo]
     finally:
         scorer.objective.close()

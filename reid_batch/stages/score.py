@@ -61,7 +61,7 @@ def shard_of_selected(selected: np.ndarray, num_shards: int, shard: int) -> np.n
 # ------------------------------------------------------------------------------------------------ the shell
 
 
-def score_shard(manifest: Manifest, spec: TargetSpec, shard: int, selected: np.ndarray, generator, model, device,
+def score_shard(manifest: Manifest, spec: TargetSpec, shard: int, *, selected: np.ndarray, generator, model, device,
                 sizer) -> dict:
     store = run_store(manifest)
     prefix = scores_prefix(spec.name, shard)
@@ -152,7 +152,8 @@ def score_target(manifest: Manifest, spec: TargetSpec, shards: list[int]) -> Non
         sizer = BatchSizer(manifest.sampling.batch_size, device, manifest.sampling.chunk_size,
                            manifest.generator.resolution**2)
         for shard in todo:
-            score_shard(manifest, spec, shard, selected, generator, model, device, sizer)
+            score_shard(manifest, spec, shard, selected=selected, generator=generator, model=model, device=device,
+                        sizer=sizer)
     if reference:
         score_reference(manifest, spec, model, device)
 

@@ -18,9 +18,8 @@ images enter the critic in the generator's declared range and no tanh is ever ad
 EMA: the output prior is an exponential moving average of the generator's weights with decay `ema_decay`, whose
 half-life is additionally capped at 1% of the generator steps done so far (StyleGAN2's ema_rampup, smaller):
 a longer memory averages in weights from the fade-in, when the newest scale's toRGB was still near its
-initialisation, and the averaged generator comes out dark. Measured on the demo world (64 px, depths
-[64, 64, 32, 16, 8], 1,134 steps): Fréchet-PCA 31.7 without EMA; with the half-life capped at 5% / 2% / 1% /
-0.5% of the steps: 189 / 19.2 / 19.0 / 19.2. Long runs reach the `ema_decay` cap and are governed by it.
+initialisation, and the averaged generator comes out dark; 1% was the cap with the lowest Fréchet-PCA distance
+of those tried (docs/results/2026-12-08-code-notes.md). Long runs reach the `ema_decay` cap and are governed by it.
 
 Resumable: every `checkpoint_every` generator steps <run>/prior/resume.pt holds G, D, the EMA, both optimisers,
 the step (from which the phase, alpha and images seen follow) and the loss history, written atomically. No RNG

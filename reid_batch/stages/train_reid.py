@@ -79,7 +79,7 @@ def to_levels(images01: torch.Tensor) -> torch.Tensor:
     return (images01.clamp(0, 1) * 255).round_().to(torch.uint8)
 
 
-def train_epoch(model: ReidNet, optimizer, images: torch.Tensor, patient_images: list[np.ndarray],
+def train_epoch(model: ReidNet, optimizer, images: torch.Tensor, *, patient_images: list[np.ndarray],
                 settings: ReidTrainSpec, epoch: int, device: torch.device) -> float:
     """One pass over every training patient, `patients_per_batch` at a time; the mean loss. `images` are [0, 1]
     floats or 8-bit levels (N, 1, H, W), indexed by `patient_images`."""
@@ -185,7 +185,8 @@ def run(manifest: Manifest, target: str | None = None) -> int:
     for epoch in log.progress(range(first_epoch, settings.epochs), desc="re-identification epochs",
                               total=settings.epochs - first_epoch):
         with EpochTimer() as timer:
-            loss = train_epoch(model, optimizer, train_x, patient_images, settings, epoch, device)
+            loss = train_epoch(model, optimizer, train_x, patient_images=patient_images, settings=settings, epoch=epoch,
+                               device=device)
         schedule.step()
         row = {"epoch": epoch, "loss": loss, "seconds": timer.seconds}
         if epoch == settings.epochs - 1 or (epoch + 1) % settings.validate_every == 0:

@@ -16,14 +16,14 @@ Mitigations (the same data and split, one defence each):
                gradients clipped to `max_grad_norm` (1.0), Gaussian noise calibrated so that the planned epochs
                reach `target_epsilon` at delta = 1 / training images. The accountant's epsilon for the steps
                actually taken is recorded in training.json (`privacy`). ResNets only.
-Positive control (issue 17, P1):
+Positive control (a model known to encode its patients, so a null elsewhere means something):
   identity     K patients as K classes (`train.identity`): `studies` rendered studies per patient to train on and
                `validation_studies` more to validate on (synthetic world, `phantoms.write_extra_studies`), so the
                world's own studies of these patients stay held out. Cross-entropy over K outputs; Adam lr 1e-3,
                batch 32, 15 epochs, keep the best validation accuracy. Attacking class k asks for patient k.
                `identity.defence` trains it with a mitigation's changes (regularised, augmented, groupnorm, dp as
                above): the defences measured on a model known to encode its patients.
-Canaries (issue 17, P2; `train.canaries`, any preset but identity): atypical synthetic patients, each added to the
+Canaries (`train.canaries`, any preset but identity): atypical synthetic patients, each added to the
 training set by its own coin flip with `d` rendered studies (`phantoms.canary_patient`, `roles.canary_sets`), after
 the preset chose its images; `train_images.csv` marks them with `canary_dose`.
 `patience` applies to any preset that keeps the best validation AUC. `norm: group` trains a CNN preset with GroupNorm
@@ -74,7 +74,7 @@ from reid_batch.runtime import (
 RESUME_EVERY_SECONDS = 60.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Recipe:
     epochs: int
     batch_size: int
@@ -111,11 +111,14 @@ def resolve_recipe(spec: TargetSpec) -> Recipe:
     train = spec.train
     assert train is not None
     vit = spec.family == "vit"
-    normal = Recipe(10, 64 if vit else 32, 1e-4 if vit else 1e-3, 0.0 if vit else 1e-3, None, False, "best_val_auc")
+    normal = Recipe(epochs=10, batch_size=64 if vit else 32, lr=1e-4 if vit else 1e-3,
+                    weight_decay=0.0 if vit else 1e-3, images_per_class=None, stop_at_perfect_train=False,
+                    keep="best_val_auc")
     if train.preset == "normal":
         base = normal
     elif train.preset == "overfit":
-        base = Recipe(30, 1, 1e-4, 0.0, 50 if vit else 20, True, "last")
+        base = Recipe(epochs=30, batch_size=1, lr=1e-4, weight_decay=0.0, images_per_class=50 if vit else 20,
+                      stop_at_perfect_train=True, keep="last")
     elif train.preset == "regularised":
         base = replace(normal, weight_decay=0.05, optimizer="adamw", dropout=0.5, patience=3)
     elif train.preset == "augmented":
@@ -216,7 +219,7 @@ def set_head_dropout(model: nn.Module, p: float) -> None:
     raise ValueError("cannot find the classification head to put dropout before")
 
 
-def train_one_epoch(model, optimizer, images01, labels, input_spec, batch_size, generator, device,
+def train_one_epoch(model, optimizer, images01, labels, *, input_spec, batch_size, generator, device,
                     transform=None) -> float:
     model.train()
     order = torch.randperm(len(images01), generator=generator)
@@ -293,8 +296,8 @@ def _opacus_version() -> str:
     return version("opacus")
 
 
-def make_private(model, optimizer, images01, labels, recipe: "Recipe", seed: int, where: str) -> PrivateTraining:
-    from opacus import PrivacyEngine  # a 2 s import, paid only by DP-SGD targets
+def make_private(model, optimizer, images01, labels, *, recipe: "Recipe", seed: int, where: str) -> PrivateTraining:
+    from opacus import PrivacyEngine  # a slow import, paid only by DP-SGD targets
     from opacus.validators import ModuleValidator
 
     problems = ModuleValidator.validate(model, strict=False)
@@ -443,7 +446,7 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
         # After loading any resume state: Opacus wraps this model and optimizer, and the accountant's history
         # continues from the saved one, so a resumed run spends exactly the budget an uninterrupted one would.
         where = f"targets[{manifest.targets.index(spec)}].train"
-        private = make_private(model, optimizer, train_x, train_y, recipe, spec.train.seed, where)
+        private = make_private(model, optimizer, train_x, train_y, recipe=recipe, seed=spec.train.seed, where=where)
         if state is not None:
             private.engine.accountant.history = [tuple(h) for h in state.get("accountant", [])]
     transform = augmentation(spec.input.size) if recipe.augment else None
@@ -461,8 +464,9 @@ def train_target_spec(manifest: Manifest, spec: TargetSpec) -> dict:
                 loss = train_one_epoch_private(private.model, private.optimizer, private.loader, input_spec, device)
             else:
                 try:
-                    loss = train_one_epoch(model, optimizer, train_x, train_y, input_spec, recipe.batch_size,
-                                           order_generator, device, transform)
+                    loss = train_one_epoch(model, optimizer, train_x, train_y, input_spec=input_spec,
+                                           batch_size=recipe.batch_size, generator=order_generator, device=device,
+                                           transform=transform)
                 except InputError as error:
                     position = [t.name for t in manifest.targets].index(spec.name)
                     raise InputError(error.message, where=f"targets[{position}].train.batch_size") from None
