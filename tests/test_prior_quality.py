@@ -1,6 +1,7 @@
 """The prior's quality measures (analysis.prior_quality) against sets whose difference is known."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -20,13 +21,16 @@ def _blobs(n: int, seed: int, blur: float = 0.0) -> torch.Tensor:
     return images.clamp(0, 1)
 
 
+@pytest.mark.slow
 def test_the_classifier_cannot_tell_a_set_from_itself_and_tells_blur_at_once():
     # Under the null a single run lands outside its 95% interval 1 time in 20: judge the mean of several.
     same = [two_sample_classifier(_blobs(300, 2 * k + 1), _blobs(300, 2 * k + 2), seed=k, epochs=5)
             for k in range(6)]
     assert all(result["test_images"] == 300 for result in same)
     assert abs(np.mean([result["accuracy"] for result in same]) - 0.5) < 0.04
-    blurred = two_sample_classifier(_blobs(300, 3, blur=1.0), _blobs(300, 4), seed=0, epochs=5)
+    # The positive control trains as calibrate does (the default epochs): after 5, whether blur is seen at all
+    # depends on the seed and on the CPU's float rounding.
+    blurred = two_sample_classifier(_blobs(300, 3, blur=1.0), _blobs(300, 4), seed=0)
     assert blurred["accuracy"] > 0.9
 
 
