@@ -41,6 +41,7 @@ def manifest_path(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_bench_sample_cli_writes_json_with_positive_figures(manifest_path, tmp_path, capsys):
     out = tmp_path / "bench.json"
     # A fast batch smaller than the baseline's 8 and more baseline batches than fast ones: both get their ids.

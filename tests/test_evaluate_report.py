@@ -93,6 +93,7 @@ def _number(patient: str) -> int:
     return int(re.sub(r"\D", "", patient))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TARGETS)
 def test_likely_samples_matched_to_the_targets_own_training_images(pipeline, name):
     from reid_batch.data.datasets import load_image
@@ -147,6 +148,7 @@ def test_likely_samples_matched_to_the_targets_own_training_images(pipeline, nam
     assert metrics["demographics"]["reconstruction"]["age_mae"] == pytest.approx(table["recon_age_abs_error"].mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TARGETS)
 def test_reidentification_roles_follow_the_training_pool(pipeline, name):
     from reid_batch.analysis.metrics import membership_auc
@@ -178,6 +180,7 @@ def test_reidentification_roles_follow_the_training_pool(pipeline, name):
                                                   for p in table["reid_train_patient"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TARGETS)
 def test_the_leak_statistic_uses_the_targets_own_members(pipeline, name):
     """Records are patients: members from the training list, non-members the same pool's other patients with the
@@ -240,6 +243,7 @@ def test_the_leak_statistic_uses_the_targets_own_members(pipeline, name):
     assert selected["candidates"] == {"attacked": selected["compared"], "null": selected["compared"]}
 
 
+@pytest.mark.slow
 def test_calibration_spikes_member_patients_into_prior_candidates(pipeline):
     from reid_batch.stages import calibrate
 
@@ -277,6 +281,7 @@ def test_calibration_spikes_member_patients_into_prior_candidates(pipeline):
     assert store.read_commit("cnn/calibration")["created"] == before
 
 
+@pytest.mark.slow
 def test_identity_control_matches_samples_to_held_out_studies(pipeline):
     """P1 wired end to end: the fine-tuned generator carries its class offsets, every likely sample asks for the
     class its z_0 encodes, and the gallery is the world's own studies of the scored patients and distractors (never
@@ -322,6 +327,7 @@ def test_identity_control_matches_samples_to_held_out_studies(pipeline):
     assert control["raw"]["samples"] == control["prior_raw"]["samples"] == settings.membership_candidates
 
 
+@pytest.mark.slow
 def test_ppa_keeps_its_most_confident_optimised_samples_and_evaluate_measures_them(pipeline):
     """The ppa stage's committed rows regenerate the images evaluate measured: per class `keep` samples, best first,
     from the class's own searched ids; the identity control and L recomputed from the stored latents agree with
@@ -388,6 +394,7 @@ def test_ppa_keeps_its_most_confident_optimised_samples_and_evaluate_measures_th
     assert (ppa_control["top1"], ppa_control["p_value"]) == pytest.approx((again["top1"], again["p_value"]), abs=1e-9)
 
 
+@pytest.mark.slow
 def test_the_ppa_bench_script_reproduces_the_stage_and_its_identity_measure(pipeline, tmp_path):
     """bench/ppa_identity.py (the multi-seed acceptance measure) runs the stage's attack: at ppa.seed it gives the
     identity control that evaluate committed for the ppa samples."""
@@ -404,6 +411,7 @@ def test_the_ppa_bench_script_reproduces_the_stage_and_its_identity_measure(pipe
         (committed["top1"], committed["distinct"], committed["p_value"]), abs=1e-9)
 
 
+@pytest.mark.slow
 def test_the_report_ranks_the_attacks_and_the_headline_names_the_strongest(pipeline):
 
     manifest, _ = pipeline
@@ -463,6 +471,7 @@ def test_the_report_ranks_the_attacks_and_the_headline_names_the_strongest(pipel
         "no leak larger than 2% of candidates being training patients detected"
 
 
+@pytest.mark.slow
 def test_ppa_resumes_only_what_is_missing_and_refuses_another_plan(pipeline):
     """A class whose commit is gone (a task killed before it) is attacked again, to the same rows; committed
     classes are not redone; a re-run with other ppa settings is refused (exit 2) rather than mixed."""
@@ -495,6 +504,7 @@ def test_ppa_resumes_only_what_is_missing_and_refuses_another_plan(pipeline):
         ppa.run(other, target="identity")
 
 
+@pytest.mark.slow
 def test_canaries_train_by_their_coins_and_are_scored_by_a_held_out_study(pipeline):
     """P2: every included canary trains on exactly `d` studies and no excluded one on any; each AUC is recomputed
     from the held-out studies and the committed raw leak candidates."""
@@ -534,6 +544,7 @@ def test_canaries_train_by_their_coins_and_are_scored_by_a_held_out_study(pipeli
         assert canaries["raw"][dose]["p_value"] == pytest.approx(result["p_value"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_prior_quality_is_measured_once_and_reported(pipeline):
     """calibrate's prior-quality: the prior's samples against public images in the embedding, with the real-vs-real
     floor and the classifier two-sample test; the report's instrument section shows the numbers and the strip."""
@@ -554,6 +565,7 @@ def test_prior_quality_is_measured_once_and_reported(pipeline):
     assert page.count("prior samples (top) over public images") == 1
 
 
+@pytest.mark.slow
 def test_stage1_sets_and_shared_prior(pipeline):
     manifest, _ = pipeline
     stage1 = {name: _outputs(manifest, name)[1]["stage1"] for name in TARGETS}
@@ -569,6 +581,7 @@ def test_stage1_sets_and_shared_prior(pipeline):
     assert stage1["cnn"]["sets"]["prior"]["entropy"] == stage1["cnn-control"]["sets"]["prior"]["entropy"]
 
 
+@pytest.mark.slow
 def test_report_agrees_with_the_parquet_outputs(pipeline):
     from reid_batch.stages import report
 
@@ -629,6 +642,7 @@ def test_report_agrees_with_the_parquet_outputs(pipeline):
     assert store.read_commit("report") == marker
 
 
+@pytest.mark.slow
 def test_population_shift_is_the_attacked_minus_the_prior_predictions(pipeline):
     """P4's measure: the demographic model's mean age and male share on the raw leak candidates, attacked minus
     prior, recomputed here; and the truth it is read against (the members' and the pool's)."""
@@ -661,6 +675,7 @@ def test_population_shift_is_the_attacked_minus_the_prior_predictions(pipeline):
     assert shift["truth_members"]["age"] == pytest.approx(np.mean(ages))
 
 
+@pytest.mark.slow
 def test_report_has_a_controls_section(pipeline):
 
     manifest, _ = pipeline
@@ -712,6 +727,7 @@ def test_dose_response_rows_need_one_architecture_at_two_sizes():
     assert dose_rows(document)[1] == []
 
 
+@pytest.mark.slow
 def test_report_reads_and_writes_s3_and_needs_no_torch(pipeline, s3_bucket):
     """The rendered report on S3 from the same evaluation outputs, in a process that never imports torch."""
     from reid_batch.storage import open_store
@@ -839,6 +855,7 @@ def test_report_states_its_instrument():
     assert "0.9997" in "\n".join(_html_instrument({"instrument": instrument_summary(record)}))
 
 
+@pytest.mark.slow
 def test_the_instrument_section_names_the_space_the_risk_numbers_use(pipeline):
     manifest, _ = pipeline
     store = run_store(manifest)

@@ -128,6 +128,7 @@ def vit_prior_reference(models: dict[str, Path], output: Path) -> dict:
     return doc
 
 
+@pytest.mark.slow
 def test_two_processes_of_8_match_one_of_16_and_an_indivisible_batch_exits_2(models, tmp_path):
     single, single_vit = document(models, tmp_path / "one"), vit_prior_reference(models, tmp_path / "one")
     ft.run(parse_manifest(single))
@@ -195,6 +196,7 @@ def test_latents_of_a_step_split_contiguously_over_processes():
 # --------------------------------------------------------------------------------------------- kill and resume
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_result_and_ignores_half_written_checkpoints(models, tmp_path):
     settings = {"steps": 12, "checkpoint_every": 3, "batch_size": 8}
     killed = document(models, tmp_path / "killed", **settings)

@@ -314,6 +314,7 @@ def test_broken_demographic_checkpoint_is_refused(kind, inputs, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_malicious_pickles_in_a_real_process_never_run_code(inputs, tmp_path):
     """The same refusals from `python -m reid_batch finetune` (a bare pickle as the target, a torch.save zip as the
     generator): the exploit would create a marker file. Each process costs a torch import, so two suffice."""

@@ -187,6 +187,7 @@ def inception_checkpoint(tmp_path_factory):
     return model, path, no_aux
 
 
+@pytest.mark.slow
 def test_inception_features_use_the_given_weights(inception_checkpoint, rng):
     model, path, no_aux = inception_checkpoint
     images = rng.uniform(0, 1, (2, 1, 80, 80)).astype(np.float32)

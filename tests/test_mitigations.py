@@ -83,6 +83,7 @@ def _training(manifest, name: str) -> dict:
     return run_store(manifest).read_json(f"targets/{name}/training.json")
 
 
+@pytest.mark.slow
 def test_dp_epsilon_is_the_accountants(pipeline):
     from opacus.accountants import RDPAccountant
 
@@ -101,6 +102,7 @@ def test_dp_epsilon_is_the_accountants(pipeline):
     assert record["history"][-1]["epsilon"] == pytest.approx(privacy["epsilon"])
 
 
+@pytest.mark.slow
 def test_dp_target_is_a_groupnorm_model_that_loads_back(pipeline, tmp_path):
     from safetensors.torch import load_file
 
@@ -128,6 +130,7 @@ def test_dp_target_is_a_groupnorm_model_that_loads_back(pipeline, tmp_path):
     assert any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
 
 
+@pytest.mark.slow
 def test_attack_on_the_groupnorm_target_falls_back_and_says_so(pipeline):
     manifest, _ = pipeline
     store = run_store(manifest)
@@ -170,6 +173,7 @@ def test_groupnorm_objective_fires_every_hook_and_matches_its_reference():
         assert objective.fallback["added"] == [] and list(objective.weights) == ["feature_stats", "logits", "tv"]
 
 
+@pytest.mark.slow
 def test_regularised_and_augmented_presets_train(pipeline):
     from reid_batch.stages.train_target import augmentation
 
@@ -194,6 +198,7 @@ def test_regularised_and_augmented_presets_train(pipeline):
     assert first.shape == image.shape and not torch.equal(first, second)
 
 
+@pytest.mark.slow
 def test_report_sets_utility_beside_risk_for_every_target(pipeline):
     from reid_batch.layout import MITIGATION_FIGURE, report_prefix
 

@@ -77,6 +77,7 @@ def test_a_latent_follows_the_same_path_alone_or_in_a_batch():
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_attack_class_keeps_its_best_and_is_reproducible():
     generate, target = _models()
     ids = np.arange(100, 112)
@@ -132,6 +133,7 @@ def test_the_margin_measure_is_the_class_logit_over_the_largest_other_and_can_ra
     assert (again[:-1] >= again[1:] - 1e-5).all(), again
 
 
+@pytest.mark.slow
 def test_attack_class_in_small_groups_equals_one_batch():
     """attack_class optimises its latents in groups of batch_size (memory bounded whatever `optimise` is): groups of
     one give the kept ids, latents and confidences of a single batch."""
@@ -145,6 +147,7 @@ def test_attack_class_in_small_groups_equals_one_batch():
     torch.testing.assert_close(grouped.confidence, whole.confidence, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_attack_class_halves_its_groups_on_out_of_memory_and_gets_the_same_result():
     """batch_size auto on a GPU: an optimisation group that runs out of memory is halved until one fits, and the
     result is the single batch's (each latent's path is its own). The out-of-memory error is raised by the target

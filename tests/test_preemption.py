@@ -194,6 +194,7 @@ def assert_same_outputs(stage: str, got_root: Path, clean: dict) -> None:
 # ------------------------------------------------------------------------------------------ SIGKILL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 def test_sigkill_at_random_points_then_resume_equals_the_uninterrupted_run(stage, forks, clean, tmp_path):
     """KILLS[stage] SIGKILLs at seeded random times; after each chain of kills a plain re-run completes the stage,
@@ -261,6 +262,7 @@ def _wait_for(condition, process, log_path: Path, what: str, timeout: float = 90
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 def test_sigterm_commits_exits_75_and_a_rerun_completes_identically(stage, forks, clean, tmp_path):
     output = tmp_path / "out"
@@ -311,6 +313,7 @@ def test_sigterm_commits_exits_75_and_a_rerun_completes_identically(stage, forks
     assert_same_outputs(stage, output, clean)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_chunk(forks, clean, tmp_path):
     """Two gloo ranks (the environment torchrun / accelerate launch gives): only rank 1 is signalled, yet both
     stop at the same chunk boundary, after the main process committed the chunk in progress; both exit 75."""
@@ -401,6 +404,7 @@ def test_racing_commits_of_one_prefix_leave_one_whole_commit(any_store, rounds, 
         print(f"{rounds} rounds x 4 racing writers: {published} published, {skipped} found a commit and discarded theirs")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_two_tasks_sampling_one_shard_at_once_both_exit_0_with_one_valid_result(kind, forks, inputs, clean, tmp_path,
                                                                                  request):

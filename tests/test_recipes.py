@@ -17,6 +17,7 @@ from helpers import commit_marker, kill_and_resume_equals_clean_run, tiny_manife
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_train_target_normal_writes_record_and_exact_training_list(tiny_world, tmp_path):
     from reid_batch.data.datasets import patient_split, read_chexpert
     from reid_batch.stages.train_target import run
@@ -51,6 +52,7 @@ def test_train_target_normal_writes_record_and_exact_training_list(tiny_world, t
     assert num_classes == 1 and not model.training
 
 
+@pytest.mark.slow
 def test_overfit_preset_memorises_its_few_images(tiny_world, tmp_path):
     from reid_batch.stages.train_target import run
 
@@ -65,6 +67,7 @@ def test_overfit_preset_memorises_its_few_images(tiny_world, tmp_path):
     assert len(record["history"]) < 30 or record["history"][-1]["train_accuracy"] == 1.0
 
 
+@pytest.mark.slow
 def test_identity_preset_trains_k_patients_as_k_classes_on_extra_studies(tiny_world, tmp_path):
     """P1's target: K patients as K classes, trained on rendered studies beyond the world's own (which stay held
     out); the negative's patients are others, of the same sex class by class."""
@@ -103,6 +106,7 @@ def test_identity_preset_trains_k_patients_as_k_classes_on_extra_studies(tiny_wo
     assert not world_paths & set(pd.read_csv(tmp_path / "demo" / "targets" / "cnn" / "train_images.csv")["path"])
 
 
+@pytest.mark.slow
 def test_a_defended_identity_control_trains_its_k_classes_with_dp_sgd(tiny_world, tmp_path):
     """identity.defence: the identity control trained with a mitigation's recipe; dp runs Opacus on the K classes
     (GroupNorm, clipping, the budget spent recorded), the recipes of the other defences are the presets' changes,
@@ -144,6 +148,7 @@ def test_cohort_trains_on_a_demographic_slice_only(tiny_world, tmp_path):
         assert len(frame) > 0 and (frame["sex"] == "F").all() and (frame["age"] >= 40).all()
 
 
+@pytest.mark.slow
 def test_train_target_resumes_after_sigkill_to_the_same_weights(tiny_world, tmp_path):
     kill_and_resume_equals_clean_run(
         tmp_path, "train-target", lambda output: tiny_manifest(tiny_world, output, epochs=2, max_images=32),
@@ -198,6 +203,7 @@ def test_cli_train_target_with_bad_checkpoint_exits_2(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_train_demographics_resumes_after_sigkill_to_the_same_weights(tiny_world, tmp_path):
     def make_manifest(output: Path) -> dict:
         document = tiny_manifest(tiny_world, output)

@@ -103,6 +103,7 @@ def test_train_reid_commits_its_embedding_and_metrics(tiny_world, tmp_path):
     assert load_reid_model(parse_manifest(document)) is None
 
 
+@pytest.mark.slow
 def test_train_reid_resumes_after_sigkill_to_the_same_weights(tiny_world, tmp_path):
     def make_manifest(output):
         document = tiny_manifest(tiny_world, output)

@@ -371,6 +371,7 @@ sample(parse_manifest(json.load(open(sys.argv[1]))), shard=0)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_shard_killed_mid_way_resumes_to_the_clean_result(kind, inputs, tmp_path, request):
     options = {"num_shards": 2, "num_candidates": 24, "chunk_size": 2, "batch_size": 2}
@@ -509,6 +510,7 @@ assert PartialState().num_processes == 2, PartialState()
 """
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_rows_of_one(inputs, tmp_path):
     options = {"num_candidates": 11, "num_shards": 1, "chunk_size": 5}
     manifest = make_manifest(inputs, str(tmp_path / "two"), sampling_options=options)
@@ -548,6 +550,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_number_of_candidates(inputs, tmp_path):
     peaks = {}
     for count in (40, 400):

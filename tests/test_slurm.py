@@ -484,6 +484,7 @@ def assert_same_outputs(slurm_dir: Path, local_dir: Path) -> int:
     return len(files(slurm_dir / "out"))
 
 
+@pytest.mark.slow
 def test_the_pipeline_on_slurm_matches_a_local_run_and_finishes_after_a_failed_task_is_resubmitted(slurm, tmp_path):
     stages = built_stages()
     local_dir, slurm_dir = tmp_path / "local", tmp_path / "slurm"
@@ -572,6 +573,7 @@ exec {REID_BATCH} "$@"
                                                                              "finetune-cnn-rank-1.jsonl"}
 
 
+@pytest.mark.slow
 def test_a_job_stopped_by_sigterm_requeues_itself_and_its_dependants_wait_but_a_cancelled_one_does_not(slurm, tmp_path):
     """`scancel --signal=TERM --full` stands in for pre-emption: the stage exits 75 (as reid-batch does on SIGTERM)
     and the job requeues itself; a plain `scancel` is the user's decision: exit 75 too, but no requeue."""

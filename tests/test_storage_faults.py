@@ -241,6 +241,7 @@ class Chaos:
         print(f"chaos schedule: {', '.join(self.schedule)}")
 
 
+@pytest.mark.slow
 def test_sample_and_select_through_a_flapping_store_equal_a_clean_run(inputs, s3_bucket, proxy, tmp_path):
     uri, settings = s3_bucket
     options = {"sampling_options": {"num_candidates": 16, "num_shards": 2, "chunk_size": 4, "batch_size": 4}}

@@ -81,6 +81,7 @@ def tiny_run(tmp_path_factory):
     return manifest, path, environment, written
 
 
+@pytest.mark.slow
 def test_a_terminal_shows_one_line_per_task_the_warnings_and_a_summary_naming_the_report(tiny_run):
     manifest, _, _, written = tiny_run
     graph = task_graph(manifest)
@@ -104,6 +105,7 @@ def test_a_terminal_shows_one_line_per_task_the_warnings_and_a_summary_naming_th
     assert re.search(r"\[#*\.*\] \d+/\d+", _ANSI.sub("", written))
 
 
+@pytest.mark.slow
 def test_parallel_run_matches_the_pipeline_contract(tiny_run):
     """Two tasks at a time, each a child process: every task starts after what it needs is done (from the run's log)."""
     from reid_batch.runtime import run_store
@@ -125,6 +127,7 @@ def test_parallel_run_matches_the_pipeline_contract(tiny_run):
     assert store.read_json("report/report.json")["targets"][name]["risk"]["likely_samples"] == 7
 
 
+@pytest.mark.slow
 def test_every_event_of_every_task_is_kept_in_the_run(tiny_run):
     from reid_batch.runtime import run_store
 
@@ -143,6 +146,7 @@ def test_every_event_of_every_task_is_kept_in_the_run(tiny_run):
     assert len(finetune) == 1 and finetune[0]["target"] == name
 
 
+@pytest.mark.slow
 def test_through_a_pipe_only_json_lines_and_a_json_summary(tiny_run):
     """The same, already complete run again through pipes (a cluster's log): JSON lines only, as before."""
     manifest, path, environment, _ = tiny_run

@@ -299,6 +299,7 @@ train_prior.train_prior(parse_manifest(json.loads(sys.argv[1])), on_checkpoint=k
 """
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_equal_to_an_uninterrupted_run(world, tmp_path):
     # 32 / 8 = 4 steps per phase, 20 in all; the kill lands at step 6, in the middle of the first fade.
     settings = {"images_per_phase": 32, "batch_size": 8, "checkpoint_every": 3}
