@@ -415,8 +415,8 @@ def parse(kind: type[R], document: Any, where: str) -> R:
     """A record from a JSON document: the schema version first (a clear remedy), then every field."""
     version = document.get("schema_version") if isinstance(document, dict) else None
     if version != SCHEMA_VERSION:
-        raise RecordError(f"schema version {version!r}, this reid-batch reads {SCHEMA_VERSION}: run `reid-batch "
-                          f"{RERUN[kind.__name__]}` again to rewrite it", where=where)
+        raise RecordError(f"schema version {version!r}, this reid-batch reads {SCHEMA_VERSION}: delete the folder it "
+                          f"is in and run `reid-batch {RERUN[kind.__name__]}` again", where=where)
     return kind.from_json(document, where)
 
 
