@@ -123,14 +123,12 @@ def _html_prior(document: dict, figures: dict[str, dict[str, bytes]]) -> list[st
 
 def _html_calibration(document: dict, figures: dict[str, dict[str, bytes]]) -> list[str]:
     """Spike-in calibration per target: how large a leak the statistic sees, and how often it sees one that is not."""
-    out = ["<h3>Calibration: the smallest leak this instrument sees</h3>",
-           "<p class='note'>Prior candidates with a share of them replaced by new images of the target's member "
-           "patients, against other prior candidates: detected = L's 95% interval above 0. The smallest detectable "
-           "leak is the smallest share detected in most repeats; at 0% every detection is a false positive. A "
-           "'· ppa' row repeats it at the ppa attack's pool size (as many candidates as it kept, larger shares), "
-           "detected as attacks are ranked: the interval above 0 and permutation p <= 0.05.</p>"]
-    header, rows = calibration_rows(document)
-    out.append(table_html(header, rows))
+    out = _noted_table("Calibration: the smallest leak this instrument sees", calibration_rows(document), (
+        "Prior candidates with a share of them replaced by new images of the target's member patients, against other "
+        "prior candidates: detected = L's 95% interval above 0. The smallest detectable leak is the smallest share "
+        "detected in most repeats; at 0% every detection is a false positive. A '· ppa' row repeats it at the ppa "
+        "attack's pool size (as many candidates as it kept, larger shares), detected as attacks are ranked: the "
+        "interval above 0 and permutation p <= 0.05."))
     plots = [image_html(figures[name]["dose_response"], f"{name}: dose-response") for name in document["targets"]
              if figures.get(name, {}).get("dose_response")]
     if plots:
@@ -193,17 +191,21 @@ def _html_section(title: str, table: tuple[list[str], list[list[str]]], note: st
     return [f"<h3>{title}</h3>", table_html(header, rows), f"<p class='note'>{note}</p>"] if rows else []
 
 
+def _noted_table(title: str, table: tuple[list[str], list[list[str]]], note: str) -> list[str]:
+    """A titled table whose note, read first, says how to read it."""
+    header, rows = table
+    return [f"<h3>{title}</h3>", f"<p class='note'>{note}</p>", table_html(header, rows)]
+
+
 def _html_identity_controls(document: dict) -> list[str]:
     esc = html.escape
-    out = ["<h3>Identity classes</h3>",
-           "<p class='note'>Identity-class controls: a classifier whose classes are patients, attacked like the "
-           "targets above. Each sample asks for the class its latent encodes; it hits when its nearest patient, "
-           "in the re-identification embedding, among the scored patients and as many distractors (held-out studies "
-           "only), is the requested one. The null permutes which class belongs to which patient within sex; "
-           "uniform chance is 1 / patients in the gallery. The negative control's classes are other patients of "
-           "the same sexes, scored against the positive's patients.</p>"]
-    header, rows = control_rows(document)
-    out.append(table_html(header, rows))
+    out = _noted_table("Identity classes", control_rows(document), (
+        "Identity-class controls: a classifier whose classes are patients, attacked like the targets above. Each "
+        "sample asks for the class its latent encodes; it hits when its nearest patient, in the re-identification "
+        "embedding, among the scored patients and as many distractors (held-out studies only), is the requested one. "
+        "The null permutes which class belongs to which patient within sex; uniform chance is 1 / patients in the "
+        "gallery. The negative control's classes are other patients of the same sexes, scored against the positive's "
+        "patients."))
     out.append("<ul>" + "".join(f"<li>{esc(control_sentence(n, c))}</li>"
                                 for n, c in document["controls"].items()) + "</ul>")
     return out
@@ -211,10 +213,7 @@ def _html_identity_controls(document: dict) -> list[str]:
 
 def _html_mitigations(document: dict, figures: dict[str, dict[str, bytes]]) -> list[str]:
     """1b. Utility and risk side by side (mitigation manifests only)."""
-    out = []
-    out.append("<h2>1b. Mitigations: utility and risk side by side</h2>")
-    header, rows = mitigation_rows(document)
-    out.append(table_html(header, rows))
+    out = ["<h2>1b. Mitigations: utility and risk side by side</h2>", table_html(*mitigation_rows(document))]
     out.append("<p class='note'>Utility is the target's own validation split (patient-grouped; the identity "
                "control's is other studies of its patients), with 95% intervals; risk is the "
                "attack's outcome on that target. ε is the Opacus accountant's for the steps taken, at δ = 1/N. "
@@ -234,10 +233,7 @@ def _html_mitigations(document: dict, figures: dict[str, dict[str, bytes]]) -> l
 def _html_comparison(document: dict) -> list[str]:
     """2. Stage 1 across targets."""
     esc = html.escape
-    out = []
-    out.append("<h2>2. Side-by-side comparison (stage 1, distribution level)</h2>")
-    header, rows = stage1_rows(document)
-    out.append(table_html(header, rows))
+    out = ["<h2>2. Side-by-side comparison (stage 1, distribution level)</h2>", table_html(*stage1_rows(document))]
     out.append("<p class='note'>Mean ± standard error (entropy: over images; kurtosis: bootstrap). * FID with fewer "
                "images than feature dimensions (biased upwards; compare only between equal-size sets). "
                + esc(" ".join(sorted({inception_text(nested(e, "metrics", "stage1", "inception"))
