@@ -127,7 +127,9 @@ def report(manifest: Manifest, target: str | None = None) -> int:
         if store.is_committed(DEMOGRAPHICS_PREFIX) and store.exists(model_metrics) else None
     reid_metrics = f"{REID_PREFIX}/{MODEL_METRICS_FILE}"
     reid_model = store.read_json(reid_metrics) if store.is_committed(REID_PREFIX) and store.exists(reid_metrics) else None
-    control_evaluations = {n: read(Evaluation, store, f"{evaluation_prefix(n)}/{METRICS_FILE}") for n in controls}
+    # A control model reported beside its targets is read once.
+    control_evaluations = {n: evaluations.get(n) or read(Evaluation, store, f"{evaluation_prefix(n)}/{METRICS_FILE}")
+                           for n in controls}
     made_from = ReportInputs(evaluations=evaluations, tables=tables, calibrations=calibrations,
                              control_leaks=_control_leaks(store, manifest, evaluations, control_evaluations),
                              defence_changes=_defence_changes(store, manifest, evaluations),
